@@ -1,0 +1,5 @@
+import sys
+
+from aipaint.cli import main
+
+sys.exit(main())

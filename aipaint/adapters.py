@@ -1,0 +1,64 @@
+"""Adapters (LoRA, ControlNet, textual inversion, …): the registration record.
+
+An adapter joins a generation when the prompt carries one of its tags (``<lora:…>``)
+or the request lists a unit for it (``AdapterUnit("controlnet", {...})``). While
+active it may patch weights (reversibly: restore them when the context exits) and add
+:class:`aipaint.denoise.LoopContributor` objects to the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aipaint.denoise import LoopContributor
+    from aipaint.model import LatentDiffusionModel
+    from aipaint.params import GenerationRequest
+
+
+@dataclass(frozen=True)
+class AdapterUnit:
+    """One use of an adapter requested through the API, e.g. ``AdapterUnit("lora", {"name": "x", "weight": 0.8})``."""
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterContext:
+    """What an adapter sees when a generation starts."""
+
+    model: LatentDiffusionModel
+    request: GenerationRequest
+    prompt_refs: tuple[Any, ...]  # e.g. the LoraRef tags of the prompt that this adapter handles
+    units: tuple[AdapterUnit, ...]  # the request's units of this adapter's kind
+    height: int = 0
+    width: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterActivation:
+    """What an active adapter contributes: loop contributors and infotext entries."""
+
+    contributors: list[LoopContributor] = field(default_factory=list)
+    infotext: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter as registered by a plugin.
+
+    ``activate(context)`` returns a context manager yielding an :class:`AdapterActivation`;
+    everything it changed must be restored when the context exits, even on error.
+    ``prompt_tags`` lists the prompt tag kinds it consumes (``("lora", "lyco")``).
+    """
+
+    name: str
+    activate: Callable[[AdapterContext], AbstractContextManager[AdapterActivation]]
+    prompt_tags: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    description: str = ""

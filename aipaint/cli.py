@@ -1,0 +1,281 @@
+"""The ``aipaint`` command. Heavy libraries are imported inside commands, so ``--help`` is quick."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aipaint.errors import AipaintError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="zoo id, diffusers folder, .safetensors file or hub id (default: the embedded shapes-tiny)")
+    g.add_argument("--family", help="model family, when it cannot be detected (see `aipaint plugins`)")
+    g.add_argument("--config", help="diffusers config folder for a single-file checkpoint (default: the family's, from the zoo)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--runtime", default="torch", help="runtime plugin (default: torch)")
+    g.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files with torch.load(weights_only=True)")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults: the model's, as in the A1111 web UI)")
+    g.add_argument("-n", "--negative-prompt", default=None)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--cfg-scale", "--cfg", type=float, dest="cfg_scale")
+    g.add_argument("--sampler", help="sampler name, e.g. 'DPM++ 2M' (see `aipaint samplers`)")
+    g.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential")
+    g.add_argument("--seed", type=int, help="-1 for random (default)")
+    g.add_argument("-W", "--width", type=int)
+    g.add_argument("-H", "--height", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--clip-skip", type=int)
+    g.add_argument("--guidance-rescale", type=float)
+    g.add_argument("--midjourney", "--mj", action="store_true", help="read the prompt in Midjourney syntax (--no, ::, --ar)")
+    g.add_argument("-o", "--output", default="aipaint.png", help="output PNG (a batch adds -0, -1, …)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+GENERATION_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height", "batch_size", "clip_skip", "guidance_rescale")
+
+
+def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, unit="step", file=sys.stderr, leave=False)
+        bar["bar"].total = total
+        bar["bar"].n = done
+        bar["bar"].refresh()
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def _load(args: argparse.Namespace):
+    import aipaint
+
+    return aipaint.load(
+        args.model,
+        family=args.family,
+        device=args.device,
+        dtype=args.dtype,
+        runtime=args.runtime,
+        allow_pickle=args.allow_pickle,
+        config=args.config,
+    )
+
+
+def _generation_request(args: argparse.Namespace) -> Any:
+    from aipaint.params import GenerationRequest
+
+    kwargs: dict[str, Any] = {}
+    if args.from_png:
+        from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
+
+        text = read_png_parameters(args.from_png)
+        if not text:
+            raise AipaintError(f"{args.from_png} carries no generation parameters to regenerate from")
+        kwargs.update(generation_kwargs(Infotext.from_text(text)))
+    if args.prompt is not None:
+        kwargs["prompt"] = args.prompt
+    if "prompt" not in kwargs:
+        raise AipaintError("give a prompt, or --from-png with an image that carries one")
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    for name in GENERATION_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    if args.midjourney:
+        from aipaint.prompt import parse_midjourney
+
+        mj = parse_midjourney(kwargs["prompt"])
+        kwargs["prompt"] = mj.prompt
+        if mj.negative:
+            kwargs["negative_prompt"] = ", ".join(p for p in (kwargs.get("negative_prompt", ""), mj.negative) if p)
+        for name in ("width", "height", "seed"):
+            value = getattr(mj, name, None)
+            if value is not None and getattr(args, name) is None:
+                kwargs[name] = value
+    return GenerationRequest(**kwargs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    request = _generation_request(args)
+    pipe = _load(args)
+    progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
+    try:
+        result = pipe.generate(request, progress=progress)
+    finally:
+        close()
+    for path in result.save_all(args.output):
+        print(path)
+    print(f"seed {result.seeds[0]}, {result.timings['total']:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from aipaint.infotext import Infotext, read_png_parameters
+
+    text = read_png_parameters(args.image)
+    if text is None:
+        print(f"{args.image}: no generation parameters", file=sys.stderr)
+        return 1
+    if args.json:
+        info = Infotext.from_text(text)
+        print(json.dumps({"prompt": info.prompt, "negative_prompt": info.negative_prompt, "parameters": info.params}, indent=2))
+    else:
+        print(text)
+    return 0
+
+
+def _host():
+    from aipaint.plugins import default_host
+
+    return default_host()
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    registry = _host().registry.samplers
+    for spec in registry:
+        print(f"{spec.name:<14} schedules: {', '.join(spec.schedules):<32} ({registry.owners[spec.name]})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    host = _host()
+    print("plugins:", ", ".join(host.plugin_names()))
+    reg = host.registry
+    for title, cat in (
+        ("model families", reg.families),
+        ("samplers", reg.samplers),
+        ("adapters", reg.adapters),
+        ("post-processors", reg.postprocessors),
+        ("runtimes", reg.runtimes),
+    ):
+        names = ", ".join(f"{n} [{cat.owners[n]}]" for n in cat.names()) or "none"
+        print(f"{title}: {names}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from aipaint import zoo
+
+    for card in zoo.cards():
+        marker = " (default)" if card.id == zoo.DEFAULT_MODEL else ""
+        print(f"{card.id:<22} {card.family:<8} {card.source.get('kind'):<9} {card.license:<26} {card.description}{marker}")
+    return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    from aipaint.prompt import describe, parse_midjourney, parse_prompt
+
+    text = args.prompt
+    if args.midjourney:
+        mj = parse_midjourney(text)
+        text = mj.prompt
+        if mj.negative:
+            print(f"negative prompt: {mj.negative}")
+    tokenizer = None
+    if not args.no_tokens:
+        from aipaint import zoo
+        from aipaint.loading import resolve_source
+
+        source = resolve_source(args.model or zoo.DEFAULT_MODEL)
+        from transformers import CLIPTokenizer
+
+        if (source.path / "tokenizer").is_dir():
+            tokenizer = CLIPTokenizer.from_pretrained(source.path / "tokenizer")
+    print(describe(parse_prompt(text), tokenizer=tokenizer, steps=args.steps))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from aipaint.world.evaluate import adherence, read_scene
+
+    image = Image.open(args.image).convert("RGB")
+    reading = read_scene(image)
+    print(reading)
+    if args.caption:
+        score = adherence(image, args.caption)
+        print(f"adherence: {score.score:.3f} ({score.matched}/{score.total})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aipaint", description="AI painting: Stable Diffusion and friends, A1111-compatible.")
+    from aipaint import __version__
+
+    parser.add_argument("--version", action="version", version=f"aipaint {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="text to image", aliases=["txt2img"])
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax)")
+    p.add_argument("--from-png", help="regenerate from the parameters stored in an A1111-style PNG")
+    _add_generation_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="print the generation parameters of a PNG")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("samplers", help="list samplers and their schedule types")
+    p.set_defaults(func=cmd_samplers)
+    p = sub.add_parser("plugins", help="list loaded plugins and what they registered")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("zoo", help="list models in the zoo")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("prompt", help="show how a prompt is understood")
+    p.add_argument("prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--midjourney", "--mj", action="store_true")
+    p.add_argument("-m", "--model", help="model whose tokenizer counts tokens (default: embedded)")
+    p.add_argument("--no-tokens", action="store_true", help="skip token counting")
+    p.set_defaults(func=cmd_prompt)
+
+    p = sub.add_parser("eval", help="read a shapes-world image and score it against a caption")
+    p.add_argument("image")
+    p.add_argument("--caption")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except AipaintError as exc:
+        print(f"aipaint: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aipaint: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The denoise loop for CLIP-conditioned latent models, and the seams adapters use.
+
+One function, read as numbered steps. Samplers decide *how* to step (see
+:mod:`aipaint.samplers`); this module decides *what* the model is asked at each step:
+which conditioning is in force (prompt editing, alternation, ``AND``), classifier-free
+guidance, and what adapters add (:class:`LoopContributor`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aipaint.model import Conditioning, LatentDiffusionModel
+from aipaint.samplers import SamplingPlan
+
+
+@dataclass
+class StepConditioning:
+    """The conditioning in force at one step: weighted positive parts and the negative."""
+
+    positives: list[tuple[Conditioning, float]]
+    negative: Conditioning
+
+
+class LoopContributor:
+    """Narrow seams through which adapters (ControlNet, inpainting, …) join the loop.
+
+    Every method has a no-op default; override only what you need. Several
+    contributors compose: inputs are transformed in order, extra UNet keyword
+    arguments are merged (tensors with the same key are summed), and ``after_step``
+    results are chained.
+    """
+
+    def transform_input(self, step: int, latent_input: torch.Tensor) -> torch.Tensor:
+        """Change the UNet's latent input (e.g. concatenate mask channels for 9-channel inpainting)."""
+        return latent_input
+
+    def unet_kwargs(
+        self, step: int, latent_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor
+    ) -> dict[str, Any]:
+        """Extra keyword arguments for the UNet call (e.g. ControlNet residuals)."""
+        return {}
+
+    def after_step(self, step: int, total: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """Return replacement latents after a sampler step (e.g. inpaint blending), or None."""
+        return None
+
+
+def _merge_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = value
+            elif isinstance(value, torch.Tensor):
+                merged[key] = merged[key] + value
+            elif isinstance(value, (list, tuple)):
+                merged[key] = [a + b for a, b in zip(merged[key], value, strict=True)]
+            else:
+                raise ValueError(f"two loop contributors both set UNet argument {key!r}")
+    return merged
+
+
+@dataclass
+class DenoiseJob:
+    model: LatentDiffusionModel
+    plan: SamplingPlan
+    conditioning_at: Callable[[int], StepConditioning]
+    cfg_scale: float
+    guidance_rescale: float = 0.0
+    contributors: Sequence[LoopContributor] = field(default_factory=tuple)
+
+
+def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, factor: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, sec. 3.4), as diffusers implements it."""
+    std_pos = positive.std(dim=list(range(1, positive.ndim)), keepdim=True)
+    std_cfg = guided.std(dim=list(range(1, guided.ndim)), keepdim=True)
+    rescaled = guided * (std_pos / std_cfg)
+    return factor * rescaled + (1 - factor) * guided
+
+
+def denoise(
+    job: DenoiseJob,
+    latents: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    start: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    model = job.model
+    contributors = list(job.contributors)
+    use_cfg = job.cfg_scale > 1.0
+    batch = latents.shape[0]
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        # 1. The conditioning in force at this step.
+        cond = job.conditioning_at(step)
+        parts = ([cond.negative] if use_cfg else []) + [c for c, _ in cond.positives]
+        weights = [w for _, w in cond.positives]
+        n_parts = len(parts)
+        # 2. One batched UNet call: [negative, positive_1, …] × batch.
+        x_in = torch.cat([x] * n_parts)
+        for c in contributors:
+            x_in = c.transform_input(step, x_in)
+        embeds = Conditioning.cat([p.repeat(batch) for p in parts])
+        timestep = t.expand(x_in.shape[0]) if t.dim() else t
+        extra = _merge_kwargs([c.unet_kwargs(step, x_in, timestep, embeds.embeds) for c in contributors])
+        out = model.predict(x_in, t, embeds, **extra).float()
+        chunks = out.chunk(n_parts)
+        # 3. Classifier-free guidance, composable across AND-ed sub-prompts.
+        if not use_cfg:
+            return sum(w * o for w, o in zip(weights, chunks, strict=True)) / sum(weights)
+        negative, positives = chunks[0], chunks[1:]
+        guided = negative + sum(w * job.cfg_scale * (p - negative) for w, p in zip(weights, positives, strict=True))
+        if job.guidance_rescale > 0:
+            positive = sum(w * p for w, p in zip(weights, positives, strict=True)) / sum(weights)
+            guided = rescale_guidance(guided, positive, job.guidance_rescale)
+        return guided.to(x.dtype)
+
+    def step_callback(i: int, n: int, x: torch.Tensor) -> torch.Tensor | None:
+        replaced = None
+        for c in contributors:
+            new = c.after_step(i, n, x if replaced is None else replaced)
+            if new is not None:
+                replaced = new
+        if progress is not None:
+            progress(i + 1, n)
+        return replaced
+
+    with torch.inference_mode():
+        return job.plan.run(model_fn, latents, generators, start=start, callback=step_callback)

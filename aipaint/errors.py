@@ -1,0 +1,63 @@
+"""Typed errors. Every error a user can cause is an :class:`AipaintError`.
+
+Messages are written for users: what was wrong, what is allowed, what to do next.
+The CLI prints ``str(error)`` as one line and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AipaintError(Exception):
+    """Base class of every error aipaint raises on purpose."""
+
+
+class InvalidParameter(AipaintError, ValueError):
+    """A parameter value is outside what is allowed.
+
+    ``name``, ``value`` and ``allowed`` are kept as attributes so callers (an HTTP API,
+    a GUI) can point at the offending field.
+    """
+
+    def __init__(self, name: str, value: Any, allowed: str, hint: str = "") -> None:
+        self.name = name
+        self.value = value
+        self.allowed = allowed
+        self.hint = hint
+        message = f"invalid {name}={value!r}: {allowed}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class UnknownName(InvalidParameter):
+    """A name (sampler, schedule, model family, runtime, …) that nothing registered."""
+
+    def __init__(self, kind: str, value: str, valid: list[str] | tuple[str, ...]) -> None:
+        self.valid = tuple(valid)
+        super().__init__(kind, value, "valid values are " + ", ".join(repr(v) for v in valid))
+
+
+class ModelLoadError(AipaintError):
+    """A model could not be found, read or recognised."""
+
+
+class UnsafeFileError(ModelLoadError):
+    """A pickle-based file was refused because loading it could run arbitrary code."""
+
+
+class DownloadError(ModelLoadError):
+    """Weights could not be downloaded (offline, hub unreachable, checksum mismatch)."""
+
+
+class PluginError(AipaintError):
+    """A plugin broke a contract (duplicate name, bad registration)."""
+
+
+class UnsupportedFeature(AipaintError):
+    """The request needs something the loaded model or the installed plugins do not provide."""
+
+
+class ImageError(AipaintError):
+    """An input image or mask is unreadable or inconsistent with the request."""

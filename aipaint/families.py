@@ -1,0 +1,76 @@
+"""Model families: what a plugin implements to teach aipaint a kind of model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aipaint.model import LatentDiffusionModel
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from, after the zoo and the hub have been resolved to a path.
+
+    ``kind`` is ``"folder"`` (diffusers layout) or ``"file"`` (a single checkpoint).
+    ``card`` is the zoo card, when the source came from the zoo.
+    """
+
+    path: Path
+    kind: str
+    name: str
+    card: dict[str, Any] | None = None
+    allow_pickle: bool = False
+
+    def model_index(self) -> dict[str, Any]:
+        """The folder's ``model_index.json`` (empty for files or folders without one)."""
+        index = self.path / "model_index.json"
+        if self.kind != "folder" or not index.is_file():
+            return {}
+        return json.loads(index.read_text())
+
+    def checkpoint_keys(self) -> list[str]:
+        """The tensor names of a single-file checkpoint, read without loading tensors."""
+        if self.kind != "file":
+            return []
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                return list(f.keys())
+        from aipaint.loading import load_state_dict
+
+        return list(load_state_dict(self.path, allow_pickle=self.allow_pickle))
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"
+    dtype: str = "float32"
+    runtime: str = "torch"
+    config: Path | None = None  # a diffusers config folder for single-file checkpoints
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily:
+    """Base class of model families. Subclass it in a plugin and register an instance.
+
+    ``name`` is what users type (``--family sd15``); ``aliases`` are other accepted
+    names; ``default_size`` is ``(width, height)``; ``default_config`` names the zoo
+    config folder used for offline single-file loading.
+    """
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    default_size: tuple[int, int] = (512, 512)
+
+    def identify(self, source: ModelSource) -> bool:
+        """Return True when this family can load ``source``. Be conservative."""
+        return False
+
+    def load(self, source: ModelSource, options: LoadOptions) -> LatentDiffusionModel:
+        raise NotImplementedError

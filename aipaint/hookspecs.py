@@ -1,0 +1,95 @@
+"""Every aipaint hook, grouped by phase. The docstring of each hook is its contract.
+
+A plugin is any module or object with functions marked ``@aipaint.hookimpl`` whose names
+match the hooks below. Built-in plugins (``plugins/`` in the source tree, installed as
+``aipaint_plugins``) are declared in the ``aipaint`` entry-point group exactly as a
+third-party package declares its own.
+
+Registration hooks receive a ``register`` callback. Validation, aliases and duplicate
+checks live in that one callback (see :mod:`aipaint.registry`), so plugins stay small.
+Hooks may gain arguments in later versions; none is ever renamed or removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aipaint.adapters import AdapterSpec
+    from aipaint.families import ModelFamily, ModelSource
+    from aipaint.postprocess import PostProcessorSpec
+    from aipaint.runtimes import RuntimeSpec
+    from aipaint.samplers import SamplerSpec
+
+PROJECT_NAME = "aipaint"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# --- registration: called once when a plugin host is built ---------------------------
+
+
+@hookspec
+def register_models(register: Callable[[ModelFamily], None]) -> None:
+    """Register model families (Stable Diffusion 1.5, SDXL, …).
+
+    Call ``register(family)`` once per :class:`aipaint.families.ModelFamily`. A family
+    loads weights into a :class:`aipaint.model.LatentDiffusionModel` (or another model
+    object its own pipeline understands) and says which inputs it can load.
+    """
+
+
+@hookspec
+def register_samplers(register: Callable[[SamplerSpec], None]) -> None:
+    """Register samplers under their user-facing names (``"Euler a"``, ``"DPM++ 2M"``).
+
+    Call ``register(spec)`` with a :class:`aipaint.samplers.SamplerSpec`: either a
+    scheduler factory (a diffusers scheduler class and config overrides) or a
+    function-style sampler ``fn(denoiser, x, sigmas, *, noise_sampler, callback)`` in the
+    manner of k-diffusion. The core adapts both kinds to one interface.
+    """
+
+
+@hookspec
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    """Register adapters (LoRA, ControlNet, textual inversion, …).
+
+    Call ``register(spec)`` with an :class:`aipaint.adapters.AdapterSpec`. Adapters
+    contribute to generation only through the narrow seams of the denoise loop
+    (conditioning, extra UNet inputs, reversible weight patches).
+    """
+
+
+@hookspec
+def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> None:
+    """Register post-processors (upscalers, face fix, QR-code art, stickers, …).
+
+    Call ``register(spec)`` with an :class:`aipaint.postprocess.PostProcessorSpec`.
+    """
+
+
+@hookspec
+def register_runtimes(register: Callable[[RuntimeSpec], None]) -> None:
+    """Register runtimes that execute the heavy networks (torch, ONNX Runtime, TensorRT).
+
+    Call ``register(spec)`` with an :class:`aipaint.runtimes.RuntimeSpec`.
+    """
+
+
+# --- resolution: "who handles this?" ------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def identify_model_family(source: ModelSource) -> str | None:
+    """Name the model family that can load ``source``, or return ``None``.
+
+    ``firstresult``: the first plugin that claims the source wins, so claim only what
+    you are sure of (e.g. a diffusers folder whose ``model_index.json`` names your
+    pipeline class, or a single-file checkpoint whose keys you recognise). Families that
+    want a say without a hook implementation can instead implement
+    :meth:`aipaint.families.ModelFamily.identify`.
+    """

@@ -1,0 +1,145 @@
+"""A1111's "parameters" text: written into every PNG, and read back from any A1111 PNG.
+
+The format, as the web UI writes it::
+
+    a red circle
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ...
+
+Values that contain a comma, a colon or a newline are JSON-quoted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# A1111's own pattern (modules/infotext_utils.py): key, then a quoted or unquoted value.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def quote(value: Any) -> str:
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def format_number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass
+class Infotext:
+    prompt: str
+    negative_prompt: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {quote(v)}" for k, v in self.params.items() if v is not None and v != ""))
+        return "\n".join(lines)
+
+    @classmethod
+    def from_text(cls, text: str) -> Infotext:
+        """Parse A1111 infotext. Never raises on odd input; unknown keys are kept."""
+        lines = text.strip().split("\n")
+        params: dict[str, str] = {}
+        last = lines[-1] if lines else ""
+        found = _PARAM.findall(last)
+        if len(found) >= 3:
+            params = {k.strip(): unquote(v.strip()) for k, v in found}
+            lines = lines[:-1]
+        prompt_lines: list[str] = []
+        negative_lines: list[str] = []
+        in_negative = False
+        for line in lines:
+            if line.startswith("Negative prompt:"):
+                in_negative = True
+                line = line[len("Negative prompt:") :].lstrip()
+            (negative_lines if in_negative else prompt_lines).append(line)
+        return cls("\n".join(prompt_lines), "\n".join(negative_lines), params)
+
+    def size(self) -> tuple[int, int] | None:
+        match = _SIZE.match(self.params.get("Size", ""))
+        return (int(match[1]), int(match[2])) if match else None
+
+
+def build_params(values: Mapping[str, Any]) -> dict[str, str]:
+    return {k: format_number(v) for k, v in values.items() if v is not None and v != ""}
+
+
+def read_png_parameters(path: str | Path) -> str | None:
+    """The ``parameters`` text of a PNG (A1111 writes a tEXt/iTXt chunk), or None."""
+    from PIL import Image
+
+    from aipaint.errors import ImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            info = dict(image.info)
+            text = getattr(image, "text", None)
+            if isinstance(text, dict):
+                info.update(text)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read image {str(path)!r}: {exc}") from exc
+    value = info.get("parameters")
+    return str(value) if value is not None else None
+
+
+_INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
+    "Steps": ("steps", int),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("schedule", str),
+    "CFG scale": ("cfg_scale", float),
+    "Seed": ("seed", int),
+    "Clip skip": ("clip_skip", int),
+    "Guidance rescale": ("guidance_rescale", float),
+}
+
+
+def generation_kwargs(info: Infotext) -> dict[str, Any]:
+    """Request fields recorded in an infotext (what ``--from-png`` regenerates from).
+
+    A1111 wrote samplers such as "DPM++ 2M Karras" before it had a separate schedule
+    type; those are split here.
+    """
+    from aipaint.errors import InvalidParameter
+
+    kwargs: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
+    for key, (name, kind) in _INFOTEXT_FIELDS.items():
+        if key in info.params:
+            try:
+                kwargs[name] = kind(float(info.params[key])) if kind is int else kind(info.params[key])
+            except ValueError as exc:
+                raise InvalidParameter(key, info.params[key], f"is not a valid {kind.__name__}") from exc
+    sampler = kwargs.get("sampler")
+    if sampler and "schedule" not in kwargs:
+        for schedule in ("Karras", "Exponential"):
+            if sampler.endswith(" " + schedule):
+                kwargs["sampler"], kwargs["schedule"] = sampler[: -len(schedule) - 1], schedule
+    size = info.size()
+    if size:
+        kwargs["width"], kwargs["height"] = size
+    if info.params.get("Emphasis") == "No norm":
+        kwargs["emphasis"] = "none"
+    return kwargs

@@ -1,0 +1,123 @@
+"""Turning what a user names (zoo id, folder, file, hub id) into a loaded model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from aipaint import zoo
+from aipaint.errors import ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.families import LoadOptions, ModelFamily, ModelSource
+from aipaint.model import LatentDiffusionModel, ModelDefaults
+from aipaint.plugins import PluginHost
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def load_state_dict(path: Path | str, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Read a weights file. safetensors always; pickles only when ``allow_pickle`` and
+    then only through ``torch.load(weights_only=True)``, which refuses arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"no such weights file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if not allow_pickle:
+        raise UnsafeFileError(
+            f"refusing to load {path.name}: {path.suffix} files are Python pickles, which can run arbitrary "
+            "code when loaded. Prefer a .safetensors version of the model; if you trust this file, "
+            "pass allow_pickle=True (--allow-pickle), which loads it with torch.load(weights_only=True)"
+        )
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path} safely with weights_only=True: {exc}") from exc
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not contain a state dict")
+    return data
+
+
+def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> ModelSource:
+    """Find the model a user named: zoo id, existing path, or hub id (in that order)."""
+    if source is None:
+        source = zoo.DEFAULT_MODEL
+    text = str(source)
+    card = zoo.find(text) if isinstance(source, str) else None
+    if card is not None:
+        path = zoo.fetch(card)
+        return ModelSource(path, "folder" if path.is_dir() else "file", card.id, card.data, allow_pickle)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ModelSource(path, "folder", path.name, None, allow_pickle)
+    if path.is_file():
+        if path.suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+            raise ModelLoadError(f"{path.name}: unknown checkpoint format {path.suffix!r}; expected .safetensors")
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            load_state_dict(path, allow_pickle=False)  # raises the explanation
+        return ModelSource(path, "file", path.stem, None, allow_pickle)
+    if _HUB_ID.match(text) and not text.endswith((".safetensors",) + PICKLE_SUFFIXES):
+        folder = zoo.download_from_hub(text)
+        return ModelSource(folder, "folder", text, None, allow_pickle)
+    raise ModelLoadError(
+        f"no model {text!r}: it is not a zoo id (see `aipaint zoo`), not an existing file or folder, "
+        "and not a Hugging Face Hub id of the form org/name"
+    )
+
+
+def identify_family(source: ModelSource, host: PluginHost) -> ModelFamily:
+    registry = host.registry.families
+    if source.card and source.card.get("family"):
+        return registry.get(source.card["family"])
+    claimed = host.hook.identify_model_family(source=source)
+    if claimed:
+        return registry.get(claimed)
+    for family in registry:
+        if family.identify(source):
+            return family
+    raise ModelLoadError(
+        f"no installed model family recognises {source.path}; installed families: "
+        f"{', '.join(registry.names()) or 'none'}. Pass family=... if you know it"
+    )
+
+
+def load_model(
+    source: str | Path | None = None,
+    *,
+    host: PluginHost,
+    family: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    runtime: str = "torch",
+    allow_pickle: bool = False,
+    config: str | Path | None = None,
+    **extra: Any,
+) -> LatentDiffusionModel:
+    resolved = resolve_source(source, allow_pickle=allow_pickle)
+    chosen = host.registry.families.get(family) if family else identify_family(resolved, host)
+    runtime_spec = host.registry.runtimes.get(runtime)
+    problem = runtime_spec.unavailable()
+    if problem:
+        raise ModelLoadError(f"runtime {runtime_spec.name!r} cannot run here: {problem}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UnknownName("dtype", dtype, ["float32", "float16", "bfloat16"])
+    options = LoadOptions(device=device, dtype=dtype, runtime=runtime, config=Path(config) if config else None, extra=extra)
+    model = chosen.load(resolved, options)
+    if resolved.card:
+        defaults = {k: v for k, v in resolved.card.get("defaults", {}).items() if k in ModelDefaults.__dataclass_fields__}
+        model.defaults = ModelDefaults(**{**model.defaults.__dict__, **defaults})
+        model.name = resolved.card.get("name", model.name)
+    runtime_spec.prepare(model, dict(extra.get("runtime_options", {})))
+    model.runtime = runtime_spec.name
+    return model

@@ -1,0 +1,171 @@
+"""A loaded CLIP-conditioned latent diffusion model, independent of its family.
+
+Families build one of these from their weights; the denoise loop only talks to it
+through :meth:`predict`, :meth:`encode_prompts`, :meth:`decode` and :meth:`encode`,
+and runtimes (torch, ONNX Runtime, TensorRT) replace the callables behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for one prompt: token embeddings plus extras.
+
+    ``extras`` holds family-specific inputs (SDXL's pooled embeddings and time ids, as
+    ``added_cond_kwargs``), batched along dim 0 like ``embeds``.
+    """
+
+    embeds: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        extras = {k: torch.cat([c.extras[k] for c in items]) for k in items[0].extras}
+        return Conditioning(torch.cat([c.embeds for c in items]), extras)
+
+    def repeat(self, n: int) -> Conditioning:
+        return Conditioning(
+            self.embeds.repeat(n, *([1] * (self.embeds.dim() - 1))),
+            {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.extras.items()},
+        )
+
+
+UNetCall = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ModelDefaults:
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M"
+    schedule: str = "Automatic"
+    guidance_rescale: float = 0.0
+
+
+class LatentDiffusionModel:
+    """Components of a Stable-Diffusion-style model plus the calls the loop makes."""
+
+    def __init__(
+        self,
+        *,
+        family: str,
+        name: str,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        scheduler_config: dict[str, Any],
+        source_path: Path | None = None,
+        hash_path: Path | None = None,
+        defaults: ModelDefaults | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.family = family
+        self.name = name
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.source_path = source_path
+        self.hash_path = hash_path
+        self.defaults = defaults or ModelDefaults()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.runtime = "torch"
+        self.unet_call: UNetCall = self._torch_unet
+        self.vae_decode_call: Callable[[torch.Tensor], torch.Tensor] = self._torch_vae_decode
+        self.vae_encode_call: Callable[[torch.Tensor], torch.Tensor] = self._torch_vae_encode
+        self._hash: str | None = None
+        self._encoders: dict[tuple[int, str], Any] = {}
+
+    # --- facts the loop needs -------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def unet_in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's short hash ("AutoV2"): the first 10 hex digits of the weights' sha256."""
+        if self._hash is None:
+            from aipaint.hashing import sha256_file
+
+            path = self.hash_path or self.source_path
+            self._hash = sha256_file(path)[:10] if path is not None and path.is_file() else ""
+        return self._hash
+
+    # --- text ---------------------------------------------------------------------------
+    def prompt_encoder(self, clip_skip: int = 1, normalization: str = "a1111") -> Any:
+        key = (clip_skip, normalization)
+        if key not in self._encoders:
+            from aipaint.prompt import PromptEncoder
+
+            self._encoders[key] = PromptEncoder(self.tokenizer, self.text_encoder, clip_skip=clip_skip, normalization=normalization)
+        return self._encoders[key]
+
+    def encode_texts(self, texts: list[str], clip_skip: int = 1, normalization: str = "a1111") -> list[Conditioning]:
+        """Encode several prompts to conditionings of one common length."""
+        encoder = self.prompt_encoder(clip_skip, normalization)
+        chunks = max(len(encoder.count_tokens(t)) for t in texts)
+        with torch.inference_mode():
+            out = [encoder.encode(t, min_chunks=chunks) for t in texts]
+        return [Conditioning(e.to(self.device, self.dtype)) for e in out]
+
+    # --- networks ---------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        kwargs = dict(extra)
+        if cond.extras:
+            kwargs["added_cond_kwargs"] = cond.extras
+        return self.unet_call(latents, t, cond.embeds, **kwargs)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1], NCHW float32 on the CPU."""
+        images = self.vae_decode_call(latents / self.scaling_factor)
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] (NCHW) → scaled latents (the mean of the VAE posterior)."""
+        x = (images.to(self.device, self.dtype) * 2 - 1)
+        return self.vae_encode_call(x) * self.scaling_factor
+
+    def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+    def _torch_vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.dtype), return_dict=False)[0]
+
+    def _torch_vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images, return_dict=False)[0].mode()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} family={self.family} runtime={self.runtime} device={self.device}>"

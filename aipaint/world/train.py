@@ -1,0 +1,414 @@
+"""Train the embedded default model ``shapes-tiny``: a real SD1.5-architecture
+pipeline (AutoencoderKL + CLIPTextModel + UNet2DConditionModel) at toy size,
+trained from scratch on the shapes world.
+
+    python -m aipaint.world.train --out zoo/models/shapes-tiny
+
+Phases: render a caption/image pool -> train the VAE -> encode the pool to latents
+-> train UNet + text encoder together (v-prediction, zero-terminal-SNR schedule)
+-> save the EMA weights in diffusers layout plus ``training.json``.
+The UNet phase runs for a wall-clock budget (``--minutes``); pass ``--steps`` for a
+fixed, bit-reproducible number of steps instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aipaint.world.render import render_array
+from aipaint.world.scene import IMAGE_SIZE, random_scene
+
+MODEL_NAME = "shapes-tiny"
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=IMAGE_SIZE,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE // 4,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=4,
+    norm_num_groups=16,
+)
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    steps_offset=1,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- data
+def _render_chunk(args):
+    seed, split, n = args
+    rng = np.random.default_rng(seed)
+    caps, imgs = [], np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i in range(n):
+        s = random_scene(rng, split)
+        caps.append(s.caption)
+        imgs[i] = render_array(s)
+    return caps, imgs
+
+
+def render_pool(seed: int, split: str, n: int, workers: int = 2, chunk: int = 2000):
+    jobs = [(seed * 1000 + i, split, min(chunk, n - i * chunk)) for i in range(math.ceil(n / chunk))]
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(workers) as p:
+            res = p.map(_render_chunk, jobs)
+    else:
+        res = [_render_chunk(j) for j in jobs]
+    caps = [c for r in res for c in r[0]]
+    imgs = np.concatenate([r[1] for r in res])
+    return caps, imgs
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_at(progress: float, step: int, warmup: int, base: float, floor: float = 0.02) -> float:
+    w = min(1.0, (step + 1) / warmup)
+    c = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return base * w * (floor + (1 - floor) * c)
+
+
+# --------------------------------------------------------------------------- saving
+def build_pipeline(vae, text_encoder, unet, tokenizer):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    sched = DPMSolverMultistepScheduler(**SCHEDULE)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_atomic(out: Path, pipe, record: dict) -> None:
+    """Write the pipeline to a temp dir next to ``out`` then swap it in."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="zoo/models/shapes-tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=40000, help="training captions/latents")
+    ap.add_argument("--vae-pool-extra", type=int, default=4000, help="extra held-out images (VAE only)")
+    ap.add_argument("--vae-minutes", type=float, default=11.0)
+    ap.add_argument("--minutes", type=float, default=38.0, help="UNet+text-encoder wall-clock budget")
+    ap.add_argument("--steps", type=int, default=0, help="fixed UNet steps (overrides --minutes)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--drop-text", type=float, default=0.1)
+    ap.add_argument("--checkpoint-minutes", type=float, default=6.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="~1-minute smoke run into a temp dir")
+    a = ap.parse_args(argv)
+
+    if a.quick:
+        a.pool, a.vae_pool_extra, a.vae_minutes, a.minutes = 2000, 200, 0.25, 0.5
+        a.warmup, a.checkpoint_minutes = 20, 100.0
+        if a.out == ap.get_default("out"):
+            a.out = tempfile.mkdtemp(prefix="shapes-tiny-quick-")
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    out = Path(a.out)
+    t_start = time.time()
+
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+
+    record: dict = {
+        "model": MODEL_NAME,
+        "status": "in-progress",
+        "command": "python -m aipaint.world.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seed": a.seed,
+        "args": vars(a),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+        },
+        "machine": {"cpus": os.cpu_count(), "threads": a.threads, "platform": platform.platform()},
+        "configs": {"vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG, "unet": UNET_CONFIG, "schedule": SCHEDULE},
+        "recipe": {
+            "image_size": IMAGE_SIZE,
+            "latent_size": IMAGE_SIZE // 4,
+            "text_max_length": 77,
+            "text_padding": "max_length (pad = <|endoftext|>)",
+            "empty_caption_fraction": a.drop_text,
+            "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0.01)",
+            "lr": a.lr,
+            "lr_schedule": f"linear warm-up {a.warmup} steps, cosine over the budget to 2% of lr",
+            "batch": a.batch,
+            "ema": f"decay min({a.ema}, (1+step)/(10+step))",
+            "vae_loss": "MSE + 0.5*L1 + 1e-6*KL(per element), decoder trained on posterior samples",
+            "latents": "vae.encode(x).latent_dist.mean * scaling_factor, scaling_factor = 1/std(latents)",
+            "trained": "UNet + text encoder jointly; tokenizer is SD1.5's CLIP BPE (fixed)",
+        },
+        "timings_s": {},
+    }
+
+    # ---- 1. data
+    t0 = time.time()
+    caps, imgs = render_pool(a.seed, "train", a.pool, workers=min(2, a.threads))
+    _, extra_c = render_pool(a.seed + 1, "heldout_combo", a.vae_pool_extra // 2, workers=min(2, a.threads))
+    _, extra_o = render_pool(a.seed + 2, "heldout_colour", a.vae_pool_extra // 2, workers=min(2, a.threads))
+    vae_imgs = to_tensor(np.concatenate([imgs, extra_c, extra_o]))
+    record["dataset"] = {
+        "train_pool": len(caps),
+        "unique_train_captions": len(set(caps)),
+        "vae_extra_heldout_images": int(len(extra_c) + len(extra_o)),
+        "note": "held-out images (no captions) are shown to the VAE only, so it can represent orange",
+    }
+    record["timings_s"]["render"] = round(time.time() - t0, 1)
+    log(f"rendered {len(caps)} train + {len(extra_c) + len(extra_o)} extra images in {time.time() - t0:.1f}s "
+        f"({len(set(caps))} unique captions)")
+
+    tokenizer = build_clip_tokenizer()
+    ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    # ---- 2. VAE
+    vae = AutoencoderKL(**VAE_CONFIG)
+    vae.set_attn_processor(AttnProcessor())
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(a.seed + 10)
+    t0 = time.time()
+    step, vae_hist, run = 0, [], []
+    budget = a.vae_minutes * 60
+    last_log = t0
+    while time.time() - t0 < budget:
+        prog = (time.time() - t0) / budget
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(prog, step, 100 if not a.quick else 10, a.vae_lr)
+        idx = torch.randint(0, len(vae_imgs), (a.vae_batch,), generator=g)
+        x = vae_imgs[idx]
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=None)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / (4 * (IMAGE_SIZE // 4) ** 2)
+        loss = mse + 0.5 * F.l1_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.append(mse.item())
+        step += 1
+        if time.time() - last_log > 30:
+            last_log = time.time()
+            m = float(np.mean(run))
+            run = []
+            vae_hist.append({"step": step, "t": round(time.time() - t0, 1), "mse": m})
+            log(f"vae step {step} mse(-1..1) {m:.5f} lr {opt.param_groups[0]['lr']:.2e}")
+    vae.eval()
+    # held-out evaluation of reconstruction on fresh images
+    with torch.no_grad():
+        _, ev = render_pool(a.seed + 99, "train", 512, workers=1)
+        xe = to_tensor(ev)
+        rec = vae.decode(vae.encode(xe).latent_dist.mean).sample.clamp(-1, 1)
+        vae_mse = F.mse_loss(rec, xe).item()
+        vae_mse01 = F.mse_loss((rec + 1) / 2, (xe + 1) / 2).item()
+    record["vae"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": vae_hist,
+                     "recon_mse_minus1_1": vae_mse, "recon_mse_0_1": vae_mse01,
+                     "params": sum(p.numel() for p in vae.parameters())}
+    record["timings_s"]["vae"] = round(time.time() - t0, 1)
+    log(f"VAE done: {step} steps, recon MSE {vae_mse:.5f} (-1..1) / {vae_mse01:.5f} (0..1)")
+    del vae_imgs, opt
+
+    # ---- 3. encode pool
+    t0 = time.time()
+    lat = []
+    with torch.no_grad():
+        for i in range(0, len(imgs), 1000):
+            lat.append(vae.encode(to_tensor(imgs[i : i + 1000])).latent_dist.mean)
+    lat = torch.cat(lat)
+    std = lat.std().item()
+    scaling = 1.0 / std
+    vae.register_to_config(scaling_factor=scaling)
+    lat = lat * scaling
+    record["latents"] = {"count": len(lat), "std_raw": std, "scaling_factor": scaling,
+                         "channel_mean_scaled": lat.mean((0, 2, 3)).tolist(),
+                         "channel_std_scaled": lat.std((0, 2, 3)).tolist()}
+    record["timings_s"]["encode"] = round(time.time() - t0, 1)
+    log(f"encoded {len(lat)} latents in {time.time() - t0:.1f}s, std {std:.4f} -> scaling_factor {scaling:.4f}, "
+        f"channel means {[round(v, 3) for v in record['latents']['channel_mean_scaled']]}")
+    del imgs
+
+    # ---- 4. UNet + text encoder
+    torch.manual_seed(a.seed + 20)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet.set_attn_processor(AttnProcessor())
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    acp = noise_sched.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    record["params"] = {"unet": sum(p.numel() for p in unet.parameters()),
+                        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+                        "vae": record["vae"]["params"]}
+    log(f"params {record['params']}")
+
+    def snapshot_pipeline():
+        # EMA weights into fresh copies of the modules
+        te2 = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        un2 = UNet2DConditionModel(**UNET_CONFIG)
+        n_u = len(list(unet.parameters()))
+        with torch.no_grad():
+            for p, e in zip(list(un2.parameters()) + list(te2.parameters()), ema):
+                p.copy_(e)
+        te2.eval()
+        un2.eval()
+        return build_pipeline(vae, te2, un2, tokenizer)
+
+    g = torch.Generator().manual_seed(a.seed + 30)
+    t0 = time.time()
+    budget = a.minutes * 60
+    step, hist, run = 0, [], []
+    last_log = last_ckpt = t0
+    unet.train()
+    text_encoder.train()
+    while True:
+        el = time.time() - t0
+        if a.steps:
+            if step >= a.steps:
+                break
+            prog = step / a.steps
+        else:
+            if el >= budget:
+                break
+            prog = el / budget
+        lr = lr_at(prog, step, a.warmup, a.lr)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = torch.randint(0, len(lat), (a.batch,), generator=g)
+        x0 = lat[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(a.batch, generator=g) < a.drop_text
+        tok[drop] = empty_ids[0]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (a.batch,), generator=g)
+        ab = acp[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v
+        cond = text_encoder(tok)[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - d)
+        run.append(loss.item())
+        step += 1
+        now = time.time()
+        if now - last_log > 30:
+            last_log = now
+            m = float(np.mean(run))
+            run = []
+            hist.append({"step": step, "t": round(now - t0, 1), "loss": m, "lr": lr})
+            log(f"unet step {step} loss {m:.4f} lr {lr:.2e} ({(now - t0) / step:.3f}s/step, {el / 60:.1f}/{a.minutes} min)")
+        if now - last_ckpt > a.checkpoint_minutes * 60:
+            last_ckpt = now
+            record["unet_text"] = {"steps": step, "minutes": round((now - t0) / 60, 2), "history": hist}
+            record["timings_s"]["unet_text"] = round(now - t0, 1)
+            save_atomic(out, snapshot_pipeline(), record)
+            log(f"checkpoint (EMA) saved to {out} at step {step}")
+
+    record["unet_text"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": hist,
+                           "final_loss": float(np.mean([h["loss"] for h in hist[-3:]])) if hist else None,
+                           "s_per_step": round((time.time() - t0) / max(1, step), 3)}
+    record["timings_s"]["unet_text"] = round(time.time() - t0, 1)
+    record["timings_s"]["total"] = round(time.time() - t_start, 1)
+    record["status"] = "finished"
+    pipe = snapshot_pipeline()
+    save_atomic(out, pipe, record)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"done: {step} UNet steps; saved EMA pipeline to {out} ({size / 1e6:.1f} MB) in {record['timings_s']['total'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

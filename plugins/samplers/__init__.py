@@ -1,0 +1,68 @@
+"""The built-in samplers, under the names the AUTOMATIC1111 web UI uses.
+
+Most wrap diffusers schedulers; ``DPM++ 2S a`` (which diffusers lacks) is a
+k-diffusion-style function sampler, and shows that kind of plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import diffusers
+
+from aipaint import hookimpl
+from aipaint.samplers import SamplerSpec
+from aipaint_plugins.samplers.functions import sample_dpmpp_2s_ancestral
+
+ALL = ("Automatic", "Karras", "Exponential")
+AUTO = ("Automatic",)
+
+
+def builtin_samplers() -> list[SamplerSpec]:
+    def sched(name: str, cls: str, schedules: tuple[str, ...], options: dict | None = None, **kw) -> SamplerSpec:
+        return SamplerSpec(
+            name=name,
+            kind="scheduler",
+            scheduler_class=getattr(diffusers, cls),
+            scheduler_options=options or {},
+            schedules=schedules,
+            **kw,
+        )
+
+    return [
+        sched("Euler", "EulerDiscreteScheduler", ALL, aliases=("euler", "k_euler")),
+        sched("Euler a", "EulerAncestralDiscreteScheduler", AUTO, aliases=("euler_a", "euler ancestral", "k_euler_a"), stochastic=True),
+        sched("LMS", "LMSDiscreteScheduler", AUTO, aliases=("k_lms",)),
+        sched("Heun", "HeunDiscreteScheduler", ALL, aliases=("k_heun",)),
+        sched("DPM2", "KDPM2DiscreteScheduler", ALL, aliases=("k_dpm_2",)),
+        sched("DPM2 a", "KDPM2AncestralDiscreteScheduler", ALL, aliases=("k_dpm_2_a",), stochastic=True),
+        sched("DPM++ 2M", "DPMSolverMultistepScheduler", ALL, aliases=("dpmpp_2m", "k_dpmpp_2m")),
+        sched("DPM++ SDE", "DPMSolverSDEScheduler", AUTO, aliases=("dpmpp_sde", "k_dpmpp_sde"), stochastic=True),
+        sched(
+            "DPM++ 2M SDE",
+            "DPMSolverMultistepScheduler",
+            ALL,
+            {"algorithm_type": "sde-dpmsolver++"},
+            aliases=("dpmpp_2m_sde", "k_dpmpp_2m_sde"),
+            stochastic=True,
+        ),
+        SamplerSpec(
+            name="DPM++ 2S a",
+            kind="function",
+            function=sample_dpmpp_2s_ancestral,
+            schedules=ALL,
+            aliases=("dpmpp_2s_a", "k_dpmpp_2s_a"),
+            stochastic=True,
+            description="k-diffusion's DPM-Solver++(2S) ancestral",
+        ),
+        sched("DDIM", "DDIMScheduler", AUTO, aliases=("ddim",)),
+        sched("PLMS", "PNDMScheduler", AUTO, {"skip_prk_steps": True}, aliases=("plms", "pndm")),
+        sched("UniPC", "UniPCMultistepScheduler", ALL, aliases=("unipc",)),
+        sched("LCM", "LCMScheduler", AUTO, aliases=("lcm",)),
+    ]
+
+
+@hookimpl
+def register_samplers(register: Callable[[SamplerSpec], None]) -> None:
+    for spec in builtin_samplers():
+        register(spec)

@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from aipaint.errors import AipaintError
 
 Command = Callable[[argparse.Namespace], int]
+
+# Core command groups that live in their own modules; each has register_commands(subparsers).
+# Plugins add theirs through the register_commands hook.
+CORE_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -258,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--caption")
     p.set_defaults(func=cmd_eval)
+
+    import importlib
+
+    for module_name in CORE_COMMAND_MODULES:
+        importlib.import_module(module_name).register_commands(sub)
+    from aipaint.plugins import create_plugin_host
+
+    create_plugin_host(run_registration=False).hook.register_commands(subparsers=sub)
     return parser
 
 

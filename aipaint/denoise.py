@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from aipaint.model import Conditioning, LatentDiffusionModel
-from aipaint.samplers import SamplingPlan
+from aipaint.sampling_plans import SamplingPlan
 
 
 @dataclass

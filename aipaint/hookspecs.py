@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from aipaint.adapters import AdapterSpec
     from aipaint.families import ModelFamily, ModelSource
     from aipaint.postprocess import PostProcessorSpec
@@ -92,4 +94,18 @@ def identify_model_family(source: ModelSource) -> str | None:
     pipeline class, or a single-file checkpoint whose keys you recognise). Families that
     want a say without a hook implementation can instead implement
     :meth:`aipaint.families.ModelFamily.identify`.
+    """
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+@hookspec
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add sub-commands to the ``aipaint`` command line.
+
+    Call ``subparsers.add_parser(name, help=...)`` and ``set_defaults(func=handler)``
+    where ``handler(args) -> int`` is the exit status. Import heavy libraries inside the
+    handler, not at module level: this hook runs for ``aipaint --help``. Raise
+    :class:`aipaint.errors.AipaintError` for user errors; the CLI prints them as one line.
     """

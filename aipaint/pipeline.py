@@ -20,7 +20,8 @@ from aipaint.model import Conditioning, LatentDiffusionModel
 from aipaint.params import GenerationRequest
 from aipaint.plugins import PluginHost, default_host
 from aipaint.result import Result
-from aipaint.samplers import SamplerSpec, SamplingPlan
+from aipaint.samplers import SamplerSpec
+from aipaint.sampling_plans import SamplingPlan
 
 Progress = Callable[[int, int], None]
 

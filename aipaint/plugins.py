@@ -48,11 +48,14 @@ def _selected_entry_points() -> list[Any]:
     return sorted(eps, key=lambda ep: (not ep.value.startswith(BUILTIN_PREFIX), ep.name))
 
 
-def create_plugin_host(extra_plugins: tuple[Any, ...] = (), *, load_entry_points: bool = True) -> PluginHost:
+def create_plugin_host(
+    extra_plugins: tuple[Any, ...] = (), *, load_entry_points: bool = True, run_registration: bool = True
+) -> PluginHost:
     """Build a fresh plugin manager, load plugins, and run the registration hooks.
 
     ``extra_plugins`` are plugin objects registered after the entry points (tests and
-    applications use this to add a plugin without packaging it).
+    applications use this to add a plugin without packaging it). The CLI builds its
+    parser with ``run_registration=False`` so ``--help`` stays quick.
     """
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
@@ -71,7 +74,8 @@ def create_plugin_host(extra_plugins: tuple[Any, ...] = (), *, load_entry_points
         manager.register(plugin)
 
     registry = Registry()
-    _run_registration(manager, registry)
+    if run_registration:
+        _run_registration(manager, registry)
     return PluginHost(manager=manager, registry=registry)
 
 
@@ -94,6 +98,8 @@ def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             owner = manager.get_name(impl.plugin) or repr(impl.plugin)
             register = registry.registrar(catalogue, owner, expected)
+            if os.environ.get("AIPAINT_TRACE_PLUGINS"):
+                print(f"aipaint: {hook_name} [{owner}]", file=sys.stderr)
             try:
                 impl.function(register=register)
             except Exception as exc:

@@ -13,7 +13,7 @@ N_MERGES = 48894  # 49152 - 256 - 2, as in CLIP/open_clip
 EXPECTED_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat"
 
 
-@lru_cache()
+@lru_cache
 def bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]

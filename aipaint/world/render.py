@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from aipaint.world.scene import BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene, SceneObject
+from aipaint.world.scene import BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene
 
 SUPERSAMPLE = 4
 CROSS_THICKNESS = 0.36  # arm thickness as a fraction of the extent

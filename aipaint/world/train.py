@@ -114,6 +114,45 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+class ThreadTuner:
+    """Pick 1 or ``max_threads`` torch threads by timing both now and then.
+
+    The CPU here is shared: with another busy process, two spinning OpenMP threads
+    can be several times slower than one. Every ``period`` steps it times
+    ``probe`` steps with each thread count and keeps the faster one.
+    """
+
+    def __init__(self, max_threads: int, period: int = 150, probe: int = 6):
+        self.options = sorted({1, max_threads})
+        self.period, self.probe = period, probe
+        self.current = max_threads
+        self.times: dict[int, list[float]] = {}
+        self.switches: list[tuple[int, int]] = []
+        torch.set_num_threads(self.current)
+
+    def before(self, step: int) -> None:
+        if len(self.options) < 2:
+            return
+        phase = step % self.period
+        if phase < self.probe * len(self.options):
+            n = self.options[phase // self.probe]
+            if phase % self.probe == 0:
+                self.times[n] = []
+            torch.set_num_threads(n)
+        elif phase == self.probe * len(self.options):
+            med = {n: float(np.median(v[1:] or v)) for n, v in self.times.items() if v}
+            best = min(med, key=med.get) if med else self.current
+            if best != self.current:
+                self.switches.append((step, best))
+            self.current = best
+            torch.set_num_threads(best)
+
+    def after(self, step: int, dt: float) -> None:
+        phase = step % self.period
+        if len(self.options) > 1 and phase < self.probe * len(self.options):
+            self.times.setdefault(self.options[phase // self.probe], []).append(dt)
+
+
 def lr_at(progress: float, step: int, warmup: int, base: float, floor: float = 0.02) -> float:
     w = min(1.0, (step + 1) / warmup)
     c = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -161,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, default=40000, help="training captions/latents")
     ap.add_argument("--vae-pool-extra", type=int, default=4000, help="extra held-out images (VAE only)")
-    ap.add_argument("--vae-minutes", type=float, default=11.0)
+    ap.add_argument("--vae-steps", type=int, default=1600, help="VAE steps (capped by --vae-minutes)")
+    ap.add_argument("--vae-minutes", type=float, default=14.0, help="VAE wall-clock cap")
     ap.add_argument("--minutes", type=float, default=38.0, help="UNet+text-encoder wall-clock budget")
     ap.add_argument("--steps", type=int, default=0, help="fixed UNet steps (overrides --minutes)")
     ap.add_argument("--batch", type=int, default=64)
@@ -178,6 +218,7 @@ def main(argv=None) -> int:
 
     if a.quick:
         a.pool, a.vae_pool_extra, a.vae_minutes, a.minutes = 2000, 200, 0.25, 0.5
+        a.vae_steps = 30
         a.warmup, a.checkpoint_minutes = 20, 100.0
         if a.out == ap.get_default("out"):
             a.out = tempfile.mkdtemp(prefix="shapes-tiny-quick-")
@@ -256,8 +297,11 @@ def main(argv=None) -> int:
     step, vae_hist, run = 0, [], []
     budget = a.vae_minutes * 60
     last_log = t0
-    while time.time() - t0 < budget:
-        prog = (time.time() - t0) / budget
+    tuner = ThreadTuner(a.threads)
+    while time.time() - t0 < budget and step < a.vae_steps:
+        prog = max((time.time() - t0) / budget, step / a.vae_steps)
+        ts = time.time()
+        tuner.before(step)
         for pg in opt.param_groups:
             pg["lr"] = lr_at(prog, step, 100 if not a.quick else 10, a.vae_lr)
         idx = torch.randint(0, len(vae_imgs), (a.vae_batch,), generator=g)
@@ -272,13 +316,14 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
         run.append(mse.item())
+        tuner.after(step, time.time() - ts)
         step += 1
         if time.time() - last_log > 30:
             last_log = time.time()
             m = float(np.mean(run))
             run = []
             vae_hist.append({"step": step, "t": round(time.time() - t0, 1), "mse": m})
-            log(f"vae step {step} mse(-1..1) {m:.5f} lr {opt.param_groups[0]['lr']:.2e}")
+            log(f"vae step {step} mse(-1..1) {m:.5f} lr {opt.param_groups[0]['lr']:.2e} threads {tuner.current}")
     vae.eval()
     # held-out evaluation of reconstruction on fresh images
     with torch.no_grad():
@@ -287,7 +332,8 @@ def main(argv=None) -> int:
         rec = vae.decode(vae.encode(xe).latent_dist.mean).sample.clamp(-1, 1)
         vae_mse = F.mse_loss(rec, xe).item()
         vae_mse01 = F.mse_loss((rec + 1) / 2, (xe + 1) / 2).item()
-    record["vae"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": vae_hist,
+    torch.set_num_threads(a.threads)
+    record["vae"] = {"steps": step, "thread_switches": tuner.switches, "minutes": round((time.time() - t0) / 60, 2), "history": vae_hist,
                      "recon_mse_minus1_1": vae_mse, "recon_mse_0_1": vae_mse01,
                      "params": sum(p.numel() for p in vae.parameters())}
     record["timings_s"]["vae"] = round(time.time() - t0, 1)
@@ -347,7 +393,10 @@ def main(argv=None) -> int:
     last_log = last_ckpt = t0
     unet.train()
     text_encoder.train()
+    tuner = ThreadTuner(a.threads)
     while True:
+        ts = time.time()
+        tuner.before(step)
         el = time.time() - t0
         if a.steps:
             if step >= a.steps:
@@ -382,6 +431,7 @@ def main(argv=None) -> int:
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - d)
         run.append(loss.item())
+        tuner.after(step, time.time() - ts)
         step += 1
         now = time.time()
         if now - last_log > 30:
@@ -389,15 +439,17 @@ def main(argv=None) -> int:
             m = float(np.mean(run))
             run = []
             hist.append({"step": step, "t": round(now - t0, 1), "loss": m, "lr": lr})
-            log(f"unet step {step} loss {m:.4f} lr {lr:.2e} ({(now - t0) / step:.3f}s/step, {el / 60:.1f}/{a.minutes} min)")
+            log(f"unet step {step} loss {m:.4f} lr {lr:.2e} ({(now - t0) / step:.3f}s/step, {el / 60:.1f}/{a.minutes} min, threads {tuner.current})")
         if now - last_ckpt > a.checkpoint_minutes * 60:
             last_ckpt = now
             record["unet_text"] = {"steps": step, "minutes": round((now - t0) / 60, 2), "history": hist}
             record["timings_s"]["unet_text"] = round(now - t0, 1)
+            torch.set_num_threads(tuner.current)
             save_atomic(out, snapshot_pipeline(), record)
             log(f"checkpoint (EMA) saved to {out} at step {step}")
 
     record["unet_text"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": hist,
+                           "thread_switches": tuner.switches,
                            "final_loss": float(np.mean([h["loss"] for h in hist[-3:]])) if hist else None,
                            "s_per_step": round((time.time() - t0) / max(1, step), 3)}
     record["timings_s"]["unet_text"] = round(time.time() - t0, 1)

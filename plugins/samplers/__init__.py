@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import diffusers
+from aipaint_plugins.samplers.functions import sample_dpmpp_2s_ancestral
 
 from aipaint import hookimpl
 from aipaint.samplers import SamplerSpec
-from aipaint_plugins.samplers.functions import sample_dpmpp_2s_ancestral
 
 ALL = ("Automatic", "Karras", "Exponential")
 AUTO = ("Automatic",)
@@ -23,7 +22,7 @@ def builtin_samplers() -> list[SamplerSpec]:
         return SamplerSpec(
             name=name,
             kind="scheduler",
-            scheduler_class=getattr(diffusers, cls),
+            scheduler_class=cls,
             scheduler_options=options or {},
             schedules=schedules,
             **kw,

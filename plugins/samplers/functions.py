@@ -8,13 +8,16 @@ is called after each step with the updated ``x`` (the loop may modify it in plac
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a sampler runs, so registering stays quick
+    import torch
 
 
 def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigma to step down to, and the noise to add back, for an ancestral step."""
+    import torch
+
     if not eta:
         return sigma_to, torch.zeros_like(sigma_to)
     sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
@@ -33,6 +36,8 @@ def sample_dpmpp_2s_ancestral(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """DPM-Solver++(2S) with ancestral noise (Lu et al. 2022; k-diffusion's formulation)."""
+    import torch
+
 
     def sigma_fn(t: torch.Tensor) -> torch.Tensor:
         return t.neg().exp()

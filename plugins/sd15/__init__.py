@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aipaint import hookimpl
 from aipaint.errors import ModelLoadError
 from aipaint.families import LoadOptions, ModelFamily, ModelSource
-from aipaint.model import LatentDiffusionModel, ModelDefaults
+
+if TYPE_CHECKING:
+    from aipaint.model import LatentDiffusionModel
 
 PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
@@ -70,7 +73,7 @@ class StableDiffusion15(ModelFamily):
                 path, subfolder="text_encoder", dtype=dtype, use_safetensors=safetensors_only, local_files_only=True
             )
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the Stable Diffusion folder {path}: {exc}") from exc
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         unet_weights = path / "unet" / "diffusion_pytorch_model.safetensors"
@@ -97,6 +100,8 @@ class StableDiffusion15(ModelFamily):
         )
 
     def _assemble(self, source, options, unet, vae, text_encoder, tokenizer, scheduler_config, hash_path: Path):
+        from aipaint.model import LatentDiffusionModel, ModelDefaults
+
         model = LatentDiffusionModel(
             family=self.name,
             name=source.name,

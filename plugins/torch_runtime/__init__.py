@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.model import LatentDiffusionModel
 from aipaint.runtimes import RuntimeSpec
+
+if TYPE_CHECKING:
+    from aipaint.model import LatentDiffusionModel
 
 
 def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:

@@ -1,0 +1,206 @@
+"""Sampling plans: one sampler run over a model's noise schedule (imports torch)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aipaint.samplers import SCHEDULES, SamplerSpec
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``model_fn(scaled_latents, timestep, step_index) -> raw model output`` (eps or v)."""
+
+StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
+"""``callback(step_index, total_steps, latents)`` after each step; may return replacement latents."""
+
+
+def _init_keys(cls: Any) -> set[str]:
+    # Some schedulers' __init__ is wrapped by a decorator; read the real signature.
+    return set(inspect.signature(inspect.unwrap(cls.__init__)).parameters) - {"self"}
+
+
+def zero_snr_betas(config: dict[str, Any]) -> list[float]:
+    """The betas of a zero-terminal-SNR schedule, with the last step's SNR set to 2**-24.
+
+    Schedulers that cannot rescale betas themselves get these as ``trained_betas``,
+    so every sampler sees the schedule the model was trained with (the same clamp
+    diffusers' Euler scheduler applies to keep the first sigma finite).
+    """
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    ddpm = DDPMScheduler.from_config({k: config[k] for k in keys if k in config})
+    alphas_cumprod = ddpm.alphas_cumprod.double().clone()
+    alphas_cumprod[-1] = 2**-24
+    alphas = alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return (1 - alphas).tolist()
+
+
+def scheduler_class(cls: Any) -> Any:
+    if isinstance(cls, str):
+        import diffusers
+
+        return getattr(diffusers, cls)
+    return cls
+
+
+def _make_scheduler(cls: Any, scheduler_config: dict[str, Any], options: dict[str, Any], seeds: Sequence[int] = ()) -> Any:
+    cls = scheduler_class(cls)
+    keys = _init_keys(cls)
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_") and k in keys}
+    if scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in keys:
+        config["trained_betas"] = zero_snr_betas(scheduler_config)
+    if "noise_sampler_seed" in keys and seeds:
+        # Seeded Brownian noise (DPM++ SDE); otherwise the scheduler picks a random seed.
+        config["noise_sampler_seed"] = list(seeds) if len(seeds) > 1 else int(seeds[0])
+    config.update({k: v for k, v in options.items() if k in keys})
+    return cls.from_config(config)
+
+
+class SamplingPlan:
+    """One sampler run over ``steps`` steps: initial noise scaling, img2img noising, the loop."""
+
+    total_steps: int
+
+    def start_index(self, strength: float) -> int:
+        """First step to run for img2img at ``strength`` (1.0 = all steps)."""
+        raise NotImplementedError
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(
+        self,
+        model_fn: ModelFn,
+        latents: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        start: int = 0,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SchedulerPlan(SamplingPlan):
+    def __init__(
+        self, spec: SamplerSpec, scheduler_config: dict[str, Any], schedule: str, steps: int, device: Any, seeds: Sequence[int]
+    ) -> None:
+        options = dict(spec.scheduler_options)
+        options.update(SCHEDULES[schedule])
+        self.scheduler = _make_scheduler(spec.scheduler_class, scheduler_config, options, seeds)
+        self.scheduler.set_timesteps(steps, device=device)
+        self.steps = steps
+        self.order = getattr(self.scheduler, "order", 1)
+        self.total_steps = steps
+
+    def start_index(self, strength: float) -> int:
+        init_timestep = min(int(self.steps * strength), self.steps)
+        return max(self.steps - init_timestep, 0)
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise * self.scheduler.init_noise_sigma
+
+    def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+        timesteps = self.scheduler.timesteps[start * self.order :]
+        t = timesteps[:1].repeat(clean.shape[0])
+        return self.scheduler.add_noise(clean, noise, t)
+
+    def run(self, model_fn, latents, generators, start=0, callback=None):
+        scheduler = self.scheduler
+        timesteps = scheduler.timesteps[start * self.order :]
+        if start and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * self.order)
+        generator = list(generators) if len(generators) > 1 else (generators[0] if generators else None)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        n = len(timesteps)
+        for i, t in enumerate(timesteps):
+            # Second-order schedulers call the model more than once per step.
+            step_index = start + (i * (self.steps - start)) // n
+            scaled = scheduler.scale_model_input(latents, t)
+            output = model_fn(scaled, t, min(step_index, self.steps - 1))
+            latents = scheduler.step(output, t, latents, return_dict=False, **step_kwargs)[0]
+            if callback is not None:
+                replaced = callback(i, n, latents)
+                if replaced is not None:
+                    latents = replaced
+        return latents
+
+
+class FunctionPlan(SamplingPlan):
+    """Adapts a k-diffusion-style function sampler to the model's discrete noise schedule."""
+
+    def __init__(self, spec: SamplerSpec, scheduler_config: dict[str, Any], schedule: str, steps: int, device: Any) -> None:
+        from diffusers import EulerDiscreteScheduler
+
+        self.spec = spec
+        self.steps = steps
+        self.total_steps = steps
+        options = dict(spec.scheduler_options)
+        options.update(SCHEDULES[schedule])
+        # Euler's scheduler computes sigmas (and their timesteps) for every schedule type.
+        self.scheduler = _make_scheduler(EulerDiscreteScheduler, scheduler_config, options)
+        self.scheduler.set_timesteps(steps, device=device)
+        self.sigmas = self.scheduler.sigmas.to(torch.float32)  # length steps + 1, ends with 0
+        self.timesteps = self.scheduler.timesteps
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+
+    def start_index(self, strength: float) -> int:
+        init_timestep = min(int(self.steps * strength), self.steps)
+        return max(self.steps - init_timestep, 0)
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise * self.sigmas[0]
+
+    def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+        return clean + noise * self.sigmas[start]
+
+    def run(self, model_fn, latents, generators, start=0, callback=None):
+        sigmas = self.sigmas[start:].to(latents.device)
+        timestep_of = {float(s): t for s, t in zip(self.sigmas[:-1].tolist(), self.timesteps, strict=True)}
+        index_of = {float(s): i for i, s in enumerate(self.sigmas[:-1].tolist())}
+        prediction_type = self.prediction_type
+
+        def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            s = float(sigma)
+            t = timestep_of.get(s)
+            if t is None:  # a sampler's intermediate sigma (Heun-like): nearest timestep by log-sigma
+                t = torch.as_tensor(float(self.scheduler._sigma_to_t(np.array(s), self._log_sigmas)))
+            c_in = 1.0 / (s**2 + 1.0) ** 0.5
+            out = model_fn(x * c_in, t, index_of.get(s, start))
+            if prediction_type == "v_prediction":
+                return x / (s**2 + 1.0) - out * s / (s**2 + 1.0) ** 0.5
+            return x - out * s
+
+        noise_sampler = make_noise_sampler(latents, generators)
+        n = len(sigmas) - 1
+
+        def step_callback(info: dict[str, Any]) -> None:
+            if callback is not None:
+                replaced = callback(info["i"], n, info["x"])
+                if replaced is not None:  # function samplers keep x in a local: update it in place
+                    info["x"].copy_(replaced)
+
+        assert self.spec.function is not None
+        return self.spec.function(denoiser, latents, sigmas, noise_sampler=noise_sampler, callback=step_callback)
+
+    @property
+    def _log_sigmas(self) -> np.ndarray:
+        alphas = self.scheduler.alphas_cumprod.double().numpy()
+        return np.log(((1 - alphas) / alphas) ** 0.5)
+
+
+def make_noise_sampler(like: torch.Tensor, generators: Sequence[torch.Generator]) -> Callable[[Any, Any], torch.Tensor]:
+    """Per-item seeded noise, drawn on the CPU so CPU and GPU runs see the same numbers."""
+
+    def noise_sampler(sigma: Any = None, sigma_next: Any = None) -> torch.Tensor:
+        shape = like.shape[1:]
+        parts = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(parts).to(device=like.device, dtype=like.dtype)
+
+    return noise_sampler

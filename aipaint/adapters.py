@@ -38,6 +38,7 @@ class AdapterContext:
     height: int = 0
     width: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    host: Any = None  # the aipaint.plugins.PluginHost of the pipeline (its registry: preprocessors, …)
 
 
 @dataclass
@@ -46,6 +47,10 @@ class AdapterActivation:
 
     contributors: list[LoopContributor] = field(default_factory=list)
     infotext: dict[str, str] = field(default_factory=dict)
+    # Applied to every resolved prompt text (positive and negative) just before it is encoded,
+    # e.g. textual inversion spelling an embedding's name as its added tokens. Not recorded:
+    # the infotext keeps the prompt as the user wrote it.
+    rewrite_text: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,3 +67,6 @@ class AdapterSpec:
     prompt_tags: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     description: str = ""
+    # For adapters that join without a tag or a unit (textual inversion joins when a prompt
+    # names one of its embeddings): called with the context of each generation.
+    wants: Callable[[AdapterContext], bool] | None = None

@@ -14,7 +14,7 @@ Command = Callable[[argparse.Namespace], int]
 
 # Core command groups that live in their own modules; each has register_commands(subparsers).
 # Plugins add theirs through the register_commands hook.
-CORE_COMMAND_MODULES: tuple[str, ...] = ()
+CORE_COMMAND_MODULES: tuple[str, ...] = ("aipaint.cli_image",)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--runtime", default="torch", help="runtime plugin (default: torch)")
+    g.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE", dest="runtime_options",
+                   help="runtime option, repeatable (e.g. onnx_dir=exported/ for --runtime onnxruntime)")
     g.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files with torch.load(weights_only=True)")
 
 
@@ -36,6 +38,11 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", help="sampler name, e.g. 'DPM++ 2M' (see `aipaint samplers`)")
     g.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential")
     g.add_argument("--seed", type=int, help="-1 for random (default)")
+    g.add_argument("--variation-seed", type=int, dest="subseed", metavar="SEED", help="A1111's variation seed (-1: random)")
+    g.add_argument("--variation-strength", type=float, dest="subseed_strength", metavar="X",
+                   help="how far to move towards the variation seed's noise, 0 to 1 (default 0: off)")
+    g.add_argument("--seed-resize-from", type=_size_argument, metavar="WxH",
+                   help="draw the seed's noise as at this size, so a seed keeps its composition at a new size")
     g.add_argument("-W", "--width", type=int)
     g.add_argument("-H", "--height", type=int)
     g.add_argument("--batch-size", type=int)
@@ -46,7 +53,15 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
-GENERATION_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height", "batch_size", "clip_skip", "guidance_rescale")
+GENERATION_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height", "batch_size", "clip_skip", "guidance_rescale",
+                     "subseed", "subseed_strength")
+
+
+def _size_argument(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 512x768, not {text!r}")
+    return int(width), int(height)
 
 
 def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
@@ -81,20 +96,62 @@ def _load(args: argparse.Namespace):
         runtime=args.runtime,
         allow_pickle=args.allow_pickle,
         config=args.config,
+        runtime_options=parse_key_values(getattr(args, "runtime_options", None) or [], "--runtime-option"),
     )
+
+
+def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}``; values are read as JSON when they parse, else kept as text."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AipaintError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except ValueError:
+            parsed[key.strip()] = value
+    return parsed
+
+
+def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """The sub-command group ``aipaint NAME TARGET``, created by whichever plugin asks first,
+    so several plugins can add targets to one group (``aipaint export onnx``, ``aipaint export tensorrt``)."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help)
+        group = parser.add_subparsers(dest=f"{name}_target", metavar="TARGET")
+        parser.set_defaults(func=lambda args: parser.print_help() or 0, aipaint_command_group=group)
+    group = parser.get_default("aipaint_command_group")
+    if group is None:
+        raise AipaintError(f"the command {name!r} exists and is not a command group")
+    return group
+
+
+ADAPTER_UNIT_BUILDERS = "adapter_unit_builders"
+
+
+def add_adapter_unit_builder(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, dict[str, str]], list[Any]]) -> None:
+    """Let a plugin that added options to a generation command (e.g. ``--controlnet``) turn them into
+    adapter units: ``build(args, png_params)`` returns :class:`aipaint.adapters.AdapterUnit` objects;
+    ``png_params`` are the parameters recorded in ``--from-png``'s PNG (empty without it)."""
+    parser.set_defaults(**{ADAPTER_UNIT_BUILDERS: [*(parser.get_default(ADAPTER_UNIT_BUILDERS) or []), build]})
 
 
 def _generation_request(args: argparse.Namespace) -> Any:
     from aipaint.params import GenerationRequest
 
     kwargs: dict[str, Any] = {}
+    png_params: dict[str, str] = {}
     if args.from_png:
         from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
 
         text = read_png_parameters(args.from_png)
         if not text:
             raise AipaintError(f"{args.from_png} carries no generation parameters to regenerate from")
-        kwargs.update(generation_kwargs(Infotext.from_text(text)))
+        info = Infotext.from_text(text)
+        png_params = info.params
+        kwargs.update(generation_kwargs(info))
     if args.prompt is not None:
         kwargs["prompt"] = args.prompt
     if "prompt" not in kwargs:
@@ -105,6 +162,8 @@ def _generation_request(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
+    if args.seed_resize_from:
+        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = args.seed_resize_from
     if args.midjourney:
         from aipaint.prompt import parse_midjourney
 
@@ -116,6 +175,9 @@ def _generation_request(args: argparse.Namespace) -> Any:
             value = getattr(mj, name, None)
             if value is not None and getattr(args, name) is None:
                 kwargs[name] = value
+    units = [unit for build in getattr(args, ADAPTER_UNIT_BUILDERS, None) or () for unit in build(args, png_params)]
+    if units:
+        kwargs["adapters"] = (*kwargs.get("adapters", ()), *units)
     return GenerationRequest(**kwargs)
 
 
@@ -125,6 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:
         result = pipe.generate(request, progress=progress)
+        if getattr(args, "post", None):
+            from aipaint.postprocess import PostStep, postprocess_result
+
+            result = postprocess_result(result, [PostStep.parse(text) for text in args.post], pipe)
     finally:
         close()
     for path in result.save_all(args.output):
@@ -170,6 +236,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         ("samplers", reg.samplers),
         ("adapters", reg.adapters),
         ("post-processors", reg.postprocessors),
+        ("preprocessors", reg.preprocessors),
         ("runtimes", reg.runtimes),
     ):
         names = ", ".join(f"{n} [{cat.owners[n]}]" for n in cat.names()) or "none"
@@ -233,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text to image", aliases=["txt2img"])
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax)")
     p.add_argument("--from-png", help="regenerate from the parameters stored in an A1111-style PNG")
+    p.add_argument("--post", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="post-processor to run on each image, repeatable, in order (e.g. hires:scale=2, facefix, "
+                        "upscale:upscaler=Lanczos); see `aipaint plugins`")
     _add_generation_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_generate)

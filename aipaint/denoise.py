@@ -66,6 +66,21 @@ def _merge_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @dataclass
+class ModelHandoff:
+    """Another model that takes over the loop part-way (A1111's "Refiner switch at").
+
+    From the first model call whose timestep is below ``below_timestep`` on, the loop asks
+    ``model`` with its own ``conditioning_at``; the sampler and its state carry on, as in
+    A1111. Contributors' input seams (extra channels, residuals) belong to the first model
+    and are not applied after the switch; ``after_step`` still runs.
+    """
+
+    model: LatentDiffusionModel
+    conditioning_at: Callable[[int], StepConditioning]
+    below_timestep: float
+
+
+@dataclass
 class DenoiseJob:
     model: LatentDiffusionModel
     plan: SamplingPlan
@@ -73,6 +88,7 @@ class DenoiseJob:
     cfg_scale: float
     guidance_rescale: float = 0.0
     contributors: Sequence[LoopContributor] = field(default_factory=tuple)
+    handoff: ModelHandoff | None = None
 
 
 def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, factor: float) -> torch.Tensor:
@@ -91,24 +107,27 @@ def denoise(
     start: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    model = job.model
     contributors = list(job.contributors)
     use_cfg = job.cfg_scale > 1.0
     batch = latents.shape[0]
+    handoff = job.handoff
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        # 1. The conditioning in force at this step.
-        cond = job.conditioning_at(step)
+        # 1. The model and the conditioning in force at this step.
+        switched = handoff is not None and float(t.max()) < handoff.below_timestep
+        model, conditioning_at = (handoff.model, handoff.conditioning_at) if switched else (job.model, job.conditioning_at)
+        inputs = [] if switched else contributors
+        cond = conditioning_at(step)
         parts = ([cond.negative] if use_cfg else []) + [c for c, _ in cond.positives]
         weights = [w for _, w in cond.positives]
         n_parts = len(parts)
         # 2. One batched UNet call: [negative, positive_1, …] × batch.
         x_in = torch.cat([x] * n_parts)
-        for c in contributors:
+        for c in inputs:
             x_in = c.transform_input(step, x_in)
         embeds = Conditioning.cat([p.repeat(batch) for p in parts])
         timestep = t.expand(x_in.shape[0]) if t.dim() else t
-        extra = _merge_kwargs([c.unet_kwargs(step, x_in, timestep, embeds.embeds) for c in contributors])
+        extra = _merge_kwargs([c.unet_kwargs(step, x_in, timestep, embeds.embeds) for c in inputs])
         out = model.predict(x_in, t, embeds, **extra).float()
         chunks = out.chunk(n_parts)
         # 3. Classifier-free guidance, composable across AND-ed sub-prompts.

@@ -51,6 +51,24 @@ class DownloadError(ModelLoadError):
     """Weights could not be downloaded (offline, hub unreachable, checksum mismatch)."""
 
 
+class MissingWeights(ModelLoadError):
+    """A component (a preprocessor, an upscaler, …) needs a weights file that is not installed.
+
+    ``file`` is the file name it looked for and ``searched`` the folders it looked in, so
+    the message can say exactly what to download and where to put it.
+    """
+
+    def __init__(self, component: str, file: str, searched: list[str] | tuple[str, ...], hint: str = "") -> None:
+        self.component = component
+        self.file = file
+        self.searched = tuple(searched)
+        self.hint = hint
+        message = f"{component} needs the weights file {file!r}, which is not in {', '.join(self.searched) or 'any folder'}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+
+
 class PluginError(AipaintError):
     """A plugin broke a contract (duplicate name, bad registration)."""
 

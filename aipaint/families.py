@@ -39,8 +39,13 @@ class ModelSource:
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="pt") as f:
-                return list(f.keys())
+            from aipaint.errors import ModelLoadError
+
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    return list(f.keys())
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelLoadError(f"{self.path} is not a readable safetensors file: {exc}") from exc
         from aipaint.loading import load_state_dict
 
         return list(load_state_dict(self.path, allow_pickle=self.allow_pickle))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from aipaint.adapters import AdapterSpec
     from aipaint.families import ModelFamily, ModelSource
     from aipaint.postprocess import PostProcessorSpec
+    from aipaint.preprocess import PreprocessorSpec
     from aipaint.runtimes import RuntimeSpec
     from aipaint.samplers import SamplerSpec
 
@@ -71,6 +72,18 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
     """Register post-processors (upscalers, face fix, QR-code art, stickers, …).
 
     Call ``register(spec)`` with an :class:`aipaint.postprocess.PostProcessorSpec`.
+    """
+
+
+@hookspec
+def register_preprocessors(register: Callable[[PreprocessorSpec], None]) -> None:
+    """Register image preprocessors for control adapters (``canny``, ``depth``, ``openpose``, …).
+
+    Call ``register(spec)`` with an :class:`aipaint.preprocess.PreprocessorSpec`. A
+    preprocessor turns a user's image into the map a ControlNet (or a similar adapter)
+    was trained on. One that needs weights should check for them when it runs and raise
+    :class:`aipaint.errors.MissingWeights` naming the file (see
+    :func:`aipaint.preprocess.find_weights`), never fall back to another algorithm.
     """
 
 

@@ -114,6 +114,19 @@ _INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int),
     "Guidance rescale": ("guidance_rescale", float),
+    "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float),
+    "Denoising strength": ("denoising_strength", float),
+    "Resize mode": ("resize_mode", str),
+    "Mask blur": ("mask_blur", int),
+    "Masked content": ("inpainting_fill", str),
+    "Masked area padding": ("inpaint_full_res_padding", int),
+}
+# Keys whose presence with one value turns an option on.
+_INFOTEXT_FLAGS: dict[str, tuple[str, str]] = {
+    "Mask mode": ("inpainting_mask_invert", "Inpaint not masked"),
+    "Inpaint area": ("inpaint_full_res", "Only masked"),
+    "Img2img exact steps": ("img2img_exact_steps", "True"),
 }
 
 
@@ -142,4 +155,10 @@ def generation_kwargs(info: Infotext) -> dict[str, Any]:
         kwargs["width"], kwargs["height"] = size
     if info.params.get("Emphasis") == "No norm":
         kwargs["emphasis"] = "none"
+    for key, (name, on) in _INFOTEXT_FLAGS.items():
+        if key in info.params:
+            kwargs[name] = info.params[key] == on
+    resize_from = _SIZE.match(info.params.get("Seed resize from", ""))
+    if resize_from:
+        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = int(resize_from[1]), int(resize_from[2])
     return kwargs

@@ -138,6 +138,16 @@ class LatentDiffusionModel:
             out = [encoder.encode(t, min_chunks=chunks) for t in texts]
         return [Conditioning(e.to(self.device, self.dtype)) for e in out]
 
+    def request_conditioning(self, cond: Conditioning, *, text: str, negative: bool, request: Any) -> Conditioning:
+        """Add to one encoded prompt what depends on the request rather than on the text.
+
+        Called once per distinct prompt of a generation, for the positive parts and for the
+        negative (``negative=True``). Families whose networks take more than the text (size
+        and crop conditioning, aesthetic scores, zeroed empty negatives) override it; the
+        base model adds nothing.
+        """
+        return cond
+
     # --- networks ---------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
         kwargs = dict(extra)

@@ -21,6 +21,14 @@ CFG_RANGE = (1.0, 30.0)
 BATCH_RANGE = (1, 64)
 CLIP_SKIP_RANGE = (1, 12)
 NORMALIZATIONS = ("a1111", "none")
+MASK_BLUR_RANGE = (0, 64)
+PADDING_RANGE = (0, 256)
+INPAINT_FILLS = ("fill", "original", "latent noise", "latent nothing")
+"""A1111's "Masked content" choices, in its order (``inpainting_fill`` 0–3)."""
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+"""A1111's img2img resize modes, in its order (``resize_mode`` 0–2)."""
+OUTPAINT_FILLS = ("edge", "blur", "noise")
+"""How outpainting starts the new area: edge colours, blurred surroundings, or noise."""
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type) -> None:
@@ -28,6 +36,15 @@ def _check_range(name: str, value: Any, lo: float, hi: float, kind: type) -> Non
         raise InvalidParameter(name, value, f"must be {'an integer' if kind is int else 'a number'} from {lo} to {hi}")
     if not lo <= value <= hi:
         raise InvalidParameter(name, value, f"must be from {lo} to {hi}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A choice by name (any case) or by its index in ``choices``, as A1111's API numbers them."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):
+        return choices[value]
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise InvalidParameter(name, value, "must be one of " + ", ".join(repr(c) for c in choices))
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,30 @@ class GenerationRequest:
     emphasis: str = "a1111"
     adapters: tuple[Any, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # A1111's refiner: a second loaded model (Pipeline or model) that takes over the loop at
+    # the first step past ``refiner_switch_at`` of the noise schedule.
+    refiner: Any = None
+    refiner_switch_at: float = 0.8
+    # Image-conditioned modes (A1111's img2img tab; see aipaint.image_modes). ``init_image``
+    # and ``mask`` accept a PIL image, numpy array or path and are stored loaded: the image
+    # as RGB, the mask as a binary ``L`` image (see aipaint.imageutil for the threshold).
+    # ``None`` strength and blur take the mode's default (0.75 and 4; outpainting 1.0 and 8).
+    init_image: Any = None
+    denoising_strength: float | None = None
+    resize_mode: str = "just resize"
+    img2img_exact_steps: bool = False  # A1111's "do exactly the amount of steps the slider specifies"
+    mask: Any = None
+    mask_blur: int | None = None
+    inpainting_mask_invert: bool = False
+    inpainting_fill: str = "original"
+    inpaint_full_res: bool = False  # "Inpaint area: Only masked"
+    inpaint_full_res_padding: int = 32
+    # A1111's seed extras (see aipaint.noise): variation seed (-1 = random) and strength,
+    # and "resize seed from" width/height (0 = off).
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -72,12 +113,48 @@ class GenerationRequest:
             if value % 8:
                 lower, upper = value - value % 8, value - value % 8 + 8
                 raise InvalidParameter(name, value, "must be a multiple of 8", f"try {lower} or {upper}")
+        if isinstance(self.refiner_switch_at, bool) or not isinstance(self.refiner_switch_at, (int, float)) or not (
+            0.0 < self.refiner_switch_at <= 1.0
+        ):
+            raise InvalidParameter("refiner_switch_at", self.refiner_switch_at, "must be a number above 0 and at most 1",
+                                   "the fraction of the noise schedule the main model runs before the refiner")
+        self._check_image_fields()
         if self.emphasis not in NORMALIZATIONS:
             raise InvalidParameter("emphasis", self.emphasis, f"must be one of {', '.join(NORMALIZATIONS)}")
         for name in ("sampler", "schedule"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidParameter(name, value, "must be a non-empty name")
+
+    def _check_image_fields(self) -> None:
+        if self.denoising_strength is not None:
+            _check_range("denoising_strength", self.denoising_strength, 0.0, 1.0, float)
+        if self.mask_blur is not None:
+            _check_range("mask_blur", self.mask_blur, *MASK_BLUR_RANGE, int)
+        _check_range("inpaint_full_res_padding", self.inpaint_full_res_padding, *PADDING_RANGE, int)
+        _check_range("subseed", self.subseed, -1, MAX_SEED, int)
+        _check_range("subseed_strength", self.subseed_strength, 0.0, 1.0, float)
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            value = getattr(self, name)
+            _check_range(name, value, -1, SIZE_RANGE[1], int)
+            if 0 < value < SIZE_RANGE[0]:
+                raise InvalidParameter(name, value, f"must be 0 (off) or from {SIZE_RANGE[0]} to {SIZE_RANGE[1]}")
+        for name in ("img2img_exact_steps", "inpainting_mask_invert", "inpaint_full_res"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(name, getattr(self, name), "must be True or False")
+        object.__setattr__(self, "inpainting_fill", _choice("inpainting_fill", self.inpainting_fill, INPAINT_FILLS))
+        object.__setattr__(self, "resize_mode", _choice("resize_mode", self.resize_mode, RESIZE_MODES))
+        if self.init_image is None and self.mask is None:
+            return
+        from aipaint import imageutil
+
+        if self.init_image is None:
+            raise InvalidParameter("mask", "<mask>", "needs an init_image to inpaint", "pass the image the mask belongs to")
+        object.__setattr__(self, "init_image", imageutil.load_image(self.init_image))
+        if self.mask is not None:
+            mask = imageutil.load_mask(self.mask)
+            imageutil.check_mask(imageutil.invert_mask(mask) if self.inpainting_mask_invert else mask, self.init_image.size)
+            object.__setattr__(self, "mask", mask)
 
     def with_defaults(self, defaults: Any) -> GenerationRequest:
         """Fill ``None`` fields from a :class:`aipaint.model.ModelDefaults`."""
@@ -89,10 +166,13 @@ class GenerationRequest:
         return dataclasses.replace(self, **fill)
 
     def with_seed(self) -> GenerationRequest:
-        """Replace seed -1 by a random seed (so the result records the one used)."""
-        if self.seed != -1:
-            return self
-        return dataclasses.replace(self, seed=random.randint(0, MAX_SEED - self.batch_size))
+        """Replace seed -1 (and a used variation seed -1) by a random seed, so the result records it."""
+        fixed: dict[str, int] = {}
+        if self.seed == -1:
+            fixed["seed"] = random.randint(0, MAX_SEED - self.batch_size)
+        if self.subseed == -1 and self.subseed_strength:
+            fixed["subseed"] = random.randint(0, MAX_SEED - self.batch_size)
+        return dataclasses.replace(self, **fixed) if fixed else self
 
     @property
     def seeds(self) -> list[int]:

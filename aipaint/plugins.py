@@ -83,6 +83,7 @@ def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None
     from aipaint.adapters import AdapterSpec
     from aipaint.families import ModelFamily
     from aipaint.postprocess import PostProcessorSpec
+    from aipaint.preprocess import PreprocessorSpec
     from aipaint.runtimes import RuntimeSpec
     from aipaint.samplers import SamplerSpec
 
@@ -91,6 +92,7 @@ def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None
         ("register_samplers", registry.samplers, SamplerSpec),
         ("register_adapters", registry.adapters, AdapterSpec),
         ("register_postprocessors", registry.postprocessors, PostProcessorSpec),
+        ("register_preprocessors", registry.preprocessors, PreprocessorSpec),
         ("register_runtimes", registry.runtimes, RuntimeSpec),
     ]
     for hook_name, catalogue, expected in phases:

@@ -1,8 +1,14 @@
-"""Post-processors (upscalers, face fix, QR-code art, …): the registration record."""
+"""Post-processors (upscalers, face fix, QR-code art, …): the registration record, and the
+chain that runs them in a chosen order after a generation or on any image.
+
+A processor records what it did as A1111 infotext entries (``Hires upscale``,
+``ADetailer model``, …); the chain merges those into the image's PNG parameters.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +16,14 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from aipaint.pipeline import Pipeline
+    from aipaint.plugins import PluginHost
+    from aipaint.result import Result
+
+RESERVED_OPTIONS = ("request",)
+"""Options the chain itself may pass: ``request`` is the image's own
+:class:`aipaint.params.GenerationRequest` (batch of one, that image's seed) when the chain
+runs after a generation, so a processor that diffuses again (hires fix, face fix) reuses
+its prompt, seed and settings."""
 
 
 @dataclass
@@ -26,7 +40,9 @@ class PostProcessorSpec:
 
     ``run(image, options, pipeline)`` returns a :class:`PostProcessOutput`; ``pipeline``
     is the loaded pipeline (or ``None`` when run on a bare image without a model, for
-    processors that need no diffusion model).
+    processors that need no diffusion model). ``options`` lists the option names the
+    processor accepts; when given, the chain refuses any other name (a typo must not be
+    ignored silently). :data:`RESERVED_OPTIONS` are always accepted.
     """
 
     name: str
@@ -34,3 +50,126 @@ class PostProcessorSpec:
     aliases: tuple[str, ...] = ()
     description: str = ""
     needs_model: bool = False
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PostStep:
+    """One link of a chain: a post-processor's name and its options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> PostStep:
+        """Read the command-line form ``NAME[:key=value,key=value]``.
+
+        Values become ``int``, ``float`` or ``bool`` (``true``/``false``) where they read as
+        one, otherwise stay strings; a value cannot contain a comma.
+        """
+        from aipaint.errors import InvalidParameter
+
+        name, _, rest = text.partition(":")
+        if not name.strip():
+            raise InvalidParameter("post", text, "must be NAME or NAME:key=value,…", "e.g. hires:scale=2,strength=0.5")
+        options: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise InvalidParameter("post", text, f"option {item!r} is not key=value", "e.g. hires:scale=2,strength=0.5")
+            options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+        return cls(name.strip(), options)
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _as_steps(steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]]) -> list[PostStep]:
+    out = []
+    for step in steps:
+        if isinstance(step, PostStep):
+            out.append(step)
+        elif isinstance(step, str):
+            out.append(PostStep.parse(step))
+        else:
+            name, options = step
+            out.append(PostStep(name, dict(options)))
+    return out
+
+
+def run_postprocessors(
+    image: Image.Image,
+    steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]],
+    pipeline: Pipeline | None = None,
+    *,
+    host: PluginHost | None = None,
+    request: Any = None,
+) -> PostProcessOutput:
+    """Run post-processors on one image, in order; each sees the previous one's output.
+
+    Steps are :class:`PostStep` objects, ``"name:k=v"`` strings or ``(name, options)``
+    pairs. Infotext entries are merged (a later step overwrites an earlier one's key).
+    """
+    from aipaint.errors import UnknownName, UnsupportedFeature
+    from aipaint.plugins import default_host
+    from aipaint.registry import normalise_name
+
+    host = host or (pipeline.host if pipeline is not None else default_host())
+    catalogue = host.registry.postprocessors
+    resolved = [(catalogue.get(step.name), step) for step in _as_steps(steps)]
+    for spec, step in resolved:  # check the whole chain before running any of it
+        if spec.needs_model and pipeline is None:
+            raise UnsupportedFeature(f"post-processor {spec.name!r} diffuses with a model: load one (-m/--model) first")
+        if spec.options:
+            allowed = {normalise_name(o) for o in spec.options + RESERVED_OPTIONS}
+            for key in step.options:
+                if normalise_name(key) not in allowed:
+                    raise UnknownName(f"{spec.name} option", key, list(spec.options))
+    info: dict[str, str] = {}
+    for spec, step in resolved:
+        options = dict(step.options)
+        if request is not None:
+            options.setdefault("request", request)
+        output = spec.run(image, options, pipeline)
+        image = output.image
+        info.update(output.infotext)
+    return PostProcessOutput(image, info)
+
+
+def merge_infotext(text: str, entries: dict[str, str]) -> str:
+    """Add ``entries`` to an A1111 parameters text, before its closing ``Version`` entry."""
+    from aipaint.infotext import Infotext
+
+    parsed = Infotext.from_text(text) if text else Infotext("")
+    params = {k: v for k, v in parsed.params.items() if k != "Version"}
+    params.update(entries)
+    if "Version" in parsed.params:
+        params["Version"] = parsed.params["Version"]
+    return Infotext(parsed.prompt, parsed.negative_prompt, params).to_text()
+
+
+def postprocess_result(
+    result: Result,
+    steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]],
+    pipeline: Pipeline | None = None,
+    *,
+    host: PluginHost | None = None,
+) -> Result:
+    """Run a chain on every image of a generation; each image keeps its own seed and infotext."""
+    images, infotexts = [], []
+    for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        request = result.request
+        if request is not None and dataclasses.is_dataclass(request):
+            request = dataclasses.replace(request, seed=seed, batch_size=1)
+        output = run_postprocessors(image, steps, pipeline, host=host, request=request)
+        images.append(output.image)
+        infotexts.append(merge_infotext(result.infotexts[index], output.infotext))
+    return dataclasses.replace(result, images=images, infotexts=infotexts)

@@ -71,6 +71,7 @@ class Registry:
     samplers: Catalogue[Any] = field(default_factory=lambda: Catalogue("sampler"))
     adapters: Catalogue[Any] = field(default_factory=lambda: Catalogue("adapter"))
     postprocessors: Catalogue[Any] = field(default_factory=lambda: Catalogue("post-processor"))
+    preprocessors: Catalogue[Any] = field(default_factory=lambda: Catalogue("preprocessor"))
     runtimes: Catalogue[Any] = field(default_factory=lambda: Catalogue("runtime"))
 
     def registrar(self, catalogue: Catalogue[Any], owner: str, expected: type | None) -> Callable[[Any], None]:

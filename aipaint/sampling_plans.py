@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +75,12 @@ class SamplingPlan:
         raise NotImplementedError
 
     def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+        """``clean`` latents noised to the level a run starting at step ``start`` begins at (img2img)."""
+        raise NotImplementedError
+
+    def noised_after(self, clean: torch.Tensor, noise: torch.Tensor, start: int, done: int) -> torch.Tensor:
+        """``clean`` noised to the level the loop's latents have after ``done`` callbacks of a
+        run that started at ``start``; ``clean`` itself once the run is over (inpaint blending)."""
         raise NotImplementedError
 
     def run(
@@ -95,6 +102,9 @@ class SchedulerPlan(SamplingPlan):
         options.update(SCHEDULES[schedule])
         self.scheduler = _make_scheduler(spec.scheduler_class, scheduler_config, options, seeds)
         self.scheduler.set_timesteps(steps, device=device)
+        # add_noise of index-based schedulers reads the step index the loop advances; a copy
+        # that never steps maps each timestep to its own noise level, whenever it is asked.
+        self._noiser = copy.deepcopy(self.scheduler)
         self.steps = steps
         self.order = getattr(self.scheduler, "order", 1)
         self.total_steps = steps
@@ -107,9 +117,15 @@ class SchedulerPlan(SamplingPlan):
         return noise * self.scheduler.init_noise_sigma
 
     def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
-        timesteps = self.scheduler.timesteps[start * self.order :]
-        t = timesteps[:1].repeat(clean.shape[0])
-        return self.scheduler.add_noise(clean, noise, t)
+        return self.noised_after(clean, noise, start, 0)
+
+    def noised_after(self, clean: torch.Tensor, noise: torch.Tensor, start: int, done: int) -> torch.Tensor:
+        timesteps = self._noiser.timesteps
+        index = start * self.order + done
+        if index >= len(timesteps):
+            return clean
+        t = timesteps[index : index + 1].repeat(clean.shape[0])
+        return self._noiser.add_noise(clean, noise.to(clean), t.to(clean.device))
 
     def run(self, model_fn, latents, generators, start=0, callback=None):
         scheduler = self.scheduler
@@ -158,7 +174,11 @@ class FunctionPlan(SamplingPlan):
         return noise * self.sigmas[0]
 
     def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
-        return clean + noise * self.sigmas[start]
+        return self.noised_after(clean, noise, start, 0)
+
+    def noised_after(self, clean: torch.Tensor, noise: torch.Tensor, start: int, done: int) -> torch.Tensor:
+        sigma = self.sigmas[min(start + done, len(self.sigmas) - 1)]  # the last sigma is 0: clean
+        return clean + noise.to(clean) * sigma.to(clean)
 
     def run(self, model_fn, latents, generators, start=0, callback=None):
         sigmas = self.sigmas[start:].to(latents.device)

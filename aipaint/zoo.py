@@ -118,8 +118,9 @@ def _verify(path: Path, sha256: str | None) -> None:
 
 
 def _offline_message(what: str, exc: Exception) -> str:
+    detail = " ".join(str(exc).split())  # one line, for the CLI
     return (
-        f"could not download {what} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+        f"could not download {what} from the Hugging Face Hub ({type(exc).__name__}: {detail}). "
         "This machine may be offline: download the files on a connected machine "
         "(e.g. `huggingface-cli download …`) and pass the local file or folder to aipaint instead"
     )
@@ -157,7 +158,9 @@ def download_from_hub(repo: str, filename: str | None = None, card: ModelCard | 
             _verify(path, expected)
             return path
         # Configs, tokenizers and the full-precision safetensors weights of each component.
-        patterns = ["*.json", "*.txt", "*.model", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+        patterns = ["*.json", "*.txt", "*.model", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
+                    # big components (IF's T5-XXL) are published as shards with an index
+                    "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model-*-of-*.safetensors"]
         return Path(huggingface_hub.snapshot_download(repo, allow_patterns=patterns))
     except DownloadError:
         raise

@@ -79,7 +79,13 @@ def tokenize_chunks(
     bos, eos, pad, comma = _special_ids(tokenizer)
     segments = parse_attention_segments(text)
     pieces = [piece for segment in segments for piece in segment]
-    ids = tokenizer([p.text for p in pieces], add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if pieces else []
+    ids = (
+        tokenizer([p.text for p in pieces], add_special_tokens=False, truncation=False, verbose=False)[
+            "input_ids"
+        ]
+        if pieces
+        else []
+    )
     piece_ids = iter(ids)
 
     chunks: list[Chunk] = []
@@ -90,7 +96,9 @@ def tokenize_chunks(
     def close_chunk() -> None:
         nonlocal tokens, weights, last_comma
         padding = chunk_length - len(tokens)
-        chunks.append(Chunk([bos, *tokens, eos] + [pad] * padding, [1.0, *weights, 1.0] + [1.0] * padding, len(tokens)))
+        chunks.append(
+            Chunk([bos, *tokens, eos] + [pad] * padding, [1.0, *weights, 1.0] + [1.0] * padding, len(tokens))
+        )
         tokens, weights, last_comma = [], [], -1
 
     for index, segment in enumerate(segments):
@@ -126,22 +134,54 @@ class PromptEncoder:
     ``tokenizer`` is a CLIP tokenizer and ``text_encoder`` a transformers CLIP text model
     (``CLIPTextModel`` or ``CLIPTextModelWithProjection``). Gradients follow the caller's
     context: wrap calls in ``torch.inference_mode()`` for generation.
+
+    ``layer_offset`` and ``final_layer_norm`` choose the layer a family reads natively:
+    SD1.x reads the last layer (0, True); SDXL reads the penultimate hidden state without
+    the final layer norm (1, False). ``clip_skip`` then skips further layers from there.
     """
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, *, clip_skip: int = 1, normalization: str = "a1111") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        *,
+        clip_skip: int = 1,
+        normalization: str = "a1111",
+        layer_offset: int = 0,
+        final_layer_norm: bool = True,
+    ) -> None:
         if normalization not in NORMALIZATIONS:
             raise InvalidParameter(
-                "normalization", normalization, "one of " + ", ".join(repr(n) for n in NORMALIZATIONS),
+                "normalization",
+                normalization,
+                "one of " + ", ".join(repr(n) for n in NORMALIZATIONS),
                 "'a1111' restores the mean after weighting; 'none' only multiplies",
             )
         layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1 or (layers and clip_skip > layers):
-            allowed = f"a whole number from 1 to {layers}" if layers else "a whole number of at least 1"
-            raise InvalidParameter("clip_skip", clip_skip, allowed, "1 uses the last layer, 2 the one before it (A1111 numbering)")
+        # Families that read an earlier layer natively (SDXL: the penultimate one, without the final
+        # layer norm) pass layer_offset / final_layer_norm; clip_skip still counts from there.
+        if isinstance(layer_offset, bool) or not isinstance(layer_offset, int) or layer_offset < 0:
+            raise InvalidParameter("layer_offset", layer_offset, "a whole number of at least 0")
+        deepest = layers - layer_offset if layers else None
+        if (
+            isinstance(clip_skip, bool)
+            or not isinstance(clip_skip, int)
+            or clip_skip < 1
+            or (deepest and clip_skip > deepest)
+        ):
+            allowed = f"a whole number from 1 to {deepest}" if deepest else "a whole number of at least 1"
+            raise InvalidParameter(
+                "clip_skip",
+                clip_skip,
+                allowed,
+                "1 uses the last layer, 2 the one before it (A1111 numbering)",
+            )
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.clip_skip = clip_skip
         self.normalization = normalization
+        self.layer_offset = layer_offset
+        self.final_layer_norm = final_layer_norm
         self.chunk_length = 75
 
     def chunks(self, text: str) -> list[Chunk]:
@@ -178,19 +218,31 @@ class PromptEncoder:
             device = next(self.text_encoder.parameters()).device
         return device
 
+    def _final_layer_norm(self) -> Any:
+        # transformers 5's CLIPTextModel holds it directly; CLIPTextModelWithProjection (and
+        # transformers 4's CLIPTextModel) under .text_model. diffusers 0.42 only knows the latter.
+        norm = getattr(self.text_encoder, "final_layer_norm", None)
+        return norm if norm is not None else self.text_encoder.text_model.final_layer_norm
+
     def _encode_chunks(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         outputs, pooled = [], None
         for chunk in chunks:
             ids = torch.tensor([chunk.tokens], dtype=torch.long, device=self._device())
-            out = self.text_encoder(ids, output_hidden_states=self.clip_skip > 1)
-            if self.clip_skip > 1:
-                z = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
-            else:
+            depth = self.clip_skip + self.layer_offset  # 1 = the last layer
+            plain_last = depth == 1 and self.final_layer_norm
+            out = self.text_encoder(ids, output_hidden_states=not plain_last)
+            if plain_last:
                 z = out.last_hidden_state
+            else:
+                z = out.hidden_states[-depth]
+                if self.final_layer_norm:
+                    z = self._final_layer_norm()(z)
             if pooled is None:
-                pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+                pooled = (
+                    out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+                )
             outputs.append(self._weighted(z, chunk.weights))
         return torch.cat(outputs, dim=1), pooled
 

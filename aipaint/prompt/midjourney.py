@@ -118,7 +118,9 @@ def _multi_prompt(body: str) -> str:
         return ""
     if total <= 0 or not math.isfinite(total):
         raise InvalidParameter(
-            "prompt", body, "the ::weights of a multi-prompt must add up to a positive number",
+            "prompt",
+            body,
+            "the ::weights of a multi-prompt must add up to a positive number",
             "to push a concept away use --no, or a small negative weight beside larger positive ones",
         )
     if len(pairs) == 1:
@@ -150,7 +152,9 @@ def parse_midjourney(text: str, base_size: int = 512) -> MidjourneyPrompt:
         option = f"--{name}"
         if name == "no":
             if not value:
-                raise InvalidParameter(option, value, "a list of things to leave out, e.g. --no text, watermark")
+                raise InvalidParameter(
+                    option, value, "a list of things to leave out, e.g. --no text, watermark"
+                )
             negatives.append(value)
             continue
         if name in ("ar", "aspect", "seed", "steps"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from aipaint.prompt.parser import ParsedPrompt, parse_attention_segments
 
@@ -52,11 +52,10 @@ class _Group:
     nodes: tuple[_Node, ...]
 
 
-_Node = Union[str, _Edit, _Alternate, _Group]
+_Node = str | _Edit | _Alternate | _Group
 
 # lark's SIGNED_NUMBER, then the closing bracket of an edit.
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*\]")
-_MAX_DEPTH = 100  # deeper bracket nesting is not read as syntax (the whole prompt stays plain)
 
 
 class _Unparseable(Exception):
@@ -64,11 +63,11 @@ class _Unparseable(Exception):
 
 
 class _Reader:
-    """Recursive descent over A1111's lark grammar.
+    """A reader for the language of A1111's lark grammar, choosing bracket constructs over
+    literal brackets where both parse (as lark resolves it).
 
     A bracket construct's extent depends only on where it starts (inside brackets there is
-    no stray bracket), so constructs are memoised by position and the parse is linear.
-    At the top level a bracket that opens no valid construct is a literal character, as
+    no stray bracket), so constructs are computed once per position. At the top level a bracket that opens no valid construct is a literal character, as
     in the grammar's ``/[][():]/+`` rule.
     """
 
@@ -77,11 +76,15 @@ class _Reader:
         self.constructs: dict[int, tuple[_Node, int] | None] = {}
 
     def top(self) -> tuple[_Node, ...]:
+        # Read every construct from right to left: each one only looks at constructs that
+        # start after it, so they are already known and deep nesting needs no recursion.
+        for start in reversed(self._bracket_positions()):
+            self.constructs[start] = self._construct(start)
         text, items, plain, i = self.text, [], [], 0
         while i < len(text):
             char = text[i]
             if char in "([":
-                found = self.construct(i, 0)
+                found = self.constructs[i]
                 if found is not None:
                     self._flush(plain, items)
                     items.append(found[0])
@@ -97,6 +100,18 @@ class _Reader:
         self._flush(plain, items)
         return tuple(items)
 
+    def _bracket_positions(self) -> list[int]:
+        """Where an unescaped ``(`` or ``[`` stands (a backslash escapes the next character)."""
+        positions, i = [], 0
+        while i < len(self.text):
+            if self.text[i] == "\\":
+                i += 2
+                continue
+            if self.text[i] in "([":
+                positions.append(i)
+            i += 1
+        return positions
+
     def _escape(self, i: int, plain: list[str]) -> int:
         if i + 1 >= len(self.text) or self.text[i + 1] == "\n":
             raise _Unparseable
@@ -109,13 +124,13 @@ class _Reader:
             items.append("".join(plain))
             plain.clear()
 
-    def inner(self, i: int, depth: int) -> tuple[tuple[_Node, ...], int] | None:
+    def inner(self, i: int) -> tuple[tuple[_Node, ...], int] | None:
         """A ``prompt`` inside brackets: runs to the first ``)]:|`` or the end of the text."""
         text, items, plain = self.text, [], []
         while i < len(text):
             char = text[i]
             if char in "([":
-                found = self.construct(i, depth + 1)
+                found = self.constructs[i]
                 if found is None:
                     return None
                 self._flush(plain, items)
@@ -134,18 +149,11 @@ class _Reader:
         self._flush(plain, items)
         return tuple(items), i
 
-    def construct(self, i: int, depth: int) -> tuple[_Node, int] | None:
-        if i not in self.constructs:
-            if depth > _MAX_DEPTH:
-                raise _Unparseable
-            self.constructs[i] = self._construct(i, depth)
-        return self.constructs[i]
-
     def _at(self, i: int) -> str:
         return self.text[i] if i < len(self.text) else ""
 
-    def _construct(self, i: int, depth: int) -> tuple[_Node, int] | None:
-        first = self.inner(i + 1, depth)
+    def _construct(self, i: int) -> tuple[_Node, int] | None:
+        first = self.inner(i + 1)
         if first is None:
             return None
         body, k = first
@@ -154,7 +162,7 @@ class _Reader:
             if closer == ")":
                 return _Group(("(",) + body + (")",)), k + 1
             if closer == ":":
-                second = self.inner(k + 1, depth)
+                second = self.inner(k + 1)
                 if second is not None and self._at(second[1]) == ")":
                     return _Group(("(",) + body + (":",) + second[0] + (")",)), second[1] + 1
             return None
@@ -163,7 +171,7 @@ class _Reader:
         if closer == "|":
             options = [body]
             while True:
-                option = self.inner(k + 1, depth)
+                option = self.inner(k + 1)
                 if option is None:
                     return None
                 options.append(option[0])
@@ -176,7 +184,7 @@ class _Reader:
             when = _RE_WHEN.match(self.text, k + 1)
             if when:  # [to:when]
                 return _Edit((), body, float(when.group(1))), when.end()
-            second = self.inner(k + 1, depth)
+            second = self.inner(k + 1)
             if second is not None and self._at(second[1]) == ":":
                 when = _RE_WHEN.match(self.text, second[1] + 1)
                 if when:  # [from:to:when]
@@ -202,42 +210,46 @@ def _when_step(when: float, steps: int) -> int:
     return max(int(value), -1)  # anything below 0 acts the same; -1 also absorbs -inf
 
 
-def _boundaries(nodes: tuple[_Node, ...], steps: int, out: set[int]) -> None:
-    for node in nodes:
+def _boundary(nodes: tuple[_Node, ...], step: int, steps: int) -> int:
+    """The first of A1111's boundary steps at or after ``step`` (``steps`` itself is always one)."""
+    best, pending = steps, list(nodes)
+    while pending:  # a loop, not recursion: nesting depth is up to the user
+        node = pending.pop()
         if isinstance(node, _Edit):
-            out.add(_when_step(node.when, steps))
-            _boundaries(node.before, steps, out)
-            _boundaries(node.after, steps, out)
+            when = _when_step(node.when, steps)
+            if when >= step:
+                best = min(best, when)
+            pending.extend(node.before + node.after)
         elif isinstance(node, _Alternate):
-            out.update(range(1, steps + 1))
+            best = min(best, max(step, 1))  # an alternation makes every step 1…steps a boundary
             for option in node.options:
-                _boundaries(option, steps, out)
+                pending.extend(option)
         elif isinstance(node, _Group):
-            _boundaries(node.nodes, steps, out)
+            pending.extend(node.nodes)
+    return best
 
 
-def _render(nodes: tuple[_Node, ...], boundary: int, steps: int, out: list[str]) -> None:
-    for node in nodes:
+def _render(nodes: tuple[_Node, ...], boundary: int, steps: int) -> str:
+    out: list[str] = []
+    pending = list(reversed(nodes))
+    while pending:
+        node = pending.pop()
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Edit):
-            _render(node.before if boundary <= _when_step(node.when, steps) else node.after, boundary, steps, out)
+            pending.extend(reversed(node.before if boundary <= _when_step(node.when, steps) else node.after))
         elif isinstance(node, _Alternate):
-            _render(node.options[(boundary - 1) % len(node.options)], boundary, steps, out)
+            pending.extend(reversed(node.options[(boundary - 1) % len(node.options)]))
         else:
-            _render(node.nodes, boundary, steps, out)
+            pending.extend(reversed(node.nodes))
+    return "".join(out)
 
 
 def _text_at_step(text: str, step: int, steps: int) -> str:
     tree = _schedule_tree(text)
     if tree is None:
         return text
-    bounds = {steps}
-    _boundaries(tree, steps, bounds)
-    boundary = min(b for b in bounds if b >= step)
-    out: list[str] = []
-    _render(tree, boundary, steps, out)
-    return "".join(out)
+    return _render(tree, _boundary(tree, step, steps), steps)
 
 
 def prompt_at_step(parsed: ParsedPrompt, step: int, steps: int) -> StepPrompt:
@@ -270,42 +282,52 @@ def _format_weight(weight: float) -> str:
     return f"{weight:.4g}"
 
 
+def _format_steps(steps: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def describe(parsed: ParsedPrompt, tokenizer: Tokenizer | Any | None = None, steps: int = 20) -> str:
-    """A human-readable explanation of a parsed prompt: LoRAs, sub-prompts, what is in force
-    at which steps, emphasis weights and, given a tokenizer, tokens used per 75-token chunk."""
+    """A human-readable explanation of a parsed prompt: LoRAs and other tags, sub-prompts and
+    their weights, which text is in force at which steps, emphasis weights and, given a
+    tokenizer, the prompt tokens used in each 75-token chunk."""
+    steps = max(int(steps), 1)
     lines = [f"Prompt: {parsed.source!r}"]
     for lora in parsed.loras:
         lines.append(
-            f"{lora.kind.upper() if lora.kind == 'lyco' else 'LoRA'} {lora.name!r}: "
-            f"UNet weight {_format_weight(lora.unet_weight)}, text-encoder weight {_format_weight(lora.text_encoder_weight)}"
+            f"{'LyCORIS' if lora.kind == 'lyco' else 'LoRA'} {lora.name!r}: UNet weight {_format_weight(lora.unet_weight)}, "
+            f"text-encoder weight {_format_weight(lora.text_encoder_weight)}"
         )
     for network in parsed.extra_networks:
-        lines.append(f"Extra network <{network.kind}:{':'.join(network.args)}> (needs a plugin that handles {network.kind!r})")
+        lines.append(
+            f"Tag <{network.kind}:{':'.join(network.args)}>: needs a plugin that handles {network.kind!r} tags"
+        )
     for warning in parsed.warnings:
         lines.append(f"Warning: {warning}")
 
-    schedule = distinct_schedule(parsed, steps)
-    multi = len(parsed.subprompts) > 1
+    per_step = [prompt_at_step(parsed, step, steps) for step in range(steps)]
     for index, sub in enumerate(parsed.subprompts):
-        if multi:
-            lines.append(f"Sub-prompt {index + 1} (AND weight {_format_weight(sub.weight)}):")
-        elif sub.weight != 1.0:
-            lines.append(f"Guidance weight {_format_weight(sub.weight)}:")
-        changes = [(start, pairs[index][0]) for start, pairs in schedule]
-        changes = [c for i, c in enumerate(changes) if i == 0 or c[1] != changes[i - 1][1]]
-        for n, (start, text) in enumerate(changes):
-            end = changes[n + 1][0] - 1 if n + 1 < len(changes) else steps - 1
-            indent = "  " if multi or sub.weight != 1.0 else ""
-            when = f"steps {start}-{end} of {steps}" if len(changes) > 1 else "all steps"
-            lines.append(f"{indent}{when}: {text!r}")
-            segments = parse_attention_segments(text)
-            for s, segment in enumerate(segments):
-                prefix = f"{indent}  " + ("BREAK → " if s else "")
-                pieces = " | ".join(f"{piece.text!r} ×{_format_weight(piece.weight)}" for piece in segment)
-                lines.append(prefix + (pieces or "(empty)"))
+        lines.append(
+            f"Sub-prompt {index + 1} of {len(parsed.subprompts)}, guidance weight {_format_weight(sub.weight)}:"
+        )
+        texts: dict[str, list[int]] = {}
+        for step, pairs in enumerate(per_step):
+            texts.setdefault(pairs[index][0], []).append(step)
+        for text, in_force in texts.items():
+            when = "all steps" if len(texts) == 1 else f"steps {_format_steps(in_force)} of 0-{steps - 1}"
+            lines.append(f"  {when}: {text!r}")
+            for number, segment in enumerate(parse_attention_segments(text)):
+                pieces = " | ".join(f"{piece.text!r} x{_format_weight(piece.weight)}" for piece in segment)
+                lines.append("    " + ("BREAK, then " if number else "") + (pieces or "(empty)"))
             if tokenizer is not None:
                 from aipaint.prompt.encode import tokenize_chunks
 
                 counts = [chunk.length for chunk in tokenize_chunks(tokenizer, text)]
-                lines.append(f"{indent}  tokens per chunk: " + ", ".join(f"{c}/75" for c in counts))
+                lines.append("    tokens per chunk: " + ", ".join(f"{count}/75" for count in counts))
     return "\n".join(lines)

@@ -200,8 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, default=40000, help="training captions/latents")
     ap.add_argument("--vae-pool-extra", type=int, default=4000, help="extra held-out images (VAE only)")
-    ap.add_argument("--vae-steps", type=int, default=1600, help="VAE steps (capped by --vae-minutes)")
-    ap.add_argument("--vae-minutes", type=float, default=14.0, help="VAE wall-clock cap")
+    ap.add_argument("--vae-steps", type=int, default=1500, help="VAE steps (capped by --vae-minutes)")
+    ap.add_argument("--vae-minutes", type=float, default=24.0, help="VAE wall-clock cap (shared CPUs can be slow)")
     ap.add_argument("--minutes", type=float, default=38.0, help="UNet+text-encoder wall-clock budget")
     ap.add_argument("--steps", type=int, default=0, help="fixed UNet steps (overrides --minutes)")
     ap.add_argument("--batch", type=int, default=64)
@@ -378,7 +378,6 @@ def main(argv=None) -> int:
         # EMA weights into fresh copies of the modules
         te2 = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
         un2 = UNet2DConditionModel(**UNET_CONFIG)
-        n_u = len(list(unet.parameters()))
         with torch.no_grad():
             for p, e in zip(list(un2.parameters()) + list(te2.parameters()), ema):
                 p.copy_(e)

@@ -1,0 +1,117 @@
+"""Quality and speed of the embedded model (issue: the embedded default model).
+
+Prints, for a fixed set of (prompt, seed) pairs drawn from the shapes world:
+  * adherence at default settings (20 steps, CFG 7, the card's guidance rescale) on
+    training-distribution captions and on held-out colour x shape combinations;
+  * adherence for a CFG sweep (1, 3, 7, 12) and a steps sweep (5, 10, 20, 30);
+  * the time of one 20-step image in a warm process, and of a cold `aipaint generate`.
+
+Usage: python benchmarks/embedded_model.py [--n 200] [--sweep-n 100] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def captions(n: int, split: str, seed: int) -> list[str]:
+    from aipaint.world.scene import random_scene
+
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng, split).caption for _ in range(n)]
+
+
+def score(pipe, caps: list[str], seed: int, batch: int = 10, **params) -> dict:
+    from aipaint.world.evaluate import adherence, summarize
+
+    scores = []
+    for i in range(0, len(caps), batch):
+        chunk = caps[i : i + batch]
+        for j, cap in enumerate(chunk):
+            image = pipe.txt2img(cap, seed=seed + i + j, **params).image
+            scores.append(adherence(image, cap))
+    return summarize(scores)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="(prompt, seed) pairs at default settings")
+    ap.add_argument("--sweep-n", type=int, default=100, help="pairs per point of the CFG and steps sweeps")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the numbers here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    import aipaint
+
+    pipe = aipaint.load()
+    d = pipe.model.defaults
+    print(f"model: {pipe.model.name} ({pipe.model.model_hash}); defaults: {d.steps} steps, CFG {d.cfg_scale}, "
+          f"{d.sampler}, guidance rescale {d.guidance_rescale}, {d.width}x{d.height}")
+    out: dict = {"defaults": d.__dict__}
+
+    train_caps = captions(a.n, "train", seed=1000)
+    out["train"] = score(pipe, train_caps, seed=1000)
+    out["heldout_combo"] = score(pipe, captions(min(a.n, 100), "heldout_combo", seed=2000), seed=2000)
+    for key in ("train", "heldout_combo"):
+        r = out[key]
+        print(f"{key:>14}: n={r['n']} attributes present {r['score']:.1%}, all correct {r['all_correct']:.1%} "
+              f"(shape {r['shape_acc']:.1%}, colour {r['colour_acc']:.1%}, size {r['size_acc']:.1%}, "
+              f"position {r['position_acc']:.1%}, background {r['background_acc']:.1%})")
+
+    sweep_caps = train_caps[: a.sweep_n]
+    out["cfg_sweep"] = {}
+    print("CFG sweep (20 steps):", end="")
+    for cfg in (1, 3, 7, 12):
+        r = score(pipe, sweep_caps, seed=1000, cfg_scale=cfg)
+        out["cfg_sweep"][cfg] = r["score"]
+        print(f"  CFG {cfg}: {r['score']:.1%}", end="", flush=True)
+    print()
+    out["cfg_sweep_no_rescale"] = {}
+    print("CFG sweep, guidance rescale 0:", end="")
+    for cfg in (1, 3, 7, 12):
+        r = score(pipe, sweep_caps, seed=1000, cfg_scale=cfg, guidance_rescale=0.0)
+        out["cfg_sweep_no_rescale"][cfg] = r["score"]
+        print(f"  CFG {cfg}: {r['score']:.1%}", end="", flush=True)
+    print()
+    out["steps_sweep"] = {}
+    print("steps sweep (CFG 7):", end="")
+    for steps in (5, 10, 20, 30):
+        r = score(pipe, sweep_caps, seed=1000, steps=steps)
+        out["steps_sweep"][steps] = r["score"]
+        print(f"  {steps} steps: {r['score']:.1%}", end="", flush=True)
+    print()
+
+    pipe.txt2img(train_caps[0], seed=0)  # warm-up
+    times = []
+    for i in range(10):
+        started = time.perf_counter()
+        pipe.txt2img(train_caps[i], seed=i)
+        times.append(time.perf_counter() - started)
+    out["warm_seconds_per_image"] = float(np.median(times))
+    print(f"one {d.steps}-step image, warm process: median {np.median(times):.3f} s (min {min(times):.3f} s) "
+          f"with {a.threads} threads")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = [sys.executable, "-m", "aipaint", "generate", train_caps[0], "--seed", "1", "--no-progress", "-o", str(Path(tmp) / "x.png")]
+        started = time.perf_counter()
+        subprocess.run(cli, check=True, capture_output=True)
+        out["cold_cli_seconds"] = time.perf_counter() - started
+    print(f"`aipaint generate` from a cold start: {out['cold_cli_seconds']:.2f} s")
+
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Line-art colouring: paint a line drawing and keep its lines.
+
+Post-processor ``lineart`` (needs a model); command ``aipaint lineart``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aipaint import hookimpl
+from aipaint.postprocess import PostProcessorSpec
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from aipaint.pipeline import Pipeline
+
+LINEART_OPTIONS = ("denoising_strength", "controlnet", "paper",
+                   "prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip")
+
+
+def _run_lineart(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
+    from aipaint_plugins.lineart.colour import run_lineart
+
+    return run_lineart(image, options, pipe)
+
+
+@hookimpl
+def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> None:
+    register(PostProcessorSpec("lineart", _run_lineart, ("line-art", "colourise", "colorize"),
+                               "colour a line drawing, keeping its lines", True, LINEART_OPTIONS))
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint.cli import _add_model_options
+
+    p = subparsers.add_parser("lineart", help="colour a line drawing while keeping its lines")
+    p.add_argument("image", help="the line drawing (dark lines on light paper)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-n", "--negative-prompt", default="")
+    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-coloured.png)")
+    p.add_argument("--denoising-strength", type=float, default=0.8)
+    p.add_argument("--controlnet", default="auto",
+                   help="lineart ControlNet: auto (an installed one with 'lineart' in its name, else img2img), none, or a name")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_lineart)
+
+
+def _cmd_lineart(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aipaint_plugins.lineart.colour import colour_lineart
+    from aipaint_plugins.upscale.common import open_image
+
+    from aipaint.cli import _load
+    from aipaint.postprocess import merge_infotext
+    from aipaint.result import save_png
+
+    params = {k: getattr(args, k) for k in ("seed", "steps") if getattr(args, k) is not None}
+    images, info, result = colour_lineart(_load(args), open_image(args.image), args.prompt, args.negative_prompt,
+                                          denoising_strength=args.denoising_strength, controlnet=args.controlnet, **params)
+    out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-coloured.png"))
+    print(save_png(images[0], out_path, merge_infotext(result.infotexts[0], info)))
+    return 0

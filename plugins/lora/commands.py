@@ -1,0 +1,104 @@
+"""``aipaint train lora`` and ``aipaint lora list``. Heavy imports stay inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def _subcommands(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
+    """The sub-command group ``name`` (``train``), shared with other plugins that add to it."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help_text)
+        parser.set_defaults(func=lambda args, p=parser: (p.print_help(), 0)[1])
+        return parser.add_subparsers(dest=f"{name}_command", metavar="KIND")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest=f"{name}_command", metavar="KIND")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    train = _subcommands(subparsers, "train", "train adapters (LoRA, …) on your images")
+    p = train.add_parser(
+        "lora",
+        help="train a LoRA from a folder of images and same-name .txt captions",
+        description="Train a LoRA with peft on the UNet attention projections (optionally the text encoder) "
+        "and save it in the kohya/A1111 key format.",
+    )
+    p.add_argument("data_dir", help="folder of images (png/jpg/webp) with same-name .txt captions")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("-m", "--model", help="base model (default: the embedded shapes-tiny)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", "--learning-rate", type=float, default=1e-4, dest="learning_rate")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--resolution", type=int, help="training size in pixels (default: the model's default size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-text-encoder", action="store_true", help="also train LoRA layers on the text encoder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_train_lora)
+
+    group = _subcommands(subparsers, "lora", "LoRA files: list the LoRA folder")
+    p = group.add_parser("list", help="list LoRAs in the LoRA folder")
+    p.add_argument("--dir", help="LoRA folder (default: $AIPAINT_LORA_DIR or $AIPAINT_HOME/loras)")
+    p.add_argument("--hashes", action="store_true", help="also print the A1111 short hash (reads every file)")
+    p.set_defaults(func=cmd_lora_list)
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    import torch
+    from aipaint_plugins.lora.train import train_lora
+
+    import aipaint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = aipaint.load(args.model, device=args.device)
+    report = train_lora(
+        pipe,
+        args.data_dir,
+        args.output,
+        rank=args.rank,
+        alpha=args.alpha,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        seed=args.seed,
+        train_text_encoder=args.train_text_encoder,
+        show_progress=True,
+    )
+    print(report.output)
+    print(
+        f"{report.steps} steps on {report.images} images in {report.seconds:.0f} s; "
+        f"loss {report.first_loss:.4f} -> {report.final_loss:.4f}; {report.modules} modules, rank {report.rank}, "
+        f"alpha {report.alpha:g}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_lora_list(args: argparse.Namespace) -> int:
+    from aipaint_plugins.lora.api import lora_folder
+    from aipaint_plugins.lora.library import short_hash
+
+    folder = lora_folder(args.dir, allow_pickle=True)
+    files = folder.files()
+    if not files:
+        print(f"no LoRAs in {folder.root}")
+        return 0
+    rows: list[tuple[Any, ...]] = []
+    for file in files:
+        size = file.path.stat().st_size / 2**20
+        note = "  (pickle: needs allow_pickle)" if file.is_pickle else ""
+        digest = f"{short_hash(file.path)}  " if args.hashes else ""
+        rows.append((file.name, digest, size, note))
+    width = max(len(r[0]) for r in rows)
+    for name, digest, size, note in rows:
+        print(f"{name:<{width}}  {digest}{size:8.1f} MiB{note}")
+    return 0

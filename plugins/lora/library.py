@@ -1,0 +1,205 @@
+"""Folders of named weight files (LoRAs, embeddings), and the only way a name becomes a path.
+
+Names come from prompts, and prompts come from users, sometimes over a network. So a
+name resolves strictly inside its folder: absolute paths, drive letters, ``..`` and
+symbolic links that lead out of the folder are refused with :class:`NameOutsideFolder`
+*before* anything is opened. safetensors files are preferred; pickle-based files
+(``.pt``, ``.ckpt``, ``.bin``) are considered only when the caller opts in, and are then read
+by :func:`aipaint.loading.load_state_dict` with ``torch.load(weights_only=True)``.
+
+Textual inversion uses this module too (``aipaint_plugins.textual_inversion``); it is generic
+on purpose and a candidate for the core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from aipaint.errors import InvalidParameter, UnknownName, UnsafeFileError
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+
+
+class NameOutsideFolder(InvalidParameter):
+    """A name that would resolve outside its folder (absolute path, ``..``, an escaping symlink)."""
+
+    def __init__(self, kind: str, name: str, folder: Path, why: str) -> None:
+        super().__init__(
+            kind, name, f"must be a name inside {folder} ({why})",
+            "use the file's name without a folder or extension, e.g. <lora:my_style:0.8>",
+        )
+
+
+def aipaint_home() -> Path:
+    """``$AIPAINT_HOME``, by default ``~/.aipaint``: where user-installed LoRAs and embeddings live."""
+    return Path(os.environ.get("AIPAINT_HOME") or Path.home() / ".aipaint").expanduser()
+
+
+def default_folder(env_var: str, subfolder: str) -> Path:
+    """``$<env_var>`` if set, else ``$AIPAINT_HOME/<subfolder>``."""
+    value = os.environ.get(env_var)
+    return Path(value).expanduser() if value else aipaint_home() / subfolder
+
+
+@dataclass(frozen=True)
+class NamedFile:
+    """A file found in a folder: its name (relative path without suffix, ``/``-separated) and path."""
+
+    name: str
+    path: Path
+
+    @property
+    def is_pickle(self) -> bool:
+        return self.path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_name(kind: str, name: str, folder: Path) -> PurePosixPath:
+    """Reject names that could address anything outside the folder; return the relative path."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidParameter(kind, name, "must be a non-empty name")
+    if "\x00" in name:
+        raise NameOutsideFolder(kind, name, folder, "it contains a NUL character")
+    windows = PureWindowsPath(name)
+    if name.startswith(("/", "\\")) or windows.drive or windows.root or Path(name).is_absolute():
+        raise NameOutsideFolder(kind, name, folder, "absolute paths are not allowed")
+    parts = name.replace("\\", "/").split("/")
+    if any(part in ("..", ".") for part in parts):
+        raise NameOutsideFolder(kind, name, folder, "'..' and '.' are not allowed")
+    if any(part == "" for part in parts):
+        raise InvalidParameter(kind, name, "must not contain empty path parts")
+    return PurePosixPath(*parts)
+
+
+class ModelFolder:
+    """A folder of weight files addressed by name (e.g. the LoRA folder).
+
+    ``resolve("style/ink")`` finds ``<root>/style/ink.safetensors``; a bare name such as
+    ``"ink"`` is also looked up by file stem anywhere below the root, as A1111 does with
+    its sub-folders. Every candidate's real path (symlinks resolved) must lie inside the
+    root's real path.
+    """
+
+    def __init__(self, root: Path | str, kind: str, *, allow_pickle: bool = False) -> None:
+        self.root = Path(root).expanduser()
+        self.kind = kind
+        self.allow_pickle = allow_pickle
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return SAFE_SUFFIXES + (PICKLE_SUFFIXES if self.allow_pickle else ())
+
+    def _real_root(self) -> Path:
+        return self.root.resolve()
+
+    def _contained(self, path: Path) -> bool:
+        return _is_inside(path.resolve(), self._real_root())
+
+    def files(self) -> list[NamedFile]:
+        """Every usable file below the root (symlinks that lead outside are skipped), safetensors first."""
+        if not self.root.is_dir():
+            return []
+        found: dict[str, NamedFile] = {}
+        all_suffixes = SAFE_SUFFIXES + PICKLE_SUFFIXES
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                path = Path(dirpath) / filename
+                suffix = path.suffix.lower()
+                if suffix not in all_suffixes or not path.is_file() or not self._contained(path):
+                    continue
+                name = path.relative_to(self.root).with_suffix("").as_posix()
+                previous = found.get(name)
+                # For one name, a safetensors file wins over a pickle; among pickles the first one found.
+                if previous is None or (previous.is_pickle and suffix in SAFE_SUFFIXES):
+                    found[name] = NamedFile(name, path)
+        return sorted(found.values(), key=lambda f: f.name.lower())
+
+    def names(self) -> list[str]:
+        return [f.name for f in self.files()]
+
+    def resolve(self, name: str) -> NamedFile:
+        """The file a name refers to. Raises :class:`NameOutsideFolder`, :class:`UnsafeFileError` or
+        :class:`aipaint.errors.UnknownName`."""
+        relative = _check_name(self.kind, name, self.root)
+        base = self.root / relative
+        stem_candidates: list[Path] = []
+        if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+            stem_candidates.append(base)
+        else:
+            stem_candidates.extend(base.with_name(base.name + s) for s in self.suffixes)
+        pickle_seen: Path | None = None
+        for candidate in stem_candidates:
+            if not candidate.is_file():
+                continue
+            if not self._contained(candidate):
+                raise NameOutsideFolder(self.kind, name, self.root, "it is a link to a file outside the folder")
+            if candidate.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
+                pickle_seen = candidate
+                continue
+            return NamedFile(relative.with_suffix("").as_posix() if candidate == base else relative.as_posix(), candidate)
+        if len(relative.parts) == 1:
+            matches = [f for f in self.files() if PurePosixPath(f.name).name == relative.name]
+            usable = [f for f in matches if self.allow_pickle or not f.is_pickle]
+            if len(usable) == 1:
+                return usable[0]
+            if len(usable) > 1:
+                raise InvalidParameter(
+                    self.kind, name, "is ambiguous: " + ", ".join(f.name for f in usable),
+                    "write the sub-folder too, e.g. " + usable[0].name,
+                )
+            if matches:
+                pickle_seen = matches[0].path
+        if pickle_seen is not None:
+            raise UnsafeFileError(
+                f"{self.kind} {name!r} is only available as {pickle_seen.name}, a Python pickle that can run "
+                "arbitrary code when loaded; convert it to .safetensors, or opt in with allow_pickle=True "
+                "(it is then read with torch.load(weights_only=True))"
+            )
+        available = self.names()
+        if not available:
+            raise InvalidParameter(
+                self.kind, name, f"was not found: the folder {self.root} holds no {self.kind} files",
+                "put .safetensors files there or point the folder elsewhere",
+            )
+        raise UnknownName(self.kind, name, available[:50])
+
+
+_HASHES: dict[tuple[str, int, int, bool], str] = {}
+
+
+def short_hash(path: Path, *, addnet: bool = True) -> str:
+    """The 12-hex-digit hash A1111 writes in "Lora hashes" (``addnet=True``) and "TI hashes" (False).
+
+    For LoRA safetensors files A1111 uses the "addnet" hash (sha256 of everything after the
+    header, so editing metadata does not change it); otherwise the sha256 of the whole file.
+    Remembered per (path, size, mtime) for the life of the process.
+    """
+    stat = path.stat()
+    skip_header = addnet and path.suffix.lower() == ".safetensors"
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, skip_header)
+    if key not in _HASHES:
+        _HASHES[key] = _sha256(path, skip_header)[:12]
+    return _HASHES[key]
+
+
+def _sha256(path: Path, skip_header: bool) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_header:
+            header_length = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header_length)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,510 @@
+"""Export a loaded model's networks to ONNX, with a manifest, atomically.
+
+Each network is traced once with torch's legacy (TorchScript-based) exporter at opset
+17 with dynamic batch, height, width and text length, then saved as ``model.onnx`` plus
+one external weights file (ONNX protobufs stop at 2 GB; SD1.5's UNet is 3.4 GB in fp32).
+
+* The UNet wrapper takes ``(sample, timestep, encoder_hidden_states, [extras…],
+  [down_residual_0…, mid_residual])``: the extras are family conditioning such as SDXL's
+  ``text_embeds``/``time_ids``; the residuals are ControlNet's, so a ControlNet running
+  anywhere can steer the exported UNet (the runtime feeds zeros when none is active).
+  It is traced at a latent size that is *not* a multiple of the UNet's down-sampling
+  factor, which makes diffusers pass explicit up-sampling sizes; the graph therefore
+  works at every latent size, not just multiples of 8.
+* The text encoder exports its last hidden state, its pooled output and every hidden
+  state (stacked), so A1111's clip skip works unchanged.
+* The VAE encoder exports the posterior's moments (mean and log-variance), from which
+  the runtime rebuilds diffusers' ``DiagonalGaussianDistribution``.
+* LoRA is fused at export: the named LoRAs are activated through the installed LoRA
+  adapter (exactly as a generation would) while tracing, and recorded in the manifest.
+
+The folder is written under a temporary name beside ``out_dir`` and renamed into place
+only once complete, so an interrupted export never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aipaint_plugins.onnx_runtime.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    file_record,
+    model_identity,
+    read_manifest,
+)
+
+from aipaint import __version__
+from aipaint.errors import AipaintError, InvalidParameter, UnsupportedFeature
+
+if TYPE_CHECKING:
+    import torch
+
+    from aipaint.model import LatentDiffusionModel
+    from aipaint.plugins import PluginHost
+
+OPSET = 17
+TRACE_BATCH = 2
+EXPORTABLE = ("unet", "text_encoder", "vae_decoder", "vae_encoder")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to fuse at export: ``name:weight`` on the command line."""
+
+    name: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        name, _, weight = text.partition(":")
+        if not name.strip():
+            raise InvalidParameter("lora", text, "NAME or NAME:WEIGHT, e.g. detail:0.8")
+        try:
+            return cls(name.strip(), float(weight) if weight else 1.0)
+        except ValueError as exc:
+            raise InvalidParameter("lora", text, "NAME or NAME:WEIGHT with a numeric weight") from exc
+
+    def prompt_tag(self) -> str:
+        return f"<lora:{self.name}:{self.weight:g}>"
+
+
+# --- wrappers: the signatures the exported graphs have -------------------------------------
+
+
+def _wrappers() -> dict[str, type]:
+    import torch
+
+    class UNetForExport(torch.nn.Module):
+        def __init__(self, unet: torch.nn.Module, extras: Sequence[str], residuals: int) -> None:
+            super().__init__()
+            self.unet = unet
+            self.extras = tuple(extras)
+            self.residuals = residuals
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest: torch.Tensor):
+            extras = dict(zip(self.extras, rest[: len(self.extras)]))
+            kwargs: dict[str, Any] = {"added_cond_kwargs": extras} if extras else {}
+            if self.residuals:
+                residuals = rest[len(self.extras) :]
+                kwargs["down_block_additional_residuals"] = tuple(residuals[:-1])
+                kwargs["mid_block_additional_residual"] = residuals[-1]
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+    class TextEncoderForExport(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor):
+            out = self.encoder(input_ids, output_hidden_states=True)
+            pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+            return out.last_hidden_state, pooled, torch.stack(out.hidden_states)
+
+    class VaeDecoderForExport(torch.nn.Module):
+        def __init__(self, vae: torch.nn.Module) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent: torch.Tensor):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    class VaeEncoderForExport(torch.nn.Module):
+        def __init__(self, vae: torch.nn.Module) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, image: torch.Tensor):
+            return self.vae.encode(image, return_dict=False)[0].parameters
+
+    return {
+        "unet": UNetForExport,
+        "text_encoder": TextEncoderForExport,
+        "vae_decoder": VaeDecoderForExport,
+        "vae_encoder": VaeEncoderForExport,
+    }
+
+
+# --- the input/output description of each component -----------------------------------------
+
+
+def residual_layout(unet: torch.nn.Module) -> list[tuple[int, int]]:
+    """(channels, down-sampling level) of each ControlNet residual, the mid-block's last.
+
+    Mirrors the order in which diffusers' UNet collects skip connections: conv_in, then
+    each down block's layers, then its down-sampler.
+    """
+    channels = list(unet.config.block_out_channels)
+    layout = [(channels[0], 0)]
+    level = 0
+    for index, block in enumerate(unet.down_blocks):
+        layout.extend((channels[index], level) for _ in block.resnets)
+        if getattr(block, "downsamplers", None):
+            level += 1
+            layout.append((channels[index], level))
+    layout.append((channels[-1], level))
+    return layout
+
+
+def _scaled(symbol: str, level: int) -> str:
+    return symbol if level == 0 else f"{symbol}/{2 ** level}"
+
+
+def _io(name: str, dtype: str, shape: Sequence[int | str]) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+@dataclass
+class ComponentPlan:
+    """How one component is traced: the module, example inputs and the recorded I/O."""
+
+    name: str
+    module: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    precision: str
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            io["name"]: {axis: str(dim) for axis, dim in enumerate(io["shape"]) if isinstance(dim, str)}
+            for io in self.inputs + self.outputs
+        }
+
+
+def _trace_latent_size(unet: torch.nn.Module) -> int:
+    # Not a multiple of the total down-sampling factor: diffusers then forwards explicit
+    # up-sampling sizes, and the traced graph handles any latent size (see module doc).
+    return 2 ** len([b for b in unet.down_blocks if getattr(b, "downsamplers", None)]) * 2 + 1
+
+
+def _example_conditioning(model: LatentDiffusionModel) -> Any:
+    """A conditioning as the loop hands it to the UNet, extras included (SDXL adds time ids per request)."""
+    from aipaint.params import GenerationRequest
+
+    size = model.vae_scale_factor * 8
+    request = GenerationRequest(prompt="a", width=size, height=size)
+    return model.request_conditioning(model.encode_texts(["a"])[0], text="a", negative=False, request=request)
+
+
+def plan_components(
+    model: LatentDiffusionModel,
+    modules: dict[str, torch.nn.Module],
+    *,
+    components: Sequence[str],
+    precisions: dict[str, str],
+    controlnet_inputs: bool,
+) -> list[ComponentPlan]:
+    """Example inputs and symbolic I/O for each requested component (``modules`` may be fp16 copies)."""
+    import torch
+
+    wrappers = _wrappers()
+    device = model.device
+    latent = _trace_latent_size(modules["unet"])
+    factor = model.vae_scale_factor
+    plans: list[ComponentPlan] = []
+    cond = _example_conditioning(model)
+    dtype_name = {"fp32": "float32", "fp16": "float16"}
+
+    def tensor_dtype(component: str) -> torch.dtype:
+        return torch.float16 if precisions[component] == "fp16" else torch.float32
+
+    if "unet" in components:
+        unet = modules["unet"]
+        dt = tensor_dtype("unet")
+        hidden = cond.embeds.shape[-1]
+        example: list[torch.Tensor] = [
+            torch.randn(TRACE_BATCH, unet.config.in_channels, latent, latent, device=device, dtype=dt),
+            torch.full((TRACE_BATCH,), 500.0, device=device),
+            torch.randn(TRACE_BATCH, 77, hidden, device=device, dtype=dt),
+        ]
+        inputs = [
+            _io("sample", dtype_name[precisions["unet"]], ["batch", unet.config.in_channels, "height", "width"]),
+            _io("timestep", "float32", ["batch"]),
+            _io("encoder_hidden_states", dtype_name[precisions["unet"]], ["batch", "sequence", hidden]),
+        ]
+        extras = sorted(cond.extras)
+        for key in extras:
+            value = cond.extras[key]
+            example.append(value.repeat(TRACE_BATCH, *([1] * (value.dim() - 1))).to(device, dt))
+            inputs.append(_io(key, dtype_name[precisions["unet"]], ["batch", *value.shape[1:]]))
+        layout = residual_layout(unet) if controlnet_inputs else []
+        for index, (channels, level) in enumerate(layout):
+            name = "mid_residual" if index == len(layout) - 1 else f"down_residual_{index}"
+            size = latent
+            for _ in range(level):
+                size = (size + 1) // 2
+            example.append(torch.zeros(TRACE_BATCH, channels, size, size, device=device, dtype=dt))
+            inputs.append(_io(name, dtype_name[precisions["unet"]], ["batch", channels, _scaled("height", level), _scaled("width", level)]))
+        outputs = [_io("out_sample", dtype_name[precisions["unet"]], ["batch", unet.config.out_channels, "height", "width"])]
+        plans.append(ComponentPlan("unet", wrappers["unet"](unet, extras, len(layout)), tuple(example), inputs, outputs, precisions["unet"]))
+
+    for name in components:
+        if not name.startswith("text_encoder"):
+            continue
+        encoder = modules[name]
+        config = encoder.config
+        pooled_dim = getattr(config, "projection_dim", None) if hasattr(encoder, "text_projection") else None
+        pooled_dim = pooled_dim or config.hidden_size
+        ids = torch.full((TRACE_BATCH, 77), 49407, dtype=torch.long, device=device)
+        ids[:, 0] = 49406
+        d = dtype_name[precisions[name]]
+        plans.append(
+            ComponentPlan(
+                name,
+                wrappers["text_encoder"](encoder),
+                (ids,),
+                [_io("input_ids", "int64", ["batch", 77])],
+                [
+                    _io("last_hidden_state", d, ["batch", 77, config.hidden_size]),
+                    _io("pooled", d, ["batch", pooled_dim]),
+                    _io("hidden_states", d, [config.num_hidden_layers + 1, "batch", 77, config.hidden_size]),
+                ],
+                precisions[name],
+            )
+        )
+
+    vae = modules.get("vae")
+    channels = model.latent_channels
+    if "vae_decoder" in components:
+        d = dtype_name[precisions["vae_decoder"]]
+        plans.append(
+            ComponentPlan(
+                "vae_decoder",
+                wrappers["vae_decoder"](vae),
+                (torch.randn(1, channels, 8, 8, device=device, dtype=tensor_dtype("vae_decoder")),),
+                [_io("latent", d, ["batch", channels, "height", "width"])],
+                [_io("image", d, ["batch", vae.config.out_channels, f"height*{factor}", f"width*{factor}"])],
+                precisions["vae_decoder"],
+            )
+        )
+    if "vae_encoder" in components:
+        d = dtype_name[precisions["vae_encoder"]]
+        plans.append(
+            ComponentPlan(
+                "vae_encoder",
+                wrappers["vae_encoder"](vae),
+                (torch.randn(1, vae.config.in_channels, 8 * factor, 8 * factor, device=device, dtype=tensor_dtype("vae_encoder")),),
+                [_io("image", d, ["batch", vae.config.in_channels, f"height*{factor}", f"width*{factor}"])],
+                [_io("moments", d, ["batch", 2 * channels, "height", "width"])],
+                precisions["vae_encoder"],
+            )
+        )
+    return plans
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _export_component(plan: ComponentPlan, folder: Path, opset: int) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    folder.mkdir(parents=True)
+    raw = folder / "raw"
+    raw.mkdir()
+    names = [io["name"] for io in plan.inputs]
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes are expected
+        torch.onnx.export(
+            plan.module,
+            plan.example,
+            str(raw / "model.onnx"),
+            input_names=names,
+            output_names=[io["name"] for io in plan.outputs],
+            dynamic_axes=plan.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    # The exporter scatters >2 GB models over one file per tensor; gather them into one.
+    graph = onnx.load(str(raw / "model.onnx"), load_external_data=True)
+    onnx.save_model(
+        graph,
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    del graph
+    shutil.rmtree(raw)
+    files = {}
+    for path in sorted(folder.iterdir()):
+        files[f"{plan.name}/{path.name}"] = file_record(path)
+    return {
+        "file": f"{plan.name}/model.onnx",
+        "precision": plan.precision,
+        "inputs": plan.inputs,
+        "outputs": plan.outputs,
+        "files": files,
+    }
+
+
+@contextlib.contextmanager
+def _loras_active(
+    model: LatentDiffusionModel, loras: Sequence[LoraSpec], host: PluginHost | None, lora_dir: Path | str | None
+) -> Iterator[dict[str, str]]:
+    """Activate LoRAs through the installed LoRA adapter, exactly as a generation would."""
+    if not loras:
+        yield {}
+        return
+    from aipaint.params import GenerationRequest
+    from aipaint.pipeline import Pipeline
+
+    pipe = Pipeline(model, host)
+    prompt = " ".join(lora.prompt_tag() for lora in loras)
+    size = model.vae_scale_factor * 8
+    extra = {"lora_dir": str(lora_dir)} if lora_dir else {}
+    request = GenerationRequest(prompt=prompt, steps=1, seed=0, width=size, height=size, extra=extra)
+    try:
+        with pipe.activate(request) as (_, contributors, infotext):
+            if contributors:
+                raise UnsupportedFeature(
+                    "the installed LoRA adapter adds steps to the denoise loop instead of patching weights, "
+                    "so its effect cannot be fused into an export"
+                )
+            yield infotext
+    except UnsupportedFeature as exc:
+        raise UnsupportedFeature(f"cannot fuse LoRA into the export: {exc}") from exc
+
+
+def export_onnx(
+    model: LatentDiffusionModel,
+    out_dir: Path | str,
+    *,
+    fp16: bool = False,
+    fp16_vae: bool = False,
+    loras: Sequence[LoraSpec] = (),
+    lora_dir: Path | str | None = None,
+    components: Sequence[str] = EXPORTABLE,
+    controlnet_inputs: bool = True,
+    opset: int = OPSET,
+    overwrite: bool = False,
+    host: PluginHost | None = None,
+    log: Log | None = None,
+) -> Manifest:
+    """Export ``model``'s networks into ``out_dir`` and return its checked manifest.
+
+    ``fp16`` exports the UNet in half precision; the VAE stays in fp32 unless
+    ``fp16_vae`` (SD-family VAEs can overflow in fp16), the text encoders always do. ``components``
+    chooses among unet, text_encoder, vae_decoder and vae_encoder (the UNet is required);
+    what is left out keeps running in torch. ``loras`` are fused through the installed
+    LoRA adapter, looked up in ``lora_dir`` (default: the adapter's own folder).
+    """
+    import torch
+
+    log = log or (lambda message: None)
+    out_dir = Path(out_dir).expanduser()
+    unknown = [c for c in components if c not in EXPORTABLE]
+    if unknown or "unet" not in components:
+        raise InvalidParameter("components", list(components), f"a subset of {', '.join(EXPORTABLE)} that includes unet")
+    if opset < 17:
+        raise InvalidParameter("opset", opset, "17 or higher (LayerNormalization and the attention patterns need it)")
+    if fp16 and model.device.type == "cpu":
+        log("note: tracing in fp16 on the CPU is slow; --device cuda exports faster where a GPU exists")
+    _check_destination(out_dir, overwrite)
+
+    torch_modules = model.modules()
+    identity = model_identity(model, torch_modules)
+    names = ["unet", *(c for c in components if c.startswith("vae"))]
+    text_encoders = [k for k in torch_modules if k.startswith("text_encoder")] if "text_encoder" in components else []
+    precisions = {
+        "unet": "fp16" if fp16 else "fp32",
+        "vae_decoder": "fp16" if fp16_vae else "fp32",
+        "vae_encoder": "fp16" if fp16_vae else "fp32",
+        # Text encoders stay fp32: they run once per prompt, and transformers' CLIP traced in
+        # fp16 mixes float types inside LayerNormalization, which ONNX Runtime rejects.
+        **{name: "fp32" for name in text_encoders},
+    }
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        with _loras_active(model, loras, host, lora_dir) as lora_infotext:
+            modules = {"unet": torch_modules["unet"], "vae": torch_modules["vae"], **{k: torch_modules[k] for k in text_encoders}}
+            halves = {k: copy.deepcopy(m).half() for k, m in modules.items() if _wants_half(k, precisions)}
+            plans = plan_components(
+                model, {**modules, **halves}, components=names + text_encoders, precisions=precisions,
+                controlnet_inputs=controlnet_inputs,
+            )
+            entries = {}
+            for plan in plans:
+                log(f"exporting {plan.name} ({plan.precision})…")
+                t0 = time.perf_counter()
+                entries[plan.name] = _export_component(plan, partial / plan.name, opset)
+                log(f"  {plan.name}: {time.perf_counter() - t0:.1f} s")
+            del halves, plans
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "aipaint_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "exporter": {"torch": torch.__version__, "onnx": _version("onnx"), "dynamo": False},
+            "opset": opset,
+            "precision": "fp16" if fp16 else "fp32",
+            "model": identity,
+            "loras": [{"name": lora.name, "weight": lora.weight} for lora in loras],
+            "lora_infotext": lora_infotext,
+            "controlnet_inputs": controlnet_inputs,
+            "components": entries,
+        }
+        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        read_manifest(partial)  # never publish a folder the runtime would refuse
+        _publish(partial, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log(f"exported to {out_dir} in {time.perf_counter() - started:.1f} s")
+    return read_manifest(out_dir)
+
+
+def _wants_half(module_key: str, precisions: dict[str, str]) -> bool:
+    if module_key == "vae":
+        return precisions["vae_decoder"] == "fp16" or precisions["vae_encoder"] == "fp16"
+    return precisions.get(module_key) == "fp16"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise AipaintError(f"{out_dir} exists and is not a folder; choose another -o")
+    if any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST_NAME).is_file():
+            raise AipaintError(f"{out_dir} is a non-empty folder that is not an aipaint export; refusing to replace it")
+        if not overwrite:
+            raise AipaintError(f"{out_dir} already holds an export; pass --overwrite to replace it")
+
+
+def _publish(partial: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished export into place; an existing export is replaced only after the new one is complete."""
+    if out_dir.exists():
+        _check_destination(out_dir, overwrite)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out_dir)

@@ -1,0 +1,457 @@
+"""The ``onnxruntime`` runtime: the exported networks stand in for the torch modules.
+
+``prepare`` reads the export folder's manifest, refuses it when it is incomplete,
+corrupt or made from other weights than the loaded model, opens one
+``InferenceSession`` per component and then swaps the model's torch modules for small
+stand-ins (:class:`ExportedUNet`, :class:`ExportedVae`, :class:`ExportedTextEncoder`)
+and its ``unet_call``/``vae_decode_call``/``vae_encode_call`` for session calls. The
+denoise loop, samplers and adapters that only add UNet inputs (ControlNet residuals,
+inpainting channels) work unchanged.
+
+The torch modules are dropped rather than kept beside the sessions: that frees their
+memory, and it makes anything that tries to patch their weights (a LoRA loaded at
+generation time, say) fail loudly instead of silently changing nothing. LoRA belongs
+in the export (``aipaint export onnx --lora``).
+
+On the CPU, tensors go through NumPy. With CUDA they are bound in place through
+ONNX Runtime's I/O binding on torch's current stream, so no copy leaves the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from aipaint_plugins.onnx_runtime.manifest import Manifest, bind_symbols, read_manifest, resolve_shape
+
+from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
+
+if TYPE_CHECKING:
+    from aipaint.model import LatentDiffusionModel
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+OPTIONS = ("onnx_dir", "providers", "threads", "verify", "provider_options")
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+class NotInExport(UnsupportedFeature, AttributeError):
+    """A torch attribute was asked of an exported component that does not have it.
+
+    An ``AttributeError`` too, so ``hasattr`` keeps working on the stand-ins.
+    """
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    onnx_dir: Path
+    providers: tuple[str, ...]
+    threads: int
+    verify: str
+    provider_options: dict[str, dict[str, Any]]
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], device: torch.device) -> OrtOptions:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise InvalidParameter("runtime_options", unknown, f"the onnxruntime runtime accepts {', '.join(OPTIONS)}")
+        if not options.get("onnx_dir"):
+            raise InvalidParameter(
+                "onnx_dir", options.get("onnx_dir"), "the folder written by `aipaint export onnx MODEL -o DIR`",
+                "pass runtime_options={'onnx_dir': DIR} (CLI: --runtime-option onnx_dir=DIR)",
+            )
+        requested = options.get("providers") or ("cuda" if device.type == "cuda" else "cpu")
+        if isinstance(requested, str):
+            requested = [p.strip() for p in requested.split(",") if p.strip()]
+        providers = tuple(_provider_name(p) for p in requested)
+        threads = options.get("threads", torch.get_num_threads())
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise InvalidParameter("threads", threads, "a whole number of intra-op threads (0 lets ONNX Runtime choose)")
+        verify = options.get("verify", "sha256")
+        if verify not in ("sha256", "size"):
+            raise InvalidParameter("verify", verify, "'sha256' (hash every file; cached) or 'size' (sizes only)")
+        extra = options.get("provider_options") or {}
+        if not isinstance(extra, dict):
+            raise InvalidParameter("provider_options", extra, "a dict from provider name to its option dict")
+        return cls(Path(options["onnx_dir"]).expanduser(), providers, threads, verify,
+                   {_provider_name(k): dict(v) for k, v in extra.items()})
+
+
+def _provider_name(name: str) -> str:
+    if name in PROVIDERS.values():
+        return name
+    key = str(name).lower().removesuffix("executionprovider")
+    if key not in PROVIDERS:
+        raise InvalidParameter("providers", name, f"one or more of {', '.join(PROVIDERS)}")
+    return PROVIDERS[key]
+
+
+def _check_providers(providers: Sequence[str]) -> list[str]:
+    """The provider list for a session: what was asked, checked, plus ONNX Runtime's own fall-backs.
+
+    Nodes a GPU provider cannot run are placed on the next one in the list (that is how
+    ONNX Runtime partitions a graph). A provider that is not installed is an error, never
+    a quiet switch to the CPU.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        hint = "install onnxruntime-gpu (with CUDA and cuDNN) for CUDA" if "CUDAExecutionProvider" in missing else ""
+        if "TensorrtExecutionProvider" in missing:
+            hint = "install onnxruntime-gpu and TensorRT for the TensorRT provider"
+        raise ModelLoadError(
+            f"ONNX Runtime provider(s) {', '.join(missing)} not available here (available: {', '.join(available)}); {hint}".rstrip("; ")
+        )
+    ordered = list(providers)
+    if "TensorrtExecutionProvider" in ordered and "CUDAExecutionProvider" in available and "CUDAExecutionProvider" not in ordered:
+        ordered.append("CUDAExecutionProvider")
+    if "CPUExecutionProvider" not in ordered:
+        ordered.append("CPUExecutionProvider")
+    return ordered
+
+
+# --- one session per component ------------------------------------------------------------------
+
+
+class OrtSession:
+    """An ``InferenceSession`` for one exported component, called with and returning torch tensors."""
+
+    def __init__(self, manifest: Manifest, component: str, options: OrtOptions, device: torch.device) -> None:
+        import onnxruntime as ort
+
+        self.component = component
+        self.entry = manifest.components[component]
+        self.inputs = {io["name"]: io for io in self.entry["inputs"]}
+        self.outputs = {io["name"]: io for io in self.entry["outputs"]}
+        self.device = device
+        providers = _check_providers(options.providers)
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        session_options.log_severity_level = 3
+        path = manifest.component_path(component)
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=providers,
+                provider_options=[self._provider_options(p, options, manifest) for p in providers],
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
+            raise ModelLoadError(
+                f"ONNX Runtime could not open {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                f"the export is damaged or from an incompatible exporter: re-export it with `aipaint export onnx`"
+            ) from exc
+        declared = {i.name for i in self.session.get_inputs()}
+        if declared != set(self.inputs):
+            raise ModelLoadError(
+                f"{path} has inputs {sorted(declared)}, but the manifest lists {sorted(self.inputs)}; re-export the folder"
+            )
+        self.providers = self.session.get_providers()
+        self.bound = device.type == "cuda" and "CPUExecutionProvider" != self.providers[0]
+
+    def _provider_options(self, provider: str, options: OrtOptions, manifest: Manifest) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if provider == "CUDAExecutionProvider" and self.device.type == "cuda":
+            # Run on torch's stream so bound tensors need no extra synchronisation.
+            opts["device_id"] = self.device.index or 0
+            opts["user_compute_stream"] = str(torch.cuda.current_stream(self.device).cuda_stream)
+        if provider == "TensorrtExecutionProvider":
+            from aipaint.hashing import cache_dir
+
+            cache = cache_dir() / "ort-tensorrt" / manifest.model["structure_hash"][:16]
+            cache.mkdir(parents=True, exist_ok=True)
+            opts.update(
+                trt_engine_cache_enable=True,
+                trt_engine_cache_path=str(cache),
+                trt_timing_cache_enable=True,
+                trt_fp16_enable=self.entry["precision"] == "fp16",
+            )
+        opts.update(options.provider_options.get(provider, {}))
+        return opts
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if set(inputs) != set(self.inputs):
+            raise UnsupportedFeature(
+                f"the exported {self.component} takes {sorted(self.inputs)}, it was called with {sorted(inputs)}"
+            )
+        symbols: dict[str, int] = {}
+        for name, value in inputs.items():
+            try:
+                bind_symbols(self.inputs[name]["shape"], value.shape, symbols)
+            except ValueError as exc:
+                raise UnsupportedFeature(f"exported {self.component}, input {name}: {exc}") from exc
+        cast = {name: value.to(_TORCH_DTYPES[self.inputs[name]["dtype"]]).contiguous() for name, value in inputs.items()}
+        if self.bound:
+            return self._run_bound(cast, symbols)
+        feed = {name: value.detach().cpu().numpy() for name, value in cast.items()}
+        results = self.session.run(list(self.outputs), feed)
+        return {name: torch.from_numpy(array).to(self.device) for name, array in zip(self.outputs, results)}
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor], symbols: dict[str, int]) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for name, value in inputs.items():
+            value = value.to(self.device)
+            inputs[name] = value  # keep it alive until the run ends
+            binding.bind_input(name, "cuda", index, np.dtype(self.inputs[name]["dtype"]), tuple(value.shape), value.data_ptr())
+        outputs = {}
+        for name, io in self.outputs.items():
+            shape = resolve_shape(io["shape"], symbols)
+            out = torch.empty(shape, dtype=_TORCH_DTYPES[io["dtype"]], device=self.device)
+            binding.bind_output(name, "cuda", index, np.dtype(io["dtype"]), shape, out.data_ptr())
+            outputs[name] = out
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+# --- stand-ins for the torch modules ---------------------------------------------------------------
+
+
+class _ExportedComponent(torch.nn.Module):
+    """Carries the original module's ``config`` so code that reads it keeps working."""
+
+    def __init__(self, original: torch.nn.Module, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = original.config
+        self.session = session
+        self._dtype = dtype
+        self._device = device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.providers)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raise NotInExport(
+                f"{type(self).__name__} runs an ONNX export and has no torch attribute {name!r}; "
+                "adapters that change weights (LoRA, textual inversion) must be fused at export "
+                "(`aipaint export onnx --lora NAME:WEIGHT`), or use the torch runtime"
+            ) from None
+
+
+class ExportedUNet(_ExportedComponent):
+    """The UNet as an ONNX session, callable like diffusers' ``UNet2DConditionModel``."""
+
+    def __init__(self, original: torch.nn.Module, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(original, session, dtype, device)
+        names = list(session.inputs)
+        self.extra_names = [n for n in names[3:] if "residual" not in n]
+        self.residual_names = [n for n in names if "residual" in n]
+        self._zeros: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **unsupported: Any,
+    ) -> Any:
+        used = {k: v for k, v in unsupported.items() if v is not None}
+        if used:
+            raise UnsupportedFeature(
+                f"the exported UNet does not take {', '.join(sorted(used))}; generate with the torch runtime for that"
+            )
+        out = self.call(sample, timestep, encoder_hidden_states, added_cond_kwargs, down_block_additional_residuals,
+                        mid_block_additional_residual)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    def call(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(batch)
+        feed = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
+        extras = dict(added_cond_kwargs or {})
+        missing = [n for n in self.extra_names if n not in extras]
+        if missing or set(extras) - set(self.extra_names):
+            raise UnsupportedFeature(
+                f"the exported UNet takes the extra conditioning {self.extra_names or 'nothing'}, got {sorted(extras) or 'nothing'}"
+            )
+        feed.update(extras)
+        if (down_residuals is None) != (mid_residual is None):
+            raise UnsupportedFeature("the exported UNet needs both ControlNet down and mid residuals, or neither")
+        if down_residuals is not None:
+            if not self.residual_names:
+                raise UnsupportedFeature(
+                    "this export has no ControlNet inputs (exported with --no-controlnet-inputs); re-export to use ControlNet"
+                )
+            residuals = [*down_residuals, mid_residual]
+            if len(residuals) != len(self.residual_names):
+                raise UnsupportedFeature(
+                    f"ControlNet gave {len(residuals)} residuals, the exported UNet takes {len(self.residual_names)}"
+                )
+            feed.update(zip(self.residual_names, residuals))
+        elif self.residual_names:
+            feed.update(self._zero_residuals(sample))
+        return self.session(**feed)["out_sample"].to(self.dtype)
+
+    def _zero_residuals(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        symbols = {"batch": sample.shape[0], "height": sample.shape[2], "width": sample.shape[3]}
+        zeros = {}
+        for name in self.residual_names:
+            shape = resolve_shape(self.session.inputs[name]["shape"], symbols)
+            key = (shape, sample.device)
+            if key not in self._zeros:
+                dtype = _TORCH_DTYPES[self.session.inputs[name]["dtype"]]
+                self._zeros[key] = torch.zeros(shape, dtype=dtype, device=sample.device)
+            zeros[name] = self._zeros[key]
+        return zeros
+
+
+class ExportedVae(_ExportedComponent):
+    """The VAE as up to two sessions (decoder, encoder), with diffusers' ``encode``/``decode`` signatures."""
+
+    def __init__(self, original: torch.nn.Module, decoder: OrtSession | None, encoder: OrtSession | None,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(original, decoder or encoder, dtype, device)
+        self.decoder_session = decoder
+        self.encoder_session = encoder
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True) -> Any:
+        if self.decoder_session is None:
+            raise UnsupportedFeature("this export has no VAE decoder; re-export with the vae_decoder component")
+        image = self.decoder_session(latent=latents)["image"].to(self.dtype)
+        if not return_dict:
+            return (image,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=image)
+
+    def encode(self, images: torch.Tensor, return_dict: bool = True) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.encoder_session is None:
+            raise UnsupportedFeature("this export has no VAE encoder; re-export with the vae_encoder component for img2img")
+        moments = self.encoder_session(image=images)["moments"].to(self.dtype)
+        posterior = DiagonalGaussianDistribution(moments)
+        if not return_dict:
+            return (posterior,)
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        return AutoencoderKLOutput(latent_dist=posterior)
+
+
+class _TextModel(torch.nn.Module):
+    """What A1111's clip skip needs of ``text_model``: its final layer norm (kept in torch; it is tiny)."""
+
+    def __init__(self, final_layer_norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.final_layer_norm = final_layer_norm
+
+
+class ExportedTextEncoder(_ExportedComponent):
+    """A CLIP text encoder as a session, returning what transformers' CLIP models return."""
+
+    def __init__(self, original: torch.nn.Module, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(original, session, dtype, device)
+        import copy
+
+        # transformers 5's CLIPTextModel holds the norm directly, CLIPTextModelWithProjection under .text_model
+        norm = getattr(original, "final_layer_norm", None) or original.text_model.final_layer_norm
+        self.final_layer_norm = copy.deepcopy(norm)
+        if hasattr(original, "text_model"):
+            self.text_model = _TextModel(self.final_layer_norm)
+        self.projected = hasattr(original, "text_projection")
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False, **unsupported: Any) -> Any:
+        used = {k: v for k, v in unsupported.items() if v is not None and k != "return_dict"}
+        if used:
+            raise UnsupportedFeature(f"the exported text encoder does not take {', '.join(sorted(used))}")
+        out = self.session(input_ids=input_ids.long())
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        last, pooled = out["last_hidden_state"].to(self.dtype), out["pooled"].to(self.dtype)
+        hidden = tuple(out["hidden_states"].to(self.dtype).unbind(0)) if output_hidden_states else None
+        if self.projected:
+            return CLIPTextModelOutput(text_embeds=pooled, last_hidden_state=last, hidden_states=hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+
+# --- prepare ---------------------------------------------------------------------------------------
+
+
+def prepare_onnxruntime(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
+    """Check the export against ``model`` and swap its networks for ONNX Runtime sessions."""
+    opts = OrtOptions.parse(options, model.device)
+    manifest = read_manifest(opts.onnx_dir)
+    manifest.check_files(verify=opts.verify)
+    manifest.check_model(model, model.modules())
+    install_sessions(model, {name: OrtSession(manifest, name, opts, model.device) for name in manifest.components})
+
+
+def install_sessions(model: LatentDiffusionModel, sessions: Mapping[str, Any]) -> None:
+    """Replace ``model``'s networks by stand-ins around ``sessions`` (anything with the
+    :class:`OrtSession` interface: ``inputs``, ``outputs``, ``providers``, ``__call__``).
+
+    Shared with the TensorRT runtime. Components that were not exported stay in torch.
+    """
+    torch_modules = model.modules()
+    unet = ExportedUNet(model.unet, sessions["unet"], model.dtype, model.device)
+    model.unet = unet
+    model.unet_call = lambda latents, t, embeds, **kwargs: unet.call(
+        latents, t, embeds, kwargs.pop("added_cond_kwargs", None),
+        kwargs.pop("down_block_additional_residuals", None), kwargs.pop("mid_block_additional_residual", None),
+        **_no_more(kwargs),
+    )
+    vae_sessions = [sessions.get("vae_decoder"), sessions.get("vae_encoder")]
+    if all(vae_sessions):
+        vae = ExportedVae(model.vae, *vae_sessions, model.dtype, model.device)
+        model.vae = vae
+        model.vae_decode_call = lambda latents: vae.decode(latents, return_dict=False)[0]
+        model.vae_encode_call = lambda images: vae.encode(images, return_dict=False)[0].mode()
+    elif any(vae_sessions):  # half the VAE exported: keep the torch module for the other half
+        partial = ExportedVae(model.vae, *vae_sessions, model.dtype, model.device)
+        if vae_sessions[0]:
+            model.vae_decode_call = lambda latents: partial.decode(latents, return_dict=False)[0]
+        else:
+            model.vae_encode_call = lambda images: partial.encode(images, return_dict=False)[0].mode()
+    for name, session in sessions.items():
+        if name.startswith("text_encoder"):
+            setattr(model, name, ExportedTextEncoder(torch_modules[name], session, model.dtype, model.device))
+
+
+def _no_more(kwargs: dict[str, Any]) -> dict[str, Any]:
+    used = {k: v for k, v in kwargs.items() if v is not None}
+    if used:
+        raise UnsupportedFeature(f"the exported UNet does not take {', '.join(sorted(used))}; use the torch runtime for that")
+    return {}

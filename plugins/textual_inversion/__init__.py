@@ -1,0 +1,112 @@
+"""Textual inversion: embeddings used by name in prompts and negative prompts, as in A1111.
+
+Embeddings live in ``request.extra["embeddings_dir"]``, else ``$AIPAINT_EMBEDDINGS_DIR``,
+else ``$AIPAINT_HOME/embeddings``; a file ``EasyNegative.safetensors`` is used wherever a
+prompt says ``EasyNegative`` (case-insensitive, as a whole word). The adapter joins a
+generation on its own when a prompt names one of them (``AdapterSpec.wants``), adds their
+vectors as tokens for that generation only, and records ``TI hashes`` in the infotext.
+See ``docs/textual-inversion.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from aipaint import hookimpl
+from aipaint.adapters import AdapterActivation, AdapterContext, AdapterSpec
+from aipaint.errors import InvalidParameter
+
+
+def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = False) -> Any:
+    """The embeddings folder: ``folder``, else ``$AIPAINT_EMBEDDINGS_DIR``, else ``$AIPAINT_HOME/embeddings``."""
+    from aipaint_plugins.lora.library import ModelFolder, default_folder
+
+    root = Path(folder) if folder is not None else default_folder("AIPAINT_EMBEDDINGS_DIR", "embeddings")
+    return ModelFolder(root, "embedding", allow_pickle=allow_pickle)
+
+
+def _folder_for(context: AdapterContext) -> Any:
+    extra = context.request.extra or {}
+    return embeddings_folder(extra.get("embeddings_dir"), allow_pickle=bool(extra.get("allow_pickle")))
+
+
+def used_embedding_files(context: AdapterContext) -> dict[str, Path]:
+    """Prompt name → file, for the embeddings the prompt or negative prompt mentions."""
+    from aipaint_plugins.textual_inversion.embeddings import name_pattern
+
+    text = f"{context.request.prompt}\n{context.request.negative_prompt}"
+    by_stem: dict[str, list[Any]] = {}
+    for file in _folder_for(context).files():
+        by_stem.setdefault(Path(file.name).name, []).append(file)
+    used: dict[str, Path] = {}
+    for stem, files in by_stem.items():
+        if not name_pattern(stem).search(text):
+            continue
+        if len(files) > 1:
+            raise InvalidParameter(
+                "embedding", stem, "is ambiguous: " + ", ".join(str(f.path) for f in files), "rename one of the files"
+            )
+        used[stem] = files[0].path
+    return used
+
+
+def wants(context: AdapterContext) -> bool:
+    return bool(used_embedding_files(context))
+
+
+@contextmanager
+def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
+    from aipaint_plugins.lora.library import short_hash
+    from aipaint_plugins.textual_inversion.embeddings import added_tokens, name_pattern, read_embedding
+
+    allow_pickle = bool((context.request.extra or {}).get("allow_pickle"))
+    files = used_embedding_files(context)
+    embeddings = [read_embedding(path, name, allow_pickle=allow_pickle) for name, path in files.items()]
+    model = context.model
+    with added_tokens(model.tokenizer, model.text_encoder, embeddings) as spellings:
+        # Longest names first, so "bad-hands" is not rewritten as "bad" + "-hands".
+        replacements = [(name_pattern(n), spellings[n]) for n in sorted(spellings, key=len, reverse=True)]
+
+        def rewrite(text: str) -> str:
+            for pattern, tokens in replacements:
+                text = pattern.sub(tokens, text)
+            return text
+
+        hashes = ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {short_hash(e.path, addnet=False)}" for e in embeddings)
+        yield AdapterActivation(infotext={"TI hashes": hashes}, rewrite_text=rewrite)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    register(
+        AdapterSpec(
+            name="textual_inversion",
+            activate=activate,
+            wants=wants,
+            aliases=("embedding", "ti"),
+            description="textual-inversion embeddings, used by name in prompts",
+        )
+    )
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("embeddings", help="list textual-inversion embeddings in the embeddings folder")
+    p.add_argument("--dir", help="embeddings folder (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
+    p.set_defaults(func=_cmd_list)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    folder = embeddings_folder(args.dir, allow_pickle=True)
+    files = folder.files()
+    if not files:
+        print(f"no embeddings in {folder.root}")
+        return 0
+    for file in files:
+        note = "  (pickle: needs allow_pickle)" if file.is_pickle else ""
+        print(f"{Path(file.name).name:<32} {file.path}{note}")
+    return 0

@@ -1,0 +1,215 @@
+"""Face fix (ADetailer-style detect → inpaint) and face restoration (plugins/facefix)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from aipaint_plugins.facefix.detect import HaarDetector, get_detector
+from aipaint_plugins.facefix.fix import FaceFixSettings, detect_faces, face_fix, restore_faces
+from aipaint_plugins.facefix.masks import box_mask, crop_region, feather, paste
+from PIL import Image
+
+from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsupportedFeature
+from aipaint.postprocess import run_postprocessors
+
+ASTRONAUT_FACE = (177, 66, 272, 161)  # where Eileen Collins' face is in skimage.data.astronaut() (512 px)
+
+
+def _iou(a, b) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, x1 - x0) * max(0, y1 - y0)
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    import skimage.data
+
+    return Image.fromarray(skimage.data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def small_astronaut(astronaut) -> Image.Image:
+    return astronaut.resize((256, 256), Image.Resampling.BOX)
+
+
+# --- detection on real photographs --------------------------------------------------------------
+
+
+def test_haar_detector_finds_the_astronauts_face(astronaut):
+    faces, name = detect_faces(astronaut)
+    assert name == "face_haar"
+    assert len(faces) == 1
+    assert _iou(faces[0].box, ASTRONAUT_FACE) > 0.6
+    assert faces[0].score > 0.8
+
+
+@pytest.mark.parametrize("photo", ["coffee", "chelsea", "rocket"])
+def test_haar_detector_finds_no_face_where_there_is_none(photo):
+    import skimage.data
+
+    image = Image.fromarray(getattr(skimage.data, photo)())
+    assert detect_faces(image)[0] == []
+
+
+def test_confidence_filters_detections(astronaut):
+    assert detect_faces(astronaut, confidence=0.999)[0] == []
+
+
+def test_unknown_detector_and_missing_weights_are_typed_errors(tmp_path, monkeypatch):
+    with pytest.raises(UnknownName):
+        get_detector("face_yolov99.pt")
+    monkeypatch.setenv("AIPAINT_DETECTOR_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="YuNet"):
+        get_detector("yunet")
+
+
+def test_a_detector_can_be_any_callable(small_astronaut):
+    from aipaint_plugins.facefix.detect import Detection
+
+    found, name = detect_faces(small_astronaut, lambda image: [Detection((1, 2, 30, 40), 0.9)])
+    assert [d.box for d in found] == [(1, 2, 30, 40)]
+    assert name == "<lambda>"
+    assert isinstance(get_detector("face_haar_alt"), HaarDetector)
+
+
+# --- masks ------------------------------------------------------------------------------------------
+
+
+def test_feathered_mask_is_zero_outside_and_one_deep_inside():
+    mask = box_mask((64, 64), (20, 20, 40, 40), dilation=2)
+    alpha = feather(mask, 4)
+    assert alpha[~mask].max() == 0
+    assert alpha[30, 30] == 1.0
+    assert 0 < alpha[18, 30] < 1  # the edge fades inward
+    # A mask touching the image border does not fade along the border.
+    edge = feather(box_mask((64, 64), (0, 0, 20, 20), 0), 4)
+    assert edge[0, 8] == 1.0
+
+
+def test_paste_keeps_pixels_outside_the_mask_bit_for_bit():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    patch = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    alpha = feather(box_mask((32, 32), (8, 8, 24, 24), 0), 3)
+    out = paste(base, patch, alpha)
+    outside = alpha == 0
+    assert np.array_equal(out[outside], base[outside])
+    assert np.array_equal(out[alpha == 1], patch[alpha == 1])
+
+
+def test_crop_region_has_the_aspect_and_stays_inside():
+    for box in [(0, 0, 10, 10), (90, 5, 100, 30), (40, 40, 60, 50)]:
+        x0, y0, x1, y1 = crop_region(box, (100, 80), padding=8, aspect=1.0)
+        assert 0 <= x0 < x1 <= 100 and 0 <= y0 < y1 <= 80
+        assert x0 <= box[0] and y0 <= box[1] and x1 >= box[2] and y1 >= box[3]
+        assert abs((x1 - x0) - (y1 - y0)) <= 1
+
+
+# --- face fix (detect → inpaint) -----------------------------------------------------------------------
+
+
+def _needs_inpaint(pipe) -> None:
+    if not hasattr(pipe, "inpaint"):
+        pytest.skip("this aipaint has no Pipeline.inpaint yet")
+
+
+def test_face_fix_changes_only_the_face_regions(tiny_pipe, small_astronaut):
+    _needs_inpaint(tiny_pipe)
+    settings = FaceFixSettings(inpaint_width=64, inpaint_height=64, denoising_strength=0.5)
+    out, info, report = face_fix(tiny_pipe, small_astronaut, "a face", settings=settings, steps=3, seed=1)
+    before, after = np.asarray(small_astronaut), np.asarray(out)
+    assert len(report.detections) == 1
+    face = report.union
+    assert np.array_equal(after[~face], before[~face])  # outside the face mask: unchanged, bit for bit
+    changed = np.any(after != before, axis=2)
+    assert changed[face].mean() > 0.5  # inside: really redrawn
+    assert info["ADetailer model"] == "face_haar"
+    assert info["ADetailer denoising strength"] == "0.5"
+    assert info["ADetailer confidence"] == "0.3"
+
+
+def test_face_fix_without_faces_returns_the_image_and_never_diffuses():
+    import skimage.data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inpaint must not run when no face is found")
+
+    pipe = SimpleNamespace(inpaint=refuse, model=SimpleNamespace(defaults=SimpleNamespace(width=64, height=64)))
+    image = Image.fromarray(skimage.data.coffee())
+    out, info, report = face_fix(pipe, image, "a face")
+    assert report.detections == [] and np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_face_fix_in_a_chain_after_generation_reuses_the_prompt(tiny_pipe, small_astronaut):
+    _needs_inpaint(tiny_pipe)
+    from aipaint.infotext import Infotext
+    from aipaint.params import GenerationRequest
+    from aipaint.postprocess import merge_infotext
+
+    request = GenerationRequest("an astronaut", width=64, height=64, steps=2, seed=4)
+    out = run_postprocessors(small_astronaut, ["facefix:inpaint_width=64,inpaint_height=64"], tiny_pipe, request=request)
+    params = Infotext.from_text(merge_infotext("an astronaut\nSteps: 2, Seed: 4, Size: 64x64", out.infotext)).params
+    assert params["ADetailer model"] == "face_haar" and "ADetailer prompt" not in params
+    assert out.image.size == small_astronaut.size
+
+
+def test_face_fix_needs_a_model_and_a_prompt(plugin_host, small_astronaut):
+    with pytest.raises(UnsupportedFeature, match="load one"):
+        run_postprocessors(small_astronaut, ["facefix"], host=plugin_host)
+    pipe = SimpleNamespace(inpaint=None, model=SimpleNamespace(defaults=SimpleNamespace(width=64, height=64)))
+    with pytest.raises(InvalidParameter, match="prompt"):
+        face_fix(pipe, small_astronaut)
+
+
+# --- face restoration ------------------------------------------------------------------------------
+
+
+def _whiten(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(tensor)
+
+
+def test_restoration_blends_inside_faces_only(small_astronaut):
+    before = np.asarray(small_astronaut).astype(int)
+    full, info, report = restore_faces(small_astronaut, _whiten, visibility=1.0)
+    half, _, _ = restore_faces(small_astronaut, _whiten, visibility=0.5)
+    none, _, _ = restore_faces(small_astronaut, _whiten, visibility=0.0)
+    face = report.union
+    full, half = np.asarray(full).astype(int), np.asarray(half).astype(int)
+    assert np.array_equal(full[~face], before[~face]) and np.array_equal(half[~face], before[~face])
+    core = feather(face, 4) == 1.0
+    assert (full[core] == 255).all()
+    assert np.abs(half[core] - (before[core] + 255) / 2).max() <= 1
+    assert np.array_equal(np.asarray(none), before)
+    assert info == {"Face restoration": "_whiten", "Face restoration visibility": "1"}
+
+
+def test_a_super_resolution_model_is_refused_as_face_restorer(tmp_path, monkeypatch, small_astronaut):
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    state = {k: v.contiguous() for k, v in SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict().items()}
+    save_file(state, str(tmp_path / "2x-compact.safetensors"))
+    monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(tmp_path))
+    with pytest.raises(InvalidParameter, match="not face restoration"):
+        restore_faces(small_astronaut, "2x-compact")
+    with pytest.raises(ModelLoadError, match="missing weights file"):
+        restore_faces(small_astronaut, str(tmp_path / "GFPGANv1.4.safetensors"))
+
+
+def test_face_restore_post_processor_needs_weights(plugin_host, small_astronaut):
+    with pytest.raises(InvalidParameter, match="restorer"):
+        run_postprocessors(small_astronaut, ["face-restore"], host=plugin_host)
+
+
+def test_facefix_command_detects_faces(tmp_path, astronaut, capsys):
+    from aipaint.cli import main
+
+    path = tmp_path / "astronaut.png"
+    astronaut.save(path)
+    assert main(["facefix", str(path), "--detect-only"]) == 0
+    assert capsys.readouterr().out.startswith("face ")

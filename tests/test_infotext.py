@@ -1,0 +1,59 @@
+"""A1111 'parameters' text: written, read back, and read from A1111-made images."""
+
+from __future__ import annotations
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
+
+A1111_SAMPLE = """masterpiece, (best quality:1.2), 1girl, <lora:add_detail:0.6>
+walking in the rain
+Negative prompt: lowres, bad anatomy, (worst quality:1.4)
+Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, Clip skip: 2, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+, Lora hashes: "add_detail: 7c6bad76eb54", TI hashes: "easynegative: c74b4e810b03, bad: 1", Version: v1.9.4"""
+
+
+def test_reads_a1111_text():
+    info = Infotext.from_text(A1111_SAMPLE)
+    assert info.prompt == "masterpiece, (best quality:1.2), 1girl, <lora:add_detail:0.6>\nwalking in the rain"
+    assert info.negative_prompt == "lowres, bad anatomy, (worst quality:1.4)"
+    assert info.params["Lora hashes"] == "add_detail: 7c6bad76eb54"
+    assert info.params["TI hashes"] == "easynegative: c74b4e810b03, bad: 1"
+    assert info.params["Hires upscaler"] == "R-ESRGAN 4x+"
+    assert info.size() == (512, 768)
+
+
+def test_generation_kwargs_split_old_style_sampler_names():
+    kwargs = generation_kwargs(Infotext.from_text(A1111_SAMPLE))
+    assert kwargs["sampler"] == "DPM++ 2M" and kwargs["schedule"] == "Karras"
+    assert (kwargs["steps"], kwargs["cfg_scale"], kwargs["seed"]) == (28, 6.5, 1234567890)
+    assert (kwargs["width"], kwargs["height"], kwargs["clip_skip"]) == (512, 768, 2)
+
+
+def test_round_trip_quotes_values_with_commas_and_colons():
+    params = {"Steps": "20", "Sampler": "Euler a", "Note": 'a, b: "c"', "Seed": "1"}
+    text = Infotext("p, q", "n", params).to_text()
+    assert 'Note: "a, b: \\"c\\""' in text
+    back = Infotext.from_text(text)
+    assert back.params == params and back.prompt == "p, q" and back.negative_prompt == "n"
+
+
+def test_prompt_only_text_is_not_mistaken_for_parameters():
+    info = Infotext.from_text("a cat: cute, fluffy")
+    assert info.prompt == "a cat: cute, fluffy" and info.params == {}
+
+
+def test_reads_png_chunk_written_by_other_tools(tmp_path):
+    png = PngInfo()
+    png.add_text("parameters", A1111_SAMPLE)
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png)
+    assert read_png_parameters(path) == A1111_SAMPLE
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert read_png_parameters(plain) is None
+
+
+def test_never_raises_on_garbage():
+    for text in ["", "\n\n", "Negative prompt:", "a: b, c: d, e: f", '"unterminated: "x, y: z, w: 1']:
+        Infotext.from_text(text)

@@ -1,0 +1,125 @@
+"""Resolving and loading models: zoo ids, folders, files, hub ids; safety of pickles."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import aipaint
+from aipaint.errors import DownloadError, ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.loading import load_state_dict, resolve_source
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_checkpoint_is_refused_by_default(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(UnsafeFileError, match="allow_pickle"):
+        aipaint.load(path)
+    with pytest.raises(UnsafeFileError):
+        load_state_dict(path)
+
+
+def test_opt_in_loads_tensors_only_with_weights_only(tmp_path, capsys):
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    assert torch.equal(load_state_dict(good, allow_pickle=True)["w"], torch.ones(2))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": Exploit()}))
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        load_state_dict(evil, allow_pickle=True)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_missing_path_explains_what_is_accepted(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a zoo id"):
+        aipaint.load(str(tmp_path / "nope.safetensors"))
+
+
+def test_unknown_format_is_refused(tmp_path):
+    path = tmp_path / "weights.gguf"
+    path.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="unknown checkpoint format"):
+        aipaint.load(path)
+
+
+def test_corrupt_safetensors_is_a_typed_error(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not really safetensors")
+    with pytest.raises(ModelLoadError):
+        aipaint.load(path)
+
+
+def test_hub_id_offline_gives_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="offline") as err:
+        aipaint.load("someone/some-model")
+    assert "\n" not in str(err.value)
+
+
+def test_zoo_hub_model_offline_gives_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="v1-5-pruned-emaonly.safetensors"):
+        aipaint.load("sd15")
+
+
+def test_folder_without_known_family(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "SomethingElse"}')
+    with pytest.raises(ModelLoadError, match="no installed model family"):
+        aipaint.load(tmp_path)
+
+
+def test_explicit_unknown_family_lists_valid_ones(tiny_sd_path):
+    with pytest.raises(UnknownName, match="sd15"):
+        aipaint.load(tiny_sd_path, family="sd99")
+
+
+def test_unknown_runtime_and_dtype(tiny_sd_path):
+    with pytest.raises(UnknownName, match="torch"):
+        aipaint.load(tiny_sd_path, runtime="warp-drive")
+    with pytest.raises(UnknownName, match="float16"):
+        aipaint.load(tiny_sd_path, dtype="float8")
+
+
+def test_incomplete_folder_names_the_missing_part(tiny_sd_path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_sd_path, copy)
+    shutil.rmtree(copy / "vae")
+    with pytest.raises(ModelLoadError, match="vae"):
+        aipaint.load(copy)
+
+
+def test_folder_is_identified_as_sd15(tiny_sd_path):
+    source = resolve_source(tiny_sd_path)
+    assert source.kind == "folder"
+    assert aipaint.load(tiny_sd_path).model.family == "sd15"
+
+
+def test_zoo_lists_default_and_sd15():
+    from aipaint import zoo
+
+    ids = {c.id for c in zoo.cards()}
+    assert {"shapes-tiny", "sd15"} <= ids
+    assert zoo.get("stable-diffusion-v1-5").id == "sd15"
+    with pytest.raises(UnknownName):
+        zoo.get("no-such-model")
+
+
+def test_zoo_download_verifies_sha256(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from aipaint import zoo
+
+    fake = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    fake.write_bytes(b"tampered")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(fake))
+    with pytest.raises(DownloadError, match="sha256"):
+        zoo.fetch(zoo.get("sd15"))

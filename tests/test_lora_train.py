@@ -1,0 +1,159 @@
+"""LoRA training: data folder → kohya-format file that loads back; the held-out concept on the embedded model."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aipaint_plugins.lora.api import apply_loras, lora_patches
+from aipaint_plugins.lora.train import _noise_scheduler, _target, train_lora
+from safetensors import safe_open
+
+from aipaint.errors import InvalidParameter
+
+GEN = dict(seed=2, width=32, height=32, steps=2, cfg_scale=5.0)
+EMBEDDED = Path(__file__).resolve().parents[1] / "zoo" / "models" / "shapes-tiny"
+
+
+def write_dataset(folder: Path, n: int, *, colour: str | None = None, seed: int = 0) -> Path:
+    """Shapes-world renders with their canonical captions (``colour`` forces the first object's colour)."""
+    import dataclasses
+
+    from aipaint.world.render import render
+    from aipaint.world.scene import random_scene
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        scene = random_scene(rng, "heldout_colour" if colour == "orange" else "train", n_objects=1)
+        if colour is not None:
+            scene = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], colour=colour),))
+        render(scene).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(scene.caption)
+    return folder
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe.model, c).state_dict().items()}
+
+
+def test_trained_file_has_kohya_keys_loads_back_and_leaves_the_model_alone(tiny_pipe, tmp_path):
+    data = write_dataset(tmp_path / "data", 4)
+    before = snapshot(tiny_pipe)
+    progress: list[tuple[int, int, float]] = []
+    out = tmp_path / "loras" / "mine.safetensors"
+    report = train_lora(tiny_pipe, data, out, rank=2, alpha=1, steps=3, learning_rate=1e-2, batch_size=2,
+                        train_text_encoder=True, progress=lambda *a: progress.append(a))
+    assert [p[:2] for p in progress] == [(1, 3), (2, 3), (3, 3)] and all(np.isfinite(p[2]) for p in progress)
+    assert report.steps == 3 and report.images == 4 and len(report.losses) == 3
+    for key, value in before.items():  # training worked on copies
+        component, name = key.split(".", 1)
+        assert torch.equal(getattr(tiny_pipe.model, component).state_dict()[name], value), key
+
+    with safe_open(str(out), framework="pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    unet_targets = [n for n, _ in tiny_pipe.model.unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_k", "to_v", "to_out.0"))]
+    assert len(unet_targets) > 0
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in keys)
+    assert {k.rsplit(".", 2)[-2] for k in keys if k.endswith(".weight")} == {"lora_down", "lora_up"}
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k" in bases
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in bases
+    assert alphas == {1.0} and metadata["ss_network_dim"] == "2" and metadata["ss_network_alpha"] == "1"
+    assert report.modules == len(bases)
+
+    patches = lora_patches(tiny_pipe.model, out)
+    assert patches.unmatched == {} and len(patches.patches) == report.modules
+    extra = {"lora_dir": str(out.parent)}
+    plain = np.asarray(tiny_pipe.txt2img("a red circle", extra=extra, **GEN).images[0])
+    with_lora = np.asarray(tiny_pipe.txt2img("a red circle <lora:mine:1>", extra=extra, **GEN).images[0])
+    assert not np.array_equal(plain, with_lora)
+    with apply_loras(tiny_pipe, ["mine"], folder=out.parent):
+        pass
+    assert all(torch.equal(v, snapshot(tiny_pipe)[k]) for k, v in before.items())
+
+
+def test_the_loss_follows_the_models_prediction_type():
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+              "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "_class_name": "DPMSolverMultistepScheduler"}
+    model = type("M", (), {"scheduler_config": config})()
+    scheduler = _noise_scheduler(model)
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR kept
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 999])
+    a = scheduler.alphas_cumprod[t].sqrt().reshape(-1, 1, 1, 1)
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(_target(scheduler, x0, noise, t), a * noise - s * x0)
+    model.scheduler_config = {**config, "prediction_type": "epsilon"}
+    assert torch.equal(_target(_noise_scheduler(model), x0, noise, t), noise)
+
+
+def test_bad_training_input_is_a_typed_error(tiny_pipe, tmp_path):
+    data = write_dataset(tmp_path / "data", 2)
+    (data / "0001.txt").unlink()
+    with pytest.raises(InvalidParameter, match="without a caption"):
+        train_lora(tiny_pipe, data, tmp_path / "x.safetensors", steps=1)
+    with pytest.raises(InvalidParameter, match="no images"):
+        train_lora(tiny_pipe, tmp_path, tmp_path / "x.safetensors", steps=1)
+    with pytest.raises(InvalidParameter, match="safetensors"):
+        train_lora(tiny_pipe, data, tmp_path / "x.pt", steps=1)
+
+
+def test_train_lora_command(tiny_sd_path, tmp_path, capsys):
+    from aipaint.cli import main
+
+    data = write_dataset(tmp_path / "data", 2)
+    out = tmp_path / "cli.safetensors"
+    code = main(["train", "lora", str(data), "-o", str(out), "-m", str(tiny_sd_path), "--steps", "2", "--rank", "2",
+                 "--batch-size", "1", "--resolution", "32"])
+    assert code == 0 and out.is_file()
+    captured = capsys.readouterr()
+    assert "2 steps on 2 images" in captured.err and "loss" in captured.err
+
+
+# --- behaviour on the embedded model: the held-out colour ------------------------------------------
+
+ORANGE_PROMPTS = [
+    "a big orange circle in the center, on a white background",
+    "a big orange square on the left, on a gray background",
+    "a big orange triangle at the top, on a black background",
+    "a big orange cross on the right, on a white background",
+]
+
+
+def orange_adherence(pipe, prompt_suffix: str, *, images_per_prompt: int, lora_dir: Path, steps: int = 12) -> float:
+    """Fraction of generated images whose requested orange object reads as orange."""
+    from aipaint.world.evaluate import adherence
+
+    hits = total = 0
+    for i, prompt in enumerate(ORANGE_PROMPTS):
+        result = pipe.txt2img(prompt + prompt_suffix, seed=100 + i * images_per_prompt, batch_size=images_per_prompt,
+                              steps=steps, extra={"lora_dir": str(lora_dir)})
+        for image in result.images:
+            objects = adherence(image, prompt).details["objects"]
+            hits += bool(objects and objects[0]["colour"])
+            total += 1
+    return hits / total
+
+
+@pytest.mark.skipif(not (EMBEDDED / "unet").is_dir(), reason="the embedded model zoo/models/shapes-tiny is not built yet")
+def test_short_training_teaches_the_held_out_colour(tmp_path):
+    import aipaint
+
+    torch.set_num_threads(1)
+    pipe = aipaint.load()
+    data = write_dataset(tmp_path / "orange", 48, colour="orange", seed=1)
+    started = time.perf_counter()
+    train_lora(pipe, data, tmp_path / "loras" / "orange.safetensors", rank=4, steps=int(os.environ.get("AIPAINT_TEST_LORA_STEPS", 60)),
+               learning_rate=3e-3, batch_size=16, seed=0)
+    trained_in = time.perf_counter() - started
+    without = orange_adherence(pipe, "", images_per_prompt=4, lora_dir=tmp_path / "loras")
+    with_lora = orange_adherence(pipe, " <lora:orange:1>", images_per_prompt=4, lora_dir=tmp_path / "loras")
+    print(f"trained in {trained_in:.0f} s; orange adherence {without:.2f} -> {with_lora:.2f}")
+    assert without <= 0.25
+    assert with_lora >= without + 0.4

@@ -1,0 +1,372 @@
+"""ONNX export and the onnxruntime runtime: parity with torch, the manifest, and refusing bad folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aipaint_plugins.onnx_runtime.export import LoraSpec, export_onnx, residual_layout
+from aipaint_plugins.onnx_runtime.manifest import (
+    MANIFEST_NAME,
+    bind_symbols,
+    probe_mismatch,
+    read_manifest,
+    resolve_shape,
+)
+from aipaint_plugins.onnx_runtime.runtime import NotInExport
+from conftest import save_tiny_sd
+from PIL import Image
+
+import aipaint
+from aipaint.cli import main as cli_main
+from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, UnsupportedFeature
+
+pytest.importorskip("onnxruntime")
+
+GEN = dict(seed=7, steps=3, width=32, height=32, cfg_scale=5.0)
+
+
+def pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_pipe, tmp_path_factory) -> Path:
+    return export_onnx(tiny_pipe.model, tmp_path_factory.mktemp("export") / "tiny-onnx").root
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(tiny_sd_path, plugin_host, onnx_dir):
+    return aipaint.load(tiny_sd_path, host=plugin_host, runtime="onnxruntime", runtime_options={"onnx_dir": str(onnx_dir)})
+
+
+def load_with(tiny_sd_path, plugin_host, folder, **options):
+    return aipaint.load(tiny_sd_path, host=plugin_host, runtime="onnxruntime", runtime_options={"onnx_dir": str(folder), **options})
+
+
+@pytest.fixture(scope="module")
+def untouched_model(tiny_sd_path, plugin_host):
+    """A torch model of its own for the tests where preparing must fail (a failed prepare changes nothing)."""
+    model = aipaint.load(tiny_sd_path, host=plugin_host).model
+    yield model
+    assert model.runtime == "torch" and type(model.unet).__name__ == "UNet2DConditionModel"
+
+
+def prepare_with(model, folder, **options) -> None:
+    from aipaint_plugins.onnx_runtime.runtime import prepare_onnxruntime
+
+    prepare_onnxruntime(model, {"onnx_dir": str(folder), **options})
+
+
+def damaged_copy(onnx_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_dir, copy)
+    return copy
+
+
+# --- parity with torch ---------------------------------------------------------------------------
+
+
+def test_txt2img_matches_torch_with_cfg_batch_and_other_sizes(tiny_pipe, ort_pipe):
+    assert ort_pipe.model.runtime == "onnxruntime"
+    assert ort_pipe.model.unet.providers[0] == "CPUExecutionProvider"
+    for params in (GEN, dict(GEN, width=40, height=48, batch_size=2), dict(GEN, cfg_scale=1.0)):
+        torch_pixels = pixels(tiny_pipe.txt2img("a red circle", "blurry", **params))
+        ort_pixels = pixels(ort_pipe.txt2img("a red circle", "blurry", **params))
+        assert np.abs(torch_pixels - ort_pixels).max() <= 1, params
+
+
+def test_prompt_features_run_through_the_exported_text_encoder(tiny_pipe, ort_pipe):
+    """Clip skip needs every hidden state, long prompts several chunks, emphasis the raw output."""
+    long_prompt = "(a red circle:1.3), " + ", ".join(["a blue square"] * 30)
+    for prompt, extra in (("a red circle", {"clip_skip": 2}), (long_prompt, {})):
+        a = pixels(tiny_pipe.txt2img(prompt, **GEN, **extra))
+        b = pixels(ort_pipe.txt2img(prompt, **GEN, **extra))
+        assert np.abs(a - b).max() <= 1, prompt
+    encoded = ort_pipe.model.encode_texts([long_prompt])[0].embeds
+    assert encoded.shape[1] == 2 * 77
+
+
+def test_img2img_and_inpaint_match_torch(tiny_pipe, ort_pipe):
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    for run in (
+        lambda p: p.img2img(image, "a red circle", denoising_strength=0.6, **GEN),
+        lambda p: p.inpaint(image, mask, "a red circle", denoising_strength=0.8, **GEN),
+    ):
+        assert np.abs(pixels(run(tiny_pipe)) - pixels(run(ort_pipe))).max() <= 1
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(tiny_pipe.model.encode(x), ort_pipe.model.encode(x), atol=1e-4)
+
+
+def test_controlnet_residuals_reach_the_exported_unet(tiny_pipe, ort_pipe):
+    """ControlNet runs beside the runtime; its residuals must steer the exported UNet exactly as the torch one."""
+    unet = tiny_pipe.model.unet
+    g = torch.Generator().manual_seed(0)
+    sample, embeds, t = torch.randn(2, 4, 12, 12, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor(321.0)
+    layout = residual_layout(unet)
+    residuals = [torch.randn(2, c, -(-12 // 2**lvl), -(-12 // 2**lvl), generator=g) for c, lvl in layout]
+    kwargs = {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+    with torch.inference_mode():
+        expected = tiny_pipe.model.unet_call(sample, t, embeds, **kwargs)
+        got = ort_pipe.model.unet_call(sample, t, embeds, **kwargs)
+        plain = ort_pipe.model.unet_call(sample, t, embeds)
+    assert torch.allclose(expected, got, atol=1e-4)
+    assert not torch.allclose(plain, got, atol=1e-2)  # the residuals did something
+    with pytest.raises(UnsupportedFeature, match="residuals"):
+        ort_pipe.model.unet_call(sample, t, embeds, down_block_additional_residuals=residuals[:-2],
+                                 mid_block_additional_residual=residuals[-1])
+
+
+def test_the_exported_unet_is_found_at_sizes_the_trace_did_not_see(tiny_pipe, ort_pipe):
+    """Traced at an odd latent size, the graph passes explicit up-sampling sizes: odd sizes work too."""
+    sample, embeds = torch.randn(1, 4, 9, 13), torch.randn(1, 77, 32)
+    with torch.inference_mode():
+        expected = tiny_pipe.model.unet_call(sample, torch.tensor(10.0), embeds)
+        got = ort_pipe.model.unet_call(sample, torch.tensor(10.0), embeds)
+    assert torch.allclose(expected, got, atol=1e-4)
+
+
+def test_stand_ins_refuse_weight_patching_loudly(ort_pipe):
+    unet = ort_pipe.model.unet
+    assert unet.config.in_channels == 4  # configs stay readable
+    assert not hasattr(unet, "down_blocks")  # hasattr works (an AttributeError) …
+    with pytest.raises(NotInExport, match="fused at export"):  # … and the message says what to do
+        _ = unet.down_blocks
+    assert isinstance(NotInExport("x"), UnsupportedFeature)
+    assert list(ort_pipe.model.unet.parameters()) == []  # the torch weights are gone
+
+
+def test_fp16_export_runs_close_to_torch(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
+    manifest = export_onnx(tiny_pipe.model, tmp_path / "fp16", fp16=True, components=("unet", "text_encoder", "vae_decoder"))
+    assert manifest.data["precision"] == "fp16"
+    assert manifest.components["unet"]["precision"] == "fp16"
+    assert {io["name"]: io["dtype"] for io in manifest.io("unet", "inputs")}["sample"] == "float16"
+    assert manifest.components["vae_decoder"]["precision"] == "fp32"  # --fp16-vae is separate
+    assert manifest.components["text_encoder"]["precision"] == "fp32"
+    pipe = load_with(tiny_sd_path, plugin_host, manifest.root)
+    assert np.abs(pixels(pipe.txt2img("a red circle", **GEN)) - pixels(tiny_pipe.txt2img("a red circle", **GEN))).max() <= 3
+
+
+# --- the manifest ------------------------------------------------------------------------------------
+
+
+def test_manifest_records_what_a_runtime_needs(tiny_pipe, onnx_dir):
+    data = json.loads((onnx_dir / MANIFEST_NAME).read_text())
+    assert data["format"] == "aipaint-onnx" and data["opset"] == 17 and data["precision"] == "fp32"
+    assert data["aipaint_version"] == aipaint.__version__
+    assert set(data["components"]) == {"unet", "text_encoder", "vae_decoder", "vae_encoder"}
+    assert data["model"]["model_hash"] == tiny_pipe.model.model_hash and data["model"]["model_hash"]
+    assert data["loras"] == []
+    unet_inputs = {io["name"]: io["shape"] for io in data["components"]["unet"]["inputs"]}
+    assert unet_inputs["sample"] == ["batch", 4, "height", "width"]
+    assert unet_inputs["encoder_hidden_states"] == ["batch", "sequence", 32]
+    assert unet_inputs["down_residual_2"] == ["batch", 32, "height/2", "width/2"]  # the first down-sampler
+    assert unet_inputs["mid_residual"] == ["batch", 64, "height/2", "width/2"]
+    assert len([n for n in unet_inputs if "residual" in n]) == len(residual_layout(tiny_pipe.model.unet))
+    assert data["components"]["vae_decoder"]["outputs"][0]["shape"] == ["batch", 3, "height*2", "width*2"]
+    for entry in data["components"].values():
+        for relative, record in entry["files"].items():
+            assert (onnx_dir / relative).stat().st_size == record["size"]
+
+
+def test_symbolic_shapes_resolve_and_bind():
+    values = {"batch": 2, "height": 9, "width": 12, "sequence": 154}
+    assert resolve_shape(["batch", 320, "height/2", "width*8", "sequence", 77], values) == (2, 320, 5, 96, 154, 77)
+    bound: dict[str, int] = {}
+    bind_symbols(["batch", 3, "height*8", "width*8"], (1, 3, 256, 512), bound)
+    assert bound == {"batch": 1, "height": 32, "width": 64}
+    with pytest.raises(ValueError, match="multiple of 8"):
+        bind_symbols(["batch", 3, "height*8", "width*8"], (1, 3, 250, 512), {})
+    with pytest.raises(ValueError, match="fixed"):
+        bind_symbols(["batch", 4], (1, 9), {})
+    with pytest.raises(ValueError, match="another input"):
+        bind_symbols(["batch"], (3,), {"batch": 2})
+
+
+def test_weight_probe_tolerates_dtype_changes_but_not_other_weights(tiny_pipe):
+    from aipaint_plugins.onnx_runtime.manifest import weights_probe
+
+    unet = tiny_pipe.model.unet
+    probe = weights_probe({"unet": unet})
+    assert probe_mismatch(probe, weights_probe({"unet": unet.to(torch.bfloat16)})) is None
+    unet.to(torch.float32)
+    shifted = {k: [v * 1.1 + 0.01 for v in vals] for k, vals in probe.items()}
+    assert "differ" in probe_mismatch(probe, shifted)
+
+
+# --- refusing bad folders ---------------------------------------------------------------------------
+
+
+def test_missing_folder_and_missing_option_say_what_to_do(tiny_sd_path, plugin_host, untouched_model, tmp_path):
+    with pytest.raises(ModelLoadError, match="aipaint export onnx"):
+        prepare_with(untouched_model, tmp_path / "nothing-here")
+    with pytest.raises(InvalidParameter, match="onnx_dir"):  # through aipaint.load, as users call it
+        aipaint.load(tiny_sd_path, host=plugin_host, runtime="onnxruntime")
+    with pytest.raises(InvalidParameter, match="accepts"):
+        prepare_with(untouched_model, tmp_path, onnx_folder="x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no manifest.json"):
+        prepare_with(untouched_model, tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / MANIFEST_NAME).write_text("{not json"), "not readable JSON"),
+        (lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)), "format_version 99"),
+        (lambda d: _edit_manifest(d, lambda m: m["components"].pop("unet")), "no unet"),
+        (lambda d: _edit_manifest(d, lambda m: m["components"]["unet"]["inputs"][0].update(shape=["rows"])),
+         "not a symbolic dimension"),
+        (lambda d: (d / "unet" / "model.onnx.data").unlink(), "incomplete: unet/model.onnx.data"),
+        (lambda d: _truncate(d / "vae_decoder" / "model.onnx.data"), "corrupt"),
+        (lambda d: _flip_byte(d / "unet" / "model.onnx.data"), "sha256 differs"),
+        (lambda d: _edit_manifest(d, lambda m: m["components"]["unet"]["files"].update({"../../etc/passwd": {"size": 1, "sha256": "0"}})),
+         "outside the folder"),
+    ],
+    ids=["bad-json", "future-version", "no-unet", "bad-shape", "missing-file", "truncated", "bit-flip", "escaping-path"],
+)
+def test_corrupt_folders_are_refused_with_a_reason(untouched_model, onnx_dir, tmp_path, damage, message):
+    folder = damaged_copy(onnx_dir, tmp_path)
+    damage(folder)
+    with pytest.raises(ModelLoadError, match=message) as caught:
+        prepare_with(untouched_model, folder)
+    assert "export onnx" in str(caught.value)
+
+
+def test_a_damaged_graph_that_passes_size_checks_is_still_refused(untouched_model, onnx_dir, tmp_path):
+    folder = damaged_copy(onnx_dir, tmp_path)
+    graph = folder / "vae_encoder" / "model.onnx"
+    graph.write_bytes(b"\0" * graph.stat().st_size)
+    with pytest.raises(ModelLoadError, match="could not open"):
+        prepare_with(untouched_model, folder, verify="size")
+
+
+def test_an_export_of_another_model_is_refused(tiny_sd_path, plugin_host, onnx_dir, tmp_path):
+    other = save_tiny_sd(tmp_path / "other", seed=1)  # same architecture, other weights
+    with pytest.raises(ModelLoadError, match="has hash") as caught:
+        load_with(other, plugin_host, onnx_dir)
+    assert "load the model it was exported from" in str(caught.value)
+    folder = damaged_copy(onnx_dir, tmp_path)
+    _edit_manifest(folder, lambda m: m["model"].update(model_hash=""))  # e.g. a model built in memory
+    with pytest.raises(ModelLoadError, match="weights differ"):
+        load_with(other, plugin_host, folder)
+    _edit_manifest(folder, lambda m: m["model"].update(structure_hash="0" * 64))
+    with pytest.raises(ModelLoadError, match="architecture differs"):
+        load_with(tiny_sd_path, plugin_host, folder)  # through aipaint.load: a user's view
+
+
+def test_the_weight_probe_alone_catches_another_model(tiny_pipe, tmp_path):
+    from aipaint_plugins.onnx_runtime.manifest import weights_probe
+
+    other = aipaint.load(save_tiny_sd(tmp_path / "other", seed=1))
+    assert probe_mismatch(weights_probe(tiny_pipe.model.modules()), weights_probe(other.model.modules()))
+
+
+def test_unavailable_providers_are_an_error_not_a_silent_cpu_run(untouched_model, onnx_dir):
+    with pytest.raises(ModelLoadError, match="onnxruntime-gpu"):
+        prepare_with(untouched_model, onnx_dir, providers="cuda")
+    with pytest.raises(InvalidParameter, match="providers"):
+        prepare_with(untouched_model, onnx_dir, providers="tpu")
+
+
+# --- export behaviour ------------------------------------------------------------------------------
+
+
+def test_export_never_leaves_a_half_written_folder(tiny_pipe, tmp_path, monkeypatch):
+    import aipaint_plugins.onnx_runtime.export as export_module
+
+    calls = []
+    real = export_module._export_component
+
+    def fail_second(plan, folder, opset):
+        calls.append(plan.name)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(plan, folder, opset)
+
+    monkeypatch.setattr(export_module, "_export_component", fail_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_onnx(tiny_pipe.model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_to_overwrite_without_asking(tiny_pipe, onnx_dir, tmp_path):
+    with pytest.raises(AipaintError, match="--overwrite"):
+        export_onnx(tiny_pipe.model, onnx_dir)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(AipaintError, match="not an aipaint export"):
+        export_onnx(tiny_pipe.model, tmp_path / "mine", overwrite=True)
+    with pytest.raises(InvalidParameter, match="components"):
+        export_onnx(tiny_pipe.model, tmp_path / "x", components=("vae_decoder",))
+
+
+def test_partial_export_keeps_the_rest_in_torch(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
+    manifest = export_onnx(tiny_pipe.model, tmp_path / "unet-only", components=("unet", "vae_decoder"))
+    pipe = load_with(tiny_sd_path, plugin_host, manifest.root)
+    assert type(pipe.model.text_encoder).__name__ == "CLIPTextModel"
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    a = pixels(tiny_pipe.img2img(image, "a red circle", denoising_strength=0.5, **GEN))
+    b = pixels(pipe.img2img(image, "a red circle", denoising_strength=0.5, **GEN))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_lora_is_fused_at_export_and_recorded(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
+    from safetensors.torch import save_file
+
+    pytest.importorskip("aipaint_plugins.lora")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(61)
+    up, down = torch.randn(64, 4, generator=g) * 1.5, torch.randn(4, 32, generator=g) * 1.5
+    base = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"
+    save_file({f"{base}.lora_up.weight": up, f"{base}.lora_down.weight": down, f"{base}.alpha": torch.tensor(4.0)},
+              str(folder / "strong.safetensors"))
+    target = tiny_pipe.model.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
+    before = target.weight.detach().clone()
+    manifest = export_onnx(tiny_pipe.model, tmp_path / "fused", loras=[LoraSpec.parse("strong:0.5")], lora_dir=folder,
+                           components=("unet", "vae_decoder"))
+    assert manifest.loras == [{"name": "strong", "weight": 0.5}]
+    fused = load_with(tiny_sd_path, plugin_host, manifest.root)
+    expected = pixels(tiny_pipe.txt2img("a cat <lora:strong:0.5>", extra={"lora_dir": str(folder)}, **GEN))
+    assert np.abs(pixels(fused.txt2img("a cat", **GEN)) - expected).max() <= 1
+    assert np.abs(pixels(tiny_pipe.txt2img("a cat", **GEN)) - expected).mean() > 1  # the LoRA mattered
+    assert torch.equal(target.weight, before)  # the torch model is the base model again
+    with pytest.raises(InvalidParameter):
+        LoraSpec.parse(":0.5")
+
+
+def test_cli_export_then_generate(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "cli-onnx"
+    assert cli_main(["export", "onnx", str(tiny_sd_path), "-o", str(out), "--components", "unet,vae_decoder"]) == 0
+    assert read_manifest(out).components.keys() == {"unet", "vae_decoder"}
+    png = tmp_path / "out.png"
+    code = cli_main(["generate", "a red circle", "-m", str(tiny_sd_path), "--runtime", "onnxruntime",
+                     "--runtime-option", f"onnx_dir={out}", "--steps", "2", "-W", "32", "-H", "32", "--seed", "1",
+                     "-o", str(png), "--no-progress"])
+    assert code == 0 and png.is_file()
+    assert cli_main(["export", "onnx", str(tiny_sd_path), "-o", str(out), "--components", "vae"]) == 2
+    assert "components" in capsys.readouterr().err
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    change(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

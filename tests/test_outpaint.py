@@ -1,0 +1,139 @@
+"""Outpainting: the canvas, its starting fill, the feathered seam, and the untouched original."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from image_modes_support import load_embedded, noise_image, pixels
+from PIL import Image
+
+from aipaint import imageutil
+from aipaint.errors import InvalidParameter
+from aipaint.image_modes import Extension
+from aipaint.infotext import Infotext
+
+FAST = {"steps": 4, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe(plugin_host):
+    return load_embedded(plugin_host)
+
+
+@pytest.mark.parametrize(
+    "left, top, right, bottom",
+    [(16, 0, 0, 0), (0, 8, 0, 0), (0, 0, 5, 0), (0, 0, 0, 13), (3, 7, 11, 2), (8, 0, 8, 0)],
+)
+def test_original_region_is_unchanged_and_new_area_is_painted(tiny_pipe, left, top, right, bottom):
+    image = noise_image(32, 24)
+    result = tiny_pipe.outpaint(image, "a red circle", left=left, top=top, right=right, bottom=bottom, **FAST)
+    out = pixels(result.image)
+    assert result.image.size == (32 + left + right, 24 + top + bottom)
+    assert np.array_equal(out[top : top + 24, left : left + 32], pixels(image))
+    new = np.ones(out.shape[:2], bool)
+    new[top : top + 24, left : left + 32] = False
+    canvas = pixels(imageutil.edge_extend(image, left, top, right, bottom, "edge"))
+    assert np.abs(out[new] - canvas[new]).mean() > 5  # generated, not just the starting fill
+
+
+def test_canvas_is_padded_to_the_grid_and_cropped_back():
+    extension = Extension(left=5)
+    padded = extension.padded_to((32, 30), 8)
+    assert (padded.left, padded.top, padded.right, padded.bottom) == (8, 0, 0, 2)
+    assert padded.canvas_size((32, 30)) == (40, 32)
+    both = Extension(left=3, right=3).padded_to((32, 32), 8)
+    assert (both.left, both.right) == (3, 5)
+
+
+@pytest.mark.parametrize("fill", ["edge", "blur", "noise"])
+def test_fills_start_the_new_area_sensibly(fill):
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    image.paste((30, 30, 200), (8, 0, 16, 16))  # red left half, blue right half
+    canvas = pixels(imageutil.edge_extend(image, 8, 0, 8, 0, fill, seed=1))
+    assert canvas.shape == (16, 32, 3)
+    assert np.array_equal(canvas[:, 8:24], pixels(image))
+    if fill == "edge":
+        assert (canvas[:, :8] == (200, 30, 30)).all() and (canvas[:, 24:] == (30, 30, 200)).all()
+    elif fill == "blur":  # nearer colours dominate: reddish on the left, bluish on the right
+        assert canvas[:, :8, 0].mean() > canvas[:, :8, 2].mean() and canvas[:, 24:, 2].mean() > canvas[:, 24:, 0].mean()
+    else:
+        assert canvas[:, :8].std() > 20
+        assert np.array_equal(canvas, pixels(imageutil.edge_extend(image, 8, 0, 8, 0, fill, seed=1)))
+        assert not np.array_equal(canvas, pixels(imageutil.edge_extend(image, 8, 0, 8, 0, fill, seed=2)))
+
+
+def test_feather_is_zero_on_the_original_and_ramps_inside_the_new_area():
+    mask = imageutil.outpaint_mask((32, 32), 0, 0, 32, 0)
+    feather = np.asarray(imageutil.feather_inside(mask, 4)).astype(int)
+    assert (feather[:, :32] == 0).all()
+    row = feather[16, 32:]
+    assert row[0] < 64 and row[-1] == 255 and (np.diff(row) >= 0).all()
+    assert np.array_equal(np.asarray(imageutil.feather_inside(mask, 0)), np.asarray(mask))
+
+
+def test_seam_starts_from_the_fill(tiny_pipe):
+    """Next to the original, the output is mostly the edge fill, so there is no hard seam."""
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    result = pixels(tiny_pipe.outpaint(image, "x", right=32, mask_blur=8, **FAST).image)
+    seam = np.abs(result[:, 32] - (90, 160, 60)).mean()
+    far = np.abs(result[:, 56:] - (90, 160, 60)).mean()
+    assert seam < 0.25 * far, (seam, far)
+
+
+def test_strength_and_blur_defaults_and_infotext(tiny_pipe):
+    result = tiny_pipe.outpaint(noise_image(), "x", right=8, **FAST)
+    info = Infotext.from_text(result.parameters).params
+    assert info["Denoising strength"] == "1" and info["Mask blur"] == "8" and info["Size"] == "40x32"
+    partial = tiny_pipe.outpaint(noise_image(), "x", right=8, denoising_strength=0.5, fill="blur", **FAST)
+    assert Infotext.from_text(partial.parameters).params["Denoising strength"] == "0.5"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "at least one side"),
+        ({"left": -4}, "left"),
+        ({"right": 2.5}, "right"),
+        ({"right": 4090}, "larger than 4096"),
+        ({"right": 8, "width": 64}, "width/height"),
+        ({"right": 8, "fill": "mirror"}, "fill"),
+    ],
+)
+def test_bad_extensions_are_refused(tiny_pipe, kwargs, message):
+    with pytest.raises(InvalidParameter, match=message):
+        tiny_pipe.outpaint(noise_image(), "x", **kwargs)
+
+
+def test_cli_outpaint(tiny_sd_path, tmp_path, capsys):
+    from aipaint.cli import main
+
+    noise_image().save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    args = ["-m", str(tiny_sd_path), "--no-progress", "--steps", "3", "--seed", "4"]
+    assert main(["outpaint", str(tmp_path / "in.png"), "a red circle", "--left", "8", "--bottom", "5", "--fill", "noise",
+                 "-o", str(out), *args]) == 0
+    image = Image.open(out)
+    assert image.size == (40, 37)
+    assert np.array_equal(pixels(image)[:32, 8:], pixels(noise_image()))
+    again = tmp_path / "again.png"
+    assert main(["outpaint", str(tmp_path / "in.png"), "--from-png", str(out), "--left", "8", "--bottom", "5", "--fill", "noise",
+                 "-o", str(again), "-m", str(tiny_sd_path), "--no-progress"]) == 0
+    assert np.array_equal(pixels(image), pixels(Image.open(again)))
+    capsys.readouterr()
+    assert main(["outpaint", str(tmp_path / "in.png"), "x", "-o", str(out), *args]) == 2
+    assert "at least one side" in capsys.readouterr().err
+
+
+def test_embedded_outpainting_keeps_the_original_and_continues_the_background(shapes_pipe):
+    from aipaint.world.render import render
+    from aipaint.world.scene import Scene, SceneObject
+
+    source = render(Scene("black", (SceneObject("square", "yellow", "big", "center", 16, 16, 14),)))
+    result = shapes_pipe.outpaint(source, "a big yellow square in the center, on a black background", left=16, right=16,
+                                  seed=2, batch_size=4)
+    for image in result.images:
+        out = pixels(image)
+        assert image.size == (64, 32)
+        assert np.array_equal(out[:, 16:48], pixels(source))
+        new = np.concatenate([out[:, :16], out[:, 48:]], axis=1)
+        assert new.mean() < 60, new.mean()  # the black background goes on

@@ -1,0 +1,148 @@
+"""The shapes world, its captions and the evaluator behind the default model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aipaint.world.evaluate import adherence, read_scene, summarize
+from aipaint.world.render import render
+from aipaint.world.scene import (
+    COLOURS,
+    HELDOUT_COLOUR,
+    HELDOUT_COMBOS,
+    SPLITS,
+    caption,
+    parse_caption,
+    random_scene,
+    scene_split,
+)
+
+
+def _scenes(n_per_split: int, seed: int = 123):
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng, split) for split in SPLITS for _ in range(n_per_split)]
+
+
+def test_random_scene_is_deterministic():
+    a = [random_scene(np.random.default_rng(7), "train").caption for _ in range(3)]
+    assert len(set(a)) == 1
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    for split in SPLITS:
+        s1, s2 = random_scene(r1, split), random_scene(r2, split)
+        assert s1 == s2
+        assert np.array_equal(np.asarray(render(s1)), np.asarray(render(s2)))
+
+
+def test_render_is_32px_rgb_and_antialiased():
+    s = random_scene(np.random.default_rng(0), "train")
+    im = render(s)
+    assert im.size == (32, 32) and im.mode == "RGB"
+    arr = np.asarray(im).reshape(-1, 3)
+    assert len(np.unique(arr, axis=0)) > 2 * len(s.objects) + 1  # edge blends exist
+
+
+def test_heldout_never_in_train_split():
+    rng = np.random.default_rng(0)
+    for _ in range(5000):
+        s = random_scene(rng, "train")
+        text = s.caption
+        assert HELDOUT_COLOUR not in text
+        for o in s.objects:
+            assert o.colour != HELDOUT_COLOUR
+            assert (o.colour, o.shape) not in HELDOUT_COMBOS
+            assert f"{o.colour} {o.shape}" in text
+        for colour, shape in HELDOUT_COMBOS:
+            assert f"{colour} {shape}" not in text
+        assert scene_split(s) == "train"
+
+
+@pytest.mark.parametrize("split", ["heldout_combo", "heldout_colour"])
+def test_heldout_splits_contain_what_they_promise(split):
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        s = random_scene(rng, split)
+        assert scene_split(s) == split
+
+
+def test_scene_rules():
+    rng = np.random.default_rng(2)
+    n_objs = []
+    for _ in range(2000):
+        s = random_scene(rng, SPLITS[_ % 3])
+        n_objs.append(len(s.objects))
+        for o in s.objects:
+            assert COLOURS[o.colour] != (255, 255, 255) and o.colour in COLOURS
+        if len(s.objects) == 2:
+            assert {o.position for o in s.objects} in ({"left", "right"}, {"top", "bottom"})
+            a, b = s.objects
+            gap = max(abs(a.cx - b.cx), abs(a.cy - b.cy)) - (a.extent + b.extent) / 2
+            assert gap >= 1.0  # never overlapping or touching
+    assert 0.4 < np.mean(np.array(n_objs) == 1) < 0.6
+
+
+def test_captions_round_trip():
+    for s in _scenes(300, seed=3):
+        p = parse_caption(caption(s))
+        assert p.background == s.background
+        assert sorted(p.objects) == sorted(o.attrs() for o in s.objects)
+    assert caption(random_scene(np.random.default_rng(0), "train", n_objects=1)).count(" background") == 1
+    p = parse_caption("a big orange cross in the centre, on a grey background")
+    assert p.background == "gray" and p.objects == (("cross", "orange", "big", "center"),)
+    p = parse_caption("a small green cross at the top and a big blue square at the bottom, on a black background")
+    assert p.objects == (("cross", "green", "small", "top"), ("square", "blue", "big", "bottom"))
+
+
+def test_evaluator_reads_ground_truth():
+    scenes = _scenes(170, seed=11)  # 510 renders over all splits
+    right = total = 0
+    for s in scenes:
+        r = read_scene(render(s))
+        total += 1 + 4 * len(s.objects)
+        right += r.background == s.background
+        want = sorted(o.attrs() for o in s.objects)
+        got = sorted(o.attrs() for o in r.objects)
+        if len(got) == len(want):
+            right += sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
+    assert right / total >= 0.99, right / total
+
+
+def test_evaluator_any_size_and_blur():
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(12)
+    ok = 0
+    scenes = [random_scene(rng, "train") for _ in range(40)]
+    for s in scenes:
+        im = render(s, size=128).filter(ImageFilter.GaussianBlur(2))
+        ok += adherence(im, s.caption).score
+    assert ok / len(scenes) > 0.95
+
+
+def test_adherence():
+    scenes = _scenes(30, seed=13)
+    scores = []
+    for i, s in enumerate(scenes):
+        im = render(s)
+        own = adherence(im, s.caption)
+        assert own.score == 1.0 and own.all_correct and own.matched == own.total == 1 + 4 * len(s.objects)
+        scores.append(own)
+        other = scenes[(i + 7) % len(scenes)]
+        if other.caption != s.caption:
+            assert adherence(im, other.caption).score < 1.0
+    summ = summarize(scores)
+    assert summ["score"] == 1.0 and summ["all_correct"] == 1.0
+
+
+def test_adherence_details_are_honest():
+    rng = np.random.default_rng(14)
+    s = random_scene(rng, "train", n_objects=1)
+    im = render(s)
+    o = s.objects[0]
+    wrong_bg = next(b for b in ("white", "black", "gray") if b != s.background)
+    text = caption(type(s)(wrong_bg, s.objects))
+    a = adherence(im, text)
+    assert (a.matched, a.total) == (4, 5) and not a.all_correct
+    # asking for two objects when one is drawn: the missing one scores nothing
+    two = f"a {o.size} {o.colour} {o.shape} on the left and a big red square on the right, on a {s.background} background"
+    b = adherence(im, two)
+    assert b.total == 9 and b.matched <= 1 + 4 + 1 and b.details["n_found"] == 1

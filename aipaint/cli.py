@@ -171,7 +171,7 @@ def _generation_request(args: argparse.Namespace) -> Any:
         kwargs["prompt"] = mj.prompt
         if mj.negative:
             kwargs["negative_prompt"] = ", ".join(p for p in (kwargs.get("negative_prompt", ""), mj.negative) if p)
-        for name in ("width", "height", "seed"):
+        for name in ("width", "height", "seed", "steps"):
             value = getattr(mj, name, None)
             if value is not None and getattr(args, name) is None:
                 kwargs[name] = value

@@ -39,7 +39,12 @@ def load_state_dict(path: Path | str, *, allow_pickle: bool = False) -> dict[str
     import torch
 
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # memory-map zip-format checkpoints so identifying a 4 GB file costs no RAM
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(f"could not load {path} safely with weights_only=True: {exc}") from exc
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):

@@ -20,6 +20,7 @@ STEPS_RANGE = (1, 1000)
 CFG_RANGE = (1.0, 30.0)
 BATCH_RANGE = (1, 64)
 CLIP_SKIP_RANGE = (1, 12)
+MAX_PROMPT_CHARS = 20_000  # emphasis parsing is quadratic in unclosed brackets (as in A1111)
 NORMALIZATIONS = ("a1111", "none")
 MASK_BLUR_RANGE = (0, 64)
 PADDING_RANGE = (0, 256)
@@ -96,6 +97,10 @@ class GenerationRequest:
             raise InvalidParameter("prompt", self.prompt, "must be a string")
         if not isinstance(self.negative_prompt, str):
             raise InvalidParameter("negative_prompt", self.negative_prompt, "must be a string")
+        for name in ("prompt", "negative_prompt"):
+            length = len(getattr(self, name))
+            if length > MAX_PROMPT_CHARS:
+                raise InvalidParameter(name, f"<{length} characters>", f"must be at most {MAX_PROMPT_CHARS} characters")
         if self.steps is not None:
             _check_range("steps", self.steps, *STEPS_RANGE, int)
         if self.cfg_scale is not None:

@@ -120,7 +120,6 @@ def run_postprocessors(
     """
     from aipaint.errors import UnknownName, UnsupportedFeature
     from aipaint.plugins import default_host
-    from aipaint.registry import normalise_name
 
     host = host or (pipeline.host if pipeline is not None else default_host())
     catalogue = host.registry.postprocessors
@@ -129,9 +128,8 @@ def run_postprocessors(
         if spec.needs_model and pipeline is None:
             raise UnsupportedFeature(f"post-processor {spec.name!r} diffuses with a model: load one (-m/--model) first")
         if spec.options:
-            allowed = {normalise_name(o) for o in spec.options + RESERVED_OPTIONS}
-            for key in step.options:
-                if normalise_name(key) not in allowed:
+            for key in step.options:  # exact names: a near miss must not pass and then be ignored
+                if key not in spec.options + RESERVED_OPTIONS:
                     raise UnknownName(f"{spec.name} option", key, list(spec.options))
     info: dict[str, str] = {}
     for spec, step in resolved:

@@ -145,8 +145,13 @@ def fetch(card: ModelCard) -> Path:
     raise ModelLoadError(f"zoo card {card.id!r} has an unknown source kind {kind!r}")
 
 
-def download_from_hub(repo: str, filename: str | None = None, card: ModelCard | None = None) -> Path:
-    """Download one file (verified against the card's sha256) or a diffusers folder."""
+def download_from_hub(
+    repo: str, filename: str | None = None, card: ModelCard | None = None, patterns: list[str] | None = None
+) -> Path:
+    """Download one file (verified against the card's sha256) or a diffusers folder.
+
+    ``patterns`` narrows a folder download (e.g. a cascade stage that reuses another
+    stage's text encoder need not fetch its own copy)."""
     try:
         import huggingface_hub
     except ImportError as exc:  # pragma: no cover - a dependency of diffusers
@@ -158,9 +163,11 @@ def download_from_hub(repo: str, filename: str | None = None, card: ModelCard | 
             _verify(path, expected)
             return path
         # Configs, tokenizers and the full-precision safetensors weights of each component.
-        patterns = ["*.json", "*.txt", "*.model", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
-                    # big components (IF's T5-XXL) are published as shards with an index
-                    "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model-*-of-*.safetensors"]
+        patterns = patterns or [
+            "*.json", "*.txt", "*.model", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
+            # big components (a T5-XXL text encoder) are published as shards with an index
+            "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model-*-of-*.safetensors",
+        ]
         return Path(huggingface_hub.snapshot_download(repo, allow_patterns=patterns))
     except DownloadError:
         raise

@@ -213,9 +213,9 @@ def bench_unclip(size: int) -> dict[str, Any]:
         hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
         hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)))
     prior = build(lambda: PriorTransformer(), 1)
-    text_proj = build(lambda: UnCLIPTextProjModel(), 2)
+    text_proj = build(lambda: UnCLIPTextProjModel(time_embed_dim=4 * 384, cross_attention_dim=2048), 2)
     decoder = build(lambda: UNet2DConditionModel(
-        sample_size=64, in_channels=3, out_channels=6, layers_per_block=3, block_out_channels=(320, 640, 960, 1280),
+        sample_size=64, in_channels=3, out_channels=6, layers_per_block=3, block_out_channels=(384, 768, 1152, 1536),
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
                           "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",

@@ -22,11 +22,19 @@ import gc
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from _runtime_bench import Report, environment, median_time, random_sd15_model, relative_error, tiny_model_folder
+from _runtime_bench import (
+    Report,
+    environment,
+    median_time,
+    random_sd15_model,
+    relative_error,
+    tiny_model_folder,
+)
 
 PROMPT = "a big red circle on the left, on a white background"
 
@@ -66,7 +74,7 @@ def full_size_unet(report: Report, work: Path, latent: int, batch: int, repeats:
     ort_time = median_time(ort_call, repeats)
     error = relative_error(reference, ort_out)
     report("")
-    report("| runtime | s / UNet call (median of %d) | vs torch |" % repeats)
+    report(f"| runtime | s / UNet call (median of {repeats}) | vs torch |")
     report("|---|---|---|")
     report(f"| torch eager | {torch_time:.2f} | 1.00× (reference) |")
     report(f"| ONNX Runtime CPU | {ort_time:.2f} | {torch_time / ort_time:.2f}× faster |")
@@ -74,15 +82,14 @@ def full_size_unet(report: Report, work: Path, latent: int, batch: int, repeats:
     verdict = "within" if error <= 1e-3 else "ABOVE"
     report(f"max relative error of ONNX Runtime vs torch: {error:.2e} ({verdict} the 1e-3 target)")
     report("")
-    del model, reference, ort_out
-    gc.collect()
     shutil.rmtree(onnx_dir, ignore_errors=True)
 
 
 def whole_txt2img(report: Report, work: Path, label: str, source: str | Path, size: int, steps: int, repeats: int,
                   threads: int) -> None:
-    import aipaint
     from aipaint_plugins.onnx_runtime.export import export_onnx
+
+    import aipaint
 
     torch_pipe = aipaint.load(source)
     onnx_dir = export_onnx(torch_pipe.model, work / f"{label}-onnx").root
@@ -111,6 +118,7 @@ def main() -> None:
     parser.add_argument("--save", default="onnx_vs_torch.txt", help="file name under benchmarks/results ('' to not save)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
     report = Report()
     report("# ONNX Runtime vs torch eager on the CPU")
     report(environment())
@@ -122,7 +130,7 @@ def main() -> None:
         if not args.skip_pipelines:
             from aipaint import zoo
 
-            report("## 2. Whole txt2img, per image (median of %d), CFG on" % args.repeats)
+            report(f"## 2. Whole txt2img, per image (median of {args.repeats}), CFG on")
             report("")
             report("| model | torch eager s | ONNX Runtime s | speed-up | max pixel diff (0-255) |")
             report("|---|---|---|---|---|")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from aipaint_plugins import deepcache
-from aipaint_plugins.deepcache import DeepCacheSettings, DeepCacheUNet, check_patchable_unet
+from aipaint_plugins.deepcache import DeepCacheSettings, DeepCacheUNet, check_patchable_unet, skip_layout
 from aipaint_plugins.onnx_runtime.export import residual_layout
 
 from aipaint.adapters import AdapterUnit
@@ -26,8 +26,9 @@ def unit(**options) -> tuple[AdapterUnit, ...]:
     return (AdapterUnit("deepcache", options),)
 
 
+@pytest.mark.parametrize("branch", range(4))  # every skip connection of the tiny UNet
 @pytest.mark.parametrize("size", [16, 18])  # 18: not a multiple of the up-sampling factor (explicit sizes)
-def test_the_shallow_branch_reproduces_the_full_unet_given_fresh_deep_features(tiny_pipe, size):
+def test_the_shallow_branch_reproduces_the_full_unet_given_fresh_deep_features(tiny_pipe, size, branch):
     unet = tiny_pipe.model.unet
     g = torch.Generator().manual_seed(size)
     x, embeds = torch.randn(2, 4, size, size, generator=g), torch.randn(2, 77, 32, generator=g)
@@ -35,7 +36,7 @@ def test_the_shallow_branch_reproduces_the_full_unet_given_fresh_deep_features(t
                  for channels, level in residual_layout(unet)]  # what a ControlNet hands the UNet
     control = {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
     for kwargs in ({}, control):
-        wrapper = DeepCacheUNet(unet, DeepCacheSettings(interval=10))
+        wrapper = DeepCacheUNet(unet, DeepCacheSettings(interval=10, branch=branch))
         try:
             with torch.inference_mode():
                 full = unet(x, torch.tensor(400.0), encoder_hidden_states=embeds, **kwargs).sample
@@ -75,11 +76,18 @@ def test_the_unet_is_restored_after_generation_and_after_an_error(tiny_pipe):
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"interval": 0}, "interval"), ({"interval": 2.5}, "interval"), ({"branch": 1}, "from 0 to 0"), ({"depth": 1}, "options are")],
+    [({"interval": 0}, "interval"), ({"interval": 2.5}, "interval"), ({"branch": 4}, "from 0 to 3"), ({"depth": 1}, "options are")],
 )
 def test_bad_options_are_refused(tiny_pipe, options, message):
     with pytest.raises(InvalidParameter, match=message):
         tiny_pipe.txt2img("a red circle", adapters=unit(**options), **GEN)
+
+
+def test_skip_layout_matches_the_unet(tiny_pipe):
+    """conv_in, down block 0 (one layer + down-sampler), down block 1 (one layer); consumed deepest first."""
+    layout = skip_layout(tiny_pipe.model.unet)
+    assert [(s.channels, s.down_block, s.down_layer) for s in layout] == [(32, -1, 0), (32, 0, 0), (32, 0, -1), (64, 1, 0)]
+    assert [(s.up_block, s.up_layer) for s in layout] == [(1, 1), (1, 0), (0, 1), (0, 0)]
 
 
 def test_other_runtimes_and_compiled_unets_are_refused():
@@ -88,3 +96,21 @@ def test_other_runtimes_and_compiled_unets_are_refused():
     compiled = SimpleNamespace(runtime="torch", unet=SimpleNamespace(_compiled_call_impl=object()))
     with pytest.raises(UnsupportedFeature, match="torch.compile"):
         check_patchable_unet(compiled, "DeepCache")
+
+
+def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_path, capsys):
+    from PIL import Image
+
+    from aipaint.cli import main as cli_main
+    from aipaint.infotext import read_png_parameters
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["-m", str(tiny_sd_path), "--no-progress"]
+    assert cli_main(["generate", "a red circle", "--deepcache", "3:1", "--steps", "4", "-W", "32", "-H", "32",
+                     "--seed", "1", "-o", str(first), *common]) == 0
+    assert 'DeepCache: "interval 3, branch 1"' in read_png_parameters(first)
+    assert cli_main(["generate", "--from-png", str(first), "-o", str(again), *common]) == 0
+    assert 'DeepCache: "interval 3, branch 1"' in read_png_parameters(again)
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert cli_main(["generate", "a red circle", "--deepcache", "three", *common, "-o", str(first)]) == 2
+    assert "--deepcache" in capsys.readouterr().err

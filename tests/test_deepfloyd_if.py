@@ -223,6 +223,7 @@ def test_zoo_cards_chain_the_three_published_stages():
     card = zoo.get("deepfloyd-if-i-xl-v1.0")
     assert card.family == "deepfloyd-if" and card.source == {"kind": "hub", "repo": "DeepFloyd/IF-I-XL-v1.0"}
     assert [s["repo"] for s in card.data["stages"]] == ["DeepFloyd/IF-II-L-v1.0", "stabilityai/stable-diffusion-x4-upscaler"]
+    assert "allow_patterns" not in card.data["stages"][1]  # the upscaler needs its own CLIP text encoder
     assert [d["steps"] for d in card.data["stage_defaults"]] == [100, 50, 75]
     assert "DeepFloyd" in card.license
 
@@ -236,8 +237,10 @@ def test_card_stages_are_fetched_through_the_zoo_download(monkeypatch, if_paths,
 
     fetched = []
 
-    def fake_download(repo, filename=None, card=None):
+    def fake_download(repo, filename=None, card=None, patterns=None):
         fetched.append(repo)
+        if repo.endswith("IF-II-L-v1.0"):  # stage II reuses stage I's T5: only its UNet and configs
+            assert patterns and not any("text_encoder" in p or p.startswith("*/model") for p in patterns)
         return if_paths["stage2"] if repo.endswith("IF-II-L-v1.0") else if_paths["stage3"]
 
     monkeypatch.setattr(zoo, "download_from_hub", fake_download)
@@ -247,3 +250,9 @@ def test_card_stages_are_fetched_through_the_zoo_download(monkeypatch, if_paths,
     assert fetched == ["DeepFloyd/IF-II-L-v1.0", "stabilityai/stable-diffusion-x4-upscaler"]
     assert [s.kind for s in model.stages] == ["base", "super_resolution", "upscaler"]
     assert [s.defaults.steps for s in model.stages] == [100, 50, 75]
+
+
+def test_progress_counts_the_steps_of_every_stage(cascade):
+    calls = []
+    cascade.txt2img(PROMPT, seed=1, stages=2, steps=2, stage2_steps=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(1, 6)]

@@ -132,6 +132,21 @@ def test_the_exported_unet_is_found_at_sizes_the_trace_did_not_see(tiny_pipe, or
     assert torch.allclose(expected, got, atol=1e-4)
 
 
+def test_sdxl_exports_both_text_encoders_and_its_extra_unet_inputs(plugin_host, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from test_sdxl import build_tiny_sdxl_components
+
+    folder = tmp_path / "sdxl"
+    StableDiffusionXLPipeline(**build_tiny_sdxl_components()).save_pretrained(folder)
+    reference = aipaint.load(folder, host=plugin_host)
+    manifest = export_onnx(reference.model, tmp_path / "sdxl-onnx", components=("unet", "text_encoder", "vae_decoder"))
+    assert set(manifest.components) == {"unet", "text_encoder", "text_encoder_2", "vae_decoder"}
+    assert [io["name"] for io in manifest.io("unet", "inputs")][3:5] == ["text_embeds", "time_ids"]
+    pipe = load_with(folder, plugin_host, manifest.root)
+    params = dict(seed=1, steps=3, width=64, height=64)
+    assert np.abs(pixels(pipe.txt2img("a red circle", **params)) - pixels(reference.txt2img("a red circle", **params))).max() <= 1
+
+
 def test_stand_ins_refuse_weight_patching_loudly(ort_pipe):
     unet = ort_pipe.model.unet
     assert unet.config.in_channels == 4  # configs stay readable
@@ -192,10 +207,12 @@ def test_symbolic_shapes_resolve_and_bind():
 def test_weight_probe_tolerates_dtype_changes_but_not_other_weights(tiny_pipe):
     from aipaint_plugins.onnx_runtime.manifest import weights_probe
 
+    import copy
+
     unet = tiny_pipe.model.unet
     probe = weights_probe({"unet": unet})
-    assert probe_mismatch(probe, weights_probe({"unet": unet.to(torch.bfloat16)})) is None
-    unet.to(torch.float32)
+    assert probe_mismatch(probe, weights_probe({"unet": copy.deepcopy(unet).to(torch.bfloat16)})) is None
+    assert probe_mismatch(probe, weights_probe({"unet": copy.deepcopy(unet).half()})) is None
     shifted = {k: [v * 1.1 + 0.01 for v in vals] for k, vals in probe.items()}
     assert "differ" in probe_mismatch(probe, shifted)
 

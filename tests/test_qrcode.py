@@ -130,3 +130,19 @@ def test_qr_command_carries_a_code_in_a_picture(tmp_path, astronaut):
     assert main(["qr", URL, "--image", str(source), "-o", str(out)]) == 0
     assert decodes_to(Image.open(out), URL)
     assert main(["qr", "x" * 2000, "--image", str(source), "-o", str(out)]) == 2
+
+
+def test_every_qr_picture_from_the_embedded_model_decodes(plugin_host, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    if not (Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny" / "unet").is_dir():
+        pytest.skip("the embedded shapes-tiny model is not trained yet (zoo/models/shapes-tiny)")
+    import aipaint
+
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    pipe = aipaint.load(host=plugin_host)
+    results = qr_art(pipe, "aipaint", "a big red circle in the center, on a white background", size=64, steps=12,
+                     seed=1, batch_size=2)
+    for art, _ in results:
+        assert decodes_to(art.image, "aipaint")
+        assert art.lowest_contribution < 1.0  # the art carried part of the code: not just the plain code

@@ -90,3 +90,24 @@ def test_sticker_post_processor_and_command_save_a_transparent_png(plugin_host, 
     saved = Image.open(target)
     assert saved.mode == "RGBA" and np.asarray(saved)[0, 0, 3] == 0
     assert "Sticker" in read_png_parameters(target)
+
+
+def test_sticker_of_a_picture_from_the_embedded_model(plugin_host):
+    """The embedded model draws a shape on a plain background; the sticker keeps the shape."""
+    from pathlib import Path
+
+    if not (Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny" / "unet").is_dir():
+        pytest.skip("the embedded shapes-tiny model is not trained yet (zoo/models/shapes-tiny)")
+    import aipaint
+    from aipaint.world.evaluate import read_scene
+
+    pipe = aipaint.load(host=plugin_host)
+    picture = pipe.txt2img("a big blue square in the center, on a white background", seed=2, steps=12).image
+    sticker, mask = make_sticker(picture, outline_width=1, padding=0)
+    alpha = np.asarray(sticker)[..., 3]
+    assert alpha[0, 0] == alpha[0, -1] == alpha[-1, 0] == alpha[-1, -1] == 0
+    reading = read_scene(picture)
+    assert reading.objects, "the model drew nothing to cut out"
+    cx, cy = (int(v) for v in (reading.objects[0].cx, reading.objects[0].cy))
+    assert alpha[cy, cx] == 255  # the drawn square is opaque
+    assert 0.05 < mask.mean() < 0.7

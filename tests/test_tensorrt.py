@@ -19,7 +19,12 @@ from aipaint_plugins.tensorrt_runtime.build import (
     read_engine_manifest,
 )
 from aipaint_plugins.tensorrt_runtime.profiles import ProfileSettings, component_profiles, shape_in_profile
-from aipaint_plugins.tensorrt_runtime.runtime import TrtOptions, check_device, check_engine_folder, unavailable
+from aipaint_plugins.tensorrt_runtime.runtime import (
+    TrtOptions,
+    check_device,
+    check_engine_folder,
+    unavailable,
+)
 
 import aipaint
 from aipaint.cli import main as cli_main
@@ -168,7 +173,6 @@ def test_cli_export_tensorrt_explains_what_is_missing(tmp_path, capsys):
 @NEEDS_TRT
 def test_build_run_and_refit_engines(tiny_sd_path, plugin_host, tmp_path):  # pragma: no cover - needs a GPU
     import numpy as np
-
     from aipaint_plugins.tensorrt_runtime.build import build_engines, refit_engines
 
     reference = aipaint.load(tiny_sd_path, host=plugin_host, device="cuda")

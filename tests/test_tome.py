@@ -102,3 +102,20 @@ def test_restored_even_when_generation_fails(tiny_pipe, monkeypatch):
 def test_bad_options_are_refused(tiny_pipe, options, message):
     with pytest.raises(InvalidParameter, match=message):
         tiny_pipe.txt2img("a red circle", adapters=(AdapterUnit("tome", options),), **GEN)
+
+
+def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_path, capsys):
+    from PIL import Image
+
+    from aipaint.cli import main as cli_main
+    from aipaint.infotext import read_png_parameters
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["-m", str(tiny_sd_path), "--no-progress"]
+    assert cli_main(["generate", "a red circle", "--tome", "0.4:2", "--steps", "3", "-W", "32", "-H", "32",
+                     "--seed", "1", "-o", str(first), *common]) == 0
+    assert 'ToMe: "ratio 0.4, max downsample 2"' in read_png_parameters(first)
+    assert cli_main(["generate", "--from-png", str(first), "-o", str(again), *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert cli_main(["generate", "a red circle", "--tome", "half", *common, "-o", str(first)]) == 2
+    assert "--tome" in capsys.readouterr().err

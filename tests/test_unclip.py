@@ -213,7 +213,7 @@ def test_the_cards_image_encoder_is_fetched_through_the_zoo_download(monkeypatch
 
     fetched = []
 
-    def fake_download(repo, filename=None, card=None):
+    def fake_download(repo, filename=None, card=None, patterns=None):
         fetched.append(repo)
         return unclip_paths["variations"]
 

@@ -140,6 +140,32 @@ def test_pixel_and_model_upscalers_reach_the_exact_size(upscaler_folder, photo):
     assert np.abs(np.asarray(out, dtype=float) - lanczos).mean() > 5
 
 
+def test_upscaler_from_a_zoo_card(tmp_path, monkeypatch, photo):
+    import json
+
+    from safetensors.torch import save_file
+
+    from aipaint import zoo
+
+    weights = tmp_path / "weights" / "tiny-compact.safetensors"
+    weights.parent.mkdir()
+    save_file(_compact(2), str(weights))
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    card = {"id": "tiny-esrgan-x2", "family": "upscaler", "source": {"kind": "local", "path": str(weights)}}
+    (cards / "tiny-esrgan-x2.json").write_text(json.dumps(card))
+    monkeypatch.setenv("AIPAINT_ZOO_PATH", str(cards))
+    monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(tmp_path / "empty"))
+    zoo._cards.cache_clear()
+    try:
+        upscaler = get_upscaler("tiny-esrgan-x2")
+        assert upscaler.kind == "model" and upscaler.path == weights
+        assert upscaler.upscale(photo, (192, 192)).size == (192, 192)
+    finally:
+        monkeypatch.delenv("AIPAINT_ZOO_PATH")
+        zoo._cards.cache_clear()
+
+
 def test_unknown_upscaler_lists_the_valid_ones(upscaler_folder):
     with pytest.raises(UnknownName) as info:
         get_upscaler("4x-nothing")

@@ -182,6 +182,9 @@ def save_atomic(out: Path, pipe, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    from aipaint.world.pack import pack_text_encoder
+
+    pack_text_encoder(tmp)  # ship-size: the token table in float16
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     old = out.parent / f".{out.name}.old"
     if old.exists():

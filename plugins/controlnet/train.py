@@ -1,7 +1,7 @@
 """Train the embedded model's layout ControlNet ``shapes-tiny-controlnet-layout``.
 
     python -m aipaint_plugins.controlnet.train --base zoo/models/shapes-tiny \\
-        --out zoo/models/shapes-tiny-controlnet-layout --minutes 12 --threads 2
+        --out zoo/models/shapes-tiny-controlnet-layout --minutes 13 --threads 2
 
 Recipe: a ``ControlNetModel.from_unet`` copy of the frozen base UNet's encoder (small
 conditioning embedding, ``(16, 32, 64)``: control images at the 32-pixel image size, 4×
@@ -96,7 +96,8 @@ def write_card(path: Path, record: dict[str, Any], out: Path) -> None:
         "usage": "AdapterUnit('controlnet', {'model': 'shapes-tiny-controlnet-layout', 'image': ..., 'preprocessor': 'canny'})",
         "recipe": record["recipe"],
         "command": record["command"],
-        "training": {k: record[k] for k in ("steps", "minutes", "final_loss", "params", "size_bytes") if k in record},
+        "training": {k: record[k] for k in ("steps", "minutes", "final_loss", "params", "size_bytes", "base_unet_sha256")
+                     if k in record},
         "results": record.get("evaluation", {}),
         "evaluation": previous.get("evaluation", "pending: run benchmarks/controlnet_layout.py --record"),
     }
@@ -111,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="zoo/models/shapes-tiny", help="the base model folder (diffusers layout)")
     ap.add_argument("--out", default="zoo/models/shapes-tiny-controlnet-layout")
     ap.add_argument("--card", default="zoo/cards/shapes-tiny-controlnet-layout.json", help="zoo card to write ('' for none)")
-    ap.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget")
+    ap.add_argument("--minutes", type=float, default=13.0, help="training wall-clock budget")
     ap.add_argument("--steps", type=int, default=0, help="fixed number of steps (overrides --minutes)")
     ap.add_argument("--pool", type=int, default=12000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--no-position", type=float, default=0.5, help="fraction of captions without positions")
     ap.add_argument("--drop-text", type=float, default=0.1, help="fraction of empty captions")
-    ap.add_argument("--eval-cases", type=int, default=40)
+    ap.add_argument("--eval-cases", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if schedule.config.prediction_type != "v_prediction":
         log(f"warning: the base model predicts {schedule.config.prediction_type}; training targets follow it")
     unet.set_attn_processor(AttnProcessor())
+    from aipaint.hashing import sha256_file
+
+    # The ControlNet is tied to these weights: a retrained base model needs a retrained ControlNet.
+    record["base_unet_sha256"] = sha256_file(base / "unet" / "diffusion_pytorch_model.safetensors")
 
     # 2. Data: renders → latents, Canny maps, token ids of both caption kinds.
     t0 = time.time()

@@ -1,12 +1,14 @@
 """DeepCache: reuse the UNet's deep features between neighbouring steps (opt-in).
 
 Ma, Fang and Wang, "DeepCache: Accelerating Diffusion Models for Free" (CVPR 2024):
-the high-level features that the deep part of a UNet hands to its last up-blocks change
-little from one denoising step to the next, while the shallow skip branch carries the
-detail. So every ``interval`` UNet calls the whole UNet runs and the input of the
-up-block that closes the shallow branch is kept; the calls in between run only the
-shallow branch — ``conv_in``, the first ``branch + 1`` down-blocks, the last
-``branch + 1`` up-blocks fed with the cached feature, and the output layers.
+the high-level features that the deep part of a UNet hands back up change little from
+one denoising step to the next, while the shallow skip connections carry the detail.
+So every ``interval`` UNet calls the whole UNet runs, and the feature entering the
+up-layer that consumes skip connection number ``branch`` is kept; the calls in between
+recompute only the shallow branch: ``conv_in`` and the down layers that make skips
+``0…branch``, then the up layers that consume them, fed with the kept feature, and the
+output layers. Skips are numbered from the shallowest: 0 is ``conv_in``'s output, 1 the
+first down layer's, and so on (12 in SD1.5); ``branch=0`` recomputes the least.
 
 Opt in per generation with an adapter unit::
 
@@ -15,24 +17,28 @@ Opt in per generation with an adapter unit::
 
 An adapter unit (rather than a request field) because that is aipaint's one seam for
 "something that changes how the loop's networks behave for this generation and is
-restored afterwards", it composes with the other adapters, and it records itself in
-the A1111 infotext (``DeepCache: interval 3, branch 0``). The UNet's ``forward`` is
-wrapped on activation and restored on exit, even on error. Needs the eager torch
-runtime: an exported UNet (ONNX, TensorRT) has no deep features to cache.
+restored afterwards", it composes with the other adapters (ControlNet residuals are
+added to the recomputed skips), and it records itself in the A1111 infotext
+(``DeepCache: interval 3, branch 0``). The UNet's ``forward`` is wrapped on activation
+and restored on exit, even on error. Needs the eager torch runtime: an exported UNet
+(ONNX, TensorRT) has no deep features to keep.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterSpec
+from aipaint.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
 
     from aipaint.adapters import AdapterContext
@@ -56,8 +62,8 @@ class DeepCacheSettings:
             raise InvalidParameter("deepcache interval", interval, "a whole number of UNet calls from 1 to 100",
                                    "1 runs the whole UNet every call (no caching)")
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= max_branch:
-            raise InvalidParameter("deepcache branch", branch, f"a block index from 0 to {max_branch} for this UNet",
-                                   "0 caches the most, and is the fastest")
+            raise InvalidParameter("deepcache branch", branch, f"a skip-connection index from 0 to {max_branch} for this UNet",
+                                   "0 recomputes the least, and is the fastest")
         return cls(interval, branch)
 
 
@@ -67,22 +73,71 @@ class DeepCacheStats:
     cached_calls: int = 0
 
 
+@dataclass(frozen=True)
+class Skip:
+    """One skip connection of the UNet: who makes it (down path) and who consumes it (up path)."""
+
+    channels: int
+    down_block: int  # -1: conv_in
+    down_layer: int  # index among the block's layers; -1 for its down-sampler
+    up_block: int
+    up_layer: int
+
+
+def skip_layout(unet: Any) -> list[Skip]:
+    """The skip connections in diffusers' order (conv_in first), with their up-path consumers.
+
+    Up-blocks pop residuals from the end, so the skips are consumed deepest first; the
+    skip ``b`` is consumed by one layer of one up-block, and everything after that layer
+    consumes only skips shallower than ``b``.
+    """
+    channels = list(unet.config.block_out_channels)
+    made: list[tuple[int, int, int]] = [(channels[0], -1, 0)]
+    for index, block in enumerate(unet.down_blocks):
+        made.extend((channels[index], index, layer) for layer in range(len(block.resnets)))
+        if getattr(block, "downsamplers", None):
+            made.append((channels[index], index, -1))
+    consumers: dict[int, tuple[int, int]] = {}
+    remaining = list(range(len(made)))
+    for up_index, block in enumerate(unet.up_blocks):
+        taken, remaining = remaining[-len(block.resnets):], remaining[: -len(block.resnets)]
+        for layer in range(len(block.resnets)):
+            consumers[taken[-(layer + 1)]] = (up_index, layer)
+    return [Skip(c, b, layer, *consumers[i]) for i, (c, b, layer) in enumerate(made)]
+
+
+SUPPORTED_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+
+
 class DeepCacheUNet:
-    """Wraps one UNet's ``forward`` for one generation; :meth:`restore` puts it back."""
+    """Wraps one UNet's ``forward`` for one generation; :meth:`restore` puts it back.
+
+    ``branch`` numbers the skip connections from the shallowest (0: the output of
+    ``conv_in``). A cached call recomputes only what produces skips ``0…branch`` on the
+    way down and what consumes them on the way up; the input of the up-layer that consumes
+    skip ``branch`` comes from the last full call.
+    """
 
     def __init__(self, unet: torch.nn.Module, settings: DeepCacheSettings) -> None:
+        blocks = [type(b).__name__ for b in (*unet.down_blocks, *unet.up_blocks)]
+        unsupported = sorted(set(blocks) - SUPPORTED_BLOCKS)
+        if unsupported:
+            raise UnsupportedFeature(f"DeepCache supports diffusers' standard UNet blocks, not {', '.join(unsupported)}")
+        if any(getattr(b, "s1", None) for b in unet.up_blocks):
+            raise UnsupportedFeature("DeepCache cannot be combined with FreeU (it changes the skip connections)")
         self.unet = unet
         self.settings = settings
         self.stats = DeepCacheStats()
         self.calls = 0
         self.cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
-        self.closing_block = len(unet.up_blocks) - 1 - settings.branch
-        self.consumed = sum(len(b.resnets) for b in unet.up_blocks[self.closing_block:])
+        self.skips = skip_layout(unet)
+        self.skip = self.skips[settings.branch]
         self._had_forward = "forward" in vars(unet)
         self._previous_forward = vars(unet).get("forward")
         self._original_forward = unet.forward
         self._capture: torch.Tensor | None = None
-        self._hook = unet.up_blocks[self.closing_block].register_forward_pre_hook(self._grab, with_kwargs=True)
+        consumer = unet.up_blocks[self.skip.up_block].resnets[self.skip.up_layer]
+        self._hook = consumer.register_forward_pre_hook(self._grab)
         unet.forward = self.forward
 
     def restore(self) -> None:
@@ -92,8 +147,10 @@ class DeepCacheUNet:
         else:
             del self.unet.forward
 
-    def _grab(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._capture = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def _grab(self, module: Any, args: tuple[Any, ...]) -> None:
+        # The consumer's input is cat([deep feature, skip]); keep the deep part.
+        joined = args[0]
+        self._capture = joined[:, : joined.shape[1] - self.skip.channels]
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -140,7 +197,10 @@ class DeepCacheUNet:
         return_dict: bool = True,
     ) -> torch.Tensor:
         """The UNet's forward restricted to the shallow branch (mirrors diffusers' UNet2DConditionModel.forward)."""
+        import torch
+
         unet = self.unet
+        branch = self.settings.branch
         up_factor = 2 ** unet.num_upsamplers
         forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
         # 1. time (and family conditioning such as SDXL's added embeddings)
@@ -150,35 +210,42 @@ class DeepCacheUNet:
             emb = emb + aug
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
-        encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states, added_cond_kwargs or {})
+        ehs = unet.process_encoder_hidden_states(encoder_hidden_states, added_cond_kwargs or {})
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
-        # 2. the shallow down path
+        attend = {"encoder_hidden_states": ehs, "cross_attention_kwargs": cross_attention_kwargs}
+        # 2. down: only what makes skips 0…branch
         hidden = unet.conv_in(sample)
-        residuals: tuple[torch.Tensor, ...] = (hidden,)
-        for block in unet.down_blocks[: self.settings.branch + 1]:
-            if getattr(block, "has_cross_attention", False):
-                hidden, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states,
-                                    cross_attention_kwargs=cross_attention_kwargs)
-            else:
-                hidden, res = block(hidden_states=hidden, temb=emb)
-            residuals += res
-        residuals = residuals[: self.consumed]  # the rest feeds the deep part, which is cached
+        skips: list[torch.Tensor] = [hidden]
+        for block in unet.down_blocks:
+            if len(skips) > branch:
+                break
+            for layer, resnet in enumerate(block.resnets):
+                if len(skips) > branch:
+                    break
+                hidden = resnet(hidden, emb)
+                if getattr(block, "attentions", None) is not None:
+                    hidden = block.attentions[layer](hidden, **attend, return_dict=False)[0]
+                skips.append(hidden)
+            if len(skips) <= branch and getattr(block, "downsamplers", None):
+                for downsampler in block.downsamplers:
+                    hidden = downsampler(hidden)
+                skips.append(hidden)
         if down_block_additional_residuals is not None:
-            residuals = tuple(r + a for r, a in zip(residuals, down_block_additional_residuals[: self.consumed]))
-        # 3. the last up-blocks, fed with the cached deep feature
+            skips = [s + a for s, a in zip(skips, down_block_additional_residuals)]
+        # 3. up: from the layer that consumes skip `branch`, fed with the cached deep feature
         hidden = deep
-        blocks = unet.up_blocks[self.closing_block:]
-        for index, block in enumerate(blocks):
-            res = residuals[-len(block.resnets):]
-            residuals = residuals[: -len(block.resnets)]
-            upsample_size = residuals[-1].shape[2:] if forward_upsample_size and index < len(blocks) - 1 else None
-            if getattr(block, "has_cross_attention", False):
-                hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res,
-                               encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
-                               upsample_size=upsample_size)
-            else:
-                hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        first_block = self.skip.up_block
+        for index in range(first_block, len(unet.up_blocks)):
+            block = unet.up_blocks[index]
+            for layer in range(self.skip.up_layer if index == first_block else 0, len(block.resnets)):
+                hidden = block.resnets[layer](torch.cat([hidden, skips.pop()], dim=1), emb)
+                if getattr(block, "attentions", None) is not None:
+                    hidden = block.attentions[layer](hidden, **attend, return_dict=False)[0]
+            if block.upsamplers is not None:
+                size = skips[-1].shape[2:] if forward_upsample_size and skips else None
+                for upsampler in block.upsamplers:
+                    hidden = upsampler(hidden, size)
         # 4. output
         if unet.conv_norm_out:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
@@ -186,8 +253,8 @@ class DeepCacheUNet:
 
 
 def max_branch(unet: Any) -> int:
-    """The deepest branch that still leaves a deep part to cache."""
-    return max(0, len(unet.down_blocks) - 2)
+    """The deepest branch: the last skip connection (what is cached is then the mid-block's output)."""
+    return len(skip_layout(unet)) - 1
 
 
 def check_patchable_unet(model: Any, feature: str) -> None:
@@ -227,3 +294,34 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             description="DeepCache: run the whole UNet every N calls, only its shallow branch in between (speed)",
         )
     )
+
+
+GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
+_INFOTEXT = re.compile(r"^interval (\d+), branch (\d+)$")
+
+
+def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> list[AdapterUnit]:
+    """``--deepcache INTERVAL[:BRANCH]``, or the ``DeepCache`` entry of a ``--from-png`` image."""
+    text = getattr(args, "deepcache", None)
+    if text is None:
+        match = _INFOTEXT.match(png_params.get("DeepCache", ""))
+        return [AdapterUnit("deepcache", {"interval": int(match[1]), "branch": int(match[2])})] if match else []
+    interval, _, branch = text.partition(":")
+    if not interval.strip().isdigit() or (branch and not branch.strip().isdigit()):
+        raise InvalidParameter("--deepcache", text, "INTERVAL or INTERVAL:BRANCH, whole numbers, e.g. 3 or 3:0")
+    return [AdapterUnit("deepcache", {"interval": int(interval), "branch": int(branch or 0)})]
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint.cli import add_adapter_unit_builder
+
+    seen: set[int] = set()
+    for name in GENERATION_COMMANDS:
+        parser = subparsers.choices.get(name)
+        if parser is None or id(parser) in seen:
+            continue
+        seen.add(id(parser))
+        parser.add_argument("--deepcache", metavar="INTERVAL[:BRANCH]",
+                            help="DeepCache: run the whole UNet every INTERVAL calls, the shallow branch in between (speed)")
+        add_adapter_unit_builder(parser, units_from_args)

@@ -85,7 +85,7 @@ class DeepFloydIF(ModelFamily):
         if source.card and source.card.get("stages"):
             from aipaint import zoo
 
-            return [zoo.download_from_hub(stage["repo"]) for stage in source.card["stages"]]
+            return [zoo.download_from_hub(stage["repo"], patterns=stage.get("allow_patterns")) for stage in source.card["stages"]]
         return []
 
 

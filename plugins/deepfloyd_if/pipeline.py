@@ -140,7 +140,7 @@ class IFPipeline:
         total = sum(s["steps"] for s in settings)
         done = 0
 
-        def tick(_: int) -> None:
+        def tick() -> None:
             nonlocal done
             done += 1
             if progress is not None:
@@ -222,7 +222,7 @@ class IFPipeline:
         x: torch.Tensor,
         scheduler: Any,
         generators: list[torch.Generator],
-        tick: Callable[[int], None],
+        tick: Callable[[], None],
         condition: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -232,7 +232,7 @@ class IFPipeline:
         labels = torch.cat([class_labels] * 2) if guided and class_labels is not None else class_labels
         channels = x.shape[1]
         learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
-        for i, t in enumerate(scheduler.timesteps):
+        for t in scheduler.timesteps:
             model_input = x if condition is None else torch.cat([x, condition], dim=1)
             model_input = torch.cat([model_input] * 2) if guided else model_input
             model_input = scheduler.scale_model_input(model_input, t)
@@ -241,7 +241,7 @@ class IFPipeline:
             if not learned:
                 out = out[:, :channels]
             x = scheduler.step(out, t, x, generator=_generator_arg(generators), return_dict=False)[0]
-            tick(i)
+            tick()
         return x
 
     def _base(self, stage, setting, t5, size, batch, generators, tick) -> torch.Tensor:
@@ -294,7 +294,7 @@ class IFPipeline:
         labels = torch.cat([level] * image.shape[0])
         latents_shape = (stage.vae.config.latent_channels, *image.shape[-2:])
         latents = (_noise(latents_shape, generators) * scheduler.init_noise_sigma).to(device, dtype)
-        for i, t in enumerate(scheduler.timesteps):
+        for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = torch.cat([scheduler.scale_model_input(model_input, t), image], dim=1)
             out = stage.unet(model_input, t, encoder_hidden_states=embeds.to(dtype), class_labels=labels, return_dict=False)[0]
@@ -302,7 +302,7 @@ class IFPipeline:
                 uncond, text = out.chunk(2)
                 out = uncond + cfg * (text - uncond)
             latents = scheduler.step(out, t, latents, generator=_generator_arg(generators), return_dict=False)[0]
-            tick(i)
+            tick()
         return stage.vae.decode(latents / stage.vae.config.scaling_factor, return_dict=False)[0]
 
     # --- result ------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class StableDiffusion15(ModelFamily):
             if index.get("_class_name") in PIPELINE_CLASSES:
                 return "text_encoder_2" not in index
             return False
-        if source.path.suffix != ".safetensors":
+        if source.path.suffix != ".safetensors" and not _trusted_pickle(source):
             return False
         keys = set(source.checkpoint_keys())
         return SD_UNET_KEY in keys and SD1_TEXT_KEY in keys
@@ -93,6 +93,7 @@ class StableDiffusion15(ModelFamily):
                 requires_safety_checker=False,
             )
         except Exception as exc:
+            _raise_pickle_problem(source)
             raise ModelLoadError(f"could not load {source.path.name} as a Stable Diffusion 1.x checkpoint: {exc}") from exc
         scheduler_config = dict(pipe.scheduler.config)
         return self._assemble(
@@ -117,6 +118,27 @@ class StableDiffusion15(ModelFamily):
             dtype=_torch_dtype(options.dtype),
         )
         return model
+
+
+def _trusted_pickle(source: ModelSource) -> bool:
+    """A ``.ckpt``-style file the user opted into (``allow_pickle``): many SD1.x models are
+    shared only that way. Its keys are read through ``aipaint.loading.load_state_dict``
+    (``torch.load(weights_only=True)``), and diffusers' ``from_single_file`` reads it with
+    ``weights_only=True`` too (tests/test_single_file.py checks both)."""
+    from aipaint.loading import PICKLE_SUFFIXES
+
+    return source.allow_pickle and source.path.suffix in PICKLE_SUFFIXES
+
+
+def _raise_pickle_problem(source: ModelSource) -> None:
+    """diffusers hides why ``torch.load(weights_only=True)`` refused a pickle ("Unable to load
+    weights"); after a failed load, re-read it through aipaint to raise the real reason
+    (e.g. the forbidden global a smuggled object needs). Costs nothing on success."""
+    if not _trusted_pickle(source):
+        return
+    from aipaint.loading import load_state_dict
+
+    load_state_dict(source.path, allow_pickle=True)  # raises ModelLoadError naming the cause, if any
 
 
 def _default_config() -> Path:

@@ -20,16 +20,19 @@ exit. Needs the eager torch runtime.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterSpec
+from aipaint.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
 
     from aipaint.adapters import AdapterContext
@@ -225,3 +228,36 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             description="Token merging (ToMe for SD): merge similar image tokens before self-attention (speed)",
         )
     )
+
+
+GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
+_INFOTEXT = re.compile(r"^ratio ([0-9.]+), max downsample (\d+)$")
+
+
+def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> list[AdapterUnit]:
+    """``--tome RATIO[:MAX_DOWNSAMPLE]``, or the ``ToMe`` entry of a ``--from-png`` image."""
+    text = getattr(args, "tome", None)
+    if text is None:
+        match = _INFOTEXT.match(png_params.get("ToMe", ""))
+        return [AdapterUnit("tome", {"ratio": float(match[1]), "max_downsample": int(match[2])})] if match else []
+    ratio, _, downsample = text.partition(":")
+    try:
+        options = {"ratio": float(ratio), "max_downsample": int(downsample or 1)}
+    except ValueError as exc:
+        raise InvalidParameter("--tome", text, "RATIO or RATIO:MAX_DOWNSAMPLE, e.g. 0.5 or 0.5:2") from exc
+    return [AdapterUnit("tome", options)]
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint.cli import add_adapter_unit_builder
+
+    seen: set[int] = set()
+    for name in GENERATION_COMMANDS:
+        parser = subparsers.choices.get(name)
+        if parser is None or id(parser) in seen:
+            continue
+        seen.add(id(parser))
+        parser.add_argument("--tome", metavar="RATIO[:MAX_DOWNSAMPLE]",
+                            help="token merging: merge this fraction of image tokens before self-attention (speed)")
+        add_adapter_unit_builder(parser, units_from_args)

@@ -86,7 +86,11 @@ def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Cal
 
 
 def _load(args: argparse.Namespace):
+    import transformers
+
     import aipaint
+
+    transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
 
     return aipaint.load(
         args.model,

@@ -58,6 +58,10 @@ def _make_scheduler(cls: Any, scheduler_config: dict[str, Any], options: dict[st
     if "noise_sampler_seed" in keys and seeds:
         # Seeded Brownian noise (DPM++ SDE); otherwise the scheduler picks a random seed.
         config["noise_sampler_seed"] = list(seeds) if len(seeds) > 1 else int(seeds[0])
+    if "clip_sample" in keys and "clip_sample" not in config:
+        # Latents are not bounded to [-1, 1]: latent models never clip x0 (SD's own configs say so),
+        # but DDIM-style schedulers default to clipping when the model's config does not mention it.
+        config["clip_sample"] = False
     config.update({k: v for k, v in options.items() if k in keys})
     return cls.from_config(config)
 

@@ -67,8 +67,11 @@ def test_same_seed_reproduces_and_seeds_differ(pipe):
 
 def test_every_sampler_draws_the_prompt(pipe):
     prompt = "a big yellow square on the left, on a black background"
+    # LCM is for latent-consistency-distilled models. LMS and PLMS are linear multistep methods
+    # that do not cope with a zero-terminal-SNR schedule (first sigma ~4096); see docs/parameters.md.
+    skipped = {"LCM", "LMS", "PLMS"}
     for sampler in pipe.host.registry.samplers.names():
-        if sampler == "LCM":  # a distilled-model sampler: not meant for ordinary models
+        if sampler in skipped:
             continue
         scores = [adherence(pipe.txt2img(prompt, seed=s, sampler=sampler).image, prompt).score for s in (1, 2)]
         assert np.mean(scores) >= 0.6, sampler

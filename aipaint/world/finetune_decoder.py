@@ -1,0 +1,109 @@
+"""Second training stage of the embedded model: fine-tune the VAE *decoder* only.
+
+The first stage (``aipaint.world.train``) trains the VAE for a capped time before the
+UNet; on a busy 2-core machine that cap can leave the decoder under-trained, which then
+limits every picture (colours drift, small shapes blur). The UNet was trained on the
+*encoder's* latents, so the encoder must stay fixed: this stage freezes it (and
+``quant_conv``) and trains only ``post_quant_conv`` + the decoder to reconstruct fresh
+renders from those same latents, with a little latent noise so it also decodes the
+UNet's imperfect latents well. The UNet and text encoder are untouched.
+
+Usage: python -m aipaint.world.finetune_decoder zoo/models/shapes-tiny --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aipaint.world.train import log, render_pool, to_tensor
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="zoo/models/shapes-tiny")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--latent-noise", type=float, default=0.05, help="std of noise added to scaled latents")
+    ap.add_argument("--pool", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    from diffusers import AutoencoderKL
+
+    folder = Path(a.model)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    scaling = float(vae.config.scaling_factor)
+    _, train_imgs = render_pool(a.seed + 100, "train", a.pool)
+    _, extra = render_pool(a.seed + 200, "heldout_colour", a.pool // 10)  # orange, for the LoRA issue
+    images = to_tensor(np.concatenate([train_imgs, extra]))
+    log(f"rendered {len(images)} images")
+
+    for module in (vae.encoder, vae.quant_conv):
+        module.requires_grad_(False)
+    with torch.no_grad():  # the latents the UNet was trained on
+        latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+    log("encoded")
+
+    def recon_mse(n: int = 1024) -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(vae.decode(latents[:n]).sample, images[:n]).item() / 4)  # in 0..1 units
+
+    before = recon_mse()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(a.seed)
+    started, step, history = time.time(), 0, []
+    budget = a.minutes * 60
+    while step < a.steps and time.time() - started < budget:
+        progress = max(step / a.steps, (time.time() - started) / budget)
+        for group in opt.param_groups:
+            group["lr"] = a.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        idx = torch.randint(0, len(images), (a.batch,), generator=g)
+        z = latents[idx] + torch.randn(latents[idx].shape, generator=g) * (a.latent_noise / scaling)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, images[idx]) + 0.5 * F.l1_loss(rec, images[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            history.append([step, round(float(loss), 5)])
+            log(f"decoder step {step} loss {float(loss):.5f}")
+    after = recon_mse()
+    log(f"decoder fine-tune: {step} steps, recon MSE (0..1) {before:.5f} -> {after:.5f}")
+
+    tmp = folder / "vae.tmp"
+    vae.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp / "diffusion_pytorch_model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors")
+    os.replace(tmp / "config.json", folder / "vae" / "config.json")
+    tmp.rmdir()
+    record_path = folder / "training.json"
+    record = json.loads(record_path.read_text())
+    record["decoder_finetune"] = {
+        "command": f"python -m aipaint.world.finetune_decoder {a.model} --minutes {a.minutes}",
+        "args": vars(a),
+        "steps": step,
+        "minutes": round((time.time() - started) / 60, 2),
+        "recon_mse_01_before": before,
+        "recon_mse_01_after": after,
+        "history": history,
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

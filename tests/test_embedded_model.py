@@ -50,6 +50,12 @@ def test_guidance_raises_adherence_over_unconditional(pipe, captions):
     assert conditioned > chance + 0.3
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on shapes-tiny: adherence is already at its ceiling without guidance (CFG 1) and falls "
+    "slowly as CFG grows (two-object captions, 10 steps: 0.91, 0.90, 0.83 at CFG 1, 3, 7); see "
+    "benchmarks/results/embedded_model.txt. Conditioning itself matters (test above).",
+)
 def test_cfg_raises_adherence(pipe, captions):
     low = mean_adherence(pipe, captions, cfg_scale=1, steps=10)
     high = mean_adherence(pipe, captions, cfg_scale=5, steps=10)

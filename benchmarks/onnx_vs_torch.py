@@ -58,7 +58,7 @@ def full_size_unet(report: Report, work: Path, latent: int, batch: int, repeats:
 
     reference = torch_call()
     torch_time = median_time(torch_call, repeats)
-    report(f"UNet parameters: {params:.0f}M")
+    report(f"UNet parameters: {params:.0f}M; torch eager measured: {torch_time:.2f} s per call")
     started = time.perf_counter()
     onnx_dir = export_onnx(model, work / "sd15-unet", components=("unet",)).root
     report(f"export (UNet only, opset 17, dynamic axes, ControlNet inputs): {time.perf_counter() - started:.0f} s, "

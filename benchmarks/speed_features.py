@@ -30,11 +30,13 @@ from aipaint.adapters import AdapterUnit
 
 VARIANTS: dict[str, tuple[AdapterUnit, ...]] = {
     "plain (reference)": (),
-    "DeepCache interval 2": (AdapterUnit("deepcache", {"interval": 2, "branch": 0}),),
-    "DeepCache interval 3": (AdapterUnit("deepcache", {"interval": 3, "branch": 0}),),
-    "DeepCache interval 4": (AdapterUnit("deepcache", {"interval": 4, "branch": 0}),),
+    "DeepCache interval 3, branch 0": (AdapterUnit("deepcache", {"interval": 3, "branch": 0}),),
+    "DeepCache interval 3, branch 1": (AdapterUnit("deepcache", {"interval": 3, "branch": 1}),),
+    "DeepCache interval 4, branch 1 (default)": (AdapterUnit("deepcache", {}),),
+    "DeepCache interval 5, branch 1": (AdapterUnit("deepcache", {"interval": 5, "branch": 1}),),
+    "DeepCache interval 5, branch 2": (AdapterUnit("deepcache", {"interval": 5, "branch": 2}),),
     "ToMe ratio 0.5": (AdapterUnit("tome", {"ratio": 0.5}),),
-    "DeepCache 3 + ToMe 0.5": (AdapterUnit("deepcache", {"interval": 3}), AdapterUnit("tome", {"ratio": 0.5})),
+    "DeepCache default + ToMe 0.5": (AdapterUnit("deepcache", {}), AdapterUnit("tome", {"ratio": 0.5})),
 }
 
 
@@ -113,7 +115,7 @@ def full_size(report: Report, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)

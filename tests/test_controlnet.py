@@ -406,8 +406,8 @@ def test_objects_appear_where_the_control_image_puts_them(plugin_host):
 
     pipe = aipaint.load(host=plugin_host)
     cases = layout_cases(20, seed=123)
-    with_cn = position_accuracy(pipe, cases, use_controlnet=True)
-    without = position_accuracy(pipe, cases, use_controlnet=False)
+    with_cn = position_accuracy(pipe, cases, use_controlnet=True, steps=10)
+    without = position_accuracy(pipe, cases, use_controlnet=False, steps=10)
     assert with_cn >= 0.9, (with_cn, without)
     assert without <= 0.6, (with_cn, without)
 

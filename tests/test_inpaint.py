@@ -104,7 +104,7 @@ def test_matches_diffusers_inpaint_pipeline(tiny_pipe, inpainting_pipe, tiny_sd_
     ours = pipe.inpaint(image, mask, "a red circle", mask_blur=0, sampler="DDIM", steps=6, seed=3, cfg_scale=5,
                         denoising_strength=strength)
     reference = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config, clip_sample=False)  # as SD1.5's config
     reference.set_progress_bar_config(disable=True)
     m = torch.from_numpy(np.asarray(mask) / 255.0).float()[None, None]
     with torch.inference_mode():

@@ -47,7 +47,7 @@ def test_trained_file_has_kohya_keys_loads_back_and_leaves_the_model_alone(tiny_
     progress: list[tuple[int, int, float]] = []
     out = tmp_path / "loras" / "mine.safetensors"
     report = train_lora(tiny_pipe, data, out, rank=2, alpha=1, steps=3, learning_rate=1e-2, batch_size=2,
-                        train_text_encoder=True, progress=lambda *a: progress.append(a))
+                        resolution=32, train_text_encoder=True, progress=lambda *a: progress.append(a))
     assert [p[:2] for p in progress] == [(1, 3), (2, 3), (3, 3)] and all(np.isfinite(p[2]) for p in progress)
     assert report.steps == 3 and report.images == 4 and len(report.losses) == 3
     for key, value in before.items():  # training worked on copies
@@ -97,11 +97,11 @@ def test_bad_training_input_is_a_typed_error(tiny_pipe, tmp_path):
     data = write_dataset(tmp_path / "data", 2)
     (data / "0001.txt").unlink()
     with pytest.raises(InvalidParameter, match="without a caption"):
-        train_lora(tiny_pipe, data, tmp_path / "x.safetensors", steps=1)
+        train_lora(tiny_pipe, data, tmp_path / "x.safetensors", steps=1, resolution=32)
     with pytest.raises(InvalidParameter, match="no images"):
-        train_lora(tiny_pipe, tmp_path, tmp_path / "x.safetensors", steps=1)
+        train_lora(tiny_pipe, tmp_path, tmp_path / "x.safetensors", steps=1, resolution=32)
     with pytest.raises(InvalidParameter, match="safetensors"):
-        train_lora(tiny_pipe, data, tmp_path / "x.pt", steps=1)
+        train_lora(tiny_pipe, data, tmp_path / "x.pt", steps=1, resolution=32)
 
 
 def test_train_lora_command(tiny_sd_path, tmp_path, capsys):

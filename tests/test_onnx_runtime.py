@@ -123,6 +123,29 @@ def test_controlnet_residuals_reach_the_exported_unet(tiny_pipe, ort_pipe):
                                  mid_block_additional_residual=residuals[-1])
 
 
+def test_controlnet_adapter_steers_the_exported_unet_end_to_end(tiny_pipe, ort_pipe, tmp_path, monkeypatch):
+    from diffusers import ControlNetModel
+
+    from aipaint.adapters import AdapterUnit
+
+    pytest.importorskip("aipaint_plugins.controlnet")
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(tiny_pipe.model.unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():  # a fresh ControlNet adds exact zeros; make it matter
+        for module in (controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            for p in module.parameters():
+                p.normal_(0.0, 0.3)
+    controlnet.save_pretrained(tmp_path / "cn")
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    control = Image.new("RGB", (32, 32), "white")
+    control.paste((255, 0, 0), (4, 8, 20, 24))
+    units = (AdapterUnit("controlnet", {"model": "cn", "image": control, "preprocessor": "none"}),)
+    with_torch = pixels(tiny_pipe.txt2img("a red square", adapters=units, **GEN))
+    with_ort = pixels(ort_pipe.txt2img("a red square", adapters=units, **GEN))
+    assert np.abs(with_torch - with_ort).max() <= 1
+    assert np.abs(with_ort - pixels(ort_pipe.txt2img("a red square", **GEN))).mean() > 1
+
+
 def test_the_exported_unet_is_found_at_sizes_the_trace_did_not_see(tiny_pipe, ort_pipe):
     """Traced at an odd latent size, the graph passes explicit up-sampling sizes: odd sizes work too."""
     sample, embeds = torch.randn(1, 4, 9, 13), torch.randn(1, 77, 32)
@@ -205,9 +228,9 @@ def test_symbolic_shapes_resolve_and_bind():
 
 
 def test_weight_probe_tolerates_dtype_changes_but_not_other_weights(tiny_pipe):
-    from aipaint_plugins.onnx_runtime.manifest import weights_probe
-
     import copy
+
+    from aipaint_plugins.onnx_runtime.manifest import weights_probe
 
     unet = tiny_pipe.model.unet
     probe = weights_probe({"unet": unet})
@@ -278,6 +301,13 @@ def test_an_export_of_another_model_is_refused(tiny_sd_path, plugin_host, onnx_d
         load_with(tiny_sd_path, plugin_host, folder)  # through aipaint.load: a user's view
 
 
+def test_probe_positions_stay_inside_big_tensors():
+    from aipaint_plugins.onnx_runtime.manifest import probe_indices
+
+    assert probe_indices(29_491_200, 4) == [0, 9_830_399, 19_660_799, 29_491_199]  # an SD1.5 UNet weight
+    assert probe_indices(3, 4) == [0, 1, 2] and probe_indices(1, 4) == [0]
+
+
 def test_the_weight_probe_alone_catches_another_model(tiny_pipe, tmp_path):
     from aipaint_plugins.onnx_runtime.manifest import weights_probe
 
@@ -311,6 +341,35 @@ def test_export_never_leaves_a_half_written_folder(tiny_pipe, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="disk full"):
         export_onnx(tiny_pipe.model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_scattered_over_files_are_gathered_into_one(tmp_path):
+    """Models over 2 GB come out of torch's exporter as one file per tensor; the export keeps one."""
+    import onnx
+    import onnxruntime as ort
+    from aipaint_plugins.onnx_runtime.export import gather_external_data
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, b = rng.random((64, 64), dtype=np.float32), rng.random(64, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    scattered, out = tmp_path / "raw", tmp_path / "out"
+    scattered.mkdir()
+    out.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(scattered / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(scattered.iterdir())) == 3
+    gather_external_data(scattered / "model.onnx", out / "model.onnx", threshold=0)
+    shutil.rmtree(scattered)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = rng.random((1, 64), dtype=np.float32)
+    y = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(y, x @ w + b, atol=1e-5)
 
 
 def test_export_refuses_to_overwrite_without_asking(tiny_pipe, onnx_dir, tmp_path):

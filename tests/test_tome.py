@@ -119,3 +119,22 @@ def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_p
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert cli_main(["generate", "a red circle", "--tome", "half", *common, "-o", str(first)]) == 2
     assert "--tome" in capsys.readouterr().err
+
+
+def test_on_the_embedded_model_the_pictures_keep_their_content():
+    """Behaviour: merging half the tokens of the full-resolution blocks keeps what is drawn."""
+    import aipaint
+    from aipaint.world.evaluate import adherence
+    from aipaint.world.scene import random_scene
+
+    pipe = aipaint.load()
+    rng = np.random.default_rng(3)
+    captions = [random_scene(rng, "train").caption for _ in range(8)]
+
+    def mean_score(adapters) -> float:
+        return float(np.mean([adherence(pipe.txt2img(c, seed=50 + i, adapters=adapters).images[0], c).score
+                              for i, c in enumerate(captions)]))
+
+    plain, merged = mean_score(()), mean_score((AdapterUnit("tome", {"ratio": 0.5}),))
+    assert plain > 0.6
+    assert merged >= plain - 0.08, (plain, merged)

@@ -229,3 +229,10 @@ def test_image_encoder_option_must_be_a_variations_folder(unclip_paths, plugin_h
 
     with pytest.raises(ModelLoadError, match="image-variations folder"):
         aipaint.load(unclip_paths["text"], host=plugin_host, image_encoder=unclip_paths["text"])
+
+
+@pytest.mark.parametrize("name", ["prior_steps", "steps", "super_res_steps"])
+def test_one_step_is_refused_with_a_typed_error(unclip, name):
+    with pytest.raises(InvalidParameter) as info:
+        unclip.txt2img(PROMPT, seed=1, **{**STEPS, name: 1})
+    assert info.value.name == name and "from 2" in str(info.value)

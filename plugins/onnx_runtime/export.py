@@ -309,8 +309,65 @@ def plan_components(
 # --- writing --------------------------------------------------------------------------------
 
 
-def _export_component(plan: ComponentPlan, folder: Path, opset: int) -> dict[str, Any]:
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor stored in a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _graph_tensors(sub)
+
+
+def gather_external_data(source: Path, target: Path, *, threshold: int = 1024, chunk: int = 64 << 20) -> None:
+    """Re-save ``source`` as ``target`` plus one ``model.onnx.data`` beside it, streaming.
+
+    torch's exporter embeds small models' weights in the protobuf and scatters models
+    over 2 GB into one file per tensor. Both become one graph file and one weights file,
+    copied tensor by tensor, so even SDXL's UNet never sits in memory twice.
+    """
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(source), load_external_data=False)
+    data_name = target.name + ".data"
+    offset = 0
+    with open(target.parent / data_name, "wb") as sink:
+        for tensor in _graph_tensors(model.graph):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                path = source.parent / info.location
+                start = info.offset or 0
+                length = info.length or path.stat().st_size - start
+                with open(path, "rb") as stream:
+                    stream.seek(start)
+                    left = length
+                    while left:
+                        block = stream.read(min(chunk, left))
+                        if not block:
+                            raise OSError(f"{path} ended early while gathering ONNX weights")
+                        sink.write(block)
+                        left -= len(block)
+                del tensor.external_data[:]
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+                length = len(tensor.raw_data)
+                sink.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += length
+    onnx.save_model(model, str(target))
+
+
+def _export_component(plan: ComponentPlan, folder: Path, opset: int) -> dict[str, Any]:
     import torch
 
     folder.mkdir(parents=True)
@@ -330,17 +387,7 @@ def _export_component(plan: ComponentPlan, folder: Path, opset: int) -> dict[str
             do_constant_folding=True,
             dynamo=False,
         )
-    # The exporter scatters >2 GB models over one file per tensor; gather them into one.
-    graph = onnx.load(str(raw / "model.onnx"), load_external_data=True)
-    onnx.save_model(
-        graph,
-        str(folder / "model.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
-    del graph
+    gather_external_data(raw / "model.onnx", folder / "model.onnx")
     shutil.rmtree(raw)
     files = {}
     for path in sorted(folder.iterdir()):
@@ -370,16 +417,18 @@ def _loras_active(
     size = model.vae_scale_factor * 8
     extra = {"lora_dir": str(lora_dir)} if lora_dir else {}
     request = GenerationRequest(prompt=prompt, steps=1, seed=0, width=size, height=size, extra=extra)
+    stack = contextlib.ExitStack()
     try:
-        with pipe.activate(request) as (_, contributors, infotext):
-            if contributors:
-                raise UnsupportedFeature(
-                    "the installed LoRA adapter adds steps to the denoise loop instead of patching weights, "
-                    "so its effect cannot be fused into an export"
-                )
-            yield infotext
+        _, contributors, infotext = stack.enter_context(pipe.activate(request))
     except UnsupportedFeature as exc:
         raise UnsupportedFeature(f"cannot fuse LoRA into the export: {exc}") from exc
+    with stack:
+        if contributors:
+            raise UnsupportedFeature(
+                "cannot fuse LoRA into the export: the installed LoRA adapter adds steps to the denoise loop "
+                "instead of patching weights"
+            )
+        yield infotext
 
 
 def export_onnx(

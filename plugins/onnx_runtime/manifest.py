@@ -144,11 +144,19 @@ def weights_probe(modules: Mapping[str, torch.nn.Module], tensors: int = 24, val
         picked: list[float] = []
         for _, tensor in named[::step][:tensors]:
             flat = tensor.detach().reshape(-1)
-            count = min(values, flat.numel())
-            index = torch.linspace(0, flat.numel() - 1, count).round().long().to(flat.device)
+            index = torch.tensor(probe_indices(flat.numel(), values), device=flat.device)
             picked.extend(float(v) for v in flat[index].float().cpu())
         probe[component] = [float(f"{v:.6g}") for v in picked]
     return probe
+
+
+def probe_indices(size: int, count: int) -> list[int]:
+    """``count`` evenly spaced positions in ``range(size)``, first and last included (exact integers:
+    float spacing rounds past the end of tensors with tens of millions of elements)."""
+    count = min(count, size)
+    if count <= 1:
+        return [0] * count
+    return [i * (size - 1) // (count - 1) for i in range(count)]
 
 
 def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

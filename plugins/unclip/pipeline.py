@@ -76,7 +76,8 @@ class UnCLIPRequest:
         _check_int("batch_size", self.batch_size, 1, 64)
         for name in ("prior_steps", "steps", "super_res_steps"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1, 1000)
+                # unCLIP's scheduler spaces its timesteps over steps - 1 intervals: one step is undefined.
+                _check_int(name, getattr(self, name), 2, 1000)
         for name in ("prior_cfg_scale", "cfg_scale"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), 1.0, 30.0)

@@ -105,7 +105,7 @@ def process_tiled(
     for iy, y in enumerate(ys):
         for ix, x in enumerate(xs):
             h, w = min(tile_h, height - y), min(tile, width - x)
-            piece = fn(image[:, :, y : y + h, x : x + w]).float()
+            piece = fn(image[:, :, y : y + h, x : x + w]).float().cpu()  # blend on the CPU, whatever ran the tile
             if out is None:
                 out = torch.zeros((image.shape[0], piece.shape[1], height * scale, width * scale), dtype=torch.float32)
             # Fade only across the part actually shared with the neighbour.

@@ -38,7 +38,7 @@ from PIL import Image
 from aipaint import imageutil
 from aipaint.denoise import LoopContributor
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.params import OUTPAINT_FILLS, SIZE_RANGE, STEPS_RANGE, GenerationRequest
+from aipaint.params import SIZE_RANGE, STEPS_RANGE, GenerationRequest
 from aipaint.sampling_plans import SamplingPlan
 
 if TYPE_CHECKING:
@@ -78,18 +78,13 @@ class InpaintChannels(LoopContributor):
         return torch.cat([latent_input, extra.repeat(latent_input.shape[0] // extra.shape[0], 1, 1, 1)], dim=1)
 
 
-def inpaint_channels(model: LatentDiffusionModel, image01: torch.Tensor | None, mask: torch.Tensor, batch: int) -> InpaintChannels:
-    """Inputs for a 9-channel UNet from the image (N=1, in [0, 1]) and its latent mask.
-
-    The masked image is the image with the (rounded) mask area set to mid-grey (0 in the
-    VAE's [-1, 1] range), as in diffusers and A1111; with no image (txt2img) everything is.
-    """
-    h, w = mask.shape[-2] * model.vae_scale_factor, mask.shape[-1] * model.vae_scale_factor
-    if image01 is None:
-        masked = torch.full((1, 3, h, w), 0.5)
-    else:
-        pixel_mask = torch.nn.functional.interpolate(mask.float(), size=(h, w), mode="nearest")
-        masked = torch.lerp(image01, torch.full_like(image01, 0.5), pixel_mask)
+def inpaint_channels(
+    model: LatentDiffusionModel, image01: torch.Tensor, pixel_mask: torch.Tensor, mask: torch.Tensor, batch: int
+) -> InpaintChannels:
+    """Inputs for a 9-channel UNet: the latent ``mask``, and the latents of the image
+    (1×3×H×W in [0, 1]) with its ``pixel_mask`` area, rounded, set to mid-grey (0 in the
+    VAE's [-1, 1] range), as diffusers and A1111 build them."""
+    masked = torch.lerp(image01, torch.full_like(image01, 0.5), pixel_mask.round())
     with torch.inference_mode():
         latents = model.encode(masked)
     return InpaintChannels(mask.expand(batch, -1, -1, -1), latents.expand(batch, -1, -1, -1))
@@ -110,8 +105,15 @@ def txt2img_contributors(model: LatentDiffusionModel, prepared: PreparedRun) -> 
     """An inpainting model asked for txt2img repaints everything (A1111's dummy conditioning)."""
     if not needs_inpaint_channels(model):
         return []
-    mask = torch.ones((1, 1, *prepared.latent_shape[1:]))
-    return [inpaint_channels(model, None, mask, prepared.request.batch_size)]
+    request = prepared.request
+    return [repaint_everything(model, request.height, request.width, request.batch_size)]
+
+
+def repaint_everything(model: LatentDiffusionModel, height: int, width: int, batch: int) -> InpaintChannels:
+    """A1111's conditioning for an inpainting model outside inpainting: all mask, all grey."""
+    grey = torch.full((1, 3, height, width), 0.5)
+    factor = model.vae_scale_factor
+    return inpaint_channels(model, grey, torch.ones_like(grey[:, :1]), torch.ones((1, 1, height // factor, width // factor)), batch)
 
 
 # --- sizes and schedules -------------------------------------------------------------------
@@ -174,10 +176,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """``L`` mask → 1×1×H×W float tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
+
+
 def latent_mask(mask: Image.Image, latent_size: tuple[int, int]) -> torch.Tensor:
     """The mask at latent resolution (area average, rounded to 0/1 like A1111's mask_round)."""
-    pixels = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
-    return torch.nn.functional.interpolate(pixels, size=latent_size, mode="area").round()
+    return torch.nn.functional.interpolate(mask_tensor(mask), size=latent_size, mode="area").round()
 
 
 # --- the masks of one inpainting run ---------------------------------------------------------
@@ -241,7 +247,8 @@ def generate_from_image(
     """
     started = time.perf_counter()
     model = pipe.model
-    # 1. Sizes, defaults and seeds; the plan may be longer than the steps asked for.
+    # 1. Sizes, defaults and seeds (fixed here, so the result records them); the plan may
+    #    be longer than the steps asked for.
     request = with_mode_defaults(request, DEFAULT_STRENGTH, DEFAULT_MASK_BLUR)
     request = with_image_size(request, size_grid(model)).with_defaults(model.defaults).with_seed()
     total = img2img_schedule(request.steps, request.denoising_strength, request.img2img_exact_steps)
@@ -259,8 +266,7 @@ def generate_from_image(
     batch = request.batch_size
     with torch.inference_mode():
         clean = model.encode(pixels).expand(batch, -1, -1, -1)
-    latent_size = tuple(clean.shape[-2:])
-    mask = latent_mask(layout.work_mask, latent_size) if layout else None
+    mask = latent_mask(layout.work_mask, tuple(clean.shape[-2:])) if layout else None
     with pipe.activate(run_request) as (prepared, contributors, adapter_info):
         plan = prepared.plan
         start = first_step(plan, request)
@@ -271,8 +277,10 @@ def generate_from_image(
             clean = torch.lerp(clean, replacement, mask.to(clean))
         # 4. How the input steers the loop: extra UNet channels, or latent blending.
         if needs_inpaint_channels(model):
-            channels_mask = mask if mask is not None else torch.ones((1, 1, *latent_size))
-            contributors.append(inpaint_channels(model, pixels, channels_mask, batch))
+            if mask is None:
+                contributors.append(repaint_everything(model, request.height, request.width, batch))
+            else:
+                contributors.append(inpaint_channels(model, pixels, mask_tensor(layout.work_mask), mask, batch))
         elif mask is not None:
             contributors.append(LatentBlend(plan, clean, noise, mask.to(model.device), start))
         # 5. Noise the input to the first step's level (pure noise at strength 1) and denoise.
@@ -281,15 +289,13 @@ def generate_from_image(
         if start < plan.total_steps:
             latents = pipe.run_loop(prepared, latents.to(model.device, model.dtype), contributors, start=start, progress=progress)
         timings["denoise"] = time.perf_counter() - started - timings["prepare"]
-        seeded = prepared.request
     # 6. Decode, put the result back over the original, record what was done.
     images = pipe.decode(latents)
     if layout is not None:
         images = [layout.paste(image) for image in images]
     timings["decode"] = time.perf_counter() - started - timings["prepare"] - timings["denoise"]
     timings["total"] = time.perf_counter() - started
-    result_request = dataclasses.replace(seeded, steps=request.steps) if total != request.steps else seeded
-    return pipe.make_result(result_request, images, {**adapter_info, **image_infotext(result_request)}, timings)
+    return pipe.make_result(request, images, {**adapter_info, **image_infotext(request)}, timings)
 
 
 def image_infotext(request: GenerationRequest) -> dict[str, Any]:
@@ -359,8 +365,6 @@ def outpaint(
     The request's ``mask_blur`` is the width of the feather inside the new area; width and
     height are the canvas's and cannot be chosen.
     """
-    if fill not in OUTPAINT_FILLS:
-        raise InvalidParameter("fill", fill, "must be one of " + ", ".join(repr(f) for f in OUTPAINT_FILLS))
     if request.width is not None or request.height is not None:
         raise InvalidParameter("width/height", f"{request.width}x{request.height}", "are set by outpainting: the image plus the extension")
     image = request.init_image
@@ -376,7 +380,7 @@ def outpaint(
         )
     # The seed is fixed here because the "noise" fill is drawn from it.
     request = with_mode_defaults(request, OUTPAINT_STRENGTH, OUTPAINT_MASK_BLUR).with_seed()
-    canvas = imageutil.edge_extend(image, padded.left, padded.top, padded.right, padded.bottom, fill, seed=request.seed)
+    canvas = imageutil.extend_canvas(image, padded.left, padded.top, padded.right, padded.bottom, fill, seed=request.seed)
     mask = imageutil.outpaint_mask(image.size, padded.left, padded.top, padded.right, padded.bottom)
     x, y = padded.left - extension.left, padded.top - extension.top
     out_width, out_height = extension.canvas_size(image.size)

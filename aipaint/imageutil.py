@@ -235,7 +235,7 @@ def composite(original: Image.Image, generated: Image.Image, mask: Image.Image) 
     return Image.fromarray(((a * (255 - m) + b * m + 127) // 255).astype(np.uint8))
 
 
-def edge_extend(image: Image.Image, left: int, top: int, right: int, bottom: int, fill: str, seed: int = 0) -> Image.Image:
+def extend_canvas(image: Image.Image, left: int, top: int, right: int, bottom: int, fill: str, seed: int = 0) -> Image.Image:
     """The image on a larger canvas whose new area holds a starting guess for outpainting.
 
     ``edge`` repeats the nearest edge pixel, ``blur`` fills with blurred surrounding colours,

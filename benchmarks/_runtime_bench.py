@@ -132,6 +132,21 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Call
     return statistics.median(times)
 
 
+def alternating_medians(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each call, timed in turns (a, b, a, b, …) so that load from other
+    processes on a shared machine falls on every candidate alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     """max |other - reference| / max |reference|: the error on the output's own scale."""
     reference, other = reference.float(), other.float()

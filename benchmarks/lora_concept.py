@@ -105,11 +105,11 @@ def adherence_at(pipe, weight: float, lora_dir: Path, images_per_prompt: int, st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=96, help="training images")
-    parser.add_argument("--steps", type=int, default=700, help="training steps")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--unet-only", action="store_true", help="do not train the text encoder's LoRA layers")
     parser.add_argument("--eval-images", type=int, default=4, help="images per evaluation prompt (12 prompts)")
     parser.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--threads", type=int, default=1)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = train_lora(pipe, data, work / "loras" / "orange.safetensors", rank=args.rank, steps=args.steps,
                         learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
-                        train_text_encoder=args.train_text_encoder, show_progress=sys.stderr.isatty())
+                        train_text_encoder=not args.unet_only, show_progress=sys.stderr.isatty())
     train_seconds = time.perf_counter() - started
 
     rows = {w: adherence_at(pipe, w, work / "loras", args.eval_images, args.eval_steps) for w in (0.0, 0.5, 1.0)}
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"LoRA on the held-out colour 'orange' — shapes-tiny, torch {torch.__version__}, {args.threads} thread(s), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} images, {args.steps} steps x batch {args.batch_size}, rank {args.rank}, lr {args.lr:g}, "
-        f"text encoder {'yes' if args.train_text_encoder else 'no'}: {train_seconds:.0f} s "
+        f"text encoder {'no' if args.unet_only else 'yes'}: {train_seconds:.0f} s "
         f"(loss {report.first_loss:.4f} -> {report.final_loss:.4f})")
     say(f"evaluation: {n_eval} images per weight ({len(eval_prompts())} prompts x {args.eval_images} seeds), "
         f"model defaults (sampler, steps, CFG)")

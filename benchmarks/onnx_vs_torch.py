@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from _runtime_bench import (
     Report,
+    alternating_medians,
     environment,
-    median_time,
     random_sd15_model,
     relative_error,
     tiny_model_folder,
@@ -46,7 +46,8 @@ def full_size_unet(report: Report, work: Path, latent: int, batch: int, repeats:
     report(f"## 1. SD1.5 UNet, full size (random weights), batch {batch}, latents {latent}x{latent} "
            f"({latent * 8} px), fp32, {threads} thread(s)")
     model = random_sd15_model()
-    params = sum(p.numel() for p in model.unet.parameters()) / 1e6
+    torch_unet = model.unet  # kept beside the session, so the two are timed in turns
+    params = sum(p.numel() for p in torch_unet.parameters()) / 1e6
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, 4, latent, latent, generator=g)
     embeds = torch.randn(batch, 77, 768, generator=g)
@@ -54,13 +55,11 @@ def full_size_unet(report: Report, work: Path, latent: int, batch: int, repeats:
 
     def torch_call() -> torch.Tensor:
         with torch.inference_mode():
-            return model.unet_call(sample, t, embeds)
+            return torch_unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
 
-    reference = torch_call()
-    torch_time = median_time(torch_call, repeats)
-    report(f"UNet parameters: {params:.0f}M; torch eager measured: {torch_time:.2f} s per call")
     started = time.perf_counter()
     onnx_dir = export_onnx(model, work / "sd15-unet", components=("unet",)).root
+    report(f"UNet parameters: {params:.0f}M")
     report(f"export (UNet only, opset 17, dynamic axes, ControlNet inputs): {time.perf_counter() - started:.0f} s, "
            f"{sum(f.stat().st_size for f in onnx_dir.rglob('*') if f.is_file()) / 2**30:.2f} GiB")
     prepare_onnxruntime(model, {"onnx_dir": str(onnx_dir), "threads": threads, "verify": "size"})
@@ -70,17 +69,16 @@ def full_size_unet(report: Report, work: Path, latent: int, batch: int, repeats:
         with torch.inference_mode():
             return model.unet_call(sample, t, embeds)
 
-    ort_out = ort_call()
-    ort_time = median_time(ort_call, repeats)
-    error = relative_error(reference, ort_out)
+    error = relative_error(torch_call(), ort_call())
+    times = alternating_medians({"torch": torch_call, "ort": ort_call}, repeats)
     report("")
-    report(f"| runtime | s / UNet call (median of {repeats}) | vs torch |")
+    report(f"| runtime | s / UNet call (median of {repeats}, timed in turns) | vs torch |")
     report("|---|---|---|")
-    report(f"| torch eager | {torch_time:.2f} | 1.00× (reference) |")
-    report(f"| ONNX Runtime CPU | {ort_time:.2f} | {torch_time / ort_time:.2f}× faster |")
+    report(f"| torch eager | {times['torch']:.2f} | 1.00× (reference) |")
+    report(f"| ONNX Runtime CPU | {times['ort']:.2f} | {times['torch'] / times['ort']:.2f}× faster |")
     report("")
     verdict = "within" if error <= 1e-3 else "ABOVE"
-    report(f"max relative error of ONNX Runtime vs torch: {error:.2e} ({verdict} the 1e-3 target)")
+    report(f"max relative error of ONNX Runtime vs torch (max |Δ| / max |torch|): {error:.2e} ({verdict} the 1e-3 target)")
     report("")
     shutil.rmtree(onnx_dir, ignore_errors=True)
 
@@ -95,16 +93,12 @@ def whole_txt2img(report: Report, work: Path, label: str, source: str | Path, si
     onnx_dir = export_onnx(torch_pipe.model, work / f"{label}-onnx").root
     ort_pipe = aipaint.load(source, runtime="onnxruntime", runtime_options={"onnx_dir": str(onnx_dir), "threads": threads})
     params = dict(seed=11, steps=steps, width=size, height=size)
-
-    def run(pipe):
-        return pipe.txt2img(PROMPT, **params)
-
-    torch_time = median_time(lambda: run(torch_pipe), repeats)
-    ort_time = median_time(lambda: run(ort_pipe), repeats)
-    a = np.asarray(run(torch_pipe).images[0], dtype=np.int16)
-    b = np.asarray(run(ort_pipe).images[0], dtype=np.int16)
-    report(f"| {label} ({size} px, {steps} steps, {torch_pipe.model.defaults.sampler}) | {torch_time:.3f} | "
-           f"{ort_time:.3f} | {torch_time / ort_time:.2f}× | {int(np.abs(a - b).max())} |")
+    times = alternating_medians({"torch": lambda: torch_pipe.txt2img(PROMPT, **params),
+                                 "ort": lambda: ort_pipe.txt2img(PROMPT, **params)}, repeats)
+    a = np.asarray(torch_pipe.txt2img(PROMPT, **params).images[0], dtype=np.int16)
+    b = np.asarray(ort_pipe.txt2img(PROMPT, **params).images[0], dtype=np.int16)
+    report(f"| {label} ({size} px, {steps} steps, {torch_pipe.model.defaults.sampler}) | {times['torch']:.3f} | "
+           f"{times['ort']:.3f} | {times['torch'] / times['ort']:.2f}× | {int(np.abs(a - b).max())} |")
 
 
 def main() -> None:
@@ -112,7 +106,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--latent", type=int, default=32, help="latent side of the full-size UNet test (32 = 256 px)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size UNet")
     parser.add_argument("--skip-pipelines", action="store_true", help="skip the whole-txt2img part")
     parser.add_argument("--save", default="onnx_vs_torch.txt", help="file name under benchmarks/results ('' to not save)")

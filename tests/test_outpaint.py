@@ -32,7 +32,7 @@ def test_original_region_is_unchanged_and_new_area_is_painted(tiny_pipe, left, t
     assert np.array_equal(out[top : top + 24, left : left + 32], pixels(image))
     new = np.ones(out.shape[:2], bool)
     new[top : top + 24, left : left + 32] = False
-    canvas = pixels(imageutil.edge_extend(image, left, top, right, bottom, "edge"))
+    canvas = pixels(imageutil.extend_canvas(image, left, top, right, bottom, "edge"))
     assert np.abs(out[new] - canvas[new]).mean() > 5  # generated, not just the starting fill
 
 
@@ -49,7 +49,7 @@ def test_canvas_is_padded_to_the_grid_and_cropped_back():
 def test_fills_start_the_new_area_sensibly(fill):
     image = Image.new("RGB", (16, 16), (200, 30, 30))
     image.paste((30, 30, 200), (8, 0, 16, 16))  # red left half, blue right half
-    canvas = pixels(imageutil.edge_extend(image, 8, 0, 8, 0, fill, seed=1))
+    canvas = pixels(imageutil.extend_canvas(image, 8, 0, 8, 0, fill, seed=1))
     assert canvas.shape == (16, 32, 3)
     assert np.array_equal(canvas[:, 8:24], pixels(image))
     if fill == "edge":
@@ -58,8 +58,8 @@ def test_fills_start_the_new_area_sensibly(fill):
         assert canvas[:, :8, 0].mean() > canvas[:, :8, 2].mean() and canvas[:, 24:, 2].mean() > canvas[:, 24:, 0].mean()
     else:
         assert canvas[:, :8].std() > 20
-        assert np.array_equal(canvas, pixels(imageutil.edge_extend(image, 8, 0, 8, 0, fill, seed=1)))
-        assert not np.array_equal(canvas, pixels(imageutil.edge_extend(image, 8, 0, 8, 0, fill, seed=2)))
+        assert np.array_equal(canvas, pixels(imageutil.extend_canvas(image, 8, 0, 8, 0, fill, seed=1)))
+        assert not np.array_equal(canvas, pixels(imageutil.extend_canvas(image, 8, 0, 8, 0, fill, seed=2)))
 
 
 def test_feather_is_zero_on_the_original_and_ramps_inside_the_new_area():

@@ -174,6 +174,23 @@ def test_emphasis_scales_token_vectors(encoder, tokenizer, text_encoder):
     assert torch.allclose(restored, raw * (plain.mean() / raw.mean()), atol=1e-6)
 
 
+def test_a_mean_of_rounding_noise_is_not_rescaled(tokenizer, text_encoder):
+    """With a zero-bias final layer norm (a fresh encoder) the output mean is ~1e-9: the
+    A1111 rescale would divide noise by noise. Such a chunk is only weighted; one output
+    differing in the last bit must not change the result by more than the last bit."""
+    fresh = transformers.CLIPTextModel(text_encoder.config).eval()
+    weighting = PromptEncoder(tokenizer, fresh)
+    plain = PromptEncoder(tokenizer, fresh, normalization="none")
+    with torch.no_grad():
+        z = fresh(torch.tensor([tokenize_chunks(tokenizer, "a (red:1.5) cat")[0].tokens])).last_hidden_state
+        assert abs(z.double().mean()) < 1e-6 * z.abs().mean()
+        weights = tokenize_chunks(tokenizer, "a (red:1.5) cat")[0].weights
+        nudged = z + torch.randn_like(z) * 1e-7
+        a, b = weighting._weighted(z, weights), weighting._weighted(nudged, weights)
+        assert (a - b).abs().max() < 1e-5
+        assert torch.equal(weighting.encode("a (red:1.5) cat"), plain.encode("a (red:1.5) cat"))
+
+
 def test_long_prompt_encodes_each_chunk_separately(encoder, tokenizer, text_encoder):
     prompt = words(80)
     with torch.no_grad():

@@ -7,7 +7,9 @@
   the next chunk.
 * Emphasis multiplies the encoder's output vectors by each token's weight; then, with
   ``normalization="a1111"``, the chunk is rescaled so its mean is what it was before
-  weighting (A1111's "Original" emphasis). ``"none"`` skips the rescale.
+  weighting (A1111's "Original" emphasis). ``"none"`` skips the rescale. A chunk whose
+  mean is within rounding noise of zero (below ``MEAN_NOISE_FLOOR`` × its mean absolute
+  value) is not rescaled: the ratio of two such means carries no information.
 * ``clip_skip`` counts as in A1111: 1 is the last layer, 2 the penultimate hidden state
   passed through the final layer norm, and so on. (diffusers' ``clip_skip=1`` is A1111's 2.)
 
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["NORMALIZATIONS", "Chunk", "PromptEncoder", "Tokenizer", "tokenize_chunks"]
 
 NORMALIZATIONS = ("a1111", "none")
+#: Relative size below which a chunk's mean counts as rounding noise (see the module docstring).
+MEAN_NOISE_FLOOR = 1e-4
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
 
 
@@ -254,7 +258,11 @@ class PromptEncoder:
         multipliers = torch.tensor(weights, dtype=z.dtype, device=z.device).reshape(1, -1, 1)
         weighted = z * multipliers
         if self.normalization == "a1111":
-            original_mean, new_mean = z.float().mean(), weighted.float().mean()
-            if new_mean != 0:
+            original_mean, new_mean = z.double().mean(), weighted.double().mean()
+            # A mean that is rounding noise next to the values (a layer norm with zero bias,
+            # as in freshly initialised encoders) would turn the rescale into noise too:
+            # large, and of either sign. Real CLIP encoders are nowhere near this bound.
+            scale = z.double().abs().mean()
+            if abs(new_mean) > MEAN_NOISE_FLOOR * scale and abs(original_mean) > MEAN_NOISE_FLOOR * scale:
                 weighted = weighted * (original_mean / new_mean).to(z.dtype)
         return weighted

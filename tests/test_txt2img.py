@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from aipaint.sampling_plans import _make_scheduler
-from aipaint.samplers import SCHEDULES
 from aipaint_plugins.samplers import builtin_samplers
+
+from aipaint.samplers import SCHEDULES
+from aipaint.sampling_plans import _make_scheduler
 
 CASES = [(s, sched) for s in builtin_samplers() if s.kind == "scheduler" for sched in s.schedules]
 
@@ -135,11 +135,11 @@ def test_schedule_not_allowed_for_sampler(tiny_pipe):
 
 
 def test_lora_tag_without_lora_adapter_is_an_error(tiny_sd_path):
+    import os
+
     import aipaint
     from aipaint.errors import UnsupportedFeature
     from aipaint.plugins import create_plugin_host
-
-    import os
 
     old = os.environ.get("AIPAINT_LOAD_PLUGINS")
     os.environ["AIPAINT_LOAD_PLUGINS"] = "sd15,samplers,torch"

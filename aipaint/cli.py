@@ -85,14 +85,22 @@ def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Cal
     return update, close
 
 
+LOADED_PIPELINE = "loaded_pipeline"
+
+
 def _load(args: argparse.Namespace):
+    """The pipeline for the command's model options, loaded once per command: a Midjourney
+    ``--ar`` needs the model's default size before the request is built."""
+    loaded = getattr(args, LOADED_PIPELINE, None)
+    if loaded is not None:
+        return loaded
     import transformers
 
     import aipaint
 
     transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
 
-    return aipaint.load(
+    loaded = aipaint.load(
         args.model,
         family=args.family,
         device=args.device,
@@ -102,6 +110,8 @@ def _load(args: argparse.Namespace):
         config=args.config,
         runtime_options=parse_key_values(getattr(args, "runtime_options", None) or [], "--runtime-option"),
     )
+    setattr(args, LOADED_PIPELINE, loaded)
+    return loaded
 
 
 def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -175,8 +185,11 @@ def _generation_request(args: argparse.Namespace) -> Any:
         kwargs["prompt"] = mj.prompt
         if mj.negative:
             kwargs["negative_prompt"] = ", ".join(p for p in (kwargs.get("negative_prompt", ""), mj.negative) if p)
-        for name in ("width", "height", "seed", "steps"):
-            value = getattr(mj, name, None)
+        resolved = {"seed": mj.seed, "steps": mj.steps}
+        if mj.aspect is not None and (args.width is None or args.height is None):
+            defaults = _load(args).model.defaults  # --ar scales the model's own default size
+            resolved["width"], resolved["height"] = mj.size_for(defaults.width, defaults.height)
+        for name, value in resolved.items():
             if value is not None and getattr(args, name) is None:
                 kwargs[name] = value
     units = [unit for build in getattr(args, ADAPTER_UNIT_BUILDERS, None) or () for unit in build(args, png_params)]
@@ -261,36 +274,53 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     from aipaint.prompt import describe, parse_midjourney, parse_prompt
 
     text = args.prompt
+    steps = args.steps
     if args.midjourney:
         mj = parse_midjourney(text)
         text = mj.prompt
         if mj.negative:
             print(f"negative prompt: {mj.negative}")
+        defaults = _load(args).model.defaults
+        width, height = mj.size_for(defaults.width, defaults.height)
+        if mj.aspect is None:
+            print(f"size: {width}x{height} (the model's default; no --ar given)")
+        else:
+            print(f"size: {width}x{height} (--ar {mj.aspect[0]}:{mj.aspect[1]} at the pixel count of the model's "
+                  f"default {defaults.width}x{defaults.height})")
+        print(f"seed: {mj.seed}" if mj.seed is not None else "seed: random (no --seed given)")
+        if steps is None:
+            steps = mj.steps
     tokenizer = None
     if not args.no_tokens:
         from aipaint import zoo
         from aipaint.loading import resolve_source
 
-        source = resolve_source(args.model or zoo.DEFAULT_MODEL)
+        source = resolve_source(args.model or zoo.DEFAULT_MODEL, allow_pickle=args.allow_pickle)
         from transformers import CLIPTokenizer
 
         if (source.path / "tokenizer").is_dir():
             tokenizer = CLIPTokenizer.from_pretrained(source.path / "tokenizer")
-    print(describe(parse_prompt(text), tokenizer=tokenizer, steps=args.steps))
+    print(describe(parse_prompt(text), tokenizer=tokenizer, steps=20 if steps is None else steps))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    from aipaint.imageutil import load_image
     from aipaint.world.evaluate import adherence, read_scene
+    from aipaint.world.scene import POSITION_PHRASES
 
-    image = Image.open(args.image).convert("RGB")
+    image = load_image(args.image)
     reading = read_scene(image)
-    print(reading)
+    print(f"background: {reading.background}")
+    for obj in reading.objects:
+        print(f"object: a {obj.size} {obj.colour} {obj.shape} {POSITION_PHRASES[obj.position]} "
+              f"(centre {obj.cx:.1f},{obj.cy:.1f}; extent {obj.extent:.1f} px)")
+    if not reading.objects:
+        print("object: none found")
     if args.caption:
-        score = adherence(image, args.caption)
-        print(f"adherence: {score.score:.3f} ({score.matched}/{score.total})")
+        score = adherence(image, args.caption, reading)
+        print(f"adherence: {score.score:.3f} ({score.matched}/{score.total} attributes"
+              f"{', all correct' if score.all_correct else ''})")
     return 0
 
 
@@ -325,10 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prompt", help="show how a prompt is understood")
     p.add_argument("prompt")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--midjourney", "--mj", action="store_true")
-    p.add_argument("-m", "--model", help="model whose tokenizer counts tokens (default: embedded)")
+    p.add_argument("--steps", type=int, help="steps to show the schedule for (default: a Midjourney --steps, else 20)")
+    p.add_argument("--midjourney", "--mj", action="store_true",
+                   help="read the prompt in Midjourney syntax and print the size and seed it resolves to (loads the model)")
     p.add_argument("--no-tokens", action="store_true", help="skip token counting")
+    _add_model_options(p)
     p.set_defaults(func=cmd_prompt)
 
     p = sub.add_parser("eval", help="read a shapes-world image and score it against a caption")

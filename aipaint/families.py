@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aipaint.errors import ModelLoadError
+
 if TYPE_CHECKING:
     from aipaint.model import LatentDiffusionModel
 
@@ -30,7 +32,15 @@ class ModelSource:
         index = self.path / "model_index.json"
         if self.kind != "folder" or not index.is_file():
             return {}
-        return json.loads(index.read_text())
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ModelLoadError(
+                f"{index} is not readable JSON ({exc}); repair or re-download the model folder"
+            ) from exc
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{index} must hold a JSON object naming the pipeline's parts, not {type(data).__name__}")
+        return data
 
     def checkpoint_keys(self) -> list[str]:
         """The tensor names of a single-file checkpoint, read without loading tensors."""
@@ -38,8 +48,6 @@ class ModelSource:
             return []
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
-
-            from aipaint.errors import ModelLoadError
 
             try:
                 with safe_open(str(self.path), framework="pt") as f:

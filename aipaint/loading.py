@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 from aipaint import zoo
-from aipaint.errors import ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.errors import AipaintError, ModelLoadError, UnknownName, UnsafeFileError
 from aipaint.families import LoadOptions, ModelFamily, ModelSource
 from aipaint.model import LatentDiffusionModel, ModelDefaults
 from aipaint.plugins import PluginHost
@@ -81,16 +82,43 @@ def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> 
     )
 
 
+def _broken_plugin(owner: str, where: str, problem: str) -> None:
+    warnings.warn(f"aipaint plugin {owner!r} {problem} in {where}; it was skipped while identifying the model", stacklevel=3)
+
+
 def identify_family(source: ModelSource, host: PluginHost) -> ModelFamily:
+    """The family that loads ``source``: the zoo card's, else the first plugin that claims it
+    through ``identify_model_family``, else the first family whose ``identify`` says yes.
+
+    A plugin that crashes or claims an unregistered family is named in a warning and skipped,
+    so one broken plugin cannot stop every model from loading. Errors about the source itself
+    (:class:`~aipaint.errors.AipaintError`, such as an unreadable file) are raised as they are.
+    """
     registry = host.registry.families
     if source.card and source.card.get("family"):
         return registry.get(source.card["family"])
-    claimed = host.hook.identify_model_family(source=source)
-    if claimed:
+    for owner, call in host.implementations("identify_model_family"):
+        try:
+            claimed = call(source=source)
+        except AipaintError:
+            raise
+        except Exception as exc:
+            _broken_plugin(owner, "identify_model_family", f"raised {exc!r}")
+            continue
+        if claimed is None:
+            continue
+        if claimed not in registry:
+            _broken_plugin(owner, "identify_model_family", f"claimed the unregistered family {claimed!r}")
+            continue
         return registry.get(claimed)
     for family in registry:
-        if family.identify(source):
-            return family
+        try:
+            if family.identify(source):
+                return family
+        except AipaintError:
+            raise
+        except Exception as exc:
+            _broken_plugin(registry.owners[family.name], f"{type(family).__name__}.identify()", f"raised {exc!r}")
     raise ModelLoadError(
         f"no installed model family recognises {source.path}; installed families: "
         f"{', '.join(registry.names()) or 'none'}. Pass family=... if you know it"

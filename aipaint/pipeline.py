@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ class Pipeline:
         """Plan a run. ``encode=False`` leaves step 4 (prompt encoding) to the caller:
         :meth:`activate` encodes only after the adapters are active, because LoRA
         text-encoder weights and textual-inversion tokens change what the prompt encodes to."""
-        from aipaint.prompt import parse_prompt
+        from aipaint.prompt import PromptWarning, parse_negative_prompt, parse_prompt
 
         model = self.model
         # 1. Fill in the model's defaults, pick a seed, check names against the registry.
@@ -211,9 +212,11 @@ class Pipeline:
         factor = model.vae_scale_factor
         if request.width % factor or request.height % factor:
             raise InvalidParameter("size", f"{request.width}x{request.height}", f"must be a multiple of {factor} for this model")
-        # 2. Parse the prompts once.
+        # 2. Parse the prompts once; what the parser kept as text instead of reading it is said.
         parsed = parse_prompt(request.prompt)
-        negative = parse_prompt(request.negative_prompt)
+        negative = parse_negative_prompt(request.negative_prompt)
+        for message in (*parsed.warnings, *negative.warnings):
+            warnings.warn(f"aipaint: {message}", PromptWarning, stacklevel=3)
         # 3. The sampler's plan over the model's own noise schedule.
         plan = sampler.plan(model.scheduler_config, request.schedule, request.steps, device=model.device, seeds=request.seeds)
         # 4. Conditioning for every distinct prompt text in the schedule, encoded once.
@@ -245,10 +248,10 @@ class Pipeline:
 
         def conditioning_at(step: int) -> StepConditioning:
             positive_parts = prompt_at_step(parsed, step, steps) or (("", 1.0),)
-            negative_parts = prompt_at_step(negative, step, steps) or (("", 1.0),)
-            key = (positive_parts, negative_parts[0][0])
+            ((negative_text, _),) = prompt_at_step(negative, step, steps)  # a negative prompt is one text
+            key = (positive_parts, negative_text)
             if key not in cache:
-                texts = [t for t, _ in positive_parts] + [negative_parts[0][0]]
+                texts = [t for t, _ in positive_parts] + [negative_text]
                 conds = encode(texts)
                 length = max(c.embeds.shape[1] for c in conds)
                 if any(c.embeds.shape[1] != length for c in conds):  # pad to a common length by re-encoding
@@ -278,7 +281,7 @@ class Pipeline:
         tokens); (3) only then encode the prompts, so the conditioning sees the patched text
         encoder and the adapters' text rewrites; (4) the caller runs the loop inside.
         """
-        from aipaint.prompt import parse_prompt
+        from aipaint.prompt import parse_negative_prompt
 
         prepared = self.prepare(request, encode=False)
         contributors: list[LoopContributor] = list(extra_contributors or [])
@@ -292,7 +295,7 @@ class Pipeline:
                     rewrites.append(activation.rewrite_text)
             request = prepared.request
             prepared.conditioning_at = self._conditioning_schedule(
-                prepared.prompt, parse_prompt(request.negative_prompt), request, _chain(rewrites) if rewrites else None
+                prepared.prompt, parse_negative_prompt(request.negative_prompt), request, _chain(rewrites) if rewrites else None
             )
             yield prepared, contributors, info
 
@@ -344,7 +347,7 @@ class Pipeline:
     def _refiner_handoff(self, prepared: PreparedRun) -> ModelHandoff | None:
         """The refiner's part of the loop: the steps whose timestep lies below the switch point
         (diffusers' ``denoising_end``/``denoising_start`` and A1111 cut at the same timestep)."""
-        from aipaint.prompt import parse_prompt
+        from aipaint.prompt import parse_negative_prompt
 
         request = prepared.request
         refiner = refiner_model(request.refiner)
@@ -358,7 +361,7 @@ class Pipeline:
         train_steps = int(main.scheduler_config.get("num_train_timesteps", 1000))
         cutoff = int(round(train_steps * (1.0 - request.refiner_switch_at)))
         conditioning_at = Pipeline(refiner, self.host)._conditioning_schedule(
-            prepared.prompt, parse_prompt(request.negative_prompt), request
+            prepared.prompt, parse_negative_prompt(request.negative_prompt), request
         )
         return ModelHandoff(refiner, conditioning_at, cutoff)
 

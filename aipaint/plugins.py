@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -36,6 +37,26 @@ class PluginHost:
 
     def plugin_names(self) -> list[str]:
         return [name for name, _ in self.manager.list_name_plugin()]
+
+    def implementations(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
+        """``(plugin name, call)`` for each plugin implementing ``hook_name``, in the order pluggy
+        calls them, so a caller can run one plugin at a time and name the one that fails.
+        ``call`` takes the hook's keyword arguments, passes each plugin the ones it declares,
+        and is traced under ``AIPAINT_TRACE_PLUGINS``."""
+        calls = []
+        for impl in reversed(getattr(self.manager.hook, hook_name).get_hookimpls()):
+            owner = self.manager.get_name(impl.plugin) or repr(impl.plugin)
+            calls.append((owner, _plugin_call(hook_name, owner, impl)))
+        return calls
+
+
+def _plugin_call(hook_name: str, owner: str, impl: Any) -> Callable[..., Any]:
+    def call(**kwargs: Any) -> Any:
+        if os.environ.get("AIPAINT_TRACE_PLUGINS"):
+            print(f"aipaint: {hook_name} [{owner}]", file=sys.stderr)
+        return impl.function(**{name: kwargs[name] for name in impl.argnames})
+
+    return call
 
 
 def _selected_entry_points() -> list[Any]:

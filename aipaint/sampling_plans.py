@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aipaint.errors import PluginError
 from aipaint.samplers import SCHEDULES, SamplerSpec
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -62,7 +63,14 @@ def _make_scheduler(cls: Any, scheduler_config: dict[str, Any], options: dict[st
         # Latents are not bounded to [-1, 1]: latent models never clip x0 (SD's own configs say so),
         # but DDIM-style schedulers default to clipping when the model's config does not mention it.
         config["clip_sample"] = False
-    config.update({k: v for k, v in options.items() if k in keys})
+    refused = sorted(k for k in options if k not in keys)
+    if refused:
+        raise PluginError(
+            f"{cls.__name__} does not accept the option(s) {', '.join(refused)}, which the sampler's "
+            "scheduler_options or schedule type ask for; the sampler plugin must not offer a schedule type "
+            "or option its scheduler lacks"
+        )
+    config.update(options)
     return cls.from_config(config)
 
 
@@ -187,8 +195,12 @@ class FunctionPlan(SamplingPlan):
     def run(self, model_fn, latents, generators, start=0, callback=None):
         sigmas = self.sigmas[start:].to(latents.device)
         timestep_of = {float(s): t for s, t in zip(self.sigmas[:-1].tolist(), self.timesteps, strict=True)}
-        index_of = {float(s): i for i, s in enumerate(self.sigmas[:-1].tolist())}
         prediction_type = self.prediction_type
+        # Every model call belongs to the step in progress: ``start`` plus the steps the sampler
+        # has reported done. Matching the call's sigma against the schedule cannot tell a
+        # midpoint from a step: DPM++ 2S a's midpoint is mathematically the next schedule sigma,
+        # and equal to it in float only some of the time.
+        done = 0
 
         def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             s = float(sigma)
@@ -196,7 +208,7 @@ class FunctionPlan(SamplingPlan):
             if t is None:  # a sampler's intermediate sigma (Heun-like): nearest timestep by log-sigma
                 t = torch.as_tensor(float(self.scheduler._sigma_to_t(np.array(s), self._log_sigmas)))
             c_in = 1.0 / (s**2 + 1.0) ** 0.5
-            out = model_fn(x * c_in, t, index_of.get(s, start))
+            out = model_fn(x * c_in, t, start + done)
             if prediction_type == "v_prediction":
                 return x / (s**2 + 1.0) - out * s / (s**2 + 1.0) ** 0.5
             return x - out * s
@@ -205,13 +217,21 @@ class FunctionPlan(SamplingPlan):
         n = len(sigmas) - 1
 
         def step_callback(info: dict[str, Any]) -> None:
+            nonlocal done
+            done += 1
             if callback is not None:
                 replaced = callback(info["i"], n, info["x"])
                 if replaced is not None:  # function samplers keep x in a local: update it in place
                     info["x"].copy_(replaced)
 
         assert self.spec.function is not None
-        return self.spec.function(denoiser, latents, sigmas, noise_sampler=noise_sampler, callback=step_callback)
+        latents = self.spec.function(denoiser, latents, sigmas, noise_sampler=noise_sampler, callback=step_callback)
+        if done != n:
+            raise PluginError(
+                f"the function sampler {self.spec.name!r} reported {done} finished steps for a run of {n}; "
+                "it must call callback once after each step (prompt editing, inpainting and progress rely on it)"
+            )
+        return latents
 
     @property
     def _log_sigmas(self) -> np.ndarray:

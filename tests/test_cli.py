@@ -94,3 +94,28 @@ def test_pickle_refused_in_cli(tmp_path, capsys):
     ckpt.write_bytes(b"\x80\x04N.")
     assert main(["generate", "x", "-m", str(ckpt)]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_generate_runs_the_post_processors_in_order(tiny_sd_path, tmp_path, capsys):
+    """``--post`` chains after a generation: an upscale to 40x40, then hires fix ×2, gives
+    80x80 (the other order would give 40x40), and both record their A1111 keys."""
+    from PIL import Image
+
+    from aipaint.infotext import Infotext, read_png_parameters
+
+    out = tmp_path / "post.png"
+    assert main(["generate", "a red circle", "-m", str(tiny_sd_path), "--steps", "2", "-W", "32", "-H", "32", "--seed", "3",
+                 "--post", "upscale:upscaler=Nearest,resize_to=40x40",
+                 "--post", "hires:scale=2,upscaler=Latent (nearest),hires_steps=2,denoising_strength=0.5",
+                 "-o", str(out), "--no-progress"]) == 0
+    assert Image.open(out).size == (80, 80)
+    params = Infotext.from_text(read_png_parameters(out)).params
+    assert params["Postprocess upscaler"] == "Nearest" and params["Postprocess upscale to"] == "40x40"
+    assert (params["Hires upscale"], params["Hires upscaler"], params["Hires steps"], params["Denoising strength"]) == (
+        "2", "Latent (nearest)", "2", "0.5")
+    assert params["Size"] == "32x32" and params["Seed"] == "3" and list(params)[-1] == "Version"
+    capsys.readouterr()
+    typo = tmp_path / "typo.png"
+    assert main(["generate", "x", "-m", str(tiny_sd_path), "-W", "32", "-H", "32", "--post", "upscale:scael=2",
+                 "-o", str(typo), "--no-progress"]) == 2
+    assert "scael" in capsys.readouterr().err and not typo.exists()

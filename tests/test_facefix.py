@@ -12,7 +12,7 @@ from aipaint_plugins.facefix.fix import FaceFixSettings, detect_faces, face_fix,
 from aipaint_plugins.facefix.masks import box_mask, crop_region, feather, paste
 from PIL import Image
 
-from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsupportedFeature
+from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError, UnsupportedFeature
 from aipaint.postprocess import run_postprocessors
 
 ASTRONAUT_FACE = (177, 66, 272, 161)  # where Eileen Collins' face is in skimage.data.astronaut() (512 px)
@@ -188,17 +188,69 @@ def test_restoration_blends_inside_faces_only(small_astronaut):
     assert info == {"Face restoration": "_whiten", "Face restoration visibility": "1"}
 
 
-def test_a_super_resolution_model_is_refused_as_face_restorer(tmp_path, monkeypatch, small_astronaut):
-    from safetensors.torch import save_file
+def _compact_state() -> dict[str, torch.Tensor]:
+    """A tiny super-resolution network (not a face restorer) as spandrel sees it."""
     from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
 
-    state = {k: v.contiguous() for k, v in SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict().items()}
-    save_file(state, str(tmp_path / "2x-compact.safetensors"))
+    return {k: v.contiguous() for k, v in SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict().items()}
+
+
+def test_a_super_resolution_model_is_refused_as_face_restorer(tmp_path, monkeypatch, small_astronaut):
+    from safetensors.torch import save_file
+
+    save_file(_compact_state(), str(tmp_path / "2x-compact.safetensors"))
     monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(tmp_path))
     with pytest.raises(InvalidParameter, match="not face restoration"):
         restore_faces(small_astronaut, "2x-compact")
     with pytest.raises(ModelLoadError, match="missing weights file"):
-        restore_faces(small_astronaut, str(tmp_path / "GFPGANv1.4.safetensors"))
+        restore_faces(small_astronaut, tmp_path / "GFPGANv1.4.safetensors")  # an explicit Path, from Python
+
+
+def test_restorer_names_never_leave_the_upscaler_folder(plugin_host, tmp_path, monkeypatch, small_astronaut):
+    """Weights just outside the folder (and the folder as working directory, so a path
+    relative to it would reach them) are refused, from Python and through the chain."""
+    from aipaint_plugins.lora.library import NameOutsideFolder
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "upscalers"
+    folder.mkdir()
+    save_file(_compact_state(), str(tmp_path / "GFPGANv1.4.safetensors"))
+    (folder / "link.safetensors").symlink_to(tmp_path / "GFPGANv1.4.safetensors")
+    monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(folder))
+    monkeypatch.chdir(folder)
+    for name in ("../GFPGANv1.4", "../GFPGANv1.4.safetensors", str(tmp_path / "GFPGANv1.4.safetensors"), "link"):
+        with pytest.raises(NameOutsideFolder):
+            restore_faces(small_astronaut, name)
+        with pytest.raises(NameOutsideFolder):
+            run_postprocessors(small_astronaut, [("face-restore", {"restorer": name})], host=plugin_host)
+
+
+@pytest.fixture()
+def pickled_restorer(tmp_path, monkeypatch) -> str:
+    """Weights only as a pickle. They are a super-resolution model, so *loading* them ends in
+    "not face restoration": an UnsafeFileError instead proves the pickle was never opened."""
+    torch.save(_compact_state(), tmp_path / "pickled.pth")
+    monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(tmp_path))
+    return "pickled"
+
+
+@pytest.mark.parametrize("no", ["no", "false", "0"])
+def test_allow_pickle_no_keeps_pickled_restorers_refused(plugin_host, pickled_restorer, small_astronaut, no):
+    step = f"face-restore:restorer={pickled_restorer},allow_pickle={no}"
+    with pytest.raises(UnsafeFileError, match="allow_pickle"):
+        run_postprocessors(small_astronaut, [step], host=plugin_host)
+    with pytest.raises(InvalidParameter, match="not face restoration"):  # yes: the pickle is read
+        run_postprocessors(small_astronaut, [f"face-restore:restorer={pickled_restorer},allow_pickle=yes"], host=plugin_host)
+    with pytest.raises(InvalidParameter, match="allow_pickle"):
+        run_postprocessors(small_astronaut, [f"face-restore:restorer={pickled_restorer},allow_pickle=nope"], host=plugin_host)
+
+
+@pytest.mark.parametrize("no", ["no", "0"])
+def test_facefix_allow_pickle_no_keeps_pickled_restorers_refused(tiny_pipe, pickled_restorer, small_astronaut, no):
+    _needs_inpaint(tiny_pipe)
+    step = f"facefix:restorer={pickled_restorer},allow_pickle={no},prompt=a face,steps=2,inpaint_width=64,inpaint_height=64"
+    with pytest.raises(UnsafeFileError, match="allow_pickle"):
+        run_postprocessors(small_astronaut, [step], tiny_pipe)
 
 
 def test_face_restore_post_processor_needs_weights(plugin_host, small_astronaut):

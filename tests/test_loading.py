@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
 
 import aipaint
 from aipaint.errors import DownloadError, ModelLoadError, UnknownName, UnsafeFileError
-from aipaint.loading import load_state_dict, resolve_source
+from aipaint.families import ModelFamily
+from aipaint.loading import identify_family, load_state_dict, resolve_source
 
 
 class Exploit:
@@ -123,3 +125,100 @@ def test_zoo_download_verifies_sha256(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(fake))
     with pytest.raises(DownloadError, match="sha256"):
         zoo.fetch(zoo.get("sd15"))
+
+
+class NamedPlugin:
+    """A plugin object with the name pluggy registers it under (and warnings show)."""
+
+    def __init__(self, name: str) -> None:
+        self.__name__ = name
+
+
+class CrashingIdentifier(NamedPlugin):
+    @aipaint.hookimpl
+    def identify_model_family(self, source):
+        raise RuntimeError("bug in the plugin")
+
+
+class ClaimsUnregisteredFamily(NamedPlugin):
+    @aipaint.hookimpl
+    def identify_model_family(self, source):
+        return "no-such-family"
+
+
+class ArgumentlessIdentifier(NamedPlugin):
+    """pluggy lets an implementation take fewer arguments than the hookspec names."""
+
+    @aipaint.hookimpl
+    def identify_model_family(self):
+        return None
+
+
+class CrashingFamily(ModelFamily):
+    name = "crashing"
+
+    def identify(self, source):
+        raise KeyError("bug in identify")
+
+
+class ClaimingFamily(ModelFamily):
+    name = "claiming"
+
+    def identify(self, source):
+        return source.model_index().get("_class_name") == "TestPipeline"
+
+
+class FamiliesPlugin(NamedPlugin):
+    @aipaint.hookimpl
+    def register_models(self, register):
+        register(CrashingFamily())
+        register(ClaimingFamily())
+
+
+def identify_with(source, *plugins):
+    from aipaint.plugins import create_plugin_host
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        family = identify_family(source, create_plugin_host(extra_plugins=plugins))
+    return family, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "problem"),
+    [(CrashingIdentifier("crashing-identifier"), "raised RuntimeError('bug in the plugin')"),
+     (ClaimsUnregisteredFamily("claims-unregistered"), "claimed the unregistered family 'no-such-family'")],
+)
+def test_broken_identify_hook_is_named_and_skipped(tiny_sd_path, plugin, problem):
+    family, messages = identify_with(resolve_source(tiny_sd_path), plugin)
+    assert family.name == "sd15"
+    assert [m for m in messages if plugin.__name__ in m and "identify_model_family" in m and problem in m]
+
+
+def test_identify_hook_may_take_no_arguments(tiny_sd_path):
+    family, messages = identify_with(resolve_source(tiny_sd_path), ArgumentlessIdentifier("argumentless"))
+    assert family.name == "sd15"
+    assert not [m for m in messages if "argumentless" in m]
+
+
+def test_family_whose_identify_raises_is_named_and_skipped(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "TestPipeline"}')
+    family, messages = identify_with(resolve_source(tmp_path), FamiliesPlugin("families-plugin"))
+    assert family.name == "claiming"
+    assert [m for m in messages if "'families-plugin'" in m and "CrashingFamily.identify()" in m and "bug in identify" in m]
+
+
+def test_identify_hook_calls_are_traced(tiny_sd_path, monkeypatch, capfd):
+    monkeypatch.setenv("AIPAINT_TRACE_PLUGINS", "1")
+    identify_with(resolve_source(tiny_sd_path), ArgumentlessIdentifier("argumentless"))
+    assert "identify_model_family [argumentless]" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "problem"), [('{"_class_name": "StableDiff', "is not readable JSON"),
+                                               ('["unet", "vae"]', "must hold a JSON object")])
+def test_malformed_model_index_is_a_typed_error_naming_the_file(tmp_path, text, problem):
+    index = tmp_path / "model_index.json"
+    index.write_text(text)
+    with pytest.raises(ModelLoadError, match=problem) as err:
+        aipaint.load(tmp_path)
+    assert str(index) in str(err.value)

@@ -345,6 +345,7 @@ def test_infotext_records_lora_hashes_and_from_png_reproduces(tiny_pipe, tiny_sd
     info = Infotext.from_text(result.infotexts[0])
     strong, style = addnet_hash(text_lora / "strong.safetensors"), addnet_hash(text_lora / "style.safetensors")
     assert info.params["Lora hashes"] == f"strong: {strong}, style: {style}"
+    assert "Lora units" not in info.params  # tags come back with the prompt; recording them twice would double them
     assert f'Lora hashes: "strong: {strong}, style: {style}"' in result.infotexts[0]
     png = tmp_path / "with-lora.png"
     result.save(png)
@@ -355,6 +356,44 @@ def test_infotext_records_lora_hashes_and_from_png_reproduces(tiny_pipe, tiny_sd
 
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(result.images[0]))
     assert "Lora hashes" in read_png_parameters(out)
+
+
+def test_api_units_are_recorded_as_tags_and_from_png_reproduces_them(tiny_pipe, tiny_sd_path, text_lora, kohya_file,
+                                                                     tmp_path, monkeypatch):
+    from PIL import Image
+
+    from aipaint.cli import main
+
+    extra = {"lora_dir": str(text_lora)}
+    units = (AdapterUnit("lora", {"name": "strong", "weight": 0.8}),
+             AdapterUnit("lora", {"name": "style", "unet_weight": 0.4, "te_weight": -0.3}))
+    result = tiny_pipe.txt2img("a cat <lora:style:0.25>", adapters=units, extra=extra, **GEN)
+    info = Infotext.from_text(result.infotexts[0])
+    assert info.prompt == "a cat <lora:style:0.25>"  # the prompt as the user wrote it
+    assert info.params["Lora units"] == "<lora:strong:0.8> <lora:style:-0.3:0.4>"  # A1111 order: te, then unet
+    plain = pixels(tiny_pipe.txt2img("a cat <lora:style:0.25>", extra=extra, **GEN))
+    assert np.abs(pixels(result) - plain).mean() > 1.0  # so an image without the units cannot pass below
+    png = tmp_path / "units.png"
+    result.save(png)
+    monkeypatch.setenv("AIPAINT_LORA_DIR", str(text_lora))
+    out = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(png), "-m", str(tiny_sd_path), "-o", str(out), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(result.images[0]))
+    assert Infotext.from_text(read_png_parameters(out)).params["Lora units"] == info.params["Lora units"]
+
+
+def test_units_the_infotext_cannot_record_and_malformed_records_are_typed_errors(tiny_pipe, text_lora):
+    from aipaint_plugins.lora import uses_from_recorded_units
+
+    extra = {"lora_dir": str(text_lora)}
+    for name in ("in:k", "a>b", " strong"):
+        with pytest.raises(InvalidParameter, match="tag can spell"):
+            tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": name}),), extra=extra, **GEN)
+    assert [(u.name, u.unet_weight, u.te_weight) for u in uses_from_recorded_units("<lora:a:1> <lora:b:0.5:-2>")] == [
+        ("a", 1.0, None), ("b", -2.0, 0.5)]
+    for text in ("<lora:a:lots>", "<lora:a:1> and text", "<hypernet:a:1>"):
+        with pytest.raises(InvalidParameter, match="Lora units"):
+            uses_from_recorded_units(text)
 
 
 def test_bad_units_are_typed_errors(tiny_pipe, text_lora):

@@ -1,4 +1,8 @@
-"""ONNX export and the onnxruntime runtime: parity with torch, the manifest, and refusing bad folders."""
+"""ONNX export and the onnxruntime runtime: parity with torch, the manifest, and refusing bad folders.
+
+The shared export (``onnx_dir``) holds every component plus two ControlNets built like
+tests/test_controlnet.py's tiny ones: a diffusers folder (``tiny-cn``) and a single
+safetensors file (``file-cn``); ``Other-CN`` stays out of it."""
 
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ from aipaint_plugins.onnx_runtime.manifest import (
     read_manifest,
     resolve_shape,
 )
-from aipaint_plugins.onnx_runtime.runtime import NotInExport
+from aipaint_plugins.onnx_runtime.runtime import ExportedControlNet, NotInExport
 from conftest import save_tiny_sd
 from PIL import Image
+from test_controlnet import _control_image, _tiny_controlnet
 
 import aipaint
 from aipaint.cli import main as cli_main
@@ -35,8 +40,24 @@ def pixels(result) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_pipe, tmp_path_factory) -> Path:
-    return export_onnx(tiny_pipe.model, tmp_path_factory.mktemp("export") / "tiny-onnx").root
+def cn_folder(tiny_pipe, tmp_path_factory) -> Path:
+    """A ControlNet folder, set as ``AIPAINT_CONTROLNET_DIR`` for the whole module."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("controlnets")
+    _tiny_controlnet(tiny_pipe.model.unet, 1).save_pretrained(folder / "tiny-cn")
+    _tiny_controlnet(tiny_pipe.model.unet, 2).save_pretrained(folder / "styles" / "Other-CN")
+    state = _tiny_controlnet(tiny_pipe.model.unet, 3).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "file-cn.safetensors"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIPAINT_CONTROLNET_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_pipe, cn_folder, tmp_path_factory) -> Path:
+    controlnets = [cn_folder / "tiny-cn", cn_folder / "file-cn.safetensors"]  # paths here, names in the units
+    return export_onnx(tiny_pipe.model, tmp_path_factory.mktemp("export") / "tiny-onnx", controlnets=controlnets).root
 
 
 @pytest.fixture(scope="module")
@@ -123,27 +144,127 @@ def test_controlnet_residuals_reach_the_exported_unet(tiny_pipe, ort_pipe):
                                  mid_block_additional_residual=residuals[-1])
 
 
-def test_controlnet_adapter_steers_the_exported_unet_end_to_end(tiny_pipe, ort_pipe, tmp_path, monkeypatch):
-    from diffusers import ControlNetModel
-
+def cn_unit(model="tiny-cn", **options):
     from aipaint.adapters import AdapterUnit
 
-    pytest.importorskip("aipaint_plugins.controlnet")
-    torch.manual_seed(1)
-    controlnet = ControlNetModel.from_unet(tiny_pipe.model.unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():  # a fresh ControlNet adds exact zeros; make it matter
-        for module in (controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-            for p in module.parameters():
-                p.normal_(0.0, 0.3)
-    controlnet.save_pretrained(tmp_path / "cn")
-    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
-    control = Image.new("RGB", (32, 32), "white")
-    control.paste((255, 0, 0), (4, 8, 20, 24))
-    units = (AdapterUnit("controlnet", {"model": "cn", "image": control, "preprocessor": "none"}),)
+    return AdapterUnit("controlnet", {"model": model, "image": _control_image(), **options})
+
+
+def controlnets_used(pipe, *units) -> list:
+    """The ControlNet module each unit's loop contributor runs (a torch module or an exported stand-in)."""
+    from aipaint.params import GenerationRequest
+
+    with pipe.activate(GenerationRequest(prompt="a red square", adapters=units, **GEN)) as (_, contributors, _info):
+        return [c.controlnet for c in contributors]
+
+
+def test_a_controlnet_not_in_the_export_runs_in_torch_beside_it(tiny_pipe, ort_pipe):
+    units = (cn_unit("Other-CN", preprocessor="none"),)
+    [used] = controlnets_used(ort_pipe, *units)
+    assert type(used).__name__ == "ControlNetModel"  # torch, by default
     with_torch = pixels(tiny_pipe.txt2img("a red square", adapters=units, **GEN))
     with_ort = pixels(ort_pipe.txt2img("a red square", adapters=units, **GEN))
     assert np.abs(with_torch - with_ort).max() <= 1
     assert np.abs(with_ort - pixels(ort_pipe.txt2img("a red square", **GEN))).mean() > 1
+
+
+# --- exported ControlNets ----------------------------------------------------------------------
+
+
+def test_exported_controlnets_run_through_onnx_runtime_and_match_torch(tiny_pipe, ort_pipe):
+    """Every mode, several units, other sizes and a batch: the control image's axes are dynamic too."""
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    two = (cn_unit(weight=0.8), cn_unit("file-cn", control_mode="ControlNet is more important", guidance_end=0.5))
+    runs = {
+        "txt2img": lambda p, u: p.txt2img("a red square", adapters=u, **GEN),
+        "other size, batch": lambda p, u: p.txt2img("a red square", adapters=u, **dict(GEN, width=40, height=48, batch_size=2)),
+        "img2img": lambda p, u: p.img2img(image, "a red square", adapters=u, denoising_strength=0.6, **GEN),
+        "inpaint": lambda p, u: p.inpaint(image, mask, "a red square", adapters=u, denoising_strength=0.8, **GEN),
+    }
+    for label, run in runs.items():
+        for units in ((cn_unit(),), two):
+            assert np.abs(pixels(run(tiny_pipe, units)) - pixels(run(ort_pipe, units))).max() <= 1, (label, len(units))
+    used = controlnets_used(ort_pipe, *two)
+    assert [type(c) for c in used] == [ExportedControlNet, ExportedControlNet]
+    assert [c.key for c in used] == ["tiny-cn", "file-cn"]
+    plain = pixels(ort_pipe.txt2img("a red square", **GEN))
+    controlled = ort_pipe.txt2img("a red square", adapters=(cn_unit(),), **GEN)
+    assert np.abs(pixels(controlled) - plain).mean() > 1  # the exported ControlNet steered the image
+    assert controlled.parameters == tiny_pipe.txt2img("a red square", adapters=(cn_unit(),), **GEN).parameters
+
+
+def test_the_exported_controlnet_is_called_like_diffusers_one(ort_pipe, cn_folder):
+    from diffusers import ControlNetModel
+
+    [stand_in] = controlnets_used(ort_pipe, cn_unit())
+    reference = ControlNetModel.from_pretrained(cn_folder / "tiny-cn")
+    g = torch.Generator().manual_seed(0)
+    sample, embeds = torch.randn(2, 4, 9, 13, generator=g), torch.randn(2, 77, 32, generator=g)  # sizes never traced
+    control = torch.rand(2, 3, 18, 26, generator=g)
+    with torch.inference_mode():
+        expected = reference(sample, torch.tensor(321.0), encoder_hidden_states=embeds, controlnet_cond=control)
+        got = stand_in(sample, torch.tensor(321.0), encoder_hidden_states=embeds, controlnet_cond=control)
+    assert len(got.down_block_res_samples) == len(expected.down_block_res_samples)
+    for a, b in zip([*expected.down_block_res_samples, expected.mid_block_res_sample],
+                    [*got.down_block_res_samples, got.mid_block_res_sample]):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(UnsupportedFeature, match="does not take conditioning_scale"):
+        stand_in(sample, 321, encoder_hidden_states=embeds, controlnet_cond=control, conditioning_scale=0.5)
+
+
+def test_only_the_exported_file_runs_from_the_export(tiny_pipe, ort_pipe, tiny_sd_path, plugin_host, onnx_dir, tmp_path,
+                                                     monkeypatch):
+    """A name alone never picks an exported ControlNet: another file of that name runs in torch
+    (or is refused with torch_controlnets=false), so results never silently differ."""
+    strict = load_with(tiny_sd_path, plugin_host, onnx_dir, torch_controlnets=False)
+    assert [type(c) for c in controlnets_used(strict, cn_unit())] == [ExportedControlNet]
+    with pytest.raises(UnsupportedFeature, match="'Other-CN'.*not in the export.*'tiny-cn', 'file-cn'") as caught:
+        controlnets_used(strict, cn_unit("Other-CN"))
+    assert "--controlnet NAME" in str(caught.value) and "torch_controlnets=true" in str(caught.value)
+
+    _tiny_controlnet(tiny_pipe.model.unet, 5).save_pretrained(tmp_path / "tiny-cn")  # same name, other weights
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    [used] = controlnets_used(ort_pipe, cn_unit())
+    assert type(used).__name__ == "ControlNetModel"
+    units = (cn_unit(),)
+    assert np.abs(pixels(ort_pipe.txt2img("a red square", adapters=units, **GEN))
+                  - pixels(tiny_pipe.txt2img("a red square", adapters=units, **GEN))).max() <= 1
+    with pytest.raises(UnsupportedFeature, match="of that name, but made from another file"):
+        controlnets_used(strict, cn_unit())
+
+
+def test_a_unit_that_configures_the_file_otherwise_runs_in_torch(ort_pipe, tiny_sd_path, plugin_host, onnx_dir, cn_folder):
+    """file-cn was exported configured from the base UNet; a unit's own config builds another model."""
+    unit = cn_unit("file-cn", config=str(cn_folder / "tiny-cn"))
+    assert type(controlnets_used(ort_pipe, unit)[0]).__name__ == "ControlNetModel"
+    assert [type(c) for c in controlnets_used(ort_pipe, cn_unit("file-cn"))] == [ExportedControlNet]
+    strict = load_with(tiny_sd_path, plugin_host, onnx_dir, torch_controlnets=False)
+    with pytest.raises(UnsupportedFeature, match="another file or config"):
+        controlnets_used(strict, unit)
+
+
+def test_an_exported_controlnet_is_checked_against_the_model_like_a_torch_one(tiny_sd_path, plugin_host, onnx_dir,
+                                                                            tmp_path):
+    folder = damaged_copy(onnx_dir, tmp_path)
+    _edit_manifest(folder, lambda m: m["controlnets"]["tiny-cn"]["config"].update(cross_attention_dim=768))
+    pipe = load_with(tiny_sd_path, plugin_host, folder)
+    with pytest.raises(ModelLoadError, match="another base model"):
+        controlnets_used(pipe, cn_unit())
+
+
+def test_a_controlnet_given_as_an_object_runs_in_torch(ort_pipe, tiny_sd_path, plugin_host, onnx_dir, cn_folder):
+    from diffusers import ControlNetModel
+
+    exported_weights = ControlNetModel.from_pretrained(cn_folder / "tiny-cn")  # no file to recognise it by
+    [used] = controlnets_used(ort_pipe, cn_unit(exported_weights))
+    assert isinstance(used, ControlNetModel)
+    strict = load_with(tiny_sd_path, plugin_host, onnx_dir, torch_controlnets=False)
+    with pytest.raises(UnsupportedFeature, match="ControlNetModel object"):
+        controlnets_used(strict, cn_unit(exported_weights))
+    with pytest.raises(InvalidParameter, match="torch_controlnets"):
+        load_with(tiny_sd_path, plugin_host, onnx_dir, torch_controlnets="no")
 
 
 def test_the_exported_unet_is_found_at_sizes_the_trace_did_not_see(tiny_pipe, ort_pipe):
@@ -180,15 +301,22 @@ def test_stand_ins_refuse_weight_patching_loudly(ort_pipe):
     assert list(ort_pipe.model.unet.parameters()) == []  # the torch weights are gone
 
 
-def test_fp16_export_runs_close_to_torch(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
-    manifest = export_onnx(tiny_pipe.model, tmp_path / "fp16", fp16=True, components=("unet", "text_encoder", "vae_decoder"))
+def test_fp16_export_runs_close_to_torch(tiny_pipe, tiny_sd_path, plugin_host, cn_folder, tmp_path):
+    manifest = export_onnx(tiny_pipe.model, tmp_path / "fp16", fp16=True, components=("unet", "text_encoder", "vae_decoder"),
+                           controlnets=["tiny-cn"])
     assert manifest.data["precision"] == "fp16"
     assert manifest.components["unet"]["precision"] == "fp16"
     assert {io["name"]: io["dtype"] for io in manifest.io("unet", "inputs")}["sample"] == "float16"
     assert manifest.components["vae_decoder"]["precision"] == "fp32"  # --fp16-vae is separate
     assert manifest.components["text_encoder"]["precision"] == "fp32"
+    assert manifest.controlnets["tiny-cn"]["precision"] == "fp16"  # ControlNets follow the UNet
+    assert {io["name"]: io["dtype"] for io in manifest.io("controlnet/tiny-cn", "inputs")}["controlnet_cond"] == "float16"
     pipe = load_with(tiny_sd_path, plugin_host, manifest.root)
     assert np.abs(pixels(pipe.txt2img("a red circle", **GEN)) - pixels(tiny_pipe.txt2img("a red circle", **GEN))).max() <= 3
+    units = (cn_unit(),)
+    assert [type(c) for c in controlnets_used(pipe, *units)] == [ExportedControlNet]
+    assert np.abs(pixels(pipe.txt2img("a red circle", adapters=units, **GEN))
+                  - pixels(tiny_pipe.txt2img("a red circle", adapters=units, **GEN))).max() <= 3
 
 
 # --- the manifest ------------------------------------------------------------------------------------
@@ -211,6 +339,45 @@ def test_manifest_records_what_a_runtime_needs(tiny_pipe, onnx_dir):
     for entry in data["components"].values():
         for relative, record in entry["files"].items():
             assert (onnx_dir / relative).stat().st_size == record["size"]
+
+
+def test_manifest_records_the_exported_controlnets(tiny_pipe, onnx_dir, cn_folder):
+    import onnx
+    from aipaint_plugins.controlnet.models import a1111_model_hash
+
+    from aipaint.hashing import sha256_file
+
+    data = json.loads((onnx_dir / MANIFEST_NAME).read_text())
+    assert set(data["controlnets"]) == {"tiny-cn", "file-cn"}
+    folder_weights = cn_folder / "tiny-cn" / "diffusion_pytorch_model.safetensors"
+    assert data["controlnets"]["tiny-cn"]["source"] == {
+        "name": "tiny-cn",
+        "short_hash": a1111_model_hash(folder_weights),
+        "sha256": sha256_file(folder_weights),
+        "size": folder_weights.stat().st_size,
+        "config_sha256": sha256_file(cn_folder / "tiny-cn" / "config.json"),
+    }
+    single = data["controlnets"]["file-cn"]["source"]
+    assert single["sha256"] == sha256_file(cn_folder / "file-cn.safetensors")
+    assert single["config_sha256"] is None  # configured from the base UNet
+    entry = data["controlnets"]["tiny-cn"]
+    assert entry["precision"] == "fp32" and entry["file"] == "controlnet/tiny-cn/model.onnx"
+    assert entry["config"]["conditioning_embedding_out_channels"] == [8, 16]
+    assert not any(key.startswith("_") for key in entry["config"])  # no local paths
+    inputs = {io["name"]: io["shape"] for io in entry["inputs"]}
+    assert inputs == {
+        "sample": ["batch", 4, "height", "width"],
+        "timestep": ["batch"],
+        "encoder_hidden_states": ["batch", "sequence", 32],
+        "controlnet_cond": ["batch", 3, "height*2", "width*2"],  # the control image, at image resolution
+    }
+    unet_residuals = [io for io in data["components"]["unet"]["inputs"] if "residual" in io["name"]]
+    assert entry["outputs"] == unet_residuals
+    graph = onnx.load(str(onnx_dir / entry["file"]), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["controlnet_cond"] == ["batch", 3, "height*2", "width*2"]  # dynamic axes in the graph itself
+    for relative, record in entry["files"].items():
+        assert (onnx_dir / relative).stat().st_size == record["size"]
 
 
 def test_symbolic_shapes_resolve_and_bind():
@@ -268,13 +435,47 @@ def test_missing_folder_and_missing_option_say_what_to_do(tiny_sd_path, plugin_h
         (lambda d: _flip_byte(d / "unet" / "model.onnx.data"), "sha256 differs"),
         (lambda d: _edit_manifest(d, lambda m: m["components"]["unet"]["files"].update({"../../etc/passwd": {"size": 1, "sha256": "0"}})),
          "outside the folder"),
+        (lambda d: _flip_byte(d / "controlnet" / "tiny-cn" / "model.onnx.data"), "controlnet/tiny-cn/model.onnx.data is corrupt"),
+        (lambda d: (d / "controlnet" / "file-cn" / "model.onnx").unlink(), "incomplete: controlnet/file-cn/model.onnx"),
+        (lambda d: _edit_manifest(d, lambda m: m["controlnets"]["tiny-cn"]["outputs"].pop(0)),
+         "ControlNet 'tiny-cn' does not fit the exported UNet"),
+        (lambda d: _edit_manifest(d, lambda m: m["components"]["unet"].update(
+            inputs=[io for io in m["components"]["unet"]["inputs"] if "residual" not in io["name"]])),
+         "UNet was exported without ControlNet inputs"),
+        (lambda d: _edit_manifest(d, lambda m: m["controlnets"].update({"../x": m["controlnets"].pop("tiny-cn")})),
+         "not a plain name"),
+        (lambda d: _edit_manifest(d, lambda m: m["controlnets"]["tiny-cn"].pop("source")), "ControlNet 'tiny-cn' lacks 'source'"),
+        (lambda d: _edit_manifest(d, lambda m: m["controlnets"]["tiny-cn"]["source"].pop("sha256")), "lacks its source record"),
+        (lambda d: _edit_manifest(d, lambda m: m["controlnets"]["file-cn"]["files"].update({"../cn.data": {"size": 1, "sha256": "0"}})),
+         "outside the folder"),
     ],
-    ids=["bad-json", "future-version", "no-unet", "bad-shape", "missing-file", "truncated", "bit-flip", "escaping-path"],
+    ids=["bad-json", "future-version", "no-unet", "bad-shape", "missing-file", "truncated", "bit-flip", "escaping-path",
+         "controlnet-bit-flip", "controlnet-missing-file", "controlnet-residuals-differ", "unet-without-residuals",
+         "controlnet-escaping-key", "controlnet-no-source", "controlnet-partial-source", "controlnet-escaping-path"],
 )
 def test_corrupt_folders_are_refused_with_a_reason(untouched_model, onnx_dir, tmp_path, damage, message):
     folder = damaged_copy(onnx_dir, tmp_path)
     damage(folder)
     with pytest.raises(ModelLoadError, match=message) as caught:
+        prepare_with(untouched_model, folder)
+    assert "export onnx" in str(caught.value)
+
+
+def test_a_controlnet_graph_that_is_another_network_is_refused(untouched_model, onnx_dir, tmp_path):
+    """Even with the manifest's hashes made to match, a swapped-in graph is caught by its inputs."""
+    from aipaint_plugins.onnx_runtime.manifest import file_record
+
+    folder = damaged_copy(onnx_dir, tmp_path)
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(folder / "vae_decoder" / name, folder / "controlnet" / "tiny-cn" / name)
+
+    def rehash(manifest):
+        files = manifest["controlnets"]["tiny-cn"]["files"]
+        for relative in files:
+            files[relative] = file_record(folder / relative)
+
+    _edit_manifest(folder, rehash)
+    with pytest.raises(ModelLoadError, match=r"controlnet/tiny-cn/model.onnx has inputs \['latent'\]") as caught:
         prepare_with(untouched_model, folder)
     assert "export onnx" in str(caught.value)
 
@@ -383,6 +584,44 @@ def test_export_refuses_to_overwrite_without_asking(tiny_pipe, onnx_dir, tmp_pat
         export_onnx(tiny_pipe.model, tmp_path / "x", components=("vae_decoder",))
 
 
+def test_controlnet_export_refuses_what_it_cannot_identify_or_run(tiny_pipe, cn_folder, tmp_path):
+    from aipaint_plugins.controlnet.models import ControlNetNotFound
+    from diffusers import ControlNetModel
+
+    from aipaint.errors import UnsafeFileError
+
+    out = tmp_path / "out"
+    with pytest.raises(InvalidParameter, match="controlnet_inputs"):
+        export_onnx(tiny_pipe.model, out, controlnet_inputs=False, controlnets=["tiny-cn"])
+    with pytest.raises(InvalidParameter, match="each ControlNet once"):
+        export_onnx(tiny_pipe.model, out, controlnets=["tiny-cn", cn_folder / "tiny-cn"])
+    with pytest.raises(InvalidParameter, match="save_pretrained"):
+        export_onnx(tiny_pipe.model, out, controlnets=[ControlNetModel.from_pretrained(cn_folder / "tiny-cn")])
+    with pytest.raises(ControlNetNotFound, match="Other-CN"):  # the error lists what exists
+        export_onnx(tiny_pipe.model, out, controlnets=["no-such-cn"])
+    wrong = tmp_path / "cns"
+    _tiny_controlnet(tiny_pipe.model.unet, 3, cond_channels=(8, 16, 32)).save_pretrained(wrong / "for-a-4x-vae")
+    with pytest.raises(ModelLoadError, match="another base model"):
+        export_onnx(tiny_pipe.model, out, controlnets=[wrong / "for-a-4x-vae"])
+    deeper = ControlNetModel(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, norm_num_groups=8,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), conditioning_embedding_out_channels=(8, 16))
+    deeper.save_pretrained(wrong / "two-layers-per-block")
+    with pytest.raises(ModelLoadError, match="makes residuals"):
+        export_onnx(tiny_pipe.model, out, controlnets=[wrong / "two-layers-per-block"])
+    (wrong / "pickled.pth").write_bytes(b"not really a pickle")
+    with pytest.raises(UnsafeFileError, match="allow_pickle"):
+        export_onnx(tiny_pipe.model, out, controlnets=[wrong / "pickled.pth"])
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cns"]
+
+
+def test_controlnet_keys_are_plain_and_unique():
+    from aipaint_plugins.onnx_runtime.export import _controlnet_key
+
+    assert _controlnet_key("My CN (v2)", set()) == "My-CN-v2"
+    assert _controlnet_key("tiny-cn", {"Tiny-CN"}) == "tiny-cn-2"
+    assert _controlnet_key("..", set()) == "controlnet"
+
+
 def test_partial_export_keeps_the_rest_in_torch(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
     manifest = export_onnx(tiny_pipe.model, tmp_path / "unet-only", components=("unet", "vae_decoder"))
     pipe = load_with(tiny_sd_path, plugin_host, manifest.root)
@@ -418,17 +657,25 @@ def test_lora_is_fused_at_export_and_recorded(tiny_pipe, tiny_sd_path, plugin_ho
         LoraSpec.parse(":0.5")
 
 
-def test_cli_export_then_generate(tiny_sd_path, tmp_path, capsys):
+def test_cli_export_then_generate(tiny_sd_path, cn_folder, tmp_path, capsys):
     out = tmp_path / "cli-onnx"
-    assert cli_main(["export", "onnx", str(tiny_sd_path), "-o", str(out), "--components", "unet,vae_decoder"]) == 0
-    assert read_manifest(out).components.keys() == {"unet", "vae_decoder"}
-    png = tmp_path / "out.png"
+    assert cli_main(["export", "onnx", str(tiny_sd_path), "-o", str(out), "--components", "unet,vae_decoder",
+                     "--controlnet", "tiny-cn", "--controlnet", str(cn_folder / "file-cn.safetensors")]) == 0
+    manifest = read_manifest(out)
+    assert manifest.components.keys() == {"unet", "vae_decoder"}
+    assert manifest.controlnets.keys() == {"tiny-cn", "file-cn"}
+    control, png = tmp_path / "control.png", tmp_path / "out.png"
+    _control_image().save(control)
     code = cli_main(["generate", "a red circle", "-m", str(tiny_sd_path), "--runtime", "onnxruntime",
-                     "--runtime-option", f"onnx_dir={out}", "--steps", "2", "-W", "32", "-H", "32", "--seed", "1",
+                     "--runtime-option", f"onnx_dir={out}", "--runtime-option", "torch_controlnets=false",
+                     "--controlnet", f"tiny-cn:{control}", "--steps", "2", "-W", "32", "-H", "32", "--seed", "1",
                      "-o", str(png), "--no-progress"])
-    assert code == 0 and png.is_file()
+    assert code == 0 and png.is_file()  # strict: it ran through the exported ControlNet
     assert cli_main(["export", "onnx", str(tiny_sd_path), "-o", str(out), "--components", "vae"]) == 2
     assert "components" in capsys.readouterr().err
+    assert cli_main(["export", "onnx", str(tiny_sd_path), "-o", str(tmp_path / "x"), "--controlnet", "tiny-cn",
+                     "--no-controlnet-inputs"]) == 2
+    assert "--no-controlnet-inputs" in capsys.readouterr().err
 
 
 def _edit_manifest(folder: Path, change) -> None:

@@ -124,16 +124,27 @@ def test_cli_outpaint(tiny_sd_path, tmp_path, capsys):
     assert "at least one side" in capsys.readouterr().err
 
 
-def test_embedded_outpainting_keeps_the_original_and_continues_the_background(shapes_pipe):
+def test_embedded_outpainting_paints_the_new_area_from_the_prompt(shapes_pipe):
+    """The source has a black background, so the edge fill starts the new strips black. Over
+    four seeds the strips' outer halves (away from the seam) follow the background the prompt
+    asks for: black stays black, gray is lighter, white far lighter, for every seed; the
+    fill alone, or a model blind to the prompt there, would give the same strips every time."""
     from aipaint.world.render import render
     from aipaint.world.scene import Scene, SceneObject
 
     source = render(Scene("black", (SceneObject("square", "yellow", "big", "center", 16, 16, 14),)))
-    result = shapes_pipe.outpaint(source, "a big yellow square in the center, on a black background", left=16, right=16,
-                                  seed=2, batch_size=4)
-    for image in result.images:
-        out = pixels(image)
-        assert image.size == (64, 32)
-        assert np.array_equal(out[:, 16:48], pixels(source))
-        new = np.concatenate([out[:, :16], out[:, 48:]], axis=1)
-        assert new.mean() < 60, new.mean()  # the black background goes on
+    fill = pixels(imageutil.extend_canvas(source, 16, 0, 16, 0, "edge"))
+    assert fill[:, :16].max() == 0 and fill[:, 48:].max() == 0
+    far = {}
+    for background in ("black", "gray", "white"):
+        result = shapes_pipe.outpaint(source, f"a big yellow square in the center, on a {background} background",
+                                      left=16, right=16, seed=2, batch_size=4)
+        assert result.seeds == [2, 3, 4, 5]
+        for image in result.images:
+            assert image.size == (64, 32)
+            assert np.array_equal(pixels(image)[:, 16:48], pixels(source))
+        far[background] = np.array([np.concatenate([pixels(im)[:, :8], pixels(im)[:, 56:]], axis=1).mean()
+                                    for im in result.images])
+    assert (far["black"] < 30).all(), far  # the black background goes on
+    assert (far["gray"] > far["black"] + 10).all(), far
+    assert (far["white"] > far["gray"] + 40).all() and (far["white"] > 80).all(), far  # painted, not the black fill

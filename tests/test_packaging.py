@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_ROOTS = {"aipaint": ROOT / "aipaint", "aipaint_plugins": ROOT / "plugins", "aipaint_zoo": ROOT / "zoo"}

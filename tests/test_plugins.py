@@ -172,3 +172,23 @@ def test_every_builtin_is_an_entry_point_in_group_aipaint():
     assert {"aipaint_plugins.sd15", "aipaint_plugins.samplers", "aipaint_plugins.torch_runtime"} <= values
     host = create_plugin_host()
     assert host.registry.families.owners["sd15"] == "sd15"
+
+
+def test_implementations_follow_pluggy_call_order():
+    """The host runs a hook one plugin at a time (to name a broken one) in pluggy's own order,
+    so a firstresult hook still gives the same plugin the first say."""
+    asked = []
+
+    class Claimer:
+        def __init__(self, name: str) -> None:
+            self.__name__ = name
+
+        @hookimpl
+        def identify_model_family(self, source):
+            asked.append(self.__name__)
+
+    host = create_plugin_host((Claimer("first"), Claimer("second"), Claimer("third")), load_entry_points=False)
+    source = ModelSource(path=__import__("pathlib").Path("."), kind="folder", name="x")
+    host.hook.identify_model_family(source=source)
+    assert asked == ["third", "second", "first"]
+    assert [owner for owner, _ in host.implementations("identify_model_family")] == asked

@@ -23,6 +23,7 @@ from aipaint.prompt import (
     parse_attention,
     parse_attention_segments,
     parse_midjourney,
+    parse_negative_prompt,
     parse_prompt,
     prompt_at_step,
 )
@@ -214,6 +215,26 @@ def test_parsed_prompt_equality_ignores_source():
     assert parse_prompt("a cat") != parse_prompt("a dog")
 
 
+# --- negative prompts ------------------------------------------------------------------------------
+def test_negative_prompt_keeps_and_and_tags_as_text():
+    negative = parse_negative_prompt("# my usual negatives\nblurry AND ugly <lora:bad:1> :0.5\n")
+    assert negative.subprompts == (SubPrompt("blurry AND ugly <lora:bad:1> :0.5"),)
+    assert negative.loras == () and negative.extra_networks == ()
+    assert any("AND in the negative prompt" in w for w in negative.warnings)
+    assert any("<lora:bad:1> in the negative prompt" in w for w in negative.warnings)
+
+
+def test_negative_prompt_still_schedules_edits():
+    negative = parse_negative_prompt("[blurry:grainy:0.5]")
+    assert prompt_at_step(negative, 0, 10) == (("blurry", 1.0),)
+    assert prompt_at_step(negative, 9, 10) == (("grainy", 1.0),)
+    assert parse_negative_prompt("blurry").warnings == ()
+
+
+def test_midjourney_negative_is_a_negative_prompt():
+    assert parse_midjourney("a cat --no text AND logos").parsed_negative.subprompts == (SubPrompt("text AND logos"),)
+
+
 # --- Midjourney front end --------------------------------------------------------------------------
 def test_midjourney_multi_prompt_matches_a1111():
     mj = parse_midjourney("a red cat::3 a blue dog::1 --no blurry, text --no watermark")
@@ -247,6 +268,34 @@ def test_midjourney_aspect_ratio(ratio, base, size):
     assert abs(mj.width * mj.height - base * base) / (base * base) < 0.03
 
 
+@pytest.mark.parametrize(
+    ("text", "default", "size"),
+    [
+        ("a cat --ar 16:9", (32, 32), (40, 24)),
+        ("a cat --ar 16:9", (512, 512), (680, 384)),
+        ("a cat --ar 1:1", (1024, 768), (888, 888)),
+        ("a cat", (32, 48), (32, 48)),
+    ],
+)
+def test_midjourney_size_for_a_model_default(text, default, size):
+    mj = parse_midjourney(text)
+    assert mj.size_for(*default) == size
+    if mj.aspect:
+        assert abs(size[0] * size[1] - default[0] * default[1]) / (default[0] * default[1]) < 0.1
+
+
+def test_no_midjourney_hint_names_a_parameter_that_does_not_exist():
+    from dataclasses import fields
+
+    from aipaint.params import GenerationRequest
+    from aipaint.prompt.midjourney import _UNSUPPORTED_HINTS
+
+    parameters = {f.name for f in fields(GenerationRequest)}
+    for hint in _UNSUPPORTED_HINTS.values():
+        for word in re.findall(r"\b[a-z]+_[a-z_]+\b", hint):
+            assert word in parameters, f"{hint!r} names {word!r}, which is no request parameter"
+
+
 def test_midjourney_seed_steps_and_em_dash():
     mj = parse_midjourney("a cat \u2014ar 3:2 --seed 1234 --steps 30")
     assert (mj.width, mj.seed, mj.steps, mj.prompt) == (624, 1234, 30, "a cat")
@@ -260,6 +309,9 @@ def test_midjourney_seed_steps_and_em_dash():
         ("--chaos 50", "seed"),
         ("--q 2", "--steps"),
         ("--v 6", "model"),
+        ("--repeat 4", "batch_size"),
+        ("--tile", "not available"),
+        ("--cref http://x/y.png", "img2img"),
         ("--foo", "supported options"),
     ],
 )

@@ -408,15 +408,7 @@ SGM_NAMED_UNET = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"  #
     "prefixes",
     [
         pytest.param((KOHYA_TE1, DIFFUSERS_NAMED_UNET), id="te1+diffusers-named-unet"),
-        pytest.param(
-            (KOHYA_TE1, KOHYA_TE2, SGM_NAMED_UNET),
-            id="sdxl-kohya",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the LoRA plugin maps neither lora_te2_ (text_encoder_2) nor sd-scripts' SGM UNet names "
-                "(input_blocks/middle_block/output_blocks) yet",
-            ),
-        ),
+        pytest.param((KOHYA_TE1, KOHYA_TE2, SGM_NAMED_UNET), id="sdxl-kohya"),
     ],
 )
 def test_kohya_lora_changes_the_image_and_is_undone(sdxl, tmp_path, prefixes):
@@ -441,6 +433,159 @@ def test_kohya_lora_changes_the_image_and_is_undone(sdxl, tmp_path, prefixes):
     for key, value in sdxl.model.unet.state_dict().items():
         if key in before:
             assert torch.equal(value, before[key])
+
+
+TE_Q = "text_model.encoder.layers.0.self_attn.q_proj"  # Linear 32 -> 32 in both text encoders
+UNET_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 64 -> 64
+
+
+def _lora_weights(pipe, component: str, path: str) -> torch.Tensor:
+    from aipaint_plugins.lora.formats import patchable_modules
+
+    modules = patchable_modules(getattr(pipe.model, component))
+    return (modules.get(path) or modules[path.removeprefix("text_model.")]).weight
+
+
+def _delta(pair: dict[str, torch.Tensor]) -> torch.Tensor:
+    (up,) = (v for k, v in pair.items() if k.endswith("lora_up.weight"))
+    (down,) = (v for k, v in pair.items() if k.endswith("lora_down.weight"))
+    return up @ down  # alpha == rank in _kohya_pair: scale 1
+
+
+def _all_weights(pipe) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": v.detach().clone()
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(pipe.model, name) is not None
+        for k, v in getattr(pipe.model, name).state_dict().items()
+    }
+
+
+def _original(before: dict[str, torch.Tensor], component: str, path: str) -> torch.Tensor:
+    # transformers 5's CLIPTextModel has no text_model level (CLIPTextModelWithProjection keeps it).
+    key = f"{component}.{path}.weight"
+    return before[key] if key in before else before[f"{component}.{path.removeprefix('text_model.')}.weight"]
+
+
+def _assert_restored(pipe, before: dict[str, torch.Tensor]) -> None:
+    after = _all_weights(pipe)
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"weights not restored: {changed[:3]}"
+
+
+def test_kohya_sdxl_keys_patch_both_text_encoders_with_the_te_weight_and_the_unet(sdxl, tmp_path):
+    import warnings
+
+    from aipaint_plugins.lora.api import LoraUse, UnmatchedLoraKeys, apply_loras
+    from safetensors.torch import save_file
+
+    te1, te2 = _kohya_pair(KOHYA_TE1, 32, 32), _kohya_pair(KOHYA_TE2, 32, 32, rank=3)
+    projection = _kohya_pair("lora_te2_text_projection", 32, 32, rank=1)  # beside text_model in transformers 4 and 5
+    unet = _kohya_pair(SGM_NAMED_UNET, 64, 64)
+    save_file({**te1, **te2, **projection, **unet}, str(tmp_path / "sdxl.safetensors"))
+    before = _all_weights(sdxl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedLoraKeys)
+        applied = apply_loras(sdxl, [LoraUse("sdxl", 0.5, te_weight=-2.0)], folder=tmp_path)
+    with applied:
+        for component, path, pair, weight in (
+            ("text_encoder", TE_Q, te1, -2.0),
+            ("text_encoder_2", TE_Q, te2, -2.0),
+            ("text_encoder_2", "text_projection", projection, -2.0),
+            ("unet", UNET_Q, unet, 0.5),
+        ):
+            torch.testing.assert_close(
+                _lora_weights(sdxl, component, path), _original(before, component, path) + weight * _delta(pair),
+                rtol=1e-5, atol=1e-5,
+            )
+    _assert_restored(sdxl, before)
+
+
+def test_diffusers_text_encoder_2_prefix_patches_the_second_encoder(sdxl, tmp_path):
+    from aipaint_plugins.lora.api import apply_loras
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(9)
+    down, up = torch.randn(2, 32, generator=generator), torch.randn(32, 2, generator=generator)
+    save_file({f"text_encoder_2.{TE_Q}.lora_A.weight": down, f"text_encoder_2.{TE_Q}.lora_B.weight": up},
+              str(tmp_path / "peft.safetensors"))
+    before = _all_weights(sdxl)
+    first_encoder = _lora_weights(sdxl, "text_encoder", TE_Q).detach().clone()
+    with apply_loras(sdxl, [("peft", 0.25)], folder=tmp_path):
+        torch.testing.assert_close(
+            _lora_weights(sdxl, "text_encoder_2", TE_Q), _original(before, "text_encoder_2", TE_Q) + 0.25 * up @ down
+        )
+        assert torch.equal(_lora_weights(sdxl, "text_encoder", TE_Q), first_encoder)
+    _assert_restored(sdxl, before)
+
+
+@pytest.mark.parametrize(("sgm", "diffusers_path"), [
+    ("input_blocks_0_0", "conv_in"),
+    ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+    ("input_blocks_1_0_emb_layers_1", "down_blocks.0.resnets.0.time_emb_proj"),
+    ("input_blocks_2_0_op", "down_blocks.0.downsamplers.0.conv"),
+    ("input_blocks_3_1_transformer_blocks_1_attn2_to_out_0", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0"),
+    ("input_blocks_3_1_proj_in", "down_blocks.1.attentions.0.proj_in"),
+    ("middle_block_1_transformer_blocks_0_ff_net_0_proj", "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"),
+    ("middle_block_2_out_layers_3", "mid_block.resnets.1.conv2"),
+    ("output_blocks_1_1_transformer_blocks_0_attn1_to_k", "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_k"),
+    ("output_blocks_1_2_conv", "up_blocks.0.upsamplers.0.conv"),
+    ("output_blocks_3_0_skip_connection", "up_blocks.1.resnets.1.conv_shortcut"),
+    ("time_embed_2", "time_embedding.linear_2"),
+    ("label_emb_0_0", "add_embedding.linear_1"),
+    ("out_2", "conv_out"),
+])
+def test_sgm_unet_names_address_the_diffusers_modules(sdxl, sgm, diffusers_path):
+    """sd-scripts names SDXL's UNet as the SGM code does; this tiny UNet has one layer per block."""
+    from aipaint_plugins.lora.api import module_table
+
+    assert module_table(sdxl.model).find(f"lora_unet_{sgm}") == ("unet", diffusers_path)
+
+
+def test_sgm_names_no_unet_has_are_unmatched(sdxl):
+    from aipaint_plugins.lora.api import module_table
+
+    table = module_table(sdxl.model)
+    for base in ("lora_unet_middle_block_7_proj_in", "lora_unet_input_blocks_9_1_proj_in", "lora_unet_input_blocks_x_1"):
+        assert table.find(base) is None
+
+
+def test_lora_on_the_refiner_patches_text_encoder_2_and_reports_first_encoder_keys(refiner, tmp_path):
+    """The refiner has no first text encoder: its keys are reported, the rest applies."""
+    from aipaint_plugins.lora.api import UnmatchedLoraKeys
+    from safetensors.torch import save_file
+
+    te1, te2, unet = _kohya_pair(KOHYA_TE1, 32, 32), _kohya_pair(KOHYA_TE2, 32, 32), _kohya_pair(SGM_NAMED_UNET, 64, 64)
+    save_file({**te1, **te2, **unet}, str(tmp_path / "style.safetensors"))
+    kwargs = dict(sampler="Euler", steps=2, seed=4, width=32, height=32, extra={"lora_dir": str(tmp_path)})
+    before = _all_weights(refiner)
+    plain = as_array(refiner.txt2img(PROMPT, **kwargs).image)
+    seen: list[bool] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(torch.allclose(
+            _lora_weights(refiner, "text_encoder_2", TE_Q), _original(before, "text_encoder_2", TE_Q) + _delta(te2),
+            rtol=1e-5, atol=1e-5,
+        ))
+
+    with pytest.warns(UnmatchedLoraKeys, match=KOHYA_TE1):
+        styled = refiner.txt2img(PROMPT + " <lora:style:1>", progress=progress, **kwargs)
+    assert seen and all(seen)
+    assert np.abs(as_array(styled.image) - plain).mean() > 1e-3
+    assert 'Lora unmatched keys: "style: 3"' in styled.infotexts[0]  # te1's down, up and alpha
+    _assert_restored(refiner, before)
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_lora_training_refuses_sdxl_before_reading_anything(sdxl, refiner, tmp_path, which):
+    from aipaint_plugins.lora.train import train_lora
+
+    from aipaint.errors import UnsupportedFeature
+
+    with pytest.raises(UnsupportedFeature, match="one text encoder.*sd-scripts"):
+        train_lora(sdxl if which == "base" else refiner, tmp_path / "no-such-folder", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize(("text_key", "config", "pipeline_name"), [

@@ -11,7 +11,7 @@ import torch
 from aipaint_plugins.textual_inversion.embeddings import Embedding, added_tokens, read_embedding
 from safetensors.torch import save_file
 
-from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError
+from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError, UnsupportedFeature
 from aipaint.infotext import Infotext
 from aipaint.params import GenerationRequest
 
@@ -115,6 +115,17 @@ def test_wrong_size_is_a_clear_error(tiny_pipe, tmp_path):
     with pytest.raises(InvalidParameter, match="768"):
         tiny_pipe.txt2img("a big cat", extra={"embeddings_dir": str(root)}, **GEN)
     assert len(tiny_pipe.model.tokenizer) == 49408
+
+
+@pytest.mark.parametrize("layout", ["two encoders", "no first encoder"])
+def test_models_without_exactly_one_text_encoder_refuse_embeddings(tiny_pipe, folder, monkeypatch, layout):
+    """SDXL (and its refiner): the tokens would reach only one encoder, so the prompt would be misread."""
+    if layout == "two encoders":
+        monkeypatch.setattr(tiny_pipe.model, "text_encoder_2", tiny_pipe.model.text_encoder, raising=False)
+    else:
+        monkeypatch.setattr(tiny_pipe.model, "text_encoder", None)
+    with pytest.raises(UnsupportedFeature, match="MyStyle.*one text encoder"):
+        tiny_pipe.txt2img("a mystyle cat", extra={"embeddings_dir": str(folder)}, **GEN)
 
 
 def test_embeddings_command(folder, monkeypatch, capsys):

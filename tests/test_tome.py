@@ -131,10 +131,15 @@ def test_on_the_embedded_model_the_pictures_keep_their_content():
     rng = np.random.default_rng(3)
     captions = [random_scene(rng, "train").caption for _ in range(8)]
 
-    def mean_score(adapters) -> float:
-        return float(np.mean([adherence(pipe.txt2img(c, seed=50 + i, adapters=adapters).images[0], c).score
-                              for i, c in enumerate(captions)]))
+    def generate(adapters) -> list:
+        return [pipe.txt2img(c, seed=50 + i, adapters=adapters).images[0] for i, c in enumerate(captions)]
 
-    plain, merged = mean_score(()), mean_score((AdapterUnit("tome", {"ratio": 0.5}),))
+    def mean_score(images) -> float:
+        return float(np.mean([adherence(image, c).score for image, c in zip(images, captions)]))
+
+    plain_images, merged_images = generate(()), generate((AdapterUnit("tome", {"ratio": 0.5}),))
+    # merging really happened: the pictures are not the plain ones
+    assert sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain_images, merged_images)) >= 6
+    plain, merged = mean_score(plain_images), mean_score(merged_images)
     assert plain > 0.6
     assert merged >= plain - 0.08, (plain, merged)

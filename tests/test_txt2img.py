@@ -11,10 +11,50 @@ import pytest
 import torch
 from aipaint_plugins.samplers import builtin_samplers
 
-from aipaint.samplers import SCHEDULES
 from aipaint.sampling_plans import _make_scheduler
 
 CASES = [(s, sched) for s in builtin_samplers() if s.kind == "scheduler" for sched in s.schedules]
+
+# The parity reference, written out from diffusers' documentation rather than read from the
+# plugin or aipaint.samplers.SCHEDULES, so a wrong class or a dropped option shows up.
+REFERENCE_SCHEDULERS = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {"clip_sample": False}),
+}
+REFERENCE_SCHEDULE_OPTIONS = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+}
+
+
+def reference_scheduler(base_config: dict, sampler: str, schedule: str, seeds: list[int]):
+    import diffusers
+
+    name, options = REFERENCE_SCHEDULERS[sampler]
+    options = {**options, **REFERENCE_SCHEDULE_OPTIONS[schedule]}
+    if sampler == "DPM++ SDE":
+        options["noise_sampler_seed"] = seeds
+    return getattr(diffusers, name).from_config(base_config, **options)
+
+
+def noise_levels(scheduler) -> list[torch.Tensor]:
+    """What a schedule type changes: the timesteps, and the sigmas where the scheduler has them."""
+    levels = [scheduler.timesteps.float()]
+    if getattr(scheduler, "sigmas", None) is not None:
+        levels.append(scheduler.sigmas.float())
+    return levels
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +77,54 @@ def test_matches_diffusers_pipeline(tiny_pipe, reference, spec, schedule):
     ours = tiny_pipe.txt2img(
         "a red circle", "blue", steps=4, cfg_scale=7, sampler=spec.name, schedule=schedule, seed=11, width=32, height=32, batch_size=2
     )
-    options = {**spec.scheduler_options, **SCHEDULES[schedule]}
-    ref.scheduler = _make_scheduler(spec.scheduler_class, base_config, options, seeds)
+    ref.scheduler = reference_scheduler(base_config, spec.name, schedule, seeds)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     theirs = ref(
         "a red circle", negative_prompt="blue", num_inference_steps=4, guidance_scale=7, generator=generators,
         height=32, width=32, num_images_per_prompt=2, output_type="pil",
     ).images
     assert np.abs(as_array(ours.images) - as_array(theirs)).mean() < 1e-3
+    # On this tiny model some schedule types change the pixels by less than the tolerance above
+    # (Euler Karras vs Automatic: 6e-4), so the noise levels themselves are compared too.
+    plan = spec.plan(tiny_pipe.model.scheduler_config, schedule, 4, seeds=seeds)
+    for our_levels, their_levels in zip(noise_levels(plan.scheduler), noise_levels(ref.scheduler), strict=True):
+        torch.testing.assert_close(our_levels, their_levels)
+    if schedule != "Automatic":
+        automatic = reference_scheduler(base_config, spec.name, "Automatic", seeds)
+        automatic.set_timesteps(4)
+        assert any(
+            a.shape != b.shape or not torch.allclose(a, b) for a, b in zip(noise_levels(automatic), noise_levels(ref.scheduler))
+        ), f"{schedule} gives {spec.name} the same noise levels as Automatic: this case could not tell them apart"
+
+
+def test_scheduler_option_it_does_not_accept_is_an_error():
+    from aipaint.errors import PluginError
+    from aipaint.samplers import SamplerSpec
+
+    spec = SamplerSpec(name="Euler a", kind="scheduler", scheduler_class="EulerAncestralDiscreteScheduler",
+                       schedules=("Automatic", "Karras"))
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear"}
+    with pytest.raises(PluginError, match="EulerAncestralDiscreteScheduler does not accept the option.*use_karras_sigmas"):
+        spec.plan(config, "Karras", 4)
+    with pytest.raises(PluginError, match="solver_order"):
+        _make_scheduler("EulerDiscreteScheduler", config, {"solver_order": 3})
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "LMS"])
+def test_a1111_infotext_with_karras_schedule_regenerates(tiny_pipe, sampler):
+    from aipaint.infotext import Infotext, generation_kwargs
+    from aipaint.params import GenerationRequest
+
+    text = f"a red circle\nSteps: 3, Sampler: {sampler}, Schedule type: Karras, CFG scale: 7, Seed: 4, Size: 32x32"
+    request = GenerationRequest(**generation_kwargs(Infotext.from_text(text)))
+    result = tiny_pipe.generate(request)
+    assert "Schedule type: Karras" in result.infotexts[0] and f"Sampler: {sampler}," in result.infotexts[0]
 
 
 def test_guidance_rescale_matches_diffusers(tiny_pipe, reference):
     ref, base_config = reference
     ours = tiny_pipe.txt2img("a cat", steps=3, sampler="Euler", seed=5, width=32, height=32, guidance_rescale=0.7)
-    ref.scheduler = _make_scheduler("EulerDiscreteScheduler", base_config, {})
+    ref.scheduler = reference_scheduler(base_config, "Euler", "Automatic", [5])
     theirs = ref("a cat", num_inference_steps=3, guidance_scale=7, guidance_rescale=0.7,
                  generator=[torch.Generator().manual_seed(5)], height=32, width=32, output_type="pil").images
     assert np.abs(as_array(ours.images) - as_array(theirs)).mean() < 1e-3
@@ -62,6 +136,85 @@ def test_function_sampler_runs_and_is_deterministic(tiny_pipe):
     c = tiny_pipe.txt2img("a cat", steps=4, sampler="DPM++ 2S a", schedule="Karras", seed=2, width=32, height=32)
     assert np.array_equal(as_array(a.images), as_array(b.images))
     assert not np.array_equal(as_array(a.images), as_array(c.images))
+
+
+def sample_dpm_2(denoiser, x, sigmas, *, noise_sampler, callback=None):
+    """k-diffusion's DPM2: a second model call at the log-midpoint between two schedule sigmas."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid
+            x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+    return x
+
+
+def sample_without_callback(denoiser, x, sigmas, *, noise_sampler, callback=None):
+    """Euler steps that never report them: breaks the function-sampler contract."""
+    for i in range(len(sigmas) - 1):
+        x = x + (x - denoiser(x, sigmas[i])) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+class FunctionSamplersPlugin:
+    from aipaint import hookimpl
+
+    @hookimpl
+    def register_samplers(self, register):
+        from aipaint.samplers import SamplerSpec
+
+        register(SamplerSpec(name="Test DPM2 fn", kind="function", function=sample_dpm_2, schedules=("Automatic", "Karras")))
+        register(SamplerSpec(name="Test silent fn", kind="function", function=sample_without_callback, schedules=("Karras",)))
+
+
+@pytest.fixture(scope="module")
+def test_samplers_pipe(tiny_pipe):
+    from aipaint import Pipeline
+    from aipaint.plugins import create_plugin_host
+
+    return Pipeline(tiny_pipe.model, create_plugin_host(extra_plugins=(FunctionSamplersPlugin(),)))
+
+
+def conditioning_steps_asked(pipe, sampler: str, steps: int, denoising_start: int = 0) -> list[int]:
+    """The step of every conditioning lookup the loop makes (one per model call)."""
+    from aipaint.params import GenerationRequest
+
+    request = GenerationRequest(prompt="a [cat:dog:0.5]", steps=steps, sampler=sampler, schedule="Karras",
+                                seed=1, width=32, height=32)
+    asked: list[int] = []
+    with pipe.activate(request) as (prepared, contributors, _):
+        lookup = prepared.conditioning_at
+
+        def recording(step):
+            asked.append(step)
+            return lookup(step)
+
+        prepared.conditioning_at = recording
+        latents = prepared.plan.initial_latents(pipe.noise(prepared))
+        pipe.run_loop(prepared, latents, contributors, start=denoising_start)
+    return asked
+
+
+def test_midpoint_model_calls_see_the_step_in_progress(tiny_pipe, test_samplers_pipe):
+    """A second-order function sampler's in-between call belongs to the step it is part of
+    (it used to be sent to the first step, so prompt editing saw [cat] again mid-run)."""
+    # DPM++ 2S a: two calls per step except the last (its ancestral step goes straight to 0).
+    assert conditioning_steps_asked(tiny_pipe, "DPM++ 2S a", 4) == [0, 0, 1, 1, 2, 2, 3]
+    assert conditioning_steps_asked(tiny_pipe, "DPM++ 2S a", 4, denoising_start=2) == [2, 2, 3]
+    assert conditioning_steps_asked(test_samplers_pipe, "Test DPM2 fn", 3) == [0, 0, 1, 1, 2]
+
+
+def test_function_sampler_that_never_reports_a_step_is_an_error(test_samplers_pipe):
+    from aipaint.errors import PluginError
+
+    with pytest.raises(PluginError, match="'Test silent fn' reported 0 finished steps for a run of 3"):
+        test_samplers_pipe.txt2img("a cat", steps=3, sampler="Test silent fn", schedule="Karras", seed=1, width=32, height=32)
 
 
 def test_batch_item_i_uses_seed_plus_i(tiny_pipe):
@@ -98,6 +251,34 @@ def test_cfg_scale_one_skips_negative_prompt(tiny_pipe):
     c = tiny_pipe.txt2img("a dog", "something else", steps=2, seed=3, width=32, height=32, cfg_scale=5)
     assert np.array_equal(as_array(a.images), as_array(b.images))
     assert not np.array_equal(as_array(b.images), as_array(c.images))
+
+
+def test_negative_prompt_and_is_text_as_in_a1111(tiny_pipe):
+    """A1111 splits only the prompt at AND; a negative's AND is a word (CLIP lower-cases it).
+    Only its first part used to reach the model."""
+    from aipaint.prompt import PromptWarning
+
+    def image(negative):
+        return as_array(tiny_pipe.txt2img("a dog", negative, steps=2, seed=3, width=32, height=32, cfg_scale=7).images)
+
+    with pytest.warns(PromptWarning, match="AND in the negative prompt is plain text"):
+        anded = image("red AND blue")
+    assert np.array_equal(anded, image("red and blue"))
+    assert not np.array_equal(anded, image("red"))
+
+
+def test_negative_prompt_tag_is_text_as_in_a1111(tiny_pipe):
+    """A1111 reads <lora:…> tags only in the prompt; in the negative they are words (the tag used
+    to vanish). "< lora:…>" is not a tag but gives CLIP the same tokens."""
+    from aipaint.prompt import PromptWarning
+
+    def image(negative):
+        return as_array(tiny_pipe.txt2img("a dog", negative, steps=2, seed=3, width=32, height=32, cfg_scale=7).images)
+
+    with pytest.warns(PromptWarning, match="<lora:ink:0.8> in the negative prompt is plain text"):
+        tagged = image("blurry <lora:ink:0.8>")
+    assert np.array_equal(tagged, image("blurry < lora:ink:0.8>"))
+    assert not np.array_equal(tagged, image("blurry"))
 
 
 def test_result_carries_parameters_and_timings(tiny_pipe, tmp_path):

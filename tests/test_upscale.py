@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aipaint_plugins.lora.library import NameOutsideFolder
 from aipaint_plugins.upscale.models import load_image_model, resolve_weights, weight_files
 from aipaint_plugins.upscale.tiling import (
     check_tiling,
@@ -171,18 +172,58 @@ def test_unknown_upscaler_lists_the_valid_ones(upscaler_folder):
     assert "2x-compact" in str(info.value) and "Lanczos" in str(info.value)
 
 
-def test_names_never_leave_the_upscaler_folder(upscaler_folder):
+def test_names_never_leave_the_upscaler_folder(upscaler_folder, monkeypatch):
+    """Real weights lie next to the folder, and the working directory is the folder itself,
+    so a name read as a path relative to it would find them: every way out is refused."""
     from safetensors.torch import save_file
 
-    save_file(_compact(2), str(upscaler_folder.parent / "outside.safetensors"))
-    for name in ("../outside", "..", "outside"):
-        with pytest.raises((UnknownName, ModelLoadError)):
+    outside = upscaler_folder.parent / "outside.safetensors"
+    save_file(_compact(2), str(outside))
+    (upscaler_folder.parent / "elsewhere").mkdir()
+    save_file(_compact(2), str(upscaler_folder.parent / "elsewhere" / "x.safetensors"))
+    (upscaler_folder / "link.safetensors").symlink_to(outside)
+    (upscaler_folder / "linked").symlink_to(upscaler_folder.parent / "elsewhere", target_is_directory=True)
+    monkeypatch.chdir(upscaler_folder)
+    assert Path("../outside.safetensors").is_file()
+    for name, why in (("../outside.safetensors", "'..'"), ("../outside", "'..'"), ("sub/../../outside", "'..'"),
+                      (str(outside), "absolute"), (str(outside.with_suffix("")), "absolute"),
+                      ("link", "link"), ("linked/x", "link")):
+        with pytest.raises(NameOutsideFolder, match=why) as refused:
             resolve_weights(name, upscaler_folder)
+        assert "4x-UltraSharp" in str(refused.value)  # advice for upscaler names, not LoRA tags
+        with pytest.raises(NameOutsideFolder):
+            get_upscaler(name)
+    with pytest.raises(UnknownName):
+        resolve_weights("outside", upscaler_folder)  # a bare name is looked up inside the folder only
+    assert set(upscaler_catalogue().names()).isdisjoint({"link", "linked/x", "outside"})  # listings skip them too
 
 
-def test_missing_weights_file_is_a_typed_error(upscaler_folder):
+def test_sub_folders_inside_the_upscaler_folder_resolve(upscaler_folder):
+    from safetensors.torch import save_file
+
+    (upscaler_folder / "esrgan").mkdir()
+    save_file(_compact(2, seed=3), str(upscaler_folder / "esrgan" / "2x-sharp.safetensors"))
+    expected = upscaler_folder / "esrgan" / "2x-sharp.safetensors"
+    assert resolve_weights("esrgan/2x-sharp", upscaler_folder) == expected
+    assert resolve_weights("esrgan/2x-sharp.safetensors", upscaler_folder) == expected
+    assert resolve_weights("2x-sharp", upscaler_folder) == expected  # a unique stem, as A1111 finds it
+    assert get_upscaler("esrgan/2x-sharp").path == expected and "esrgan/2x-sharp" in upscaler_catalogue()
+    (upscaler_folder / "other").mkdir()
+    save_file(_compact(2, seed=4), str(upscaler_folder / "other" / "2x-sharp.safetensors"))
+    with pytest.raises(InvalidParameter, match="ambiguous.*esrgan/2x-sharp"):
+        get_upscaler("2x-sharp")  # two sub-folders hold one: the name must say which
+
+
+def test_an_explicit_path_is_only_taken_from_python_code(upscaler_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    save_file(_compact(2), str(elsewhere))
+    assert get_upscaler(elsewhere).path == elsewhere  # a Path object: the caller chose the file
+    with pytest.raises(NameOutsideFolder):
+        get_upscaler(str(elsewhere))  # the same text as a name (from a user) is refused
     with pytest.raises(ModelLoadError, match="missing weights file"):
-        get_upscaler(str(upscaler_folder / "gone.safetensors"))
+        get_upscaler(tmp_path / "gone.safetensors")
 
 
 def test_safetensors_first_and_pickles_only_on_request(upscaler_folder):
@@ -226,6 +267,68 @@ def test_post_step_parses_typed_values():
     assert step.options == {"scale": 2, "denoising_strength": 0.5, "upscaler": "Latent (bicubic)", "allow_pickle": True}
     with pytest.raises(InvalidParameter):
         PostStep.parse("hires:scale")
+
+
+@pytest.mark.parametrize("value,expected", [("no", False), ("false", False), ("0", False), ("No", False), (0, False),
+                                            (False, False), (None, False), ("yes", True), ("TRUE", True), (1, True), (True, True)])
+def test_flag_reads_yes_and_no(value, expected):
+    from aipaint_plugins.upscale.common import flag
+
+    assert flag({"allow_pickle": value}, "allow_pickle") is expected
+
+
+@pytest.mark.parametrize("value", ["nope", "off-ish", "", 2, 0.5, [True]])
+def test_flag_refuses_anything_else(value):
+    from aipaint_plugins.upscale.common import flag
+
+    with pytest.raises(InvalidParameter, match="allow_pickle.*true or false"):
+        flag({"allow_pickle": value}, "allow_pickle")
+
+
+@pytest.fixture()
+def pickle_only(upscaler_folder) -> str:
+    """An upscaler that exists only as a pickle: it loads only with allow_pickle on."""
+    torch.save(_compact(2, seed=1), upscaler_folder / "only-pickle.pth")
+    return "only-pickle"
+
+
+NO_PICKLE_STEPS = {
+    "upscale": "upscale:upscaler=only-pickle,allow_pickle={}",
+    "hires": "hires:upscaler=only-pickle,allow_pickle={},prompt=a cat,steps=2,hires_steps=2",
+    "sd-upscale": "sd-upscale:upscaler=only-pickle,allow_pickle={},prompt=a cat,steps=2,tile_width=32,tile_height=32",
+}
+
+
+@pytest.mark.parametrize("processor", sorted(NO_PICKLE_STEPS))
+@pytest.mark.parametrize("no", ["no", "false", "0", "False"])
+def test_allow_pickle_no_keeps_pickles_refused(tiny_pipe, pickle_only, processor, no):
+    """``allow_pickle=no`` from the command line's ``--post`` form means no, in every processor."""
+    step = PostStep.parse(NO_PICKLE_STEPS[processor].format(no))
+    with pytest.raises(UnsafeFileError, match="allow_pickle"):
+        run_postprocessors(Image.new("RGB", (32, 32), (90, 30, 200)), [step], tiny_pipe)
+
+
+@pytest.mark.parametrize("processor", sorted(NO_PICKLE_STEPS))
+def test_allow_pickle_must_be_yes_or_no(tiny_pipe, pickle_only, processor):
+    with pytest.raises(InvalidParameter, match="allow_pickle"):
+        run_postprocessors(Image.new("RGB", (32, 32)), [NO_PICKLE_STEPS[processor].format("nope")], tiny_pipe)
+
+
+def test_allow_pickle_yes_loads_the_pickle(tiny_pipe, pickle_only):
+    out = run_postprocessors(Image.new("RGB", (32, 32), (90, 30, 200)), [NO_PICKLE_STEPS["upscale"].format("yes")], tiny_pipe)
+    assert out.image.size == (64, 64) and out.infotext["Postprocess upscaler"] == "only-pickle"
+    hires = run_postprocessors(Image.new("RGB", (32, 32), (90, 30, 200)), [NO_PICKLE_STEPS["hires"].format("1")], tiny_pipe)
+    assert hires.image.size == (64, 64) and hires.infotext["Hires upscaler"] == "only-pickle"
+
+
+def test_allow_pickle_is_never_read_by_truthiness_from_python(tiny_pipe, pickle_only, photo):
+    from aipaint_plugins.upscale.hires import HiresSettings
+    from aipaint_plugins.upscale.sd_upscale import sd_upscale
+
+    with pytest.raises(InvalidParameter, match="allow_pickle"):
+        HiresSettings(allow_pickle="no")
+    with pytest.raises(InvalidParameter, match="allow_pickle"):
+        sd_upscale(tiny_pipe, photo.resize((32, 32)), "a cat", upscaler="only-pickle", allow_pickle="no", steps=2)
 
 
 def test_chain_runs_in_order_and_records_itself(plugin_host, photo):
@@ -280,6 +383,55 @@ def test_hires_fix_on_a_result_keeps_each_seed(tiny_pipe):
     # The pass is seeded: the same call gives the same pictures.
     again = hires_fix(tiny_pipe, base, upscaler="Lanczos", hires_steps=2, resize_to=(48, 40))
     assert np.array_equal(np.asarray(again.images[1]), np.asarray(result.images[1]))
+
+
+def _spy(monkeypatch, owner, name, calls):
+    original = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((args, out))
+        return out
+
+    monkeypatch.setattr(owner, name, spy)
+
+
+def test_latent_hires_fix_upscales_the_first_pass_latents(tiny_pipe, monkeypatch):
+    """As in A1111: generating with a latent upscaler, the second pass starts from the first
+    pass's own latents, resized; nothing is encoded and the first pass is never decoded."""
+    from aipaint_plugins.upscale.hires import hires_fix
+    from aipaint_plugins.upscale.upscalers import Upscaler
+
+    from aipaint.params import GenerationRequest
+
+    loops, resized, encoded, decoded = [], [], [], []
+    _spy(monkeypatch, tiny_pipe, "run_loop", loops)
+    _spy(monkeypatch, Upscaler, "upscale_latents", resized)
+    _spy(monkeypatch, tiny_pipe.model, "encode", encoded)
+    _spy(monkeypatch, tiny_pipe.model, "decode", decoded)
+    request = GenerationRequest("a red circle", width=32, height=32, steps=3, seed=5, batch_size=2)
+    result = hires_fix(tiny_pipe, request, upscaler="Latent (nearest)", hires_steps=2)
+    assert [im.size for im in result.images] == [(64, 64), (64, 64)] and result.seeds == [5, 6]
+    assert Infotext.from_text(result.infotexts[1]).params["Seed"] == "6"
+    assert encoded == []
+    first_pass = loops[0][1]
+    h, w = first_pass.shape[-2:]
+    assert first_pass.shape[0] == 2 and len(resized) == 2
+    assert [tuple(args[0].shape[-2:]) for args, _ in decoded] == [(2 * h, 2 * w)] * 2  # only the hires latents
+    for index, ((_, latents, _), upscaled) in enumerate(resized):
+        torch.testing.assert_close(latents, first_pass[index : index + 1])  # image i starts from its own latents
+        torch.testing.assert_close(upscaled, first_pass[index : index + 1].repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+def test_latent_hires_fix_on_a_finished_picture_encodes_it(tiny_pipe, monkeypatch):
+    """A Result has only pixels left: the latent upscaler works on their encoding."""
+    from aipaint_plugins.upscale.hires import hires_fix
+
+    base = tiny_pipe.txt2img("a red circle", width=32, height=32, steps=3, seed=5)
+    encoded = []
+    _spy(monkeypatch, tiny_pipe.model, "encode", encoded)
+    assert hires_fix(tiny_pipe, base, upscaler="Latent", hires_steps=2).image.size == (64, 64)
+    assert len(encoded) == 1
 
 
 def test_hires_post_processor_in_a_chain(tiny_pipe):

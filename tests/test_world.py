@@ -146,3 +146,21 @@ def test_adherence_details_are_honest():
     two = f"a {o.size} {o.colour} {o.shape} on the left and a big red square on the right, on a {s.background} background"
     b = adherence(im, two)
     assert b.total == 9 and b.matched <= 1 + 4 + 1 and b.details["n_found"] == 1
+
+
+def test_eval_command_reports_objects_and_adherence(tmp_path, capsys):
+    from aipaint.cli import main
+    from aipaint.world.render import render
+    from aipaint.world.scene import Scene, SceneObject
+
+    path = tmp_path / "scene.png"
+    render(Scene("black", (SceneObject("square", "green", "big", "left", 8, 16, 14),))).save(path)
+    assert main(["eval", str(path), "--caption", "a big green square on the left, on a black background"]) == 0
+    out = capsys.readouterr().out
+    assert "background: black" in out
+    assert "object: a big green square on the left" in out
+    assert "adherence: 1.000 (5/5 attributes, all correct)" in out
+    assert main(["eval", str(path), "--caption", "a small red circle on the right, on a white background"]) == 0
+    assert "adherence: 0.000 (0/5 attributes)" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "missing.png")]) != 0
+    assert "missing.png" in capsys.readouterr().err

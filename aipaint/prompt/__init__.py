@@ -10,10 +10,12 @@ from aipaint.prompt.parser import (
     ExtraNetworkRef,
     LoraRef,
     ParsedPrompt,
+    PromptWarning,
     SubPrompt,
     WeightedText,
     parse_attention,
     parse_attention_segments,
+    parse_negative_prompt,
     parse_prompt,
 )
 from aipaint.prompt.schedule import describe, distinct_schedule, prompt_at_step
@@ -25,6 +27,7 @@ __all__ = [
     "MidjourneyPrompt",
     "ParsedPrompt",
     "PromptEncoder",
+    "PromptWarning",
     "SubPrompt",
     "UnsupportedPromptOption",
     "WeightedText",
@@ -33,6 +36,7 @@ __all__ = [
     "parse_attention",
     "parse_attention_segments",
     "parse_midjourney",
+    "parse_negative_prompt",
     "parse_prompt",
     "prompt_at_step",
     "tokenize_chunks",

@@ -7,8 +7,9 @@ It rewrites the prompt into the A1111 language, so both front ends end in the sa
   relative: they are divided by their sum (``cat::3 dog::1`` → ``cat :0.75 AND dog :0.25``),
   which keeps the total guidance at the request's ``cfg_scale``; the sum must be positive.
 * ``--no a, b`` becomes the negative prompt; ``--ar W:H`` (or ``--aspect``) a width and
-  height of about ``base_size²`` pixels in multiples of 8; ``--seed N`` the seed; and
-  ``--steps N`` (an aipaint extension) the step count.
+  height of about ``base_size²`` pixels in multiples of 8 (:meth:`MidjourneyPrompt.size_for`
+  scales it to a model's default size instead); ``--seed N`` the seed; and ``--steps N``
+  (an aipaint extension) the step count.
 * Every other option raises :class:`UnsupportedPromptOption`, naming it and what to use instead.
 
 A1111 syntax inside the text (emphasis, editing, ``<lora:…>``) passes through unchanged.
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from aipaint.errors import AipaintError, InvalidParameter
-from aipaint.prompt.parser import ParsedPrompt, parse_prompt
+from aipaint.prompt.parser import ParsedPrompt, parse_negative_prompt, parse_prompt
 
 __all__ = ["MidjourneyPrompt", "UnsupportedPromptOption", "parse_midjourney"]
 
@@ -44,13 +45,15 @@ _UNSUPPORTED_HINTS = {
     "w": "there is no equivalent; describe the unusual look in the prompt or try another sampler",
     "iw": "use img2img with denoising_strength instead of an image weight",
     "stop": "use fewer --steps instead",
-    "repeat": "use a batch (n_iter / batch_size) instead",
-    "r": "use a batch (n_iter / batch_size) instead",
+    "repeat": "use a batch (batch_size, or --batch-size N on the command line) instead",
+    "r": "use a batch (batch_size, or --batch-size N on the command line) instead",
     "seeds": "use --seed N",
     "sameseed": "use --seed N",
-    "cref": "use an adapter (e.g. IP-Adapter) through the request's adapter units",
-    "sref": "use an adapter (e.g. IP-Adapter) through the request's adapter units",
-    "tile": "use the request's tiling option, where the model family supports it",
+    "cref": "no installed adapter copies a character from a reference image; describe the character in the prompt, "
+    "or start from the image with img2img",
+    "sref": "no installed adapter copies a style from a reference image; describe the style in the prompt or add a "
+    "style LoRA (<lora:name:weight>)",
+    "tile": "seamless tiling is not available",
 }
 
 
@@ -65,7 +68,10 @@ class UnsupportedPromptOption(AipaintError):
 
 @dataclass(frozen=True)
 class MidjourneyPrompt:
-    """The Midjourney-style prompt, translated: ``prompt`` and ``negative`` are A1111 syntax."""
+    """The Midjourney-style prompt, translated: ``prompt`` and ``negative`` are A1111 syntax.
+
+    ``width`` and ``height`` are ``aspect`` at the ``base_size`` given to :func:`parse_midjourney`.
+    """
 
     prompt: str
     negative: str = ""
@@ -73,6 +79,14 @@ class MidjourneyPrompt:
     height: int | None = None
     seed: int | None = None
     steps: int | None = None
+    aspect: tuple[int, int] | None = None
+
+    def size_for(self, default_width: int, default_height: int) -> tuple[int, int]:
+        """The size for a model whose default is ``default_width`` × ``default_height``: that
+        size itself without ``--ar``, else the aspect ratio at about the same number of pixels."""
+        if self.aspect is None:
+            return default_width, default_height
+        return aspect_size(*self.aspect, round(math.sqrt(default_width * default_height)))
 
     @property
     def parsed(self) -> ParsedPrompt:
@@ -80,7 +94,7 @@ class MidjourneyPrompt:
 
     @property
     def parsed_negative(self) -> ParsedPrompt:
-        return parse_prompt(self.negative)
+        return parse_negative_prompt(self.negative)
 
 
 # "--name" or "—name" (phones turn "--" into an em dash, and Midjourney accepts it) at a word start.
@@ -147,7 +161,7 @@ def parse_midjourney(text: str, base_size: int = 512) -> MidjourneyPrompt:
     body, options = _split_options(text)
     negatives: list[str] = []
     found: dict[str, str] = {}
-    width = height = seed = steps = None
+    width = height = seed = steps = aspect = None
     for name, value in options:
         option = f"--{name}"
         if name == "no":
@@ -166,7 +180,8 @@ def parse_midjourney(text: str, base_size: int = 512) -> MidjourneyPrompt:
                 match = _RE_ASPECT.match(value)
                 if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
                     raise InvalidParameter(option, value, "W:H with positive whole numbers, e.g. --ar 16:9")
-                width, height = aspect_size(int(match.group(1)), int(match.group(2)), base_size)
+                aspect = int(match.group(1)), int(match.group(2))
+                width, height = aspect_size(*aspect, base_size)
             elif key == "seed":
                 seed = _whole_number(option, value, 0, MAX_SEED)
             else:
@@ -176,4 +191,4 @@ def parse_midjourney(text: str, base_size: int = 512) -> MidjourneyPrompt:
         if hint is None:
             hint = "unknown option; supported options are " + ", ".join(SUPPORTED_OPTIONS)
         raise UnsupportedPromptOption(option, hint)
-    return MidjourneyPrompt(_multi_prompt(body), ", ".join(negatives), width, height, seed, steps)
+    return MidjourneyPrompt(_multi_prompt(body), ", ".join(negatives), width, height, seed, steps, aspect)

@@ -2,7 +2,8 @@
 
 ``parse_prompt`` turns a prompt string into a :class:`ParsedPrompt`: comment lines
 dropped, ``<lora:…>`` tags (and other ``<kind:…>`` extra-network tags) pulled out, the
-text split into ``AND`` sub-prompts with their weights. Each sub-prompt's text still
+text split into ``AND`` sub-prompts with their weights. ``parse_negative_prompt`` reads a
+negative prompt, which (as in A1111) has neither tags nor sub-prompts. Each sub-prompt's text still
 holds its emphasis, editing and alternation syntax; :mod:`aipaint.prompt.schedule`
 resolves editing and alternation per step and :func:`parse_attention` resolves emphasis.
 
@@ -20,14 +21,22 @@ __all__ = [
     "ExtraNetworkRef",
     "LoraRef",
     "ParsedPrompt",
+    "PromptWarning",
     "SubPrompt",
     "WeightedText",
     "parse_attention",
     "parse_attention_segments",
+    "parse_negative_prompt",
     "parse_prompt",
 ]
 
 LORA_TAG_KINDS = ("lora", "lyco")
+
+
+class PromptWarning(UserWarning):
+    """Issued when a generation uses a prompt with :attr:`ParsedPrompt.warnings`: part of it was
+    kept as plain text instead of read as syntax (a malformed ``<lora:…>`` tag; ``AND`` or a
+    tag in the negative prompt). The message says which part."""
 
 
 @dataclass(frozen=True)
@@ -272,3 +281,24 @@ def parse_prompt(text: str) -> ParsedPrompt:
             value = 1.0
         subprompts.append(SubPrompt(part_text.strip(), value))
     return ParsedPrompt(text, tuple(loras), tuple(subprompts), tuple(others), tuple(warnings))
+
+
+def parse_negative_prompt(text: str) -> ParsedPrompt:
+    """Parse a negative prompt as A1111 reads one: comment lines dropped, nothing else taken apart.
+
+    A1111 splits at ``AND`` and extracts ``<kind:…>`` tags only in the prompt; in the negative
+    prompt both stay words of its one text (editing, alternation and emphasis still apply).
+    So does aipaint, and each is noted in :attr:`ParsedPrompt.warnings`, since it rarely
+    means what was intended. Never raises.
+    """
+    if not isinstance(text, str):
+        text = str(text)
+    body = _remove_comment_lines(text)
+    warnings = []
+    if _RE_AND.search(body):
+        warnings.append("AND in the negative prompt is plain text, as in A1111: only the prompt has AND sub-prompts")
+    for match in _RE_EXTRA_NETWORK.finditer(body):
+        warnings.append(
+            f"{match.group(0)} in the negative prompt is plain text, as in A1111: tags take effect only in the prompt"
+        )
+    return ParsedPrompt(text, subprompts=(SubPrompt(body.strip()),), warnings=tuple(warnings))

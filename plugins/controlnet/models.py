@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -235,6 +237,8 @@ def _check_suffix(path: Path, allow_pickle: bool) -> None:
 
 # --------------------------------------------------------------------------- loading
 _cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+RuntimeControlNets = Callable[[ControlNetRef, "Path | None"], Any]
+_runtime_controlnets: weakref.WeakKeyDictionary[Any, RuntimeControlNets] = weakref.WeakKeyDictionary()
 
 
 def clear_cache() -> None:
@@ -242,18 +246,34 @@ def clear_cache() -> None:
     _cache.clear()
 
 
+def use_runtime_controlnets(model: LatentDiffusionModel, stand_in: RuntimeControlNets) -> None:
+    """Let ``model``'s runtime run ControlNets itself (the onnxruntime runtime does, from an export).
+
+    From now on :func:`load` first asks ``stand_in(ref, config)``: it returns a module to use
+    instead of the torch ``ControlNetModel`` (it has the same ``config`` and is called the
+    same way), ``None`` to load the ControlNet in torch as usual, or raises to refuse it.
+    """
+    _runtime_controlnets[model] = stand_in
+
+
 def load(ref: ControlNetRef, model: LatentDiffusionModel, *, config: Path | None = None, allow_pickle: bool = False) -> Any:
-    """The ``ControlNetModel`` for ``ref``, on the model's device and dtype, checked to fit it."""
+    """The ``ControlNetModel`` for ``ref``, on the model's device and dtype, checked to fit it
+    (or the runtime's stand-in for it, see :func:`use_runtime_controlnets`)."""
+    if ref.expected_hash and ref.short_hash and ref.expected_hash != ref.short_hash:
+        raise ModelLoadError(
+            f"ControlNet {ref.name!r} has hash {ref.short_hash}, but the PNG was made with [{ref.expected_hash}]: "
+            "a different file of that name, so the image would not be reproduced; pass the model explicitly "
+            "(--controlnet) to use this one anyway"
+        )
+    runtime = _runtime_controlnets.get(model)
+    stand_in = runtime(ref, config) if runtime is not None else None
+    if stand_in is not None:
+        check_fits(stand_in, model, ref.name)
+        return stand_in
     if ref.module is not None:
         controlnet = _on(ref.module, model)
     else:
         assert ref.path is not None
-        if ref.expected_hash and ref.short_hash and ref.expected_hash != ref.short_hash:
-            raise ModelLoadError(
-                f"ControlNet {ref.name!r} has hash {ref.short_hash}, but the PNG was made with [{ref.expected_hash}]: "
-                "a different file of that name, so the image would not be reproduced; pass the model explicitly "
-                "(--controlnet) to use this one anyway"
-            )
         weights = ref.weights_file
         stat = weights.stat() if weights is not None else ref.path.stat()
         key = (str(ref.path.resolve()), stat.st_mtime_ns, stat.st_size, str(config), str(model.device), str(model.dtype),

@@ -62,7 +62,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--padding", type=int, default=32)
     p.add_argument("--mask-blur", type=int, default=4)
-    p.add_argument("--restorer", help="GFPGAN/CodeFormer/RestoreFormer weights (name in the upscaler folder, or a path)")
+    p.add_argument("--restorer", help="GFPGAN/CodeFormer/RestoreFormer weights: a file's name in the upscaler folder")
     p.add_argument("--visibility", type=float, default=1.0, help="blend strength of the restored faces (0-1)")
     p.add_argument("--restore-only", action="store_true", help="only restore faces (no diffusion model needed)")
     p.add_argument("--detect-only", action="store_true", help="print the faces found and exit")

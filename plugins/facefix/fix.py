@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aipaint_plugins.facefix.detect import DEFAULT_DETECTOR, Detection, detector_name, get_detector
 from aipaint_plugins.facefix.masks import box_mask, crop_region, feather, mask_bbox, paste
-from aipaint_plugins.upscale.common import generation_settings, inpaint, number
+from aipaint_plugins.upscale.common import flag, generation_settings, inpaint, number
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 
@@ -155,8 +156,9 @@ def face_fix(
 Restorer = Callable[[Any], Any]  # NCHW [0, 1] tensor at restore_size -> same
 
 
-def load_restorer(name: str, *, allow_pickle: bool = False, device: str = "cpu") -> tuple[Restorer, str]:
-    """A face-restoration model by name (file in the upscaler folder or zoo) or path."""
+def load_restorer(name: str | Path, *, allow_pickle: bool = False, device: str = "cpu") -> tuple[Restorer, str]:
+    """A face-restoration model by name (a file inside the upscaler folder, or a zoo id; never
+    outside the folder), or an explicit weights file given as a :class:`~pathlib.Path`."""
     from aipaint_plugins.upscale.models import load_image_model, resolve_weights
 
     path = resolve_weights(name, kind="face restorer")
@@ -171,7 +173,7 @@ def load_restorer(name: str, *, allow_pickle: bool = False, device: str = "cpu")
 
 def restore_faces(
     image: Image.Image,
-    restorer: Restorer | str,
+    restorer: Restorer | str | Path,
     *,
     visibility: float = 1.0,
     detector: Any = DEFAULT_DETECTOR,
@@ -189,7 +191,7 @@ def restore_faces(
     from PIL import Image
 
     visibility = number({"visibility": visibility}, "visibility", 1.0, 0.0, 1.0)
-    if isinstance(restorer, str):
+    if isinstance(restorer, (str, Path)):
         model, name = load_restorer(restorer, allow_pickle=allow_pickle)
     else:
         model, name = restorer, detector_name(restorer)
@@ -216,6 +218,11 @@ def restore_faces(
     return Image.fromarray(current), info, report
 
 
+def _restorer_option(value: Any) -> Restorer | str | Path:
+    """A callable or a Path (from Python code) as given; anything else is a name in the folder."""
+    return value if callable(value) or isinstance(value, Path) else str(value)
+
+
 def run_facefix(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
     """The ``facefix`` post-processor (ADetailer), optionally followed by restoration."""
     from aipaint.postprocess import PostProcessOutput
@@ -228,10 +235,10 @@ def run_facefix(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
                             request=options.get("request"), settings=settings, **gen)
     if options.get("restorer"):
         out, extra, _ = restore_faces(
-            out, str(options["restorer"]), visibility=number(options, "restore_visibility", 1.0, 0.0, 1.0),
+            out, _restorer_option(options["restorer"]), visibility=number(options, "restore_visibility", 1.0, 0.0, 1.0),
             detector=settings.detector, confidence=settings.confidence, max_faces=settings.max_faces,
             mask_dilation=settings.mask_dilation, mask_blur=settings.mask_blur, padding=settings.padding,
-            allow_pickle=bool(options.get("allow_pickle", False)),
+            allow_pickle=flag(options, "allow_pickle"),
         )
         info.update(extra)
     return PostProcessOutput(out, info)
@@ -242,13 +249,16 @@ def run_restore(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
     from aipaint.postprocess import PostProcessOutput
 
     if not options.get("restorer"):
-        raise InvalidParameter("restorer", None, "face restoration needs weights: restorer=NAME or a path to GFPGAN/CodeFormer weights")
+        from aipaint_plugins.upscale.models import upscaler_dir
+
+        raise InvalidParameter("restorer", None, "face restoration needs weights",
+                               f"put GFPGAN/CodeFormer/RestoreFormer weights in {upscaler_dir()} and pass restorer=NAME")
     settings = FaceFixSettings.from_options({k: v for k, v in options.items() if k in FaceFixSettings.__dataclass_fields__})
     out, info, _ = restore_faces(
-        image, options["restorer"] if callable(options["restorer"]) else str(options["restorer"]),
+        image, _restorer_option(options["restorer"]),
         visibility=number(options, "visibility", 1.0, 0.0, 1.0), detector=settings.detector,
         confidence=settings.confidence, max_faces=settings.max_faces, mask_dilation=settings.mask_dilation,
-        mask_blur=settings.mask_blur, padding=settings.padding, allow_pickle=bool(options.get("allow_pickle", False)),
+        mask_blur=settings.mask_blur, padding=settings.padding, allow_pickle=flag(options, "allow_pickle"),
     )
     return PostProcessOutput(out, info)
 

@@ -6,7 +6,9 @@ A generation uses LoRAs named by ``<lora:name:weight>`` / ``<lora:name:te_weight
 inside the LoRA folder (``request.extra["lora_dir"]``, else ``$AIPAINT_LORA_DIR``, else
 ``$AIPAINT_HOME/loras``); ``request.extra["allow_pickle"]`` opts in to ``.pt``/``.ckpt`` files.
 While the generation runs, the weights carry the patches; afterwards they are restored bit for
-bit, even when the generation fails. The infotext records ``Lora hashes`` as A1111 does.
+bit, even when the generation fails. The infotext records ``Lora hashes`` as A1111 does, and
+the API units as A1111 tags in ``Lora units`` (the recorded prompt keeps only what the user
+wrote), which ``--from-png`` turns back into units.
 
 See ``docs/lora.md``. The Python API lives in :mod:`aipaint_plugins.lora.api`, training in
 :mod:`aipaint_plugins.lora.train`.
@@ -15,18 +17,20 @@ See ``docs/lora.md``. The Python API lives in :mod:`aipaint_plugins.lora.api`, t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterContext, AdapterSpec
+from aipaint.adapters import AdapterActivation, AdapterContext, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter
+from aipaint.infotext import format_number
 
 if TYPE_CHECKING:
     from aipaint_plugins.lora.api import AppliedLoras, LoraUse
 
 UNIT_OPTIONS = ("name", "weight", "unet_weight", "te_weight")
+RECORDED_UNITS = "Lora units"  # the infotext entry that records the API units, as <lora:…> tags
 
 __all__ = ["LoraUse", "apply_loras", "train_lora"]
 
@@ -44,12 +48,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'aipaint_plugins.lora' has no attribute {name!r}")
 
 
-def uses_from_context(context: AdapterContext) -> list[LoraUse]:
-    """The LoRAs a generation asks for: prompt tags first, then API units (validated)."""
+def uses_from_units(units: Sequence[AdapterUnit]) -> list[LoraUse]:
+    """The LoRAs of API units, validated; each must be recordable as a ``<lora:…>`` tag."""
     from aipaint_plugins.lora.api import LoraUse
 
-    uses = [LoraUse(ref.name, ref.unet_weight, ref.te_weight) for ref in context.prompt_refs]
-    for unit in context.units:
+    uses = []
+    for unit in units:
         options = dict(unit.options)
         unknown = sorted(set(options) - set(UNIT_OPTIONS))
         if unknown:
@@ -59,22 +63,67 @@ def uses_from_context(context: AdapterContext) -> list[LoraUse]:
         if "weight" in options and "unet_weight" in options:
             raise InvalidParameter("lora unit", options, "give 'weight' or 'unet_weight', not both")
         weight = options.get("weight", options.get("unet_weight", 1.0))
-        uses.append(LoraUse(options["name"], weight, options.get("te_weight")))
+        use = LoraUse(options["name"], weight, options.get("te_weight"))
+        # A name that is no string is refused by the LoRA folder, with its own message.
+        if isinstance(use.name, str) and _effect(_read_tags(lora_tag(use))) != _effect([use]):
+            raise InvalidParameter(
+                "lora unit", use.name, "must be a name that a <lora:name:weight> tag can spell (the infotext "
+                "records units as tags)", "rename the file without ':', '<', '>' or surrounding spaces",
+            )
+        uses.append(use)
+    return uses
+
+
+def _effect(uses: Sequence[LoraUse] | None) -> list[tuple[str, float, float]] | None:
+    return None if uses is None else [(use.name, float(use.unet_weight), use.text_encoder_weight) for use in uses]
+
+
+def lora_tag(use: LoraUse) -> str:
+    """A1111's tag for a use: ``<lora:name:weight>``, or ``<lora:name:te_weight:unet_weight>``."""
+    weights = [use.unet_weight] if use.te_weight is None else [use.te_weight, use.unet_weight]
+    return "<lora:" + ":".join([use.name, *(format_number(float(w)) for w in weights)]) + ">"
+
+
+def _read_tags(text: str) -> list[LoraUse] | None:
+    """The LoRAs of a text made only of ``<lora:…>`` tags; None when it holds anything else."""
+    from aipaint_plugins.lora.api import LoraUse
+
+    from aipaint.prompt import parse_prompt
+
+    parsed = parse_prompt(text)
+    if parsed.warnings or parsed.extra_networks or any(part.text for part in parsed.subprompts):
+        return None
+    return [LoraUse(ref.name, ref.unet_weight, ref.te_weight) for ref in parsed.loras]
+
+
+def uses_from_recorded_units(text: str) -> list[LoraUse]:
+    """The LoRAs of a ``Lora units`` infotext entry, e.g. ``<lora:ink:0.8> <lora:paper:0.2:0.5>``."""
+    uses = _read_tags(text)
+    if uses is None:
+        raise InvalidParameter(
+            RECORDED_UNITS, text, "must be <lora:name:weight> or <lora:name:te_weight:unet_weight> tags",
+            "fix the entry in the PNG's parameters, or remove it",
+        )
     return uses
 
 
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     """Patch the model for one generation; restore it on exit, error or not."""
-    from aipaint_plugins.lora.api import apply_loaded, load_loras
+    from aipaint_plugins.lora.api import LoraUse, apply_loaded, load_loras
 
     extra = context.request.extra or {}
+    tagged = [LoraUse(ref.name, ref.unet_weight, ref.te_weight) for ref in context.prompt_refs]
+    from_units = uses_from_units(context.units)
     loaded = load_loras(
-        context.model, uses_from_context(context), folder=extra.get("lora_dir"), allow_pickle=bool(extra.get("allow_pickle"))
+        context.model, tagged + from_units, folder=extra.get("lora_dir"), allow_pickle=bool(extra.get("allow_pickle"))
     )
     applied: AppliedLoras = apply_loaded(context.model, loaded)
+    info = applied.infotext()
+    if from_units:  # the tags are in the recorded prompt already; the units would be lost without this
+        info[RECORDED_UNITS] = " ".join(lora_tag(use) for use in from_units)
     try:
-        yield AdapterActivation(infotext=applied.infotext())
+        yield AdapterActivation(infotext=info)
     finally:
         applied.unload()
 

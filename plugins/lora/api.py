@@ -28,6 +28,7 @@ from aipaint_plugins.lora.patcher import AppliedPatches, apply_patches
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
 
 CACHE_SIZE = 8
+PATCHED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class UnmatchedLoraKeys(UserWarning):
@@ -99,8 +100,9 @@ _patch_cache: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], LoraPa
 
 
 def patch_components(model: Any) -> dict[str, Any]:
-    """The networks a LoRA may patch: the UNet and the text encoder."""
-    return {"unet": model.unet, "text_encoder": model.text_encoder}
+    """The networks a LoRA may patch that this model has: the UNet and its text encoders
+    (SDXL's base has two; its refiner only ``text_encoder_2``)."""
+    return {name: module for name in PATCHED_COMPONENTS if (module := getattr(model, name, None)) is not None}
 
 
 def module_table(model: Any) -> ModuleTable:

@@ -1,10 +1,13 @@
-"""``aipaint train lora`` and ``aipaint lora list``. Heavy imports stay inside the handlers."""
+"""``aipaint train lora``, ``aipaint lora list``, and the LoRA units ``--from-png`` regenerates.
+Heavy imports stay inside the handlers."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Any
+
+GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
 
 
 def _subcommands(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
@@ -48,6 +51,32 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", help="LoRA folder (default: $AIPAINT_LORA_DIR or $AIPAINT_HOME/loras)")
     p.add_argument("--hashes", action="store_true", help="also print the A1111 short hash (reads every file)")
     p.set_defaults(func=cmd_lora_list)
+
+    from aipaint.cli import add_adapter_unit_builder
+
+    seen: set[int] = set()
+    for name in GENERATION_COMMANDS:
+        parser = subparsers.choices.get(name)
+        if parser is not None and id(parser) not in seen:
+            seen.add(id(parser))
+            add_adapter_unit_builder(parser, recorded_units)
+
+
+def recorded_units(args: argparse.Namespace, png_params: dict[str, str]) -> list[Any]:
+    """The API LoRA units a ``--from-png`` image recorded in ``Lora units`` (its prompt tags need nothing:
+    they come back with the prompt)."""
+    from aipaint_plugins.lora import RECORDED_UNITS, uses_from_recorded_units
+
+    from aipaint.adapters import AdapterUnit
+
+    text = png_params.get(RECORDED_UNITS)
+    if not text:
+        return []
+    return [
+        AdapterUnit("lora", {"name": use.name, "weight": use.unet_weight,
+                             **({} if use.te_weight is None else {"te_weight": use.te_weight})})
+        for use in uses_from_recorded_units(text)
+    ]
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:

@@ -2,12 +2,16 @@
 
 Formats understood (keys are grouped by the module they address):
 
-* kohya / A1111 (sd-scripts): ``lora_unet_<path>`` and ``lora_te_<path>`` (``lora_te1_``)
-  with ``.lora_down.weight``, ``.lora_up.weight``, optional ``.lora_mid.weight`` (LoCon
-  tucker) and ``.alpha``. ``<path>`` is the diffusers / transformers module path with its
-  dots written as underscores.
+* kohya / A1111 (sd-scripts): ``lora_unet_<path>``, ``lora_te_<path>`` (``lora_te1_``) and,
+  for SDXL's second text encoder, ``lora_te2_<path>``, with ``.lora_down.weight``,
+  ``.lora_up.weight``, optional ``.lora_mid.weight`` (LoCon tucker) and ``.alpha``.
+  ``<path>`` is the diffusers / transformers module path with its dots written as
+  underscores, or, for the UNet of sd-scripts' SDXL files, the SGM (original Stability)
+  name (``lora_unet_input_blocks_4_1_…``, ``middle_block_…``, ``output_blocks_…``,
+  ``time_embed_…``, ``label_emb_…``, ``out_2``), which diffusers' own converter renames.
 * diffusers / PEFT: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also with a PEFT
   adapter name, ``base_model.model.`` prefixes, or no component prefix), ``text_encoder.…``,
+  ``text_encoder_2.…``,
   diffusers' older attention-processor layout (``…attn1.processor.to_q_lora.down.weight``),
   and the ``lora_alpha``/``r``/``use_rslora``/``alpha_pattern`` diffusers stores in the
   safetensors metadata (``lora_adapter_metadata``).
@@ -30,14 +34,18 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-# Component names are those of aipaint.model.LatentDiffusionModel.modules().
-KOHYA_PREFIXES: dict[str, str] = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-DOTTED_PREFIXES: dict[str, str] = {"unet.": "unet", "text_encoder.": "text_encoder"}
-KOHYA_PREFIX_OF: dict[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# Component names are those of aipaint.model.LatentDiffusionModel.modules() (text_encoder_2: SDXL's).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+KOHYA_PREFIXES: dict[str, str] = {
+    "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+}
+DOTTED_PREFIXES: dict[str, str] = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+KOHYA_PREFIX_OF: dict[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 # Key ending -> (patch kind or None for "any kind", the tensor's role in that kind).
 _ROLES: dict[str, tuple[str | None, str]] = {
@@ -87,7 +95,7 @@ class LoraFormatError(ValueError):
 class WeightPatch:
     """One module's weight change, as data: ``ΔW = scale · f(tensors)``.
 
-    ``component`` is ``"unet"`` or ``"text_encoder"``, ``module`` the module path inside it
+    ``component`` is ``"unet"``, ``"text_encoder"`` or ``"text_encoder_2"``, ``module`` the module path inside it
     (diffusers / transformers naming), ``kind`` one of ``lora``, ``loha``, ``lokr``,
     ``full``; ``scale`` is what the file asks for (``alpha / rank``, 1 without alpha). The
     user's weight multiplies it when the patch is applied.
@@ -200,8 +208,9 @@ def patchable_modules(root: nn.Module) -> dict[str, nn.Module]:
 
 def canonical_path(component: str, path: str) -> str:
     """The module path LoRA files use. kohya and diffusers name text-encoder modules from
-    ``text_model.`` (the transformers 4 layout); transformers 5 dropped that level."""
-    if component == "text_encoder" and not path.startswith("text_model."):
+    ``text_model.`` (the transformers 4 layout); transformers 5 dropped that level in
+    ``CLIPTextModel``. ``text_projection`` (SDXL's second encoder) sits beside it in both."""
+    if component in TEXT_ENCODERS and not path.startswith("text_model.") and path != "text_projection":
         return "text_model." + path
     return path
 
@@ -210,12 +219,14 @@ def canonical_path(component: str, path: str) -> str:
 class ModuleTable:
     """Where LoRA keys can point in one model: kohya names and dotted paths → (component, module path).
 
-    ``modules`` maps (component, canonical path) to the module's actual path in this model.
+    ``modules`` maps (component, canonical path) to the module's actual path in this model;
+    ``unet_layers_per_block`` is what renumbering SGM block names needs (None: not an int).
     """
 
     shapes: dict[tuple[str, str], torch.Size]
     modules: dict[tuple[str, str], str]
     kohya: dict[str, tuple[str, str]]
+    unet_layers_per_block: int | None = None
 
     @classmethod
     def for_components(cls, components: Mapping[str, nn.Module]) -> ModuleTable:
@@ -228,13 +239,17 @@ class ModuleTable:
                 modules[(component, canonical_path(component, path))] = path
                 if component in KOHYA_PREFIX_OF:
                     kohya.setdefault(kohya_key(component, path), (component, path))
-        return cls(shapes, modules, kohya)
+        unet = components.get("unet")
+        config = getattr(getattr(unet, "_orig_mod", unet), "config", None)
+        layers = getattr(config, "layers_per_block", None)
+        return cls(shapes, modules, kohya, layers if isinstance(layers, int) and not isinstance(layers, bool) else None)
 
     def find(self, base: str) -> tuple[str, str] | None:
         """The (component, actual module path) a key's base name addresses, or None."""
         for prefix, component in KOHYA_PREFIXES.items():
             if base.startswith(prefix):
-                return self.kohya.get(KOHYA_PREFIX_OF[component] + base[len(prefix):])
+                found = self.kohya.get(KOHYA_PREFIX_OF[component] + base[len(prefix):])
+                return found if found is not None or component != "unet" else self._converted_unet_key(base)
         if base.startswith("base_model.model."):
             base = base[len("base_model.model."):]
         for prefix, component in DOTTED_PREFIXES.items():
@@ -246,6 +261,28 @@ class ModuleTable:
             if path is not None:
                 return (component, path)
         return None
+
+    def _converted_unet_key(self, base: str) -> tuple[str, str] | None:
+        """A kohya UNet name this model does not know as written, as diffusers' converter reads it:
+        sd-scripts' SDXL files name the SGM UNet's modules (``input_blocks_4_1_…``), renumbered
+        here for this UNet's ``layers_per_block``, and ``time_embed`` / ``label_emb`` / ``out_2``."""
+        if self.unet_layers_per_block is None:
+            return None
+        from diffusers.loaders.lora_conversion_utils import (
+            _convert_unet_lora_key,
+            _maybe_map_sgm_blocks_to_diffusers,
+        )
+
+        try:
+            (renumbered,) = _maybe_map_sgm_blocks_to_diffusers(
+                {base: None}, SimpleNamespace(layers_per_block=self.unet_layers_per_block)
+            )
+        except (ValueError, IndexError):  # an SGM-looking name with block numbers no UNet has
+            return None
+        # The converter writes diffusers' attention-processor layout, which _split_key reads.
+        split = _split_key(_convert_unet_lora_key(renumbered + ".lora_down.weight"))
+        path = self.modules.get(("unet", split[0])) if split is not None else None
+        return ("unet", path) if path is not None else None
 
 
 def _split_key(key: str) -> tuple[str, str | None, str] | None:

@@ -53,7 +53,7 @@ def apply_patches(
 ) -> AppliedPatches:
     """Add the weighted differences to the modules' weights in place; return the backups.
 
-    ``components`` maps component names (``"unet"``, ``"text_encoder"``) to modules.
+    ``components`` maps component names (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``) to modules.
     Several patches on one weight are summed in float32 before the single write, so the
     order of LoRAs does not matter. A zero multiplier contributes nothing (the weight is
     not even touched when all of its multipliers are zero).

@@ -178,6 +178,12 @@ def train_lora(
     every step; ``show_progress`` draws a tqdm bar with the running loss on stderr.
     """
     model = getattr(model_or_pipeline, "model", model_or_pipeline)
+    if getattr(model, "text_encoder_2", None) is not None or model.text_encoder is None:
+        raise UnsupportedFeature(
+            f"LoRA training supports models with one text encoder (SD1.x, SD2.x), not {model.name!r} "
+            f"(family {model.family}, with a second text encoder and added conditioning); train SDXL LoRAs with "
+            "kohya's sd-scripts or diffusers' SDXL script, whose files aipaint loads"
+        )
     for name, value, low in (("rank", rank, 1), ("steps", steps, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidParameter(name, value, f"must be a whole number of at least {low}")

@@ -1,9 +1,10 @@
 """The ``onnxruntime`` runtime and ``aipaint export onnx``.
 
-Export once (``aipaint export onnx MODEL -o DIR``), then load with
+Export once (``aipaint export onnx MODEL -o DIR [--controlnet NAME …]``), then load with
 ``aipaint.load(MODEL, runtime="onnxruntime", runtime_options={"onnx_dir": DIR})``: the
-UNet, the VAE and the text encoder run as ONNX Runtime sessions (CPU by default; CUDA
-or TensorRT execution providers with onnxruntime-gpu). See ``docs/runtimes.md``.
+UNet, the VAE, the text encoder and the exported ControlNets run as ONNX Runtime
+sessions (CPU by default; CUDA or TensorRT execution providers with onnxruntime-gpu).
+See ``docs/runtimes.md``.
 
 Registration is light: onnx, onnxruntime and torch are imported only when a model is
 exported or prepared, so ``aipaint --help`` stays quick.
@@ -12,8 +13,10 @@ exported or prepared, so ``aipaint --help`` stays quick.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
@@ -73,6 +76,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         lora_dir=args.lora_dir,
         components=components,
         controlnet_inputs=not args.no_controlnet_inputs,
+        controlnets=[_controlnet_argument(text) for text in args.controlnet],
+        allow_pickle=args.allow_pickle,
         opset=args.opset,
         overwrite=args.overwrite,
         host=pipe.host,
@@ -82,12 +87,18 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controlnet_argument(text: str) -> str | Path:
+    """As for ``--controlnet`` when generating: an existing path typed as one is a path, anything else a name."""
+    looks_like_path = os.sep in text or "/" in text or text.lower().endswith((".safetensors", ".pth", ".ckpt"))
+    return Path(text) if looks_like_path and Path(text).expanduser().exists() else text
+
+
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     from aipaint.cli import command_group
 
     group = command_group(subparsers, "export", "export a model for another runtime (onnx, tensorrt)")
-    p = group.add_parser("onnx", help="export the UNet, VAE and text encoder(s) to ONNX, with a manifest")
+    p = group.add_parser("onnx", help="export the UNet, VAE, text encoder(s) and ControlNets to ONNX, with a manifest")
     p.add_argument("model", help="zoo id, diffusers folder, .safetensors file or hub id")
     p.add_argument("-o", "--output", required=True, help="folder to write (created atomically)")
     p.add_argument("--fp16", action="store_true", help="the UNet in float16 (for CUDA/TensorRT)")
@@ -95,11 +106,14 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="fuse a LoRA (repeatable)")
     p.add_argument("--lora-dir", help="folder the LoRA names are looked up in (default: the LoRA adapter's)")
     p.add_argument("--components", default=",".join(EXPORT_COMPONENTS), help="comma-separated subset to export (default: all)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                   help="also export this ControlNet (repeatable): a zoo id, a name in the ControlNet folder "
+                        "(`aipaint controlnets` lists them) or a path; units naming it then run through ONNX Runtime")
     p.add_argument("--no-controlnet-inputs", action="store_true", help="leave out the UNet's ControlNet residual inputs")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in that folder")
     p.add_argument("--family", help="model family, when it cannot be detected")
     p.add_argument("--config", help="diffusers config folder for a single-file checkpoint")
     p.add_argument("--device", default="cpu", help="device to trace on (cuda is faster for --fp16)")
-    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pth files (the model and its ControlNets)")
     p.set_defaults(func=cmd_export_onnx)

@@ -17,6 +17,12 @@ one external weights file (ONNX protobufs stop at 2 GB; SD1.5's UNet is 3.4 GB i
   the runtime rebuilds diffusers' ``DiagonalGaussianDistribution``.
 * LoRA is fused at export: the named LoRAs are activated through the installed LoRA
   adapter (exactly as a generation would) while tracing, and recorded in the manifest.
+* ControlNets named with ``controlnets`` (as a unit names them: zoo id, name in the
+  ControlNet folder, or path) are loaded through the ControlNet adapter and exported to
+  ``controlnet/<key>/`` with ``(sample, timestep, encoder_hidden_states, controlnet_cond)``
+  in, the control image at image resolution, and the UNet's residual inputs out; the
+  manifest records the file they came from (sha256), so the runtime uses an exported
+  ControlNet only for exactly that file.
 
 The folder is written under a temporary name beside ``out_dir`` and renamed into place
 only once complete, so an interrupted export never leaves a folder that looks valid.
@@ -28,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -37,17 +44,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint_plugins.onnx_runtime.manifest import (
+    CONTROLNET_PREFIX,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
+    controlnet_source,
     file_record,
     model_identity,
     read_manifest,
 )
 
 from aipaint import __version__
-from aipaint.errors import AipaintError, InvalidParameter, UnsupportedFeature
+from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, UnsupportedFeature
 
 if TYPE_CHECKING:
     import torch
@@ -130,11 +139,23 @@ def _wrappers() -> dict[str, type]:
         def forward(self, image: torch.Tensor):
             return self.vae.encode(image, return_dict=False)[0].parameters
 
+    class ControlNetForExport(torch.nn.Module):
+        def __init__(self, controlnet: torch.nn.Module) -> None:
+            super().__init__()
+            self.controlnet = controlnet
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    controlnet_cond: torch.Tensor):
+            down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                        controlnet_cond=controlnet_cond, return_dict=False)
+            return (*down, mid)
+
     return {
         "unet": UNetForExport,
         "text_encoder": TextEncoderForExport,
         "vae_decoder": VaeDecoderForExport,
         "vae_encoder": VaeEncoderForExport,
+        "controlnet": ControlNetForExport,
     }
 
 
@@ -165,6 +186,15 @@ def _scaled(symbol: str, level: int) -> str:
 
 def _io(name: str, dtype: str, shape: Sequence[int | str]) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+def _residual_ios(layout: Sequence[tuple[int, int]], dtype: str) -> list[dict[str, Any]]:
+    """The ControlNet residuals: the UNet's extra inputs, and a ControlNet's outputs."""
+    return [
+        _io("mid_residual" if index == len(layout) - 1 else f"down_residual_{index}", dtype,
+            ["batch", channels, _scaled("height", level), _scaled("width", level)])
+        for index, (channels, level) in enumerate(layout)
+    ]
 
 
 @dataclass
@@ -242,13 +272,12 @@ def plan_components(
             example.append(value.repeat(TRACE_BATCH, *([1] * (value.dim() - 1))).to(device, dt))
             inputs.append(_io(key, dtype_name[precisions["unet"]], ["batch", *value.shape[1:]]))
         layout = residual_layout(unet) if controlnet_inputs else []
-        for index, (channels, level) in enumerate(layout):
-            name = "mid_residual" if index == len(layout) - 1 else f"down_residual_{index}"
+        for channels, level in layout:
             size = latent
             for _ in range(level):
                 size = (size + 1) // 2
             example.append(torch.zeros(TRACE_BATCH, channels, size, size, device=device, dtype=dt))
-            inputs.append(_io(name, dtype_name[precisions["unet"]], ["batch", channels, _scaled("height", level), _scaled("width", level)]))
+        inputs.extend(_residual_ios(layout, dtype_name[precisions["unet"]]))
         outputs = [_io("out_sample", dtype_name[precisions["unet"]], ["batch", unet.config.out_channels, "height", "width"])]
         plans.append(ComponentPlan("unet", wrappers["unet"](unet, extras, len(layout)), tuple(example), inputs, outputs, precisions["unet"]))
 
@@ -304,6 +333,92 @@ def plan_components(
             )
         )
     return plans
+
+
+@dataclass(frozen=True)
+class ControlNetToExport:
+    """A ControlNet loaded for export: its manifest key, what identifies its file, and the torch module."""
+
+    key: str
+    source: dict[str, Any]
+    module: torch.nn.Module
+
+
+def load_controlnets(
+    model: LatentDiffusionModel, names: Sequence[Any], *, allow_pickle: bool = False
+) -> list[ControlNetToExport]:
+    """Locate and load each named ControlNet through the ControlNet adapter, as a unit would.
+
+    A ControlNet is identified at generation by its file, so names and paths are accepted
+    and a ``ControlNetModel`` object is not; each file may be named once.
+    """
+    from aipaint_plugins.controlnet import models as controlnet_models
+
+    unet_layout = residual_layout(model.unet)
+    loaded: list[ControlNetToExport] = []
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, (str, Path)):
+            raise InvalidParameter(
+                "controlnets", type(name).__name__,
+                "zoo ids, names in the ControlNet folder or paths (the runtime recognises a ControlNet by its file)",
+                "save the ControlNetModel with save_pretrained() and export that folder",
+            )
+        ref = controlnet_models.resolve(name, allow_pickle=allow_pickle)
+        module = controlnet_models.load(ref, model, allow_pickle=allow_pickle)
+        layout = residual_layout(module)
+        if layout != unet_layout:
+            raise ModelLoadError(
+                f"ControlNet {ref.name!r} makes residuals {layout}, but the UNet of {model.name!r} takes {unet_layout}; "
+                "it was made for another base model"
+            )
+        source = controlnet_source(ref)
+        if source["sha256"] in seen:
+            raise InvalidParameter("controlnets", str(name), f"each ControlNet once (it is the same file as {seen[source['sha256']]!r})")
+        seen[source["sha256"]] = str(name)
+        loaded.append(ControlNetToExport(_controlnet_key(ref.name, {c.key for c in loaded}), source, module))
+    return loaded
+
+
+def _controlnet_key(name: str, taken: set[str]) -> str:
+    """A folder name for the ControlNet: its name made plain, unique within the export."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:90] or "controlnet"
+    key, number = base, 1
+    while key.lower() in {t.lower() for t in taken}:
+        number += 1
+        key = f"{base}-{number}"
+    return key
+
+
+def plan_controlnet(model: LatentDiffusionModel, controlnet: torch.nn.Module, key: str, precision: str) -> ComponentPlan:
+    """Example inputs and symbolic I/O of one ControlNet (``controlnet`` already in ``precision``)."""
+    import torch
+
+    config = controlnet.config
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype_name = "float16" if precision == "fp16" else "float32"
+    latent = _trace_latent_size(controlnet)
+    factor = model.vae_scale_factor
+    device = model.device
+    example = (
+        torch.randn(TRACE_BATCH, config.in_channels, latent, latent, device=device, dtype=dtype),
+        torch.full((TRACE_BATCH,), 500.0, device=device),
+        torch.randn(TRACE_BATCH, 77, config.cross_attention_dim, device=device, dtype=dtype),
+        torch.rand(TRACE_BATCH, config.conditioning_channels, latent * factor, latent * factor, device=device, dtype=dtype),
+    )
+    inputs = [
+        _io("sample", dtype_name, ["batch", config.in_channels, "height", "width"]),
+        _io("timestep", "float32", ["batch"]),
+        _io("encoder_hidden_states", dtype_name, ["batch", "sequence", config.cross_attention_dim]),
+        _io("controlnet_cond", dtype_name, ["batch", config.conditioning_channels, f"height*{factor}", f"width*{factor}"]),
+    ]
+    outputs = _residual_ios(residual_layout(controlnet), dtype_name)
+    return ComponentPlan(CONTROLNET_PREFIX + key, _wrappers()["controlnet"](controlnet), example, inputs, outputs, precision)
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    """A diffusers config as JSON data, without its private keys (``_name_or_path`` is a local path)."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -441,6 +556,8 @@ def export_onnx(
     lora_dir: Path | str | None = None,
     components: Sequence[str] = EXPORTABLE,
     controlnet_inputs: bool = True,
+    controlnets: Sequence[str | Path] = (),
+    allow_pickle: bool = False,
     opset: int = OPSET,
     overwrite: bool = False,
     host: PluginHost | None = None,
@@ -453,6 +570,8 @@ def export_onnx(
     chooses among unet, text_encoder, vae_decoder and vae_encoder (the UNet is required);
     what is left out keeps running in torch. ``loras`` are fused through the installed
     LoRA adapter, looked up in ``lora_dir`` (default: the adapter's own folder).
+    ``controlnets`` are exported too, at the UNet's precision (see :func:`load_controlnets`);
+    ``allow_pickle`` lets them be ``.pth``/``.ckpt`` files.
     """
     import torch
 
@@ -463,9 +582,13 @@ def export_onnx(
         raise InvalidParameter("components", list(components), f"a subset of {', '.join(EXPORTABLE)} that includes unet")
     if opset < 17:
         raise InvalidParameter("opset", opset, "17 or higher (LayerNormalization and the attention patterns need it)")
+    if controlnets and not controlnet_inputs:
+        raise InvalidParameter("controlnet_inputs", False, "on when ControlNets are exported (they feed the UNet's residual inputs)",
+                               "drop --no-controlnet-inputs, or --controlnet")
     if fp16 and model.device.type == "cpu":
         log("note: tracing in fp16 on the CPU is slow; --device cuda exports faster where a GPU exists")
     _check_destination(out_dir, overwrite)
+    controlnets_to_export = load_controlnets(model, controlnets, allow_pickle=allow_pickle)
 
     torch_modules = model.modules()
     identity = model_identity(model, torch_modules)
@@ -494,11 +617,14 @@ def export_onnx(
             )
             entries = {}
             for plan in plans:
-                log(f"exporting {plan.name} ({plan.precision})…")
-                t0 = time.perf_counter()
-                entries[plan.name] = _export_component(plan, partial / plan.name, opset)
-                log(f"  {plan.name}: {time.perf_counter() - t0:.1f} s")
+                entries[plan.name] = _export_logged(plan, partial, opset, log)
             del halves, plans
+        controlnet_entries = {}
+        for item in controlnets_to_export:
+            module = copy.deepcopy(item.module).half() if fp16 else item.module
+            plan = plan_controlnet(model, module, item.key, precisions["unet"])
+            entry = _export_logged(plan, partial, opset, log)
+            controlnet_entries[item.key] = {**entry, "source": item.source, "config": _plain_config(module.config)}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -512,6 +638,7 @@ def export_onnx(
             "lora_infotext": lora_infotext,
             "controlnet_inputs": controlnet_inputs,
             "components": entries,
+            "controlnets": controlnet_entries,
         }
         (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         read_manifest(partial)  # never publish a folder the runtime would refuse
@@ -521,6 +648,14 @@ def export_onnx(
         raise
     log(f"exported to {out_dir} in {time.perf_counter() - started:.1f} s")
     return read_manifest(out_dir)
+
+
+def _export_logged(plan: ComponentPlan, partial: Path, opset: int, log: Log) -> dict[str, Any]:
+    log(f"exporting {plan.name} ({plan.precision})…")
+    started = time.perf_counter()
+    entry = _export_component(plan, partial / plan.name, opset)
+    log(f"  {plan.name}: {time.perf_counter() - started:.1f} s")
+    return entry
 
 
 def _wants_half(module_key: str, precisions: dict[str, str]) -> bool:

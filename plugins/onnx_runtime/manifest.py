@@ -12,6 +12,11 @@ Shapes are recorded symbolically: ``"batch"``, ``"height"``, ``"width"`` (latent
 and ``"sequence"`` (text tokens), optionally scaled as ``"height/2"`` (rounded up, as a
 stride-2 convolution does) or ``"height*8"`` (image pixels). :func:`resolve_shape`
 turns them into numbers; the TensorRT plugin builds its optimization profiles from them.
+
+ControlNets exported beside the model (``aipaint export onnx --controlnet NAME``) are
+listed under ``controlnets``, not ``components``: they are optional extras matched to a
+generation's ControlNet units by content (:func:`controlnet_source`), and engine
+builders that only know the model's own components are not affected by them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from aipaint.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
+    from aipaint_plugins.controlnet.models import ControlNetRef
 
     from aipaint.model import LatentDiffusionModel
 
@@ -39,6 +45,12 @@ FORMAT_VERSION = 1
 SYMBOLS = ("batch", "height", "width", "sequence")
 COMPONENTS = ("unet", "text_encoder", "vae_decoder", "vae_encoder")
 _COMPONENT_NAME = re.compile(r"^(unet|vae_decoder|vae_encoder|text_encoder(_[2-9])?)$")  # SDXL has text_encoder_2
+CONTROLNET_PREFIX = "controlnet/"
+_CONTROLNET_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# What identifies an exported ControlNet: its weights file (sha256 and size) and the config file
+# it was built from (None: a single file whose config is derived from the base UNet). The name
+# and A1111's short hash are for people; matching never relies on them.
+CONTROLNET_SOURCE_KEYS = ("name", "short_hash", "sha256", "size", "config_sha256")
 PRECISIONS = ("fp32", "fp16")
 # Weights are compared with a tolerance, not a hash: the same checkpoint loaded in
 # float16 or bfloat16 must still match its float32 export.
@@ -191,6 +203,50 @@ def model_identity(model: LatentDiffusionModel, modules: Mapping[str, torch.nn.M
     }
 
 
+def controlnet_config_file(ref: ControlNetRef, config: Path | None) -> Path | None:
+    """The config file a ControlNet is built from: a unit's ``config`` option, else a diffusers
+    folder's ``config.json``, else ``None`` (a single file, configured from the base UNet)."""
+    if config is not None:
+        return config / "config.json" if config.is_dir() else config
+    if ref.path is not None and ref.path.is_dir():
+        return ref.path / "config.json"
+    return None
+
+
+def controlnet_source(ref: ControlNetRef, config: Path | None = None) -> dict[str, Any]:
+    """What a manifest records about a ControlNet's origin (see :data:`CONTROLNET_SOURCE_KEYS`)."""
+    from aipaint.hashing import sha256_file
+
+    weights = ref.weights_file
+    if weights is None:
+        raise ModelLoadError(f"ControlNet {ref.name!r} has no weights file to identify it by")
+    config_file = controlnet_config_file(ref, config)
+    return {
+        "name": ref.name,
+        "short_hash": ref.short_hash,
+        "sha256": sha256_file(weights),
+        "size": weights.stat().st_size,
+        "config_sha256": sha256_file(config_file) if config_file is not None else None,
+    }
+
+
+def controlnet_source_matches(source: Mapping[str, Any], ref: ControlNetRef, config: Path | None) -> bool:
+    """Whether the ControlNet a unit names (``ref`` and its ``config`` option) is the one ``source``
+    records: the same weights file and config, compared by size first, then sha256 (cached for big files).
+    A ``ControlNetModel`` passed as an object has no file and never matches."""
+    from aipaint.hashing import sha256_file
+
+    weights = ref.weights_file
+    if weights is None or weights.stat().st_size != source["size"]:
+        return False
+    config_file = controlnet_config_file(ref, config)
+    if config_file is None:
+        config_matches = source["config_sha256"] is None
+    else:  # a config option naming no file never matches: loading it in torch reports the problem
+        config_matches = config_file.is_file() and sha256_file(config_file) == source["config_sha256"]
+    return config_matches and sha256_file(weights) == source["sha256"]
+
+
 # --- files ---------------------------------------------------------------------------------
 
 
@@ -230,6 +286,16 @@ class Manifest:
         return self.data["components"]
 
     @property
+    def controlnets(self) -> dict[str, dict[str, Any]]:
+        """Exported ControlNets by key (their folder is ``controlnet/<key>``); empty for most exports."""
+        return self.data.get("controlnets", {})
+
+    @property
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Every exported graph: the components, then the ControlNets as ``controlnet/<key>``."""
+        return {**self.components, **{CONTROLNET_PREFIX + key: e for key, e in self.controlnets.items()}}
+
+    @property
     def loras(self) -> list[dict[str, Any]]:
         return self.data.get("loras", [])
 
@@ -238,10 +304,11 @@ class Manifest:
         return self.data["model"]
 
     def component_path(self, component: str) -> Path:
-        return safe_member(self.root, self.components[component]["file"], self.hint)
+        """The graph file of a component or of a ControlNet (``controlnet/<key>``)."""
+        return safe_member(self.root, self.entries[component]["file"], self.hint)
 
     def io(self, component: str, kind: str) -> list[dict[str, Any]]:
-        return self.components[component][kind]
+        return self.entries[component][kind]
 
     def check_files(self, *, verify: str = "sha256") -> None:
         """Every listed file is present with its recorded size (and sha256 with ``verify="sha256"``)."""
@@ -249,7 +316,7 @@ class Manifest:
 
         if verify not in ("sha256", "size"):
             raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
-        for component, entry in self.components.items():
+        for component, entry in self.entries.items():
             for relative, record in entry["files"].items():
                 path = safe_member(self.root, relative, self.hint)
                 if not path.is_file():
@@ -329,24 +396,45 @@ def _schema_problem(data: Any, expected_format: str) -> str | None:
     for name, entry in components.items():
         if not _COMPONENT_NAME.match(name):
             return f"unknown component {name!r}"
-        if not isinstance(entry, dict):
-            return f"component {name!r} is not an object"
-        for key in ("file", "precision", "inputs", "outputs", "files"):
-            if key not in entry:
-                return f"component {name!r} lacks {key!r}"
-        if entry["precision"] not in PRECISIONS:
-            return f"component {name!r} has precision {entry['precision']!r}"
-        if entry["file"] not in entry["files"]:
-            return f"component {name!r} does not list its own file {entry['file']!r}"
-        for io in entry["inputs"] + entry["outputs"]:
-            if not isinstance(io, dict) or not {"name", "dtype", "shape"} <= set(io):
-                return f"component {name!r} has a malformed input/output record {io!r}"
-            try:
-                for dim in io["shape"]:
-                    parse_dim(dim)
-            except (ValueError, TypeError) as exc:
-                return f"component {name!r}: {exc}"
-        for record in entry["files"].values():
-            if not isinstance(record, dict) or not {"size", "sha256"} <= set(record):
-                return f"component {name!r} has a malformed file record"
+        problem = _entry_problem(f"component {name!r}", entry)
+        if problem:
+            return problem
+    controlnets = data.get("controlnets", {})
+    if not isinstance(controlnets, dict):
+        return "'controlnets' is not an object"
+    for key, entry in controlnets.items():
+        if not _CONTROLNET_KEY.match(key):
+            return f"ControlNet key {key!r} is not a plain name (letters, digits, '.', '_', '-')"
+        problem = _entry_problem(f"ControlNet {key!r}", entry, ("source", "config"))
+        if problem:
+            return problem
+        if not isinstance(entry["source"], dict) or not set(CONTROLNET_SOURCE_KEYS) <= set(entry["source"]):
+            return f"ControlNet {key!r} lacks its source record ({', '.join(CONTROLNET_SOURCE_KEYS)})"
+        if not isinstance(entry["config"], dict):
+            return f"ControlNet {key!r} has no config object"
+    return None
+
+
+def _entry_problem(label: str, entry: Any, extra_keys: tuple[str, ...] = ()) -> str | None:
+    """What is structurally wrong with one exported graph's record, or ``None``."""
+    if not isinstance(entry, dict):
+        return f"{label} is not an object"
+    for key in ("file", "precision", "inputs", "outputs", "files", *extra_keys):
+        if key not in entry:
+            return f"{label} lacks {key!r}"
+    if entry["precision"] not in PRECISIONS:
+        return f"{label} has precision {entry['precision']!r}"
+    if entry["file"] not in entry["files"]:
+        return f"{label} does not list its own file {entry['file']!r}"
+    for io in entry["inputs"] + entry["outputs"]:
+        if not isinstance(io, dict) or not {"name", "dtype", "shape"} <= set(io):
+            return f"{label} has a malformed input/output record {io!r}"
+        try:
+            for dim in io["shape"]:
+                parse_dim(dim)
+        except (ValueError, TypeError) as exc:
+            return f"{label}: {exc}"
+    for record in entry["files"].values():
+        if not isinstance(record, dict) or not {"size", "sha256"} <= set(record):
+            return f"{label} has a malformed file record"
     return None

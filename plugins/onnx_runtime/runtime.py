@@ -8,6 +8,12 @@ and its ``unet_call``/``vae_decode_call``/``vae_encode_call`` for session calls.
 denoise loop, samplers and adapters that only add UNet inputs (ControlNet residuals,
 inpainting channels) work unchanged.
 
+ControlNets exported with the model run as sessions too (:class:`ExportedControlNet`):
+the ControlNet adapter asks the runtime for a stand-in whenever a unit loads a ControlNet
+(:class:`ExportedControlNets`), and gets one only when the unit names exactly the file
+that was exported (same sha256, same config). Any other ControlNet runs in torch beside
+the exported UNet, or, with ``torch_controlnets=False``, is refused.
+
 The torch modules are dropped rather than kept beside the sessions: that frees their
 memory, and it makes anything that tries to patch their weights (a LoRA loaded at
 generation time, say) fail loudly instead of silently changing nothing. LoRA belongs
@@ -25,11 +31,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from aipaint_plugins.onnx_runtime.manifest import Manifest, bind_symbols, read_manifest, resolve_shape
+from aipaint_plugins.onnx_runtime.manifest import (
+    CONTROLNET_PREFIX,
+    Manifest,
+    bind_symbols,
+    controlnet_source_matches,
+    read_manifest,
+    resolve_shape,
+)
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
 
 if TYPE_CHECKING:
+    from aipaint_plugins.controlnet.models import ControlNetRef
+
     from aipaint.model import LatentDiffusionModel
 
 PROVIDERS = {
@@ -37,7 +52,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-OPTIONS = ("onnx_dir", "providers", "threads", "verify", "provider_options")
+OPTIONS = ("onnx_dir", "providers", "threads", "verify", "provider_options", "torch_controlnets")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 
@@ -58,6 +73,7 @@ class OrtOptions:
     threads: int
     verify: str
     provider_options: dict[str, dict[str, Any]]
+    torch_controlnets: bool
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], device: torch.device) -> OrtOptions:
@@ -82,8 +98,12 @@ class OrtOptions:
         extra = options.get("provider_options") or {}
         if not isinstance(extra, dict):
             raise InvalidParameter("provider_options", extra, "a dict from provider name to its option dict")
+        torch_controlnets = options.get("torch_controlnets", True)
+        if not isinstance(torch_controlnets, bool):
+            raise InvalidParameter("torch_controlnets", torch_controlnets,
+                                   "true (ControlNets not in the export run in torch) or false (they are an error)")
         return cls(Path(options["onnx_dir"]).expanduser(), providers, threads, verify,
-                   {_provider_name(k): dict(v) for k, v in extra.items()})
+                   {_provider_name(k): dict(v) for k, v in extra.items()}, torch_controlnets)
 
 
 def _provider_name(name: str) -> str:
@@ -125,13 +145,14 @@ def _check_providers(providers: Sequence[str]) -> list[str]:
 
 
 class OrtSession:
-    """An ``InferenceSession`` for one exported component, called with and returning torch tensors."""
+    """An ``InferenceSession`` for one exported graph (a component, or ``controlnet/<key>``),
+    called with and returning torch tensors."""
 
     def __init__(self, manifest: Manifest, component: str, options: OrtOptions, device: torch.device) -> None:
         import onnxruntime as ort
 
         self.component = component
-        self.entry = manifest.components[component]
+        self.entry = manifest.entries[component]
         self.inputs = {io["name"]: io for io in self.entry["inputs"]}
         self.outputs = {io["name"]: io for io in self.entry["outputs"]}
         self.device = device
@@ -155,7 +176,7 @@ class OrtSession:
         declared = {i.name for i in self.session.get_inputs()}
         if declared != set(self.inputs):
             raise ModelLoadError(
-                f"{path} has inputs {sorted(declared)}, but the manifest lists {sorted(self.inputs)}; re-export the folder"
+                f"{path} has inputs {sorted(declared)}, but the manifest lists {sorted(self.inputs)}; {manifest.hint}"
             )
         self.providers = self.session.get_providers()
         self.bound = device.type == "cuda" and "CPUExecutionProvider" != self.providers[0]
@@ -223,9 +244,9 @@ class OrtSession:
 class _ExportedComponent(torch.nn.Module):
     """Carries the original module's ``config`` so code that reads it keeps working."""
 
-    def __init__(self, original: torch.nn.Module, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: Any, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.config = original.config
+        self.config = config
         self.session = session
         self._dtype = dtype
         self._device = device
@@ -257,7 +278,7 @@ class ExportedUNet(_ExportedComponent):
     """The UNet as an ONNX session, callable like diffusers' ``UNet2DConditionModel``."""
 
     def __init__(self, original: torch.nn.Module, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(original, session, dtype, device)
+        super().__init__(original.config, session, dtype, device)
         names = list(session.inputs)
         self.extra_names = [n for n in names[3:] if "residual" not in n]
         self.residual_names = [n for n in names if "residual" in n]
@@ -342,7 +363,7 @@ class ExportedVae(_ExportedComponent):
 
     def __init__(self, original: torch.nn.Module, decoder: OrtSession | None, encoder: OrtSession | None,
                  dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(original, decoder or encoder, dtype, device)
+        super().__init__(original.config, decoder or encoder, dtype, device)
         self.decoder_session = decoder
         self.encoder_session = encoder
 
@@ -382,7 +403,7 @@ class ExportedTextEncoder(_ExportedComponent):
     """A CLIP text encoder as a session, returning what transformers' CLIP models return."""
 
     def __init__(self, original: torch.nn.Module, session: OrtSession, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(original, session, dtype, device)
+        super().__init__(original.config, session, dtype, device)
         import copy
 
         # transformers 5's CLIPTextModel holds the norm directly, CLIPTextModelWithProjection under .text_model
@@ -407,6 +428,96 @@ class ExportedTextEncoder(_ExportedComponent):
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
 
+class ExportedControlNet(_ExportedComponent):
+    """An exported ControlNet as a session, called like diffusers' ``ControlNetModel``."""
+
+    def __init__(self, key: str, entry: Mapping[str, Any], session: OrtSession, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        from diffusers.configuration_utils import FrozenDict
+
+        super().__init__(FrozenDict(entry["config"]), session, dtype, device)
+        self.key = key
+        self.source = dict(entry["source"])
+        self.residual_names = list(session.outputs)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        return_dict: bool = True,
+        **unsupported: Any,
+    ) -> Any:
+        used = {k: v for k, v in unsupported.items() if v is not None and v is not False}
+        if used:
+            raise UnsupportedFeature(
+                f"the exported ControlNet {self.key!r} does not take {', '.join(sorted(used))}; scale its residuals "
+                "afterwards, or use the torch runtime"
+            )
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(batch)
+        out = self.session(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
+                           controlnet_cond=controlnet_cond)
+        residuals = [out[name].to(self.dtype) for name in self.residual_names]
+        down, mid = tuple(residuals[:-1]), residuals[-1]
+        if not return_dict:
+            return down, mid
+        from diffusers.models.controlnets.controlnet import ControlNetOutput
+
+        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+
+
+class ExportedControlNets:
+    """What the ControlNet adapter asks when a unit loads a ControlNet (see
+    ``aipaint_plugins.controlnet.models.use_runtime_controlnets``).
+
+    The exported ControlNet whose source file the unit names is returned; a name alone
+    never matches, because a different file of the same name would give other images. A
+    ControlNet that is not in the export gives ``None`` (it runs in torch), or an error
+    with ``torch_controlnets=False``.
+    """
+
+    def __init__(self, manifest: Manifest, stand_ins: Mapping[str, ExportedControlNet], torch_controlnets: bool) -> None:
+        self.root = manifest.root
+        self.stand_ins = dict(stand_ins)
+        self.torch_controlnets = torch_controlnets
+
+    def __call__(self, ref: ControlNetRef, config: Path | None) -> ExportedControlNet | None:
+        for stand_in in self.stand_ins.values():
+            if controlnet_source_matches(stand_in.source, ref, config):
+                return stand_in
+        if self.torch_controlnets:
+            return None
+        exported = ", ".join(f"{s.source['name']!r}" for s in self.stand_ins.values()) or "none"
+        if ref.module is not None:
+            why = "it was given as a ControlNetModel object, which has no file to recognise it by; name it instead"
+        elif any(s.source["name"].lower() == ref.name.lower() for s in self.stand_ins.values()):
+            why = "the export holds a ControlNet of that name, but made from another file or config"
+        else:
+            why = "it is not in the export"
+        raise UnsupportedFeature(
+            f"ControlNet {ref.name!r} cannot run through ONNX Runtime: {why} (exported: {exported}); re-export with "
+            f"`aipaint export onnx MODEL -o {self.root} --overwrite --controlnet NAME`, or set the runtime option "
+            "torch_controlnets=true to run such ControlNets in torch"
+        )
+
+
+def check_controlnets_fit(manifest: Manifest) -> None:
+    """Each exported ControlNet must produce exactly the residuals the exported UNet takes."""
+    unet_residuals = [(io["name"], io["shape"]) for io in manifest.io("unet", "inputs") if "residual" in io["name"]]
+    for key in manifest.controlnets:
+        outputs = [(io["name"], io["shape"]) for io in manifest.io(CONTROLNET_PREFIX + key, "outputs")]
+        if not unet_residuals:
+            problem = "the UNet was exported without ControlNet inputs"
+        elif outputs != unet_residuals:
+            problem = f"it makes the residuals {outputs}, the UNet takes {unet_residuals}"
+        else:
+            continue
+        raise ModelLoadError(f"{manifest.root}: the exported ControlNet {key!r} does not fit the exported UNet ({problem}); "
+                             f"{manifest.hint}")
+
+
 # --- prepare ---------------------------------------------------------------------------------------
 
 
@@ -416,7 +527,16 @@ def prepare_onnxruntime(model: LatentDiffusionModel, options: dict[str, Any]) ->
     manifest = read_manifest(opts.onnx_dir)
     manifest.check_files(verify=opts.verify)
     manifest.check_model(model, model.modules())
-    install_sessions(model, {name: OrtSession(manifest, name, opts, model.device) for name in manifest.components})
+    check_controlnets_fit(manifest)
+    sessions = {name: OrtSession(manifest, name, opts, model.device) for name in manifest.entries}
+    controlnets = {
+        key: ExportedControlNet(key, entry, sessions[CONTROLNET_PREFIX + key], model.dtype, model.device)
+        for key, entry in manifest.controlnets.items()
+    }
+    from aipaint_plugins.controlnet.models import use_runtime_controlnets
+
+    install_sessions(model, {name: sessions[name] for name in manifest.components})
+    use_runtime_controlnets(model, ExportedControlNets(manifest, controlnets, opts.torch_controlnets))
 
 
 def install_sessions(model: LatentDiffusionModel, sessions: Mapping[str, Any]) -> None:

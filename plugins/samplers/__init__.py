@@ -31,12 +31,12 @@ def builtin_samplers() -> list[SamplerSpec]:
     return [
         sched("Euler", "EulerDiscreteScheduler", ALL, aliases=("euler", "k_euler")),
         sched("Euler a", "EulerAncestralDiscreteScheduler", AUTO, aliases=("euler_a", "euler ancestral", "k_euler_a"), stochastic=True),
-        sched("LMS", "LMSDiscreteScheduler", AUTO, aliases=("k_lms",)),
+        sched("LMS", "LMSDiscreteScheduler", ALL, aliases=("k_lms",)),
         sched("Heun", "HeunDiscreteScheduler", ALL, aliases=("k_heun",)),
         sched("DPM2", "KDPM2DiscreteScheduler", ALL, aliases=("k_dpm_2",)),
         sched("DPM2 a", "KDPM2AncestralDiscreteScheduler", ALL, aliases=("k_dpm_2_a",), stochastic=True),
         sched("DPM++ 2M", "DPMSolverMultistepScheduler", ALL, aliases=("dpmpp_2m", "k_dpmpp_2m")),
-        sched("DPM++ SDE", "DPMSolverSDEScheduler", AUTO, aliases=("dpmpp_sde", "k_dpmpp_sde"), stochastic=True),
+        sched("DPM++ SDE", "DPMSolverSDEScheduler", ALL, aliases=("dpmpp_sde", "k_dpmpp_sde"), stochastic=True),
         sched(
             "DPM++ 2M SDE",
             "DPMSolverMultistepScheduler",

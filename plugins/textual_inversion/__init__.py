@@ -5,7 +5,7 @@ else ``$AIPAINT_HOME/embeddings``; a file ``EasyNegative.safetensors`` is used w
 prompt says ``EasyNegative`` (case-insensitive, as a whole word). The adapter joins a
 generation on its own when a prompt names one of them (``AdapterSpec.wants``), adds their
 vectors as tokens for that generation only, and records ``TI hashes`` in the infotext.
-See ``docs/textual-inversion.md``.
+See ``docs/lora.md#textual-inversion``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from aipaint import hookimpl
 from aipaint.adapters import AdapterActivation, AdapterContext, AdapterSpec
-from aipaint.errors import InvalidParameter
+from aipaint.errors import InvalidParameter, UnsupportedFeature
 
 
 def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = False) -> Any:
@@ -65,8 +65,14 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
 
     allow_pickle = bool((context.request.extra or {}).get("allow_pickle"))
     files = used_embedding_files(context)
-    embeddings = [read_embedding(path, name, allow_pickle=allow_pickle) for name, path in files.items()]
     model = context.model
+    if getattr(model, "text_encoder_2", None) is not None or model.text_encoder is None:
+        # Only the first encoder would learn the tokens; the second would read placeholders as text.
+        raise UnsupportedFeature(
+            f"the prompt uses the embedding(s) {', '.join(files)}, but textual inversion supports models with one "
+            f"text encoder (SD1.x, SD2.x), not {model.name!r} (family {model.family}); remove the name from the prompt"
+        )
+    embeddings = [read_embedding(path, name, allow_pickle=allow_pickle) for name, path in files.items()]
     with added_tokens(model.tokenizer, model.text_encoder, embeddings) as spellings:
         # Longest names first, so "bad-hands" is not rewritten as "bad" + "-hands".
         replacements = [(name_pattern(n), spellings[n]) for n in sorted(spellings, key=len, reverse=True)]

@@ -56,7 +56,8 @@ def _vectors_from(data: Any, path: Path) -> torch.Tensor:
         raise ModelLoadError(f"{path.name} is not an embedding file (it holds no dictionary of tensors)")
     if "clip_g" in data or "clip_l" in data:
         raise ModelLoadError(
-            f"{path.name} is an SDXL embedding (clip_l + clip_g); it needs an SDXL model with both text encoders"
+            f"{path.name} is an SDXL embedding (clip_l + clip_g); textual inversion supports embeddings for one "
+            "text encoder (SD1.x, SD2.x) only"
         )
     if "emb_params" in data:
         tensor = data["emb_params"]

@@ -1,20 +1,28 @@
-"""The unCLIP family (DALL·E 2 style; diffusers' UnCLIP / Karlo): a prior from text to a
-CLIP image embedding, a decoder conditioned on image embeddings, and ×4 super-resolution.
+"""The unCLIP families: models conditioned on CLIP *image* embeddings, with ``txt2img``,
+``variations`` and ``blend`` (Midjourney's ``/blend``).
 
-unCLIP does not fit the latent loop, so its models name their own pipeline class
-(:class:`aipaint_plugins.unclip.pipeline.UnCLIPPipeline`), which offers ``txt2img``,
-``variations`` and ``blend``. The text model and the image-variations model share the
-decoder; the image encoder comes from the variations folder (``image_encoder=`` load
-option, or the zoo card's ``image_encoder``)::
+* ``unclip`` (DALL·E 2 style; diffusers' UnCLIP / Karlo): a prior from text to a CLIP image
+  embedding, a pixel decoder conditioned on it, and ×4 super-resolution. It does not fit the
+  latent loop, so its models name their own pipeline class
+  (:class:`aipaint_plugins.unclip.pipeline.UnCLIPPipeline`). The text model and the
+  image-variations model share the decoder; the image encoder comes from the variations
+  folder (``image_encoder=`` load option, or the zoo card's ``image_encoder``)::
 
-    pipe = aipaint.load("path/karlo-v1-alpha", image_encoder="path/karlo-v1-alpha-image-variations")
+      pipe = aipaint.load("path/karlo-v1-alpha", image_encoder="path/karlo-v1-alpha-image-variations")
+
+* ``stable-unclip`` (``stabilityai/stable-diffusion-2-1-unclip``, ``-unclip-small``): SD 2.1
+  with a noise-augmented CLIP image embedding as the UNet's class label, in the core's latent
+  loop (:class:`aipaint_plugins.unclip.stable_pipeline.StableUnCLIPPipeline`). Text-to-image
+  needs a prior (``prior=`` load option, or the card's ``prior``: Karlo's, for the ViT-L model)::
+
+      pipe = aipaint.load("path/stable-diffusion-2-1-unclip-small", prior="path/karlo-v1-alpha")
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
 from aipaint.errors import ModelLoadError, UnsupportedFeature
@@ -22,8 +30,34 @@ from aipaint.families import LoadOptions, ModelFamily, ModelSource
 
 if TYPE_CHECKING:
     from aipaint_plugins.unclip.model import UnCLIPModel
+    from aipaint_plugins.unclip.stable_model import StableUnCLIPModel
 
 FOLDER_CLASSES = ("UnCLIPPipeline", "UnCLIPImageVariationPipeline")
+STABLE_FOLDER_CLASSES = ("StableUnCLIPImg2ImgPipeline", "StableUnCLIPPipeline")
+
+
+def companion_folder(source: ModelSource, options: LoadOptions, key: str) -> Path | None:
+    """The folder a model takes one more component from: the ``key=`` load option (a local
+    folder), else the zoo card's ``key`` entry (a hub repo, optionally narrowed by ``patterns``)."""
+    explicit = options.extra.get(key)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"no such {key.replace('_', '-')} folder: {path}")
+        return path
+    entry = (source.card or {}).get(key)
+    if entry:
+        from aipaint import zoo
+
+        return zoo.download_from_hub(entry["repo"], patterns=entry.get("patterns"))
+    return None
+
+
+def _check_torch_folder(family: str, source: ModelSource, options: LoadOptions) -> None:
+    if options.runtime != "torch":
+        raise UnsupportedFeature(f"{family} runs on the torch runtime only, not {options.runtime!r}")
+    if source.kind != "folder":
+        raise ModelLoadError(f"{source.path.name}: {family} models load from diffusers folders, not single files")
 
 
 class UnCLIP(ModelFamily):
@@ -39,14 +73,11 @@ class UnCLIP(ModelFamily):
         import torch
         from aipaint_plugins.unclip.model import TEXT_PIPELINE, UnCLIPModel, load_folder
 
-        if options.runtime != "torch":
-            raise UnsupportedFeature(f"unCLIP runs on the torch runtime only, not {options.runtime!r}")
-        if source.kind != "folder":
-            raise ModelLoadError(f"{source.path.name}: unCLIP models load from diffusers folders, not single files")
+        _check_torch_folder("unCLIP", source, options)
         dtype = getattr(torch, options.dtype)
         safetensors_only = None if source.allow_pickle else True
         parts = load_folder(source.path, dtype, safetensors_only)
-        image_folder = self._image_encoder_folder(source, options) if parts["kind"] == TEXT_PIPELINE else None
+        image_folder = companion_folder(source, options, "image_encoder") if parts["kind"] == TEXT_PIPELINE else None
         if image_folder is not None:
             images = load_folder(image_folder, dtype, safetensors_only)
             if images["kind"] == TEXT_PIPELINE:
@@ -59,22 +90,67 @@ class UnCLIP(ModelFamily):
             module.to(options.device).eval().requires_grad_(False)
         return model
 
-    @staticmethod
-    def _image_encoder_folder(source: ModelSource, options: LoadOptions) -> Path | None:
-        explicit = options.extra.get("image_encoder")
-        if explicit:
-            path = Path(explicit).expanduser()
-            if not path.is_dir():
-                raise ModelLoadError(f"no such image-encoder folder: {path}")
-            return path
-        entry = (source.card or {}).get("image_encoder")
-        if entry:
-            from aipaint import zoo
 
-            return zoo.download_from_hub(entry["repo"])
+class StableUnCLIP(ModelFamily):
+    name = "stable-unclip"
+    aliases = ("stable-unclip-2.1", "sd21-unclip")
+    description = ("Stable unCLIP (SD 2.1 conditioned on a noise-augmented CLIP image embedding): variations, blend; "
+                   "txt2img with a prior")
+    default_size = (768, 768)
+
+    def identify(self, source: ModelSource) -> bool:
+        return source.kind == "folder" and source.model_index().get("_class_name") in STABLE_FOLDER_CLASSES
+
+    def load(self, source: ModelSource, options: LoadOptions) -> StableUnCLIPModel:
+        import torch
+        from aipaint_plugins.unclip.stable_model import (
+            StableUnCLIPModel,
+            default_settings,
+            load_folder,
+            load_image_encoder,
+            load_prior,
+        )
+
+        _check_torch_folder("Stable unCLIP", source, options)
+        dtype = getattr(torch, options.dtype)
+        safetensors_only = None if source.allow_pickle else True
+        parts = load_folder(source.path, dtype, safetensors_only)
+        dim = int(parts["image_normalizer"].config.embedding_dim)
+        prior_folder = self._companion(source, options, "prior", parts)
+        if prior_folder is not None:
+            prior = load_prior(prior_folder, dtype, safetensors_only)
+            _check_dim(f"the prior of {prior_folder}", prior["prior"].config.embedding_dim, source.name, dim,
+                       "Karlo's prior (CLIP ViT-L, 768) fits stable-diffusion-2-1-unclip-small, not the ViT-H model")
+            parts.update(prior)
+        encoder_folder = self._companion(source, options, "image_encoder", parts)
+        if encoder_folder is not None:
+            encoder = load_image_encoder(encoder_folder, dtype, safetensors_only)
+            _check_dim(f"the image encoder of {encoder_folder}", encoder["image_encoder"].config.projection_dim,
+                       source.name, dim, "take the image encoder of the same Stable unCLIP model (-small: ViT-L, the other: ViT-H)")
+            parts.update(encoder)
+        unet, vae = parts["unet"], parts["vae"]
+        model = StableUnCLIPModel(family=self.name, name=source.name, source_path=source.path, device=options.device,
+                                  dtype=dtype, defaults=default_settings(unet, vae), **parts)
+        for module in model.modules().values():
+            module.to(options.device).eval().requires_grad_(False)
+        return model
+
+    @staticmethod
+    def _companion(source: ModelSource, options: LoadOptions, key: str, parts: dict[str, Any]) -> Path | None:
+        """An explicit ``key=`` option replaces the folder's own component; the card's entry only fills a missing one."""
+        if options.extra.get(key) or key not in parts:
+            return companion_folder(source, options, key)
         return None
+
+
+def _check_dim(what: str, size: int, model: str, expected: int, hint: str) -> None:
+    if int(size) != expected:
+        raise ModelLoadError(
+            f"{what} works with {size}-dimensional CLIP embeddings, but {model} takes {expected}-dimensional ones; {hint}"
+        )
 
 
 @hookimpl
 def register_models(register: Callable[[ModelFamily], None]) -> None:
     register(UnCLIP())
+    register(StableUnCLIP())

@@ -104,13 +104,13 @@ def read_index(path: Path) -> dict[str, Any]:
     return json.loads(index.read_text())
 
 
-def _require(path: Path, parts: tuple[str, ...], what: str) -> None:
+def require_subfolders(path: Path, parts: tuple[str, ...], what: str) -> None:
     for part in parts:
         if not (path / part).is_dir():
             raise ModelLoadError(f"{path} is not {what}: it has no {part}/ sub-folder")
 
 
-def _scheduler_config(path: Path, sub: str) -> dict[str, Any]:
+def scheduler_config(path: Path, sub: str) -> dict[str, Any]:
     return json.loads((path / sub / "scheduler_config.json").read_text())
 
 
@@ -126,7 +126,7 @@ def load_folder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -
     common = ("text_encoder", "tokenizer", "text_proj", "decoder", "super_res_first", "super_res_last",
               "decoder_scheduler", "super_res_scheduler")
     extra = ("prior", "prior_scheduler") if cls == TEXT_PIPELINE else ("image_encoder", "feature_extractor")
-    _require(path, common + extra, f"a Karlo {cls} folder")
+    require_subfolders(path, common + extra, f"a Karlo {cls} folder")
     diffusers_options = {"torch_dtype": dtype, "use_safetensors": safetensors_only}
     te_options: dict[str, Any] = {"dtype": dtype, "use_safetensors": safetensors_only, "local_files_only": True}
     try:
@@ -138,11 +138,11 @@ def load_folder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -
             "decoder": UNet2DConditionModel.from_pretrained(path, subfolder="decoder", **diffusers_options),
             "super_res_first": UNet2DModel.from_pretrained(path, subfolder="super_res_first", **diffusers_options),
             "super_res_last": UNet2DModel.from_pretrained(path, subfolder="super_res_last", **diffusers_options),
-            "scheduler_configs": {name: _scheduler_config(path, name) for name in ("decoder_scheduler", "super_res_scheduler")},
+            "scheduler_configs": {name: scheduler_config(path, name) for name in ("decoder_scheduler", "super_res_scheduler")},
         }
         if cls == TEXT_PIPELINE:
             parts["prior"] = PriorTransformer.from_pretrained(path, subfolder="prior", **diffusers_options)
-            parts["scheduler_configs"]["prior_scheduler"] = _scheduler_config(path, "prior_scheduler")
+            parts["scheduler_configs"]["prior_scheduler"] = scheduler_config(path, "prior_scheduler")
         else:
             from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 

@@ -22,9 +22,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from aipaint_plugins.unclip.shared import (
+    MIN_UNCLIP_STEPS,
+    check_blend,
+    check_int,
+    check_number,
+    draw_noise,
+    encode_prior_text,
+    generator_arg,
+    image_embedding,
+    make_scheduler,
+    run_prior,
+)
 
 from aipaint import __version__
-from aipaint.errors import ImageError, InvalidParameter, UnsupportedFeature
+from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.infotext import Infotext, build_params
 from aipaint.result import Result
 
@@ -35,17 +47,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 MAX_SEED = 2**32 - 1
-BLEND_RANGE = (2, 5)  # Midjourney's /blend takes 2 to 5 images
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidParameter(name, value, f"must be a whole number from {lo} to {hi}")
-
-
-def _check_number(name: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise InvalidParameter(name, value, f"must be a number from {lo} to {hi}")
 
 
 @dataclass(frozen=True)
@@ -72,71 +73,20 @@ class UnCLIPRequest:
                 raise InvalidParameter(name, getattr(self, name), "must be a string")
         if self.mode not in ("txt2img", "variations", "blend"):
             raise InvalidParameter("mode", self.mode, "must be txt2img, variations or blend")
-        _check_int("seed", self.seed, -1, MAX_SEED)
-        _check_int("batch_size", self.batch_size, 1, 64)
+        check_int("seed", self.seed, -1, MAX_SEED)
+        check_int("batch_size", self.batch_size, 1, 64)
         for name in ("prior_steps", "steps", "super_res_steps"):
             if getattr(self, name) is not None:
-                # unCLIP's scheduler spaces its timesteps over steps - 1 intervals: one step is undefined.
-                _check_int(name, getattr(self, name), 2, 1000)
+                check_int(name, getattr(self, name), MIN_UNCLIP_STEPS, 1000)
         for name in ("prior_cfg_scale", "cfg_scale"):
             if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name), 1.0, 30.0)
+                check_number(name, getattr(self, name), 1.0, 30.0)
         if self.mode == "blend":
-            lo, hi = BLEND_RANGE
-            if not lo <= len(self.images) <= hi:
-                raise InvalidParameter("images", f"{len(self.images)} images", f"a blend takes {lo} to {hi} images")
-            if len(self.weights) != len(self.images):
-                raise InvalidParameter("weights", list(self.weights), f"must give one weight per image ({len(self.images)})")
-            for w in self.weights:
-                _check_number("weights", w, 0.0, 1e6)
-            if sum(self.weights) <= 0:
-                raise InvalidParameter("weights", list(self.weights), "must not all be zero")
+            check_blend(self.images, self.weights)
 
     @property
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_size)]
-
-
-def _noise(shape: Sequence[int], generators: list[torch.Generator]) -> torch.Tensor:
-    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-
-
-def _scheduler(config: dict[str, Any]) -> Any:
-    import diffusers
-
-    return getattr(diffusers, config["_class_name"]).from_config(config)
-
-
-def _generator_arg(generators: list[torch.Generator]) -> Any:
-    return generators if len(generators) > 1 else generators[0]
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation of two embeddings' directions; the norm is interpolated linearly."""
-    na, nb = a.norm(), b.norm()
-    ua, ub = a / na, b / nb
-    omega = torch.arccos((ua * ub).sum().clamp(-1.0, 1.0))
-    if float(omega) < 1e-6:
-        direction = (1 - t) * ua + t * ub
-    else:
-        direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.sin(omega)
-    return direction / direction.norm() * ((1 - t) * na + t * nb)
-
-
-def blend_embeddings(embeddings: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """Weighted interpolation of CLIP image embeddings (``[n, dim]``) into one ``[dim]``.
-
-    Two images: exact slerp at the second image's share of the weight. More: the weighted
-    mean of the unit directions, renormalised, at the weighted mean norm (the spherical
-    mean's usual approximation). A single non-zero weight returns that image's embedding.
-    """
-    w = torch.tensor([float(x) for x in weights], dtype=embeddings.dtype)
-    w = w / w.sum()
-    if len(w) == 2:
-        return slerp(embeddings[0], embeddings[1], float(w[1]))
-    norms = embeddings.norm(dim=-1)
-    direction = (w[:, None] * embeddings / norms[:, None]).sum(0)
-    return direction / direction.norm() * (w * norms).sum()
 
 
 class UnCLIPPipeline:
@@ -211,12 +161,16 @@ class UnCLIPPipeline:
             else:
                 guided = settings["cfg_scale"] > 1.0
                 texts = ["", ""]
-            text = self._encode_text(texts, batch, guided)
+            text = encode_prior_text(model.tokenizer, model.text_encoder, texts, batch, guided, model.device)
             # 2. The image embedding: from the prior, or from input images.
             if text_mode:
-                embeddings = self._prior(text, settings, guided, generators, tick)
+                embeddings = run_prior(model.prior, model.scheduler_configs["prior_scheduler"], text,
+                                       steps=settings["prior_steps"], cfg_scale=settings["prior_cfg_scale"], guided=guided,
+                                       generators=generators, tick=tick)
             else:
-                embeddings = self._image_embeddings(request).repeat(batch, 1)
+                weights = request.weights if request.mode == "blend" else None
+                embeddings = image_embedding(model.feature_extractor, model.image_encoder, request.images, weights,
+                                             model.device, model.dtype).repeat(batch, 1)
             timings["embedding"] = time.perf_counter() - started
             # 3. Decoder, then 4. super-resolution.
             small = self._decoder(embeddings, text, settings, guided, generators, tick)
@@ -226,55 +180,6 @@ class UnCLIPPipeline:
         return self._result(request, settings, _to_pil(images), timings)
 
     # --- stages ----------------------------------------------------------------------------
-    def _encode_text(self, texts: list[str], batch: int, guided: bool) -> dict[str, torch.Tensor]:
-        model = self.model
-        tokenizer = model.tokenizer
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
-        out = model.text_encoder(tokens.input_ids.to(model.device))
-        mask = tokens.attention_mask.bool().to(model.device)
-
-        def arrange(x: torch.Tensor) -> torch.Tensor:
-            negative, positive = x.chunk(2)
-            reps = [batch] + [1] * (x.dim() - 1)
-            return torch.cat([negative.repeat(*reps), positive.repeat(*reps)]) if guided else positive.repeat(*reps)
-
-        return {"embeds": arrange(out.text_embeds), "hidden": arrange(out.last_hidden_state), "mask": arrange(mask)}
-
-    def _image_embeddings(self, request: UnCLIPRequest) -> torch.Tensor:
-        from aipaint.imageutil import load_image
-
-        model = self.model
-        pictures = [load_image(image, what=f"image {i + 1}") for i, image in enumerate(request.images)]
-        if any(min(p.size) < 1 for p in pictures):
-            raise ImageError("an input image is empty")
-        pixels = model.feature_extractor(images=pictures, return_tensors="pt").pixel_values
-        embeddings = model.image_encoder(pixels.to(model.device, model.dtype)).image_embeds
-        if request.mode == "blend":
-            return blend_embeddings(embeddings, request.weights)[None]
-        return embeddings[:1]
-
-    def _prior(self, text, settings, guided, generators, tick) -> torch.Tensor:
-        model = self.model
-        prior = model.prior
-        scheduler = _scheduler(model.scheduler_configs["prior_scheduler"])
-        scheduler.set_timesteps(settings["prior_steps"], device=model.device)
-        timesteps = scheduler.timesteps
-        latents = (_noise((prior.config.embedding_dim,), generators) * scheduler.init_noise_sigma).to(model.device, model.dtype)
-        cfg = settings["prior_cfg_scale"]
-        for i, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if guided else latents
-            predicted = prior(model_input, timestep=t, proj_embedding=text["embeds"], encoder_hidden_states=text["hidden"],
-                              attention_mask=text["mask"]).predicted_image_embedding
-            if guided:
-                uncond, cond = predicted.chunk(2)
-                predicted = uncond + cfg * (cond - uncond)
-            previous = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            latents = scheduler.step(predicted, timestep=t, sample=latents, generator=_generator_arg(generators),
-                                     prev_timestep=previous).prev_sample
-            tick()
-        return prior.post_process_latents(latents)
-
     def _decoder(self, embeddings, text, settings, guided, generators, tick) -> torch.Tensor:
         import torch.nn.functional as F
 
@@ -282,13 +187,13 @@ class UnCLIPPipeline:
         hidden, additive = model.text_proj(image_embeddings=embeddings, prompt_embeds=text["embeds"],
                                            text_encoder_hidden_states=text["hidden"], do_classifier_free_guidance=guided)
         mask = F.pad(text["mask"], (model.text_proj.clip_extra_context_tokens, 0), value=True)
-        scheduler = _scheduler(model.scheduler_configs["decoder_scheduler"])
+        scheduler = make_scheduler(model.scheduler_configs["decoder_scheduler"])
         scheduler.set_timesteps(settings["steps"], device=model.device)
         timesteps = scheduler.timesteps
         decoder = model.decoder
         size = decoder.config.sample_size
         channels = decoder.config.in_channels
-        x = (_noise((channels, size, size), generators) * scheduler.init_noise_sigma).to(model.device, model.dtype)
+        x = (draw_noise((channels, size, size), generators) * scheduler.init_noise_sigma).to(model.device, model.dtype)
         cfg = settings["cfg_scale"]
         for i, t in enumerate(timesteps):
             model_input = torch.cat([x] * 2) if guided else x
@@ -299,7 +204,7 @@ class UnCLIPPipeline:
                 eps_uncond, eps_cond, variance = uncond[:, :channels], cond[:, :channels], cond[:, channels:]
                 out = torch.cat([eps_uncond + cfg * (eps_cond - eps_uncond), variance], dim=1)
             previous = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x = scheduler.step(out, t, x, prev_timestep=previous, generator=_generator_arg(generators)).prev_sample
+            x = scheduler.step(out, t, x, prev_timestep=previous, generator=generator_arg(generators)).prev_sample
             tick()
         return x.clamp(-1, 1)
 
@@ -307,19 +212,19 @@ class UnCLIPPipeline:
         import torch.nn.functional as F
 
         model = self.model
-        scheduler = _scheduler(model.scheduler_configs["super_res_scheduler"])
+        scheduler = make_scheduler(model.scheduler_configs["super_res_scheduler"])
         scheduler.set_timesteps(settings["super_res_steps"], device=model.device)
         timesteps = scheduler.timesteps
         first, last = model.super_res_first, model.super_res_last
         size = first.config.sample_size
         channels = first.config.in_channels // 2
-        x = (_noise((channels, size, size), generators) * scheduler.init_noise_sigma).to(model.device, model.dtype)
+        x = (draw_noise((channels, size, size), generators) * scheduler.init_noise_sigma).to(model.device, model.dtype)
         upscaled = F.interpolate(small, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
         for i, t in enumerate(timesteps):
             unet = last if i == len(timesteps) - 1 else first
             out = unet(sample=torch.cat([x, upscaled], dim=1), timestep=t).sample
             previous = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x = scheduler.step(out, t, x, prev_timestep=previous, generator=_generator_arg(generators)).prev_sample
+            x = scheduler.step(out, t, x, prev_timestep=previous, generator=generator_arg(generators)).prev_sample
             tick()
         return x
 

@@ -15,7 +15,7 @@ def add_upscale_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("upscale", help="upscale an image (Lanczos, Real-ESRGAN/SwinIR/… weights, or SD upscale)")
     p.add_argument("image", nargs="?", help="input image")
     p.add_argument("-o", "--output", help="output PNG (default: IMAGE-upscaled.png)")
-    p.add_argument("--upscaler", default="Lanczos", help="upscaler name, weights file stem in the upscaler folder, or a path")
+    p.add_argument("--upscaler", default="Lanczos", help="upscaler name, or a weights file's name in the upscaler folder (see --list)")
     p.add_argument("--scale", type=float, default=2.0, help="scale factor (default 2)")
     p.add_argument("--resize-to", help="exact output size WIDTHxHEIGHT instead of --scale")
     p.add_argument("--tile", type=int, default=192, help="tile size in input pixels for model upscalers (0: whole image)")

@@ -86,13 +86,25 @@ def number(options: Mapping[str, Any], name: str, default: float, lo: float, hi:
     return value
 
 
+FLAG_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def flag(options: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    """Read a yes/no option: a bool, the number 1 or 0, or one of :data:`FLAG_WORDS` (any case).
+
+    Anything else is an error rather than Python truthiness, so ``allow_pickle=no`` or a typo
+    such as ``allow_pickle=nope`` can never switch a safety option on.
+    """
     value = options.get(name, default)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    if not isinstance(value, bool):
-        raise InvalidParameter(name, value, "must be true or false")
-    return value
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise InvalidParameter(name, value, "must be true or false", "write true/false, yes/no or 1/0")
 
 
 def parse_size(value: Any, name: str) -> tuple[int, int] | None:

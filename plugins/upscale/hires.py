@@ -1,9 +1,13 @@
 """Hires fix, as in A1111: generate at the base size, upscale, then denoise again.
 
 The second pass is an img2img over the upscaled picture with its own steps and
-denoising strength. A latent upscaler resizes the latents straight from the first pass
-(no decode/encode round trip); a pixel or model upscaler works on the decoded image, which
-is then encoded again. As in A1111, the PNG parameters keep the *base* size and add
+denoising strength. When :func:`hires_fix` runs the generation itself (it is given a
+txt2img request), a latent upscaler resizes the first pass's own latents, which are never
+decoded (A1111's way: no decode/encode round trip). On a finished picture (a
+:class:`~aipaint.result.Result`, or the ``hires`` post-processor in a chain) only the
+pixels are left, so a latent upscaler resizes the picture's latents as encoded again by
+the VAE. A pixel or model upscaler works on the decoded picture, which img2img encodes. As
+in A1111, the PNG parameters keep the *base* size and add
 ``Hires upscale``, ``Hires upscaler``, ``Hires steps`` and ``Denoising strength``, which is
 what a regeneration needs.
 """
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aipaint_plugins.upscale.common import (
     GENERATION_OPTIONS,
+    flag,
     generation_settings,
     number,
     parse_size,
@@ -60,6 +65,8 @@ class HiresSettings:
         number({"denoising_strength": self.denoising_strength}, "denoising_strength", 0.6, 0.0, 1.0, low_open=True)
         if self.resize_to is not None:
             parse_size(self.resize_to, "resize_to")
+        if not isinstance(self.allow_pickle, bool):  # a string such as "no" must not count as yes
+            raise InvalidParameter("allow_pickle", self.allow_pickle, "must be True or False")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> HiresSettings:
@@ -74,7 +81,7 @@ class HiresSettings:
             hires_sampler=options.get("hires_sampler"),
             tile=number(options, "tile", DEFAULT_TILE, 0, 1 << 16, integer=True),
             overlap=None if options.get("overlap") is None else number(options, "overlap", 0, 0, 1 << 15, integer=True),
-            allow_pickle=bool(options.get("allow_pickle", False)),
+            allow_pickle=flag(options, "allow_pickle"),
         )
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
@@ -144,28 +151,33 @@ def hires_pass(
     pipe: Pipeline,
     request: GenerationRequest,
     settings: HiresSettings,
-    images: list[Image.Image],
+    base: list[Image.Image] | torch.Tensor,
     *,
     progress: Progress | None = None,
 ) -> tuple[list[Image.Image], dict[str, str]]:
-    """The second pass over the base ``images`` of ``request`` (image ``i`` has seed ``seed + i``).
+    """The second pass over the ``base`` of ``request`` (item ``i`` has seed ``seed + i``).
 
-    Returns the hires images and the infotext entries to add. A pixel or model upscaler
-    hands the upscaled picture to the pipeline's img2img; a latent upscaler resizes the
-    picture's latents and denoises them here.
+    ``base`` is the first pass's pictures, or its latents (NCHW, one row per picture) when
+    the caller still has them. Returns the hires images and the infotext entries to add. A
+    pixel or model upscaler hands the upscaled picture to the pipeline's img2img; a latent
+    upscaler resizes the latents (given, or encoded from the picture) and denoises them here.
     """
     import torch
     from aipaint_plugins.upscale.tiling import pil_to_tensor
 
     _check_model(pipe)
     model = pipe.model
+    factor = model.vae_scale_factor
     request = request.with_defaults(model.defaults).with_seed()
-    width, height = settings.target_size(*images[0].size)
     upscaler = get_upscaler(settings.upscaler)
+    if isinstance(base, torch.Tensor) and not upscaler.is_latent:
+        base = pipe.decode(base)  # a pixel or model upscaler needs the pictures
+    base_size = base[0].size if isinstance(base, list) else (base.shape[-1] * factor, base.shape[-2] * factor)
+    width, height = settings.target_size(*base_size)
     steps = settings.hires_steps or request.steps
     out: list[Image.Image] = []
     info: dict[str, str] = {}
-    for image, seed in zip(images, request.seeds):
+    for index, seed in enumerate(request.seeds[: len(base)]):
         hires_request = dataclasses.replace(
             request,
             width=width,
@@ -184,14 +196,16 @@ def hires_pass(
                     f"latent upscalers need an ordinary UNet; this inpainting model takes {model.unet_in_channels} "
                     "channels: pick a pixel upscaler such as 'Lanczos'"
                 )
-            factor = model.vae_scale_factor
             with torch.inference_mode():
-                latents = model.encode(pil_to_tensor(image.convert("RGB")))
+                if isinstance(base, list):
+                    latents = model.encode(pil_to_tensor(base[index].convert("RGB")))
+                else:
+                    latents = base[index : index + 1]
                 upscaled = upscaler.upscale_latents(latents, (height // factor, width // factor))
             pictures, info = _latent_pass(pipe, hires_request, upscaled, settings.denoising_strength, progress)
         else:
             up_settings = UpscaleSettings(tile=settings.tile, overlap=settings.overlap, allow_pickle=settings.allow_pickle)
-            big = upscaler.upscale(image.convert("RGB"), (width, height), up_settings)
+            big = upscaler.upscale(base[index].convert("RGB"), (width, height), up_settings)
             img2img = require_mode(pipe, "img2img", "hires fix with a pixel upscaler")
             if start_of(steps, settings.denoising_strength) >= steps:
                 raise InvalidParameter("denoising_strength", settings.denoising_strength,
@@ -221,6 +235,20 @@ def _is_set(request: GenerationRequest, name: str) -> bool:
     return getattr(request, name) != default
 
 
+def _txt2img_keeping_latents(pipe: Pipeline, request: GenerationRequest,
+                             progress: Progress | None) -> tuple[Result, torch.Tensor]:
+    """The first pass as ``Pipeline.generate`` runs txt2img, but it returns the final latents
+    instead of decoding them: the result carries the seeds and infotexts, and no images.
+    (``generate``'s extra contributors serve inpainting models only, which hires fix refuses.)"""
+    started = time.perf_counter()
+    with pipe.activate(request) as (prepared, contributors, info):
+        noise = pipe.noise(prepared)
+        latents = prepared.plan.initial_latents(noise).to(pipe.model.device, pipe.model.dtype)
+        latents = pipe.run_loop(prepared, latents, contributors, progress=progress)
+    elapsed = time.perf_counter() - started
+    return pipe.make_result(prepared.request, [], info, {"denoise": elapsed, "total": elapsed}), latents
+
+
 def hires_fix(
     pipe: Pipeline,
     source: GenerationRequest | Result,
@@ -239,16 +267,22 @@ def hires_fix(
 
     hires = HiresSettings(**settings)
     started = time.perf_counter()
+    latents: torch.Tensor | None = None
     if isinstance(source, GenerationRequest):
-        source = pipe.generate(source, progress=progress)
+        _check_model(pipe)
+        if source.init_image is None and get_upscaler(hires.upscaler).is_latent:
+            source, latents = _txt2img_keeping_latents(pipe, source, progress)
+        else:
+            source = pipe.generate(source, progress=progress)
     if not isinstance(source, Result):
         raise InvalidParameter("source", type(source).__name__, "must be a GenerationRequest or a Result",
                                "for a bare image use the 'hires' post-processor with a prompt")
     request = source.request
     if not isinstance(request, GenerationRequest):
         raise InvalidParameter("source", source, "must carry the GenerationRequest it was made from")
-    request = dataclasses.replace(request, seed=source.seeds[0], batch_size=len(source.images))
-    images, entries = hires_pass(pipe, request, hires, list(source.images), progress=progress)
+    request = dataclasses.replace(request, seed=source.seeds[0], batch_size=len(source.seeds))
+    base = latents if latents is not None else list(source.images)
+    images, entries = hires_pass(pipe, request, hires, base, progress=progress)
     infotexts = [merge_infotext(text, entries) for text in source.infotexts]
     timings = {**source.timings, "hires": time.perf_counter() - started}
     return dataclasses.replace(source, images=images, infotexts=infotexts, timings=timings)

@@ -8,9 +8,12 @@ state dict itself, so the safety rule is the project's: safetensors always; ``.p
 ``torch.jit.load`` on ``.pt`` files and its own unpickler on ``.pth``; neither is used.)
 
 Where weights live: a folder (``$AIPAINT_UPSCALER_DIR``, else ``$AIPAINT_HOME/upscalers``,
-else ``~/.aipaint/upscalers``), a zoo card whose ``family`` is ``upscaler`` or
-``face-restoration``, or an explicit file path. A bare name only ever resolves inside the
-folder: ``../x`` is not a name.
+else ``~/.aipaint/upscalers``) or a zoo card whose ``family`` is ``upscaler`` or
+``face-restoration``. A name (a string: it may come from a user, over the network) only
+ever resolves inside the folder, through the LoRA plugin's :class:`ModelFolder`:
+``sub/4x-model`` is fine, ``../x``, absolute paths and symbolic links that lead out of the
+folder are :class:`NameOutsideFolder` errors. Python code that means a file elsewhere passes
+a :class:`pathlib.Path`, which is used as it is.
 """
 
 from __future__ import annotations
@@ -21,65 +24,68 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from aipaint.errors import ModelLoadError, UnknownName
+from aipaint_plugins.lora.library import ModelFolder, NameOutsideFolder, default_folder
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
+
 ZOO_FAMILIES = ("upscaler", "face-restoration")
 
 
-def aipaint_home() -> Path:
-    return Path(os.environ.get("AIPAINT_HOME") or Path.home() / ".aipaint").expanduser()
+class WeightsNameOutsideFolder(NameOutsideFolder):
+    """:class:`NameOutsideFolder` for an upscaler or face-restorer name, with advice that fits them."""
+
+    def __init__(self, refused: NameOutsideFolder) -> None:
+        InvalidParameter.__init__(self, refused.name, refused.value, refused.allowed,
+                                  "put the weights file in that folder (sub-folders are fine) and pass its name, e.g. 4x-UltraSharp")
 
 
 def upscaler_dir() -> Path:
-    """The folder model upscalers are found in (it may not exist)."""
-    explicit = os.environ.get("AIPAINT_UPSCALER_DIR")
-    return Path(explicit).expanduser() if explicit else aipaint_home() / "upscalers"
+    """The folder model upscalers and face restorers are found in (it may not exist)."""
+    return default_folder("AIPAINT_UPSCALER_DIR", "upscalers")
+
+
+def weights_folder(folder: Path | None = None, kind: str = "upscaler") -> ModelFolder:
+    """The upscaler folder as a :class:`ModelFolder`. Pickle files are listed and resolved
+    (safetensors first); whether one may be *loaded* is decided by ``allow_pickle`` at load."""
+    return ModelFolder(folder or upscaler_dir(), kind, allow_pickle=True)
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
-    """Weights in ``folder`` by name (the file stem); safetensors wins over a pickle of the same name."""
-    found: dict[str, Path] = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.iterdir(), key=lambda p: (WEIGHT_SUFFIXES.index(p.suffix) if p.suffix in WEIGHT_SUFFIXES else 99, p.name)):
-        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-            found.setdefault(path.stem, path)
-    return found
-
-
-def _looks_like_path(name: str) -> bool:
-    return any(sep in name for sep in ("/", "\\")) or name.endswith(WEIGHT_SUFFIXES)
+    """Weights below ``folder`` by name (relative path without suffix); safetensors wins over a
+    pickle of the same name, and links that lead out of the folder are skipped."""
+    return {item.name: item.path for item in weights_folder(folder).files()}
 
 
 def resolve_weights(name: str | os.PathLike[str], folder: Path | None = None, *, kind: str = "upscaler") -> Path:
-    """The weights file a user means by ``name``: a file in ``folder``, a zoo card, or a path."""
-    folder = folder or upscaler_dir()
-    text = os.fspath(name)
-    files = weight_files(folder)
-    for stem, path in files.items():
-        if text in (stem, path.name):
-            return path
+    """The weights file meant by ``name``: a file inside ``folder`` or a zoo card; a
+    :class:`~pathlib.Path` is an explicit file, used as it is."""
+    if not isinstance(name, str):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"missing weights file {str(path)!r}; put the {kind} weights (.safetensors preferred) there")
+        return path
+    library = weights_folder(folder, kind)
+    try:
+        return library.resolve(name).path
+    except NameOutsideFolder as exc:
+        raise WeightsNameOutsideFolder(exc) from None
+    except UnknownName:
+        pass
+    except InvalidParameter:
+        if library.files():  # an ambiguous or malformed name; only an empty folder may defer to the zoo
+            raise
     from aipaint import zoo
 
-    card = zoo.find(text) if text and not _looks_like_path(text) else None
+    card = zoo.find(name)
     if card is not None and card.family in ZOO_FAMILIES:
         path = zoo.fetch(card)
         if path.is_dir():
-            candidates = list(weight_files(path).values())
+            candidates = sorted(weights_folder(path, kind).files(), key=lambda item: item.is_pickle)  # safetensors first
             if not candidates:
                 raise ModelLoadError(f"zoo model {card.id!r} has no weights file in {path}")
-            return candidates[0]
+            return candidates[0].path
         return path
-    if _looks_like_path(text):
-        path = Path(text).expanduser()
-        if path.is_file():
-            return path
-        raise ModelLoadError(
-            f"missing weights file {text!r}; put the {kind} weights (.safetensors preferred) there, "
-            f"or in {folder} and pass the file's name"
-        )
-    raise UnknownName(kind, text, sorted(files) or [f"(no weights in {folder}; add .safetensors files there)"])
+    raise UnknownName(kind, name, library.names() or [f"(no weights in {library.root}; add .safetensors files there)"])
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ def _spandrel() -> Any:
 
 def load_image_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu") -> LoadedImageModel:
     """Load a weights file and let spandrel detect its architecture."""
+    if not isinstance(allow_pickle, bool):  # never truthiness: the string "no" is truthy
+        raise InvalidParameter("allow_pickle", allow_pickle, "must be True or False")
     return _load_cached(Path(path).resolve(), Path(path).stat().st_mtime_ns if Path(path).is_file() else 0,
                         allow_pickle, device)
 

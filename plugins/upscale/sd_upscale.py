@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from aipaint_plugins.upscale.common import (
+    flag,
     generation_settings,
     img2img,
     number,
@@ -94,5 +95,6 @@ def run_sd_upscale_postprocessor(image: Image.Image, options: dict[str, Any], pi
     from aipaint_plugins.upscale import SD_UPSCALE_OPTION_NAMES
 
     kwargs = {k: v for k, v in options.items() if k in SD_UPSCALE_OPTION_NAMES or k == "request"}
+    kwargs["allow_pickle"] = flag(options, "allow_pickle")
     out, info = sd_upscale(pipe, image, **kwargs)
     return PostProcessOutput(out, info)

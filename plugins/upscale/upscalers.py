@@ -6,8 +6,8 @@ Three kinds:
   work only inside a diffusion pass (hires fix), where the upscaled latents are denoised
   again; on a bare image they are refused with a pointer to a pixel upscaler.
 * **pixel** (``Lanczos``, ``Nearest``): plain resampling.
-* **model** (every weights file in the upscaler folder, by file stem): a super-resolution
-  network loaded through spandrel, run in overlapping tiles.
+* **model** (every weights file in the upscaler folder, by its path there without the
+  suffix): a super-resolution network loaded through spandrel, run in overlapping tiles.
 
 The catalogue is built on demand (a fresh one per call, no process-wide state), from the
 built-ins plus the folder's files, so new weights show up without a restart.
@@ -139,18 +139,23 @@ def upscaler_catalogue(folder: Path | None = None, extra: tuple[Upscaler, ...] =
     catalogue: Catalogue[Upscaler] = Catalogue("upscaler")
     for item in (*builtin_upscalers(), *extra):
         catalogue.add(item, "upscale")
-    for stem, path in weight_files(folder or upscaler_dir()).items():
-        if stem not in catalogue:
-            catalogue.add(Upscaler(stem, "model", (), f"model from {path.name}", path=path), "upscale")
+    for name, path in weight_files(folder or upscaler_dir()).items():
+        if name not in catalogue:
+            catalogue.add(Upscaler(name, "model", (), f"model from {path.name}", path=path), "upscale")
     return catalogue
 
 
 def get_upscaler(name: str | Upscaler | Path, folder: Path | None = None) -> Upscaler:
-    """An upscaler by name (case and spacing don't matter), zoo id, or weights file path."""
+    """An upscaler by name (case and spacing don't matter; a weights file in the upscaler
+    folder, sub-folders included) or zoo id. A name never resolves outside the folder; a
+    :class:`~pathlib.Path` is an explicit weights file."""
     if isinstance(name, Upscaler):
         return name
-    catalogue = upscaler_catalogue(folder)
+    if isinstance(name, Path):
+        path = resolve_weights(name)
+        return Upscaler(path.stem, "model", (), f"model from {path.name}", path=path)
     text = str(name)
+    catalogue = upscaler_catalogue(folder)
     if text in catalogue:
         return catalogue.get(text)
     try:

@@ -35,7 +35,10 @@ def mean_share(pipe, prompt: str, colour: str, negative: str = "", **params) -> 
     strict=True,
     reason="measured on shapes-tiny: emphasis pushes its 3-layer, 64-wide text encoder out of distribution; "
     "red share over 6 seeds is 0.118, 0.117, 0.097, 0.064, 0.026, 0.001 at weights 0.5, 0.8, 1, 1.1, 1.2, 1.4 "
-    "(the same with emphasis='none'). Strict, so a model that fixes it makes this fail and gets noticed.",
+    "(the same with emphasis='none', and with ComfyUI-style weighting towards the empty prompt). In two-object "
+    "prompts, 12 seeds, weights 0.6/1/1.4: red circle beside a blue square 0.082/0.111/0.128, green triangle "
+    "above a magenta cross 0.021/0.039/0.068, but a small cyan square beside a yellow circle 0.070/0.065/0.015, "
+    "so no prompt family shows it reliably. Strict, so a model that fixes it makes this fail and gets noticed.",
 )
 def test_raising_a_colour_weight_raises_its_share(pipe):
     low = mean_share(pipe, "a big (red:0.6) circle in the center, on a white background", "red")

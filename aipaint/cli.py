@@ -198,16 +198,33 @@ def _generation_request(args: argparse.Namespace) -> Any:
     return GenerationRequest(**kwargs)
 
 
+def _post_chain(texts: Sequence[str]) -> list[Any]:
+    """The ``--post`` steps, parsed and checked against the registered post-processors (names,
+    aliases, option names) before any model is loaded, so a typo costs no generation."""
+    from aipaint.errors import UnknownName
+    from aipaint.postprocess import RESERVED_OPTIONS, PostStep
+
+    catalogue = _host().registry.postprocessors
+    steps = [PostStep.parse(text) for text in texts]
+    for step in steps:
+        spec = catalogue.get(step.name)
+        for key in step.options if spec.options else ():
+            if key not in spec.options + RESERVED_OPTIONS:
+                raise UnknownName(f"{spec.name} option", key, list(spec.options))
+    return steps
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    post = _post_chain(args.post)
     request = _generation_request(args)
     pipe = _load(args)
     progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:
         result = pipe.generate(request, progress=progress)
-        if getattr(args, "post", None):
-            from aipaint.postprocess import PostStep, postprocess_result
+        if post:
+            from aipaint.postprocess import postprocess_result
 
-            result = postprocess_result(result, [PostStep.parse(text) for text in args.post], pipe)
+            result = postprocess_result(result, post, pipe)
     finally:
         close()
     for path in result.save_all(args.output):

@@ -225,6 +225,67 @@ def test_restorer_names_never_leave_the_upscaler_folder(plugin_host, tmp_path, m
             run_postprocessors(small_astronaut, [("face-restore", {"restorer": name})], host=plugin_host)
 
 
+def _tiny_restoreformer_state() -> dict[str, torch.Tensor]:
+    """A real RestoreFormer (spandrel's class, random weights) reduced so that it restores a
+    512-px face in about 2 s on one CPU thread: 32 channels (its GroupNorm needs 32), one
+    residual block per level, a small codebook. spandrel reads every one of these sizes back
+    from the weights; the six levels keep its 16-px attention resolution."""
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    torch.manual_seed(0)
+    model = RestoreFormer(n_embed=32, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def restorer_folder(tmp_path_factory):
+    """An upscaler folder holding a face restorer and a super-resolution model, as a user would have it."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("upscalers")
+    save_file(_tiny_restoreformer_state(), str(folder / "RestoreFormer.safetensors"))
+    save_file(_compact_state(), str(folder / "2x-compact.safetensors"))
+    return folder
+
+
+def test_restoreformer_weights_are_detected_as_a_face_restorer(restorer_folder, monkeypatch):
+    from aipaint_plugins.facefix.fix import load_restorer
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(restorer_folder))
+    model, name = load_restorer("RestoreFormer")
+    assert name == "RestoreFormer" and model.purpose == "FaceSR" and model.scale == 1
+    assert isinstance(model.descriptor.model, RestoreFormer)
+
+
+def test_a_real_restorer_redraws_the_face_and_nothing_else(restorer_folder, monkeypatch, astronaut, tmp_path, capsys):
+    """Load → detect → restore → blend on a photograph, from Python and from the command line."""
+    from aipaint.cli import main
+    from aipaint.infotext import read_png_parameters
+
+    monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(restorer_folder))
+    before = np.asarray(astronaut)
+    restored, info, report = restore_faces(astronaut, "RestoreFormer", visibility=1.0)
+    after = np.asarray(restored)
+    assert len(report.detections) == 1 and _iou(report.detections[0].box, ASTRONAUT_FACE) > 0.6
+    face = report.union
+    assert np.array_equal(after[~face], before[~face])  # outside the face mask: bit for bit
+    core = feather(face, 4) == 1.0
+    assert np.any(after != before, axis=2)[core].mean() > 0.9  # inside: the network's face
+    assert info == {"Face restoration": "RestoreFormer", "Face restoration visibility": "1"}
+
+    source, out = tmp_path / "astronaut.png", tmp_path / "restored.png"
+    astronaut.save(source)
+    assert main(["facefix", str(source), "--restore-only", "--restorer", "RestoreFormer", "--visibility", "0",
+                 "-o", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), before)  # strength 0: the photograph
+    assert read_png_parameters(out) == "Face restoration: RestoreFormer, Face restoration visibility: 0"
+    capsys.readouterr()
+    refused = tmp_path / "refused.png"
+    assert main(["facefix", str(source), "--restore-only", "--restorer", "2x-compact", "-o", str(refused)]) == 2
+    assert "not face restoration" in capsys.readouterr().err and not refused.exists()
+
+
 @pytest.fixture()
 def pickled_restorer(tmp_path, monkeypatch) -> str:
     """Weights only as a pickle. They are a super-resolution model, so *loading* them ends in

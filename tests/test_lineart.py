@@ -77,6 +77,33 @@ def test_colouring_with_the_model_keeps_every_line(tiny_pipe, drawing, tmp_path,
         assert np.abs(out[paper] - np.asarray(coloured).astype(int)[paper]).max() <= 3
 
 
+def test_colouring_with_a_lineart_controlnet_keeps_every_line(tiny_pipe, drawing, tmp_path, monkeypatch):
+    if "controlnet" not in tiny_pipe.host.registry.adapters:
+        pytest.skip("the ControlNet adapter plugin is not installed")
+    from test_controlnet import _tiny_controlnet
+
+    from aipaint.infotext import Infotext
+
+    _tiny_controlnet(tiny_pipe.model.unet, 2).save_pretrained(tmp_path / "control_lineart_tiny")
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    images, info, result = colour_lineart(tiny_pipe, drawing, "a red circle", steps=2, seed=1)
+    assert info == {"Lineart": "controlnet control_lineart_tiny, lines multiplied"}
+    params = Infotext.from_text(result.infotexts[0]).params
+    assert params["ControlNet 0"].startswith("Module: none, Model: control_lineart_tiny [") and "Denoising strength" not in params
+    free = tiny_pipe.txt2img("a red circle", width=64, height=64, steps=2, seed=1).image
+    painted = np.asarray(result.images[0]).astype(int)
+    assert np.abs(painted - np.asarray(free).astype(int)).mean() > 5  # the ControlNet steered the painting
+    # The lines: every line pixel of the result is at most as light as the drawing's, scaled by
+    # the paper's normalisation (255 / paper level), whatever the ControlNet painted under it.
+    lines = _lines(drawing)
+    grey_in = np.asarray(drawing.convert("L")).astype(float)
+    grey_out = np.asarray(images[0].convert("L")).astype(float)
+    assert (grey_out[lines] <= grey_in[lines] * 255 / np.percentile(grey_in, 90) + 1).all()
+    assert grey_out[lines].max() <= 60
+    paper = grey_in >= 240
+    assert np.abs(np.asarray(images[0]).astype(int)[paper] - painted[paper]).max() <= 3
+
+
 def test_lineart_post_processor_needs_a_model(plugin_host, drawing):
     from aipaint.postprocess import run_postprocessors
 

@@ -117,9 +117,63 @@ def test_every_generated_qr_picture_decodes(tiny_pipe, tmp_path, monkeypatch):
     for art, text in results:
         assert decodes_to(art.image, "hi")
         params = Infotext.from_text(text).params
-        assert params["QR method"] == "img2img" and params["Size"] == "64x64"
+        assert params["QR method"] == "img2img" and params["Size"] == "64x64" and params["Denoising strength"] == "0.75"
+        assert "ControlNet 0" not in params
         assert float(params["QR contribution"]) == pytest.approx(art.contribution, abs=1e-3)
     assert [Infotext.from_text(t).params["Seed"] for _, t in results] == ["1", "2", "3"]
+
+
+@pytest.fixture(scope="module")
+def qr_controlnet_dir(tmp_path_factory, tiny_pipe):
+    """A ControlNet folder holding a tiny random ControlNet named as QR ones are."""
+    if "controlnet" not in tiny_pipe.host.registry.adapters:
+        pytest.skip("the ControlNet adapter plugin is not installed")
+    from test_controlnet import _tiny_controlnet
+
+    folder = tmp_path_factory.mktemp("qr-controlnet")
+    _tiny_controlnet(tiny_pipe.model.unet, 1).save_pretrained(folder / "control_qr_tiny")
+    return folder
+
+
+def test_an_installed_qr_controlnet_draws_the_art_and_every_picture_decodes(tiny_pipe, qr_controlnet_dir, monkeypatch):
+    from aipaint.infotext import Infotext
+
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(qr_controlnet_dir))
+    results = qr_art(tiny_pipe, "hi", "a red circle", size=64, steps=2, seed=1, batch_size=2)
+    without = tiny_pipe.txt2img("a red circle", width=64, height=64, steps=2, seed=1, batch_size=2).images
+    assert len(results) == 2
+    for (art, text), free, seed in zip(results, without, ("1", "2")):
+        assert decodes_to(art.image, "hi")
+        assert art.attempts[-1] == (round(art.contribution, 4), True)  # the returned blend was verified
+        assert art.margin == pytest.approx(0.1, abs=1e-6)
+        # The ControlNet, not img2img, drew the art: it differs from the same seed drawn freely.
+        assert np.abs(np.asarray(art.art, dtype=int) - np.asarray(free, dtype=int)).mean() > 5
+        params = Infotext.from_text(text).params
+        assert params["QR method"] == "controlnet control_qr_tiny" and params["Seed"] == seed
+        assert params["ControlNet 0"].startswith("Module: none, Model: control_qr_tiny [")
+        assert ", Weight: 1.3, " in params["ControlNet 0"]
+        assert "Denoising strength" not in params and params["Size"] == "64x64"
+
+
+def test_the_qr_controlnet_route_says_so_when_nothing_decodes(tiny_pipe, qr_controlnet_dir, monkeypatch):
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(qr_controlnet_dir))
+    monkeypatch.setitem(qr_code.DECODERS, "opencv", lambda gray: None)
+    with pytest.raises(QRUnreadable, match="'hi'.*did not decode even at full contribution"):
+        qr_art(tiny_pipe, "hi", "a red circle", size=64, steps=2, seed=1, decoders=("opencv",))
+
+
+def test_qr_command_records_the_controlnet_unit_in_the_png(tiny_sd_path, qr_controlnet_dir, tmp_path, monkeypatch):
+    from aipaint.cli import main
+    from aipaint.infotext import Infotext, read_png_parameters
+
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(qr_controlnet_dir))
+    out = tmp_path / "qr.png"
+    assert main(["qr", "hi", "--prompt", "a red circle", "--size", "64", "--steps", "2", "--seed", "3",
+                 "-m", str(tiny_sd_path), "-o", str(out)]) == 0
+    assert decodes_to(Image.open(out), "hi")
+    params = Infotext.from_text(read_png_parameters(out)).params
+    assert params["QR method"] == "controlnet control_qr_tiny"
+    assert params["ControlNet 0"].startswith("Module: none, Model: control_qr_tiny [")
 
 
 def test_qr_command_carries_a_code_in_a_picture(tmp_path, astronaut):

@@ -618,3 +618,229 @@ def test_single_files_load_through_from_single_file_with_the_offline_config(
     assert pipe.model.requires_aesthetics_score is refiner  # read from the config's model_index.json
     assert pipe.model.hash_path == path
     assert pipe.txt2img(PROMPT, steps=1, width=32, height=32, seed=1).image.size == (32, 32)
+
+
+# --- single files in Stability's SGM layout, end to end -------------------------------------
+# tests/sgm_checkpoint.py writes the tiny models as SDXL files from model sites are laid out;
+# they load through aipaint.load with no stub. The config= folder is the tiny model's own
+# folder without its weights: diffusers takes weights from a config folder when it cannot map
+# a component from the file, and this way such a fallback fails instead of passing unnoticed.
+
+
+def build_tiny_sdxl_with_distinct_encoders(seed: int = 0, *, tokenizer=None, width_2: int = 48) -> dict:
+    """The tiny base with a wider second text encoder. diffusers tells SDXL's two encoders
+    apart in a file by their widths (768 and 1280 in the real model); with equal widths it
+    loads the CLIP-L weights into the OpenCLIP encoder too."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    components = build_tiny_sdxl_components(seed, tokenizer=tokenizer)
+    torch.manual_seed(seed + 100)
+    config = {**components["text_encoder_2"].config.to_dict(), "hidden_size": width_2}
+    components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    width_1 = components["text_encoder"].config.hidden_size
+    unet_config = {**components["unet"].config, "cross_attention_dim": width_1 + width_2}
+    components["unet"] = UNet2DConditionModel.from_config(unet_config).eval()
+    return components
+
+
+def _save_without_weights(folder: Path, target: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network at all: any attempt to connect fails the test loudly."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture(scope="module")
+def sgm_models(tmp_path_factory, clip_tokenizer, sdxl_paths) -> dict[str, dict]:
+    """Per kind: the diffusers components, their folder, a weightless config folder, the SGM file."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+    from sgm_checkpoint import to_sgm_state_dict
+
+    root = tmp_path_factory.mktemp("sgm")
+    base = build_tiny_sdxl_with_distinct_encoders(tokenizer=clip_tokenizer)
+    StableDiffusionXLPipeline(**base).save_pretrained(root / "base")
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_paths["refiner"], local_files_only=True)
+    out = {}
+    for kind, components, folder in (("base", base, root / "base"), ("refiner", refiner.components, sdxl_paths["refiner"])):
+        state = to_sgm_state_dict(components["unet"], components["vae"], components["text_encoder"], components["text_encoder_2"])
+        file = root / f"tiny-sdxl-{kind}.safetensors"
+        save_file(state, str(file))
+        config = _save_without_weights(folder, root / f"{kind}-config")
+        out[kind] = {"components": components, "folder": folder, "config": config, "state": state, "file": file}
+    return out
+
+
+@pytest.fixture(scope="module")
+def sgm_base(sgm_models, plugin_host):
+    return aipaint.load(sgm_models["base"]["file"], config=sgm_models["base"]["config"], host=plugin_host)
+
+
+def test_the_file_really_is_in_the_sgm_layout(sgm_models):
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    state, components = sgm_models["base"]["state"], sgm_models["base"]["components"]
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
+                "conditioner.embedders.1.model.")
+    assert {next((p for p in prefixes if key.startswith(p)), key) for key in state} == set(prefixes)
+    assert not any(".down_blocks." in key or ".resnets." in key or "add_embedding" in key for key in state)
+    for key in ("model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.label_emb.0.2.bias",
+                "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",
+                "model.diffusion_model.output_blocks.1.2.conv.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
+                CHECKPOINT_KEY_NAMES["clip_sdxl"], "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                CHECKPOINT_KEY_NAMES["open_clip_sdxl"], "conditioner.embedders.1.model.ln_final.weight"):
+        assert key in state, key
+    assert not any(key.startswith("conditioner.embedders.1.model.text_model") or "q_proj" in key
+                   for key in state if key.startswith("conditioner.embedders.1."))
+    # OpenCLIP: q, k, v stacked in nn.MultiheadAttention's in_proj; text_projection applied as x @ P.
+    attention = components["text_encoder_2"].text_model.encoder.layers[2].self_attn
+    fused = state["conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight"]
+    assert fused.shape == (3 * 48, 48)
+    assert torch.equal(fused[48:96], attention.k_proj.weight) and torch.equal(fused[96:], attention.v_proj.weight)
+    projection = state["conditioner.embedders.1.model.text_projection"]
+    assert torch.equal(projection, components["text_encoder_2"].text_projection.weight.T)
+    refiner = sgm_models["refiner"]["state"]
+    assert CHECKPOINT_KEY_NAMES["open_clip_sdxl_refiner"] in refiner
+    assert not any(key.startswith(("conditioner.embedders.1.", "conditioner.embedders.0.transformer.")) for key in refiner)
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_sgm_file_is_identified_and_every_tensor_equals_the_diffusers_models(offline, sgm_models, plugin_host, kind):
+    from aipaint.loading import identify_family, resolve_source
+
+    model = sgm_models[kind]
+    assert identify_family(resolve_source(model["file"]), plugin_host).name == "sdxl"
+    pipe = aipaint.load(model["file"], config=model["config"], host=plugin_host)  # no family=, no stub
+    assert pipe.model.family == "sdxl" and pipe.model.is_refiner is (kind == "refiner")
+    assert pipe.model.requires_aesthetics_score is (kind == "refiner")
+    assert set(pipe.model.modules()) == {"unet", "vae", "text_encoder_2"} | ({"text_encoder"} if kind == "base" else set())
+    for name, module in pipe.model.modules().items():
+        got, want = module.state_dict(), model["components"][name].state_dict()
+        assert set(got) == set(want), f"{name}: keys differ: {sorted(set(got) ^ set(want))[:5]}"
+        different = [key for key in want if not torch.equal(got[key], want[key])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_txt2img_from_the_sgm_file_equals_the_folder_model_and_diffusers(sgm_base, sgm_models, plugin_host):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    folder = sgm_models["base"]["folder"]
+    params = dict(sampler="Euler", steps=3, cfg_scale=5.0, seed=1234, width=32, height=32)
+    from_file = np.asarray(sgm_base.txt2img(PROMPT, "blue", **params).image)
+    from_folder = np.asarray(aipaint.load(folder, host=plugin_host).txt2img(PROMPT, "blue", **params).image)
+    assert from_file.std() > 1  # a real picture, not a blank
+    np.testing.assert_array_equal(from_file, from_folder)
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    expected = reference(PROMPT, negative_prompt="blue", num_inference_steps=3, guidance_scale=5.0, width=32, height=32,
+                         generator=torch.Generator().manual_seed(1234), output_type="np").images[0]
+    assert np.abs(from_file / 255.0 - quantised(expected)).mean() < 1e-3
+
+
+def test_sgm_file_model_hash_is_the_files(sgm_base, sgm_models):
+    import hashlib
+
+    file = sgm_models["base"]["file"]
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    result = sgm_base.txt2img(PROMPT, steps=1, width=32, height=32, seed=1)
+    assert sgm_base.model.hash_path == file
+    assert f"Model hash: {sha[:10]}," in result.infotexts[0]
+
+
+@pytest.mark.parametrize(("dropped", "component", "weight"), [
+    ("conditioner.embedders.1.model.text_projection", "text_encoder_2", "text_projection.weight"),
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "text_encoder_2", "layers.0.self_attn.q_proj"),
+    ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", "text_encoder", "final_layer_norm.weight"),
+])
+def test_a_file_missing_text_encoder_weights_is_refused_naming_them(sgm_models, plugin_host, tmp_path, dropped, component, weight):
+    """diffusers leaves a text encoder weight the file lacks empty (on ``meta``) without failing."""
+    from safetensors.torch import save_file
+
+    from aipaint.errors import ModelLoadError
+
+    path = tmp_path / "pruned.safetensors"
+    save_file({k: v for k, v in sgm_models["base"]["state"].items() if k != dropped}, str(path))
+    with pytest.raises(ModelLoadError, match=rf"pruned.safetensors lacks \d weight\(s\) of the SDXL {component} .*{weight}"):
+        aipaint.load(path, config=sgm_models["base"]["config"], host=plugin_host)
+
+
+@pytest.fixture(scope="module")
+def sdxl_base_on_meta():
+    """The four SDXL base models at their real sizes from zoo/configs/sdxl-base, on ``meta``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from aipaint.zoo import zoo_root
+
+    config = zoo_root() / "configs" / "sdxl-base"
+    with torch.device("meta"):
+        return {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config, subfolder="unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config, subfolder="vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder")),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder_2")),
+        }
+
+
+def test_full_size_sgm_layout_matches_real_sdxl_files_and_diffusers_reads_it_back(sdxl_base_on_meta, tmp_path, plugin_host):
+    """The converter at full size: key names/shapes of sd_xl_base_1.0.safetensors, and diffusers'
+    own (forward) converters map them back onto exactly the models the zoo config builds."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        infer_diffusers_model_type,
+    )
+    from sgm_checkpoint import to_sgm_state_dict
+
+    from aipaint.loading import identify_family, resolve_source
+
+    models = sdxl_base_on_meta
+    state = to_sgm_state_dict(models["unet"], models["vae"], models["text_encoder"], models["text_encoder_2"])
+    real_shapes = {  # from the published sd_xl_base_1.0.safetensors
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": (640, 640),
+        "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight": (5120, 1280),
+    }
+    for key, shape in real_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    assert infer_diffusers_model_type(state) == "xl_base"
+    keys_only = tmp_path / "sdxl-like.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({key: torch.zeros(1) for key in state}, str(keys_only))
+    assert identify_family(resolve_source(keys_only), plugin_host).name == "sdxl"
+
+    back = {
+        "unet": convert_ldm_unet_checkpoint(state, dict(models["unet"].config)),
+        "vae": convert_ldm_vae_checkpoint(state, dict(models["vae"].config)),
+        "text_encoder_2": convert_open_clip_checkpoint(models["text_encoder_2"], state, prefix="conditioner.embedders.1.model."),
+    }
+    for name, converted in back.items():
+        want = models[name].state_dict()
+        assert set(converted) == set(want), f"{name}: {sorted(set(converted) ^ set(want))[:5]}"
+        assert all(tuple(converted[k].shape) == tuple(want[k].shape) for k in want), name

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from aipaint.pipeline import Pipeline
+    from aipaint.result import Result
 
 CENTRE_FRACTION = 0.5
 
@@ -179,8 +180,9 @@ def generate_art(
     controlnet: str | None = None,
     controlnet_weight: float = 1.3,
     **params: Any,
-) -> tuple[list[Image.Image], list[int], str]:
-    """Art that follows the code: (images, seeds, method)."""
+) -> tuple[Result, str]:
+    """Art that follows the code: (the generation's Result, method). The Result's infotexts
+    record the generation as it ran (the ControlNet unit, or the img2img strength)."""
     from PIL import Image
 
     code_image = Image.fromarray(np.round(np.repeat(code.render(size)[..., None], 3, axis=2) * 255).astype(np.uint8))
@@ -191,12 +193,12 @@ def generate_art(
             raise UnsupportedFeature(f"controlnet={controlnet!r} needs the ControlNet adapter plugin, which is not installed")
         unit = AdapterUnit("controlnet", {"model": controlnet, "image": code_image, "weight": controlnet_weight})
         result = pipe.txt2img(prompt, negative_prompt, width=size, height=size, adapters=(unit,), **params)
-        return list(result.images), list(result.seeds), f"controlnet {controlnet}"
+        return result, f"controlnet {controlnet}"
     from aipaint_plugins.upscale.common import img2img
 
     result = img2img(pipe, code_init_image(code, size), prompt, negative_prompt, what="QR-code art",
                      denoising_strength=denoising_strength, width=size, height=size, **params)
-    return list(result.images), list(result.seeds), "img2img"
+    return result, "img2img"
 
 
 def qr_art(
@@ -219,7 +221,9 @@ def qr_art(
     model's default size; it must hold the code at ≥2 px per module. ``controlnet``:
     ``"auto"`` (default) draws with an installed ControlNet whose name contains "qr" and
     falls back to img2img when there is none (the PNG's ``QR method`` says which);
-    ``None`` forces img2img; a name forces that ControlNet.
+    ``None`` forces img2img; a name forces that ControlNet. Each infotext is the
+    generation's own (with its ``ControlNet 0`` unit, or img2img's ``Denoising strength``)
+    plus the ``QR …`` entries.
     """
     from aipaint_plugins.upscale.common import choose_controlnet
 
@@ -231,27 +235,13 @@ def qr_art(
         raise InvalidParameter("size", size, "must be a multiple of 8")
     code = make_code(payload, version=version, image_size=size)
     decoders = check_decoders(decoders)
-    images, seeds, method = generate_art(pipe, code, prompt, negative_prompt, size=size,
-                                         denoising_strength=denoising_strength, controlnet=controlnet, **params)
+    result, method = generate_art(pipe, code, prompt, negative_prompt, size=size,
+                                  denoising_strength=denoising_strength, controlnet=controlnet, **params)
     out = []
-    for image, seed in zip(images, seeds):
+    for image, text in zip(result.images, result.infotexts):
         art = repair(image, code, settings=repair_settings, decoders=decoders)
-        base = pipe.make_result(
-            _request_for(pipe, prompt, negative_prompt, size, seed, params), [art.image], {}, {}
-        ).infotexts[0]
-        info = art.infotext(method)
-        if method == "img2img":
-            info["Denoising strength"] = f"{denoising_strength:g}"
-        out.append((art, merge_infotext(base, info)))
+        out.append((art, merge_infotext(text, art.infotext(method))))
     return out
-
-
-def _request_for(pipe: Pipeline, prompt: str, negative: str, size: int, seed: int, params: dict[str, Any]) -> Any:
-    from aipaint.params import GenerationRequest
-
-    fields = {k: v for k, v in params.items() if k in GenerationRequest.__dataclass_fields__ and k not in ("seed", "batch_size")}
-    return GenerationRequest(prompt=prompt, negative_prompt=negative, width=size, height=size, seed=seed,
-                             **fields).with_defaults(pipe.model.defaults)
 
 
 def carry_code(image: Image.Image, payload: str, *, version: int | None = None, repair_settings: RepairSettings | None = None,

@@ -1,0 +1,52 @@
+"""``aipaint generate --post``: the chain is checked before any model is loaded or image drawn."""
+
+from __future__ import annotations
+
+import pytest
+
+from aipaint.cli import main
+
+
+class ModelLoaded(Exception):
+    """Raised instead of loading a model: the command got past the chain check."""
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr("aipaint.load", refuse)
+
+
+@pytest.mark.parametrize(
+    ("post", "named"),
+    [
+        ("facefx", "'facefx'"),  # an unknown post-processor: the valid names are listed
+        ("face-restore:restorer=GFPGANv1.4,visiblity=0.5", "'visiblity'"),  # an unknown option
+        ("upscale:scale", "'scale' is not key=value"),  # not NAME:key=value
+        (":scale=2", "must be NAME"),
+    ],
+)
+def test_a_bad_post_step_fails_before_the_model_is_loaded(no_model, tmp_path, capsys, post, named):
+    out = tmp_path / "out.png"
+    args = ["generate", "a red circle", "--post", "upscale:upscaler=Nearest,scale=2", "--post", post, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aipaint: error: invalid ") and err.count("\n") == 1 and named in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_error_lists_what_is_valid(no_model, capsys):
+    assert main(["generate", "x", "--post", "facefx"]) == 2
+    err = capsys.readouterr().err
+    assert "'facefix'" in err and "'face-restore'" in err
+    assert main(["generate", "x", "--post", "face-restore:visiblity=1"]) == 2
+    assert "'visibility'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("post", ["adetailer:prompt=a face,inpaint_width=64", "Face-Restore:restorer=x,visibility=0.5", "qr"])
+def test_a_valid_chain_goes_on_to_load_the_model(no_model, post):
+    """Aliases, any case of a name, and every listed option pass the check."""
+    with pytest.raises(ModelLoaded):
+        main(["generate", "x", "--post", post])

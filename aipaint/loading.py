@@ -55,6 +55,23 @@ def load_state_dict(path: Path | str, *, allow_pickle: bool = False) -> dict[str
     return data
 
 
+def refuse_missing_weights(path: Path, config: Path | str, components: dict[str, Any], family: str) -> None:
+    """Raise when a single-file load left any weight without data.
+
+    diffusers' ``from_single_file`` builds modules empty (on ``meta``) and fills in what the
+    file has, so a weight the file lacks stays empty instead of failing the load; the first
+    use would then crash far from the cause. ``components`` maps names to modules (or None).
+    """
+    for name, module in components.items():
+        missing = [key for key, tensor in module.state_dict().items() if tensor.is_meta] if module is not None else []
+        if missing:
+            raise ModelLoadError(
+                f"{path.name} lacks {len(missing)} weight(s) of the {family} {name} "
+                f"(e.g. {', '.join(missing[:3])}): the file is incomplete, or its {name} does not match "
+                f"the config {config}; pass config= a folder that describes this checkpoint"
+            )
+
+
 def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> ModelSource:
     """Find the model a user named: zoo id, existing path, or hub id (in that order)."""
     if source is None:

@@ -717,6 +717,32 @@ def test_the_file_really_is_in_the_sgm_layout(sgm_models):
     assert not any(key.startswith(("conditioner.embedders.1.", "conditioner.embedders.0.transformer.")) for key in refiner)
 
 
+def test_the_open_clip_part_is_what_open_clip_itself_loads_and_computes(sgm_models):
+    """Checked against open_clip, whose CLIP model SGM's embedder holds (not against diffusers'
+    reader, which would make the check circular): the keys load into it, and its penultimate
+    layer and pooled projection equal the transformers encoder's."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    state, encoder = sgm_models["base"]["state"], sgm_models["base"]["components"]["text_encoder_2"]
+    prefix = "conditioner.embedders.1.model."
+    text_cfg = CLIPTextCfg(width=48, heads=4, layers=5, mlp_ratio=37 / 48)  # the tiny encoder's sizes
+    vision_cfg = CLIPVisionCfg(layers=1, width=16, head_width=16, patch_size=8, image_size=16)  # unused here
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
+    result = model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+    assert result.unexpected_keys == []
+    assert {key.split(".")[0] for key in result.missing_keys} == {"visual", "logit_scale"}  # not in SDXL's embedder
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70])
+    with torch.inference_mode():
+        hidden = model.token_embedding(ids) + model.positional_embedding
+        for block in model.transformer.resblocks[:-1]:
+            hidden = block(hidden, attn_mask=model.attn_mask)
+        pooled = model.encode_text(ids)
+        want = encoder(ids, output_hidden_states=True)
+    torch.testing.assert_close(hidden, want.hidden_states[-2])
+    torch.testing.assert_close(pooled, want.text_embeds)
+
+
 @pytest.mark.parametrize("kind", ["base", "refiner"])
 def test_sgm_file_is_identified_and_every_tensor_equals_the_diffusers_models(offline, sgm_models, plugin_host, kind):
     from aipaint.loading import identify_family, resolve_source

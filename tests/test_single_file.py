@@ -71,8 +71,18 @@ def ldm_ckpt(ldm_state, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def file_pipe(ldm_safetensors, tiny_sd_path, plugin_host):
-    return aipaint.load(ldm_safetensors, config=tiny_sd_path, host=plugin_host)
+def tiny_config(tiny_sd_path, tmp_path_factory) -> Path:
+    """The tiny model's folder without its weights: with them, diffusers could fill in from the
+    folder whatever it failed to read from the file, and the round-trip tests would not notice."""
+    import shutil
+
+    target = tmp_path_factory.mktemp("config") / "tiny-sd15-config"
+    return Path(shutil.copytree(tiny_sd_path, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
+
+
+@pytest.fixture(scope="module")
+def file_pipe(ldm_safetensors, tiny_config, plugin_host):
+    return aipaint.load(ldm_safetensors, config=tiny_config, host=plugin_host)
 
 
 def assert_same_weights(loaded, original) -> None:
@@ -110,13 +120,26 @@ def _schedule_buffers():
 
 
 def test_safetensors_is_identified_as_sd15_and_every_tensor_round_trips(
-    offline, ldm_safetensors, tiny_sd_path, tiny_pipe, plugin_host
+    offline, ldm_safetensors, tiny_config, tiny_pipe, plugin_host
 ):
     source = resolve_source(ldm_safetensors)
     assert identify_family(source, plugin_host).name == "sd15"
-    pipe = aipaint.load(ldm_safetensors, config=tiny_sd_path, host=plugin_host)  # no family=
+    pipe = aipaint.load(ldm_safetensors, config=tiny_config, host=plugin_host)  # no family=
     assert pipe.model.family == "sd15"
     assert_same_weights(pipe.model, tiny_pipe.model)
+
+
+def test_a_file_missing_text_encoder_weights_is_refused_naming_them(ldm_state, tiny_config, plugin_host, tmp_path):
+    """diffusers leaves a weight the file lacks empty (on ``meta``) instead of failing the load."""
+    from safetensors.torch import save_file
+
+    dropped = CLIP_PREFIX + "text_model.encoder.layers.0.mlp.fc1.weight"
+    assert dropped in ldm_state
+    pruned = tmp_path / "pruned.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_state.items() if k != dropped}, str(pruned))
+    with pytest.raises(ModelLoadError, match=r"pruned.safetensors lacks 1 weight\(s\) of the Stable Diffusion 1.x "
+                                             r"text_encoder .*layers.0.mlp.fc1.weight"):
+        aipaint.load(pruned, config=tiny_config, host=plugin_host)
 
 
 def test_txt2img_from_the_file_equals_the_folder_model(file_pipe, tiny_pipe):
@@ -153,15 +176,15 @@ def test_without_config_the_shipped_sd15_config_is_used_offline(monkeypatch, ldm
 # --- (2) the same file as a pickle (.ckpt) ----------------------------------------------------
 
 
-def test_ckpt_is_refused_without_allow_pickle(ldm_ckpt, tiny_sd_path, plugin_host):
+def test_ckpt_is_refused_without_allow_pickle(ldm_ckpt, tiny_config, plugin_host):
     with pytest.raises(UnsafeFileError, match="allow_pickle"):
-        aipaint.load(ldm_ckpt, config=tiny_sd_path, host=plugin_host)
+        aipaint.load(ldm_ckpt, config=tiny_config, host=plugin_host)
     family = plugin_host.registry.families.get("sd15")
     assert family.identify(ModelSource(ldm_ckpt, "file", "tiny")) is False  # never unpickled without opt-in
 
 
 def test_ckpt_loads_with_allow_pickle_through_weights_only(
-    offline, monkeypatch, ldm_ckpt, tiny_sd_path, tiny_pipe, plugin_host
+    offline, monkeypatch, ldm_ckpt, tiny_config, tiny_pipe, plugin_host
 ):
     calls: list[tuple[str, dict]] = []
     real_load = torch.load
@@ -171,7 +194,7 @@ def test_ckpt_loads_with_allow_pickle_through_weights_only(
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    pipe = aipaint.load(ldm_ckpt, config=tiny_sd_path, host=plugin_host, allow_pickle=True)  # no family=
+    pipe = aipaint.load(ldm_ckpt, config=tiny_config, host=plugin_host, allow_pickle=True)  # no family=
     assert pipe.model.family == "sd15"
     assert_same_weights(pipe.model, tiny_pipe.model)
     ckpt_calls = [kwargs for path, kwargs in calls if path == str(ldm_ckpt)]
@@ -181,13 +204,13 @@ def test_ckpt_loads_with_allow_pickle_through_weights_only(
 
 @pytest.mark.parametrize("family", [None, "sd15"])
 def test_a_ckpt_smuggling_code_is_refused_even_with_allow_pickle(
-    family, ldm_state, tmp_path, tiny_sd_path, plugin_host, capsys
+    family, ldm_state, tmp_path, tiny_config, plugin_host, capsys
 ):
     """With ``family=`` identification is skipped and diffusers' loader reads the file itself."""
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {**ldm_state, "payload": Exploit()}}, evil)
     with pytest.raises(ModelLoadError, match="(?i)weights_only|unpickl"):
-        aipaint.load(evil, config=tiny_sd_path, host=plugin_host, allow_pickle=True, family=family)
+        aipaint.load(evil, config=tiny_config, host=plugin_host, allow_pickle=True, family=family)
     assert "pwned" not in capsys.readouterr().out
 
 

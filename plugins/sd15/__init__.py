@@ -95,6 +95,10 @@ class StableDiffusion15(ModelFamily):
         except Exception as exc:
             _raise_pickle_problem(source)
             raise ModelLoadError(f"could not load {source.path.name} as a Stable Diffusion 1.x checkpoint: {exc}") from exc
+        from aipaint.loading import refuse_missing_weights
+
+        refuse_missing_weights(source.path, config, {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder},
+                               "Stable Diffusion 1.x")
         scheduler_config = dict(pipe.scheduler.config)
         return self._assemble(
             source, options, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler_config, source.path

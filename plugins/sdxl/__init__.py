@@ -108,7 +108,10 @@ class StableDiffusionXL(ModelFamily):
             raise ModelLoadError(f"could not load {source.path.name} as an SDXL checkpoint with the config {config}: {exc}") from exc
         components = {name: getattr(pipe, name, None) for name in
                       ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
-        _refuse_missing_weights(source.path, config, components)
+        from aipaint.loading import refuse_missing_weights
+
+        refuse_missing_weights(source.path, config, {name: components[name] for name in
+                               ("unet", "vae", "text_encoder", "text_encoder_2")}, "SDXL")
         index = json.loads((Path(config) / "model_index.json").read_text())
         return self._assemble(source, options, components, dict(pipe.scheduler.config), index, source.path)
 
@@ -149,20 +152,6 @@ class StableDiffusionXL(ModelFamily):
             device=options.device,
             dtype=_torch_dtype(options.dtype),
         )
-
-
-def _refuse_missing_weights(path: Path, config: Path, components: dict[str, Any]) -> None:
-    """diffusers builds the text encoders empty (on ``meta``) and fills in what the file has, so a
-    weight the file lacks stays without data instead of failing the load: find it and say so."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = components[name]
-        missing = [key for key, tensor in module.state_dict().items() if tensor.is_meta] if module is not None else []
-        if missing:
-            raise ModelLoadError(
-                f"{path.name} lacks {len(missing)} weight(s) of the SDXL {name} "
-                f"(e.g. {', '.join(missing[:3])}): the file is incomplete, or its {name} does not match "
-                f"the config {config}; pass config= a folder that describes this checkpoint"
-            )
 
 
 def default_config(name: str) -> Path:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -84,10 +85,20 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
-def per_step(run: Callable[[int], Any], fewer: int = 1) -> float:
-    """T(fewer + 1 steps) - T(fewer steps), after a warm-up run (first calls allocate)."""
-    run(fewer)
-    return timed(lambda: run(fewer + 1)) - timed(lambda: run(fewer))
+REPEATS = 3
+
+
+def per_step_in_turns(ours: Callable[[int], Any], theirs: Callable[[int], Any], fewer: int = 1) -> dict[str, float]:
+    """Median over ``REPEATS`` rounds of T(fewer + 1 steps) - T(fewer steps) for each side,
+    after a warm-up run each (first calls allocate). The sides take turns within every
+    round, so load from other processes on a shared machine falls on both alike."""
+    ours(fewer)
+    theirs(fewer)
+    times: dict[str, list[float]] = {"aipaint": [], "diffusers": []}
+    for _ in range(REPEATS):
+        for name, run in (("aipaint", ours), ("diffusers", theirs)):
+            times[name].append(timed(lambda run=run: run(fewer + 1)) - timed(lambda run=run: run(fewer)))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:
@@ -142,7 +153,7 @@ def bench_sdxl(size: int) -> dict[str, Any]:
                   width=size, height=size, output_type="np")
 
     return {"family": "sdxl", "what": f"base 1.0 ({params(unet, vae, te1, te2):.2f}B), {size} px, CFG",
-            "aipaint": per_step(ours), "diffusers": per_step(theirs)}
+            **per_step_in_turns(ours, theirs)}
 
 
 # --- DeepFloyd IF ------------------------------------------------------------------------------
@@ -196,7 +207,7 @@ def bench_if(size: int) -> dict[str, Any]:
                   clean_caption=False, output_type="pt")
 
     return {"family": "deepfloyd-if", "what": f"stage I ({params(unet):.2f}B UNet), {native} px, CFG",
-            "aipaint": per_step(ours), "diffusers": per_step(theirs)}
+            **per_step_in_turns(ours, theirs)}
 
 
 # --- unCLIP ------------------------------------------------------------------------------------
@@ -252,7 +263,7 @@ def bench_unclip(size: int) -> dict[str, Any]:
     total = params(prior, decoder, first, last, text_proj)
     # unCLIP's scheduler cannot run a single step, so here one step = T(3 steps) - T(2 steps).
     return {"family": "unclip", "what": f"prior + decoder 64 px + SR 256 px ({total:.2f}B)",
-            "aipaint": per_step(ours, 2), "diffusers": per_step(theirs, 2)}
+            **per_step_in_turns(ours, theirs, 2)}
 
 
 BENCHES: dict[str, tuple[Callable[[int], dict[str, Any]], float]] = {
@@ -287,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         row = rows[-1]
         print(f"{name}: aipaint {row['aipaint']:.2f} s/step, diffusers {row['diffusers']:.2f} s/step", file=sys.stderr)
-    print(f"\nCPU, {args.threads} thread(s), float32, random weights; one step = T(2 steps) - T(1 step)\n")
+    print(f"\nCPU, {args.threads} thread(s), float32, random weights; one step = T(n+1 steps) - T(n steps), "
+          f"median of {REPEATS} rounds, the two sides in turns\n")
     print(f"{'family':<14} {'what':<48} {'aipaint s/step':>15} {'diffusers s/step':>17} {'ratio':>7}")
     for row in rows:
         ratio = row["aipaint"] / row["diffusers"] if row["diffusers"] > 0 else float("nan")

@@ -9,6 +9,8 @@ renders from those same latents, with a little latent noise so it also decodes t
 UNet's imperfect latents well. The UNet and text encoder are untouched.
 
 Usage: python -m aipaint.world.finetune_decoder zoo/models/shapes-tiny --minutes 10
+
+Each run is appended to ``training.json``'s ``decoder_finetunes`` list.
 """
 
 from __future__ import annotations
@@ -92,15 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     tmp.rmdir()
     record_path = folder / "training.json"
     record = json.loads(record_path.read_text())
-    record["decoder_finetune"] = {
-        "command": f"python -m aipaint.world.finetune_decoder {a.model} --minutes {a.minutes}",
+    # Every run is kept, in order: a model may go through this stage more than once.
+    runs = record.pop("decoder_finetunes", None) or ([record.pop("decoder_finetune")] if "decoder_finetune" in record else [])
+    record["decoder_finetunes"] = runs
+    runs.append({
+        "command": f"python -m aipaint.world.finetune_decoder {a.model} --minutes {a.minutes} --steps {a.steps} "
+                   f"--seed {a.seed} --threads {a.threads}",
         "args": vars(a),
         "steps": step,
         "minutes": round((time.time() - started) / 60, 2),
         "recon_mse_01_before": before,
         "recon_mse_01_after": after,
         "history": history,
-    }
+    })
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

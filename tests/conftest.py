@@ -92,3 +92,16 @@ def tiny_pipe(tiny_sd_path, plugin_host):
     import aipaint
 
     return aipaint.load(tiny_sd_path, host=plugin_host)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network at all: any attempt to connect fails the test loudly."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)

@@ -650,19 +650,6 @@ def _save_without_weights(folder: Path, target: Path) -> Path:
     return Path(shutil.copytree(folder, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """No network at all: any attempt to connect fails the test loudly."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-
-
 @pytest.fixture(scope="module")
 def sgm_models(tmp_path_factory, clip_tokenizer, sdxl_paths) -> dict[str, dict]:
     """Per kind: the diffusers components, their folder, a weightless config folder, the SGM file."""

@@ -9,7 +9,6 @@ device, where a 4 GB model costs no memory.
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +39,6 @@ class Exploit:
 
     def __reduce__(self):
         return (print, ("pwned",))
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No network at all: any attempt to connect fails the test loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
 @pytest.fixture(scope="module")

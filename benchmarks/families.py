@@ -56,7 +56,9 @@ def random_init(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, param in list(sub._parameters.items()):
             if param is None:
                 continue
-            tensor = torch.empty(param.shape, dtype=param.dtype)
+            # float32 throughout: a config's own dtype (SDXL's text encoder 2 says float16)
+            # would otherwise leave some layers in half precision beside float32 ones.
+            tensor = torch.empty(param.shape, dtype=torch.float32 if param.dtype.is_floating_point else param.dtype)
             if name == "weight" and "norm" in type(sub).__name__.lower():
                 tensor.fill_(1.0)
             elif name == "bias":

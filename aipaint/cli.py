@@ -201,16 +201,10 @@ def _generation_request(args: argparse.Namespace) -> Any:
 def _post_chain(texts: Sequence[str]) -> list[Any]:
     """The ``--post`` steps, parsed and checked against the registered post-processors (names,
     aliases, option names) before any model is loaded, so a typo costs no generation."""
-    from aipaint.errors import UnknownName
-    from aipaint.postprocess import RESERVED_OPTIONS, PostStep
+    from aipaint.postprocess import PostStep, check_chain
 
-    catalogue = _host().registry.postprocessors
     steps = [PostStep.parse(text) for text in texts]
-    for step in steps:
-        spec = catalogue.get(step.name)
-        for key in step.options if spec.options else ():
-            if key not in spec.options + RESERVED_OPTIONS:
-                raise UnknownName(f"{spec.name} option", key, list(spec.options))
+    check_chain(steps, _host())
     return steps
 
 

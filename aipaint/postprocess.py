@@ -105,6 +105,21 @@ def _as_steps(steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]]) -> l
     return out
 
 
+def check_chain(steps: Sequence[PostStep], host: PluginHost) -> list[tuple[Any, PostStep]]:
+    """Each step with its registered post-processor; unknown names and option names raise
+    (exact names: a near miss must not pass and then be ignored). Option values are checked
+    by the post-processor when it runs."""
+    from aipaint.errors import UnknownName
+
+    catalogue = host.registry.postprocessors
+    resolved = [(catalogue.get(step.name), step) for step in steps]
+    for spec, step in resolved:
+        for key in step.options if spec.options else ():
+            if key not in spec.options + RESERVED_OPTIONS:
+                raise UnknownName(f"{spec.name} option", key, list(spec.options))
+    return resolved
+
+
 def run_postprocessors(
     image: Image.Image,
     steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]],
@@ -118,19 +133,14 @@ def run_postprocessors(
     Steps are :class:`PostStep` objects, ``"name:k=v"`` strings or ``(name, options)``
     pairs. Infotext entries are merged (a later step overwrites an earlier one's key).
     """
-    from aipaint.errors import UnknownName, UnsupportedFeature
+    from aipaint.errors import UnsupportedFeature
     from aipaint.plugins import default_host
 
     host = host or (pipeline.host if pipeline is not None else default_host())
-    catalogue = host.registry.postprocessors
-    resolved = [(catalogue.get(step.name), step) for step in _as_steps(steps)]
-    for spec, step in resolved:  # check the whole chain before running any of it
+    resolved = check_chain(_as_steps(steps), host)  # the whole chain, before running any of it
+    for spec, _ in resolved:
         if spec.needs_model and pipeline is None:
             raise UnsupportedFeature(f"post-processor {spec.name!r} diffuses with a model: load one (-m/--model) first")
-        if spec.options:
-            for key in step.options:  # exact names: a near miss must not pass and then be ignored
-                if key not in spec.options + RESERVED_OPTIONS:
-                    raise UnknownName(f"{spec.name} option", key, list(spec.options))
     info: dict[str, str] = {}
     for spec, step in resolved:
         options = dict(step.options)

@@ -253,18 +253,20 @@ def test_cfg_scale_one_skips_negative_prompt(tiny_pipe):
     assert not np.array_equal(as_array(b.images), as_array(c.images))
 
 
+
+def dog_with_negative(pipe, negative: str) -> np.ndarray:
+    return as_array(pipe.txt2img("a dog", negative, steps=2, seed=3, width=32, height=32, cfg_scale=7).images)
+
+
 def test_negative_prompt_and_is_text_as_in_a1111(tiny_pipe):
     """A1111 splits only the prompt at AND; a negative's AND is a word (CLIP lower-cases it).
     Only its first part used to reach the model."""
     from aipaint.prompt import PromptWarning
 
-    def image(negative):
-        return as_array(tiny_pipe.txt2img("a dog", negative, steps=2, seed=3, width=32, height=32, cfg_scale=7).images)
-
     with pytest.warns(PromptWarning, match="AND in the negative prompt is plain text"):
-        anded = image("red AND blue")
-    assert np.array_equal(anded, image("red and blue"))
-    assert not np.array_equal(anded, image("red"))
+        anded = dog_with_negative(tiny_pipe, "red AND blue")
+    assert np.array_equal(anded, dog_with_negative(tiny_pipe, "red and blue"))
+    assert not np.array_equal(anded, dog_with_negative(tiny_pipe, "red"))
 
 
 def test_negative_prompt_tag_is_text_as_in_a1111(tiny_pipe):
@@ -272,13 +274,10 @@ def test_negative_prompt_tag_is_text_as_in_a1111(tiny_pipe):
     to vanish). "< lora:…>" is not a tag but gives CLIP the same tokens."""
     from aipaint.prompt import PromptWarning
 
-    def image(negative):
-        return as_array(tiny_pipe.txt2img("a dog", negative, steps=2, seed=3, width=32, height=32, cfg_scale=7).images)
-
     with pytest.warns(PromptWarning, match="<lora:ink:0.8> in the negative prompt is plain text"):
-        tagged = image("blurry <lora:ink:0.8>")
-    assert np.array_equal(tagged, image("blurry < lora:ink:0.8>"))
-    assert not np.array_equal(tagged, image("blurry"))
+        tagged = dog_with_negative(tiny_pipe, "blurry <lora:ink:0.8>")
+    assert np.array_equal(tagged, dog_with_negative(tiny_pipe, "blurry < lora:ink:0.8>"))
+    assert not np.array_equal(tagged, dog_with_negative(tiny_pipe, "blurry"))
 
 
 def test_result_carries_parameters_and_timings(tiny_pipe, tmp_path):

@@ -253,7 +253,6 @@ def test_cfg_scale_one_skips_negative_prompt(tiny_pipe):
     assert not np.array_equal(as_array(b.images), as_array(c.images))
 
 
-
 def dog_with_negative(pipe, negative: str) -> np.ndarray:
     return as_array(pipe.txt2img("a dog", negative, steps=2, seed=3, width=32, height=32, cfg_scale=7).images)
 

@@ -33,7 +33,7 @@ class AdapterContext:
 
     model: LatentDiffusionModel
     request: GenerationRequest
-    prompt_refs: tuple[Any, ...]  # e.g. the LoraRef tags of the prompt that this adapter handles
+    prompt_refs: tuple[Any, ...]  # the prompt's tags of this adapter's prompt_tags kinds: LoraRef, ExtraNetworkRef
     units: tuple[AdapterUnit, ...]  # the request's units of this adapter's kind
     height: int = 0
     width: int = 0
@@ -59,7 +59,10 @@ class AdapterSpec:
 
     ``activate(context)`` returns a context manager yielding an :class:`AdapterActivation`;
     everything it changed must be restored when the context exits, even on error.
-    ``prompt_tags`` lists the prompt tag kinds it consumes (``("lora", "lyco")``).
+    ``prompt_tags`` lists the prompt tag kinds it consumes (``("lora", "lyco")``; any other kind,
+    such as ``"hypernet"``, reaches it as :class:`aipaint.prompt.ExtraNetworkRef`). A tag of a kind
+    no adapter consumes is ignored with a :class:`aipaint.prompt.PromptWarning`, except LoRA tags,
+    which are an error.
     """
 
     name: str

@@ -27,7 +27,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", default="torch", help="runtime plugin (default: torch)")
     g.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE", dest="runtime_options",
                    help="runtime option, repeatable (e.g. onnx_dir=exported/ for --runtime onnxruntime)")
-    g.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files with torch.load(weights_only=True)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="load .ckpt/.pt files with torch.load(weights_only=True): the model, and files plugins load "
+                        "by name (e.g. LoRAs, embeddings)")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -142,6 +144,9 @@ def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) 
     return group
 
 
+GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
+"""The commands that generate an image from a request; plugins add their generation options to each."""
+
 ADAPTER_UNIT_BUILDERS = "adapter_unit_builders"
 
 
@@ -150,6 +155,71 @@ def add_adapter_unit_builder(parser: argparse.ArgumentParser, build: Callable[[a
     adapter units: ``build(args, png_params)`` returns :class:`aipaint.adapters.AdapterUnit` objects;
     ``png_params`` are the parameters recorded in ``--from-png``'s PNG (empty without it)."""
     parser.set_defaults(**{ADAPTER_UNIT_BUILDERS: [*(parser.get_default(ADAPTER_UNIT_BUILDERS) or []), build]})
+
+
+REQUEST_EXTRA_BUILDERS = "request_extra_builders"
+
+
+def add_request_extra_builder(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, dict[str, str]], dict[str, Any]]) -> None:
+    """Let a plugin that added options to a generation command (e.g. ``--lora-dir``) pass them to its
+    adapter: ``build(args, png_params)`` returns entries for :attr:`aipaint.params.GenerationRequest.extra`
+    (empty when its options were not given); ``png_params`` as for :func:`add_adapter_unit_builder`."""
+    parser.set_defaults(**{REQUEST_EXTRA_BUILDERS: [*(parser.get_default(REQUEST_EXTRA_BUILDERS) or []), build]})
+
+
+def _available_here(card: Any) -> str | None:
+    """Why the zoo model ``card`` cannot be loaded here without a download, or None when it can."""
+    from pathlib import Path
+
+    from aipaint import zoo
+
+    if card.family not in _host().registry.families:
+        return f"it needs the model family {card.family!r}, which no installed plugin provides"
+    source = card.source
+    kind = source.get("kind")
+    if kind == "embedded" and (zoo.zoo_root() / source.get("path", "")).exists():
+        return None
+    if kind == "local" and Path(source.get("path", "")).expanduser().exists():
+        return None
+    if kind == "hub":
+        try:
+            import huggingface_hub
+
+            if source.get("file"):
+                if isinstance(huggingface_hub.try_to_load_from_cache(source["repo"], source["file"]), str):
+                    return None
+            else:
+                huggingface_hub.snapshot_download(source["repo"], local_files_only=True)
+                return None
+        except Exception:  # not in the local cache (the error types vary between hub versions)
+            pass
+        return "it is not downloaded yet"
+    return "its files are not on this machine"
+
+
+def _model_from_png(args: argparse.Namespace, params: dict[str, str]) -> None:
+    """``--from-png`` without ``-m``: use the model the PNG names when it is a zoo model available here,
+    else keep the default and say on stderr which model the PNG names."""
+    from aipaint import zoo
+
+    name = params.get("Model", "").strip()
+    digest = params.get("Model hash", "").strip().lower()
+    if not name and not digest:
+        return
+    card = zoo.find(name) if name else None
+    if card is None and len(digest) >= 8:  # A1111's short hash: the first 10 hex digits of the file's sha256
+        card = next((c for c in zoo.cards() if any(str(f.get("sha256", "")).lower().startswith(digest) for f in c.files)), None)
+    problem = _available_here(card) if card is not None else None
+    if card is not None and problem is None:
+        args.model = card.id
+        return
+    named = f"the model {name!r}" + (f" (hash {digest})" if digest else "") if name else f"the model of hash {digest}"
+    if card is not None:
+        why, advice = f"the zoo model {card.id!r}, but {problem}", f"pass -m {card.id} to use it"
+    else:
+        why, advice = "which is not in the zoo", "pass -m with that model (a file, folder or hub id) to use it"
+    print(f"aipaint: warning: {args.from_png} was made with {named}, {why}; using the default model "
+          f"{zoo.DEFAULT_MODEL!r} instead ({advice})", file=sys.stderr)
 
 
 def _generation_request(args: argparse.Namespace) -> Any:
@@ -166,6 +236,8 @@ def _generation_request(args: argparse.Namespace) -> Any:
         info = Infotext.from_text(text)
         png_params = info.params
         kwargs.update(generation_kwargs(info))
+        if args.model is None:
+            _model_from_png(args, png_params)
     if args.prompt is not None:
         kwargs["prompt"] = args.prompt
     if "prompt" not in kwargs:
@@ -195,6 +267,12 @@ def _generation_request(args: argparse.Namespace) -> Any:
     units = [unit for build in getattr(args, ADAPTER_UNIT_BUILDERS, None) or () for unit in build(args, png_params)]
     if units:
         kwargs["adapters"] = (*kwargs.get("adapters", ()), *units)
+    # --allow-pickle is the user's opt-in for every file of this run, so it reaches the adapters too.
+    extra: dict[str, Any] = {"allow_pickle": True} if args.allow_pickle else {}
+    for build in getattr(args, REQUEST_EXTRA_BUILDERS, None) or ():
+        extra.update(build(args, png_params))
+    if extra:
+        kwargs["extra"] = {**kwargs.get("extra", {}), **extra}
     return GenerationRequest(**kwargs)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from aipaint.cli import _add_generation_options, _add_model_options, _generation_request, _load, _progress_bar
 from aipaint.errors import AipaintError
-from aipaint.params import INPAINT_FILLS, OUTPAINT_FILLS, RESIZE_MODES
+from aipaint.params import INPAINT_FILLS, OUTPAINT_FILLS, OUTPAINT_SIDES, RESIZE_MODES
 
 
 def _add_common(p: argparse.ArgumentParser, strength_default: str) -> None:
@@ -48,15 +48,16 @@ def _add_mask_options(p: argparse.ArgumentParser) -> None:
                    help="pixels around the mask's region with --only-masked (default 32)")
 
 
+SIDES = ("left", "top", "right", "bottom")
 IMAGE_FIELDS = ("denoising_strength", "resize_mode", "img2img_exact_steps", "mask_blur", "inpainting_mask_invert",
                 "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding")
 
 
-def _image_request(args: argparse.Namespace, **images: Any) -> Any:
-    """The request of ``aipaint generate`` plus the input images and the image options given."""
+def _image_request(args: argparse.Namespace, **fields: Any) -> Any:
+    """The request of ``aipaint generate`` plus ``fields`` (the input images, …) and the image options given."""
     request = _generation_request(args)
     options = {name: getattr(args, name) for name in IMAGE_FIELDS if getattr(args, name, None) is not None}
-    return dataclasses.replace(request, **images, **options)
+    return dataclasses.replace(request, **fields, **options)
 
 
 def _run(args: argparse.Namespace, generate: Any) -> int:
@@ -72,25 +73,33 @@ def _run(args: argparse.Namespace, generate: Any) -> int:
     return 0
 
 
+# img2img and inpaint take an outpainted PNG's parameters without extending the image again.
+NOT_OUTPAINTING = dict.fromkeys(OUTPAINT_SIDES, 0)
+
+
 def cmd_img2img(args: argparse.Namespace) -> int:
-    request = _image_request(args, init_image=args.image)
+    request = _image_request(args, init_image=args.image, **NOT_OUTPAINTING)
     return _run(args, lambda pipe, progress: pipe.generate(request, progress=progress))
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
-    request = _image_request(args, init_image=args.image, mask=args.mask)
+    request = _image_request(args, init_image=args.image, mask=args.mask, **NOT_OUTPAINTING)
     return _run(args, lambda pipe, progress: pipe.generate(request, progress=progress))
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
-    from aipaint.image_modes import Extension, outpaint
+    from aipaint.image_modes import outpaint
 
     if args.width or args.height:
         raise AipaintError("outpaint sets the size itself (the image plus the extension): leave out -W/-H")
-    extension = Extension(args.left, args.top, args.right, args.bottom)
-    # A PNG's Size is the canvas it was made on; the canvas is recomputed from this image.
-    request = dataclasses.replace(_image_request(args, init_image=args.image), width=None, height=None)
-    return _run(args, lambda pipe, progress: outpaint(pipe, request, extension, fill=args.fill, progress=progress))
+    # Sides and fill given here override those recorded in --from-png's PNG, one by one.
+    options = {f"outpaint_{side}": getattr(args, side) for side in SIDES if getattr(args, side) is not None}
+    if args.fill is not None:
+        options["outpaint_fill"] = args.fill
+    # The canvas is worked out again from this image (a PNG written before aipaint recorded
+    # the sides gives its canvas as Size).
+    request = _image_request(args, init_image=args.image, width=None, height=None, **options)
+    return _run(args, lambda pipe, progress: outpaint(pipe, request, progress))
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -112,8 +121,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="input image file")
     _add_common(p, "1.0")
     g = p.add_argument_group("outpaint")
-    for side in ("left", "top", "right", "bottom"):
-        g.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"pixels to add on the {side}")
-    g.add_argument("--fill", choices=OUTPAINT_FILLS, default="edge", help="how the new area starts (default: edge colours)")
+    for side in SIDES:
+        g.add_argument(f"--{side}", type=int, metavar="PX", help=f"pixels to add on the {side} (default 0)")
+    g.add_argument("--fill", choices=OUTPAINT_FILLS, help="how the new area starts (default: edge colours)")
     g.add_argument("--mask-blur", type=int, metavar="PX", help="feather of the seam inside the new area, pixels (default 8)")
     p.set_defaults(func=cmd_outpaint)

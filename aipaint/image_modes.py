@@ -20,7 +20,9 @@ What the modes add to txt2img, following A1111 (modules/processing.py,
   ratio), generates it at the full requested size, and pastes it back.
 * **outpainting**: the image is put on a larger canvas whose new area starts from its
   edge colours, a blurred fill or noise, and that area is inpainted; the overlay is
-  feathered only *inside* the new area, so the original pixels never change.
+  feathered only *inside* the new area, so the original pixels never change. The sides
+  and the fill are request fields (``outpaint_left`` … ``outpaint_fill``) and are recorded
+  in the PNG parameters, so ``--from-png`` repeats an outpaint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +41,7 @@ from PIL import Image
 from aipaint import imageutil
 from aipaint.denoise import LoopContributor
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.params import SIZE_RANGE, STEPS_RANGE, GenerationRequest
+from aipaint.params import OUTPAINT_SIDES, SIZE_RANGE, STEPS_RANGE, GenerationRequest
 from aipaint.sampling_plans import SamplingPlan
 
 if TYPE_CHECKING:
@@ -240,10 +243,12 @@ def generate_from_image(
     progress: Progress | None = None,
     *,
     layout: InpaintLayout | None = None,
+    mode_infotext: Mapping[str, Any] | None = None,
 ) -> Result:
     """Run an img2img or inpainting request (``request.init_image`` set, ``request.mask`` optional).
 
-    ``layout`` replaces the one the request's mask options describe (outpainting's own).
+    ``layout`` replaces the one the request's mask options describe, and ``mode_infotext``
+    adds to its PNG parameters (both outpainting's own).
     """
     started = time.perf_counter()
     model = pipe.model
@@ -295,7 +300,7 @@ def generate_from_image(
         images = [layout.paste(image) for image in images]
     timings["decode"] = time.perf_counter() - started - timings["prepare"] - timings["denoise"]
     timings["total"] = time.perf_counter() - started
-    return pipe.make_result(request, images, {**adapter_info, **image_infotext(request)}, timings)
+    return pipe.make_result(request, images, {**adapter_info, **image_infotext(request), **(mode_infotext or {})}, timings)
 
 
 def image_infotext(request: GenerationRequest) -> dict[str, Any]:
@@ -352,21 +357,19 @@ class Extension:
         return size[0] + self.left + self.right, size[1] + self.top + self.bottom
 
 
-def outpaint(
-    pipe: Pipeline,
-    request: GenerationRequest,
-    extension: Extension,
-    *,
-    fill: str = "edge",
-    progress: Progress | None = None,
-) -> Result:
-    """Extend ``request.init_image`` by ``extension`` and generate the new area.
+def outpaint(pipe: Pipeline, request: GenerationRequest, progress: Progress | None = None) -> Result:
+    """Extend ``request.init_image`` by the request's ``outpaint_*`` sides and generate the new area.
 
     The request's ``mask_blur`` is the width of the feather inside the new area; width and
-    height are the canvas's and cannot be chosen.
+    height are the canvas's and cannot be chosen, nor can a mask (the new area is the mask).
     """
+    if request.init_image is None:
+        raise InvalidParameter("init_image", None, "outpainting needs the image to extend")
+    if request.mask is not None:
+        raise InvalidParameter("mask", "<mask>", "is made by outpainting (the new area)", "leave the mask out, or inpaint instead")
     if request.width is not None or request.height is not None:
         raise InvalidParameter("width/height", f"{request.width}x{request.height}", "are set by outpainting: the image plus the extension")
+    extension = Extension(*(getattr(request, name) for name in OUTPAINT_SIDES))
     image = request.init_image
     grid = size_grid(pipe.model)
     padded = extension.padded_to(image.size, grid)
@@ -380,7 +383,8 @@ def outpaint(
         )
     # The seed is fixed here because the "noise" fill is drawn from it.
     request = with_mode_defaults(request, OUTPAINT_STRENGTH, OUTPAINT_MASK_BLUR).with_seed()
-    canvas = imageutil.extend_canvas(image, padded.left, padded.top, padded.right, padded.bottom, fill, seed=request.seed)
+    canvas = imageutil.extend_canvas(image, padded.left, padded.top, padded.right, padded.bottom, request.outpaint_fill,
+                                     seed=request.seed)
     mask = imageutil.outpaint_mask(image.size, padded.left, padded.top, padded.right, padded.bottom)
     x, y = padded.left - extension.left, padded.top - extension.top
     out_width, out_height = extension.canvas_size(image.size)
@@ -391,6 +395,8 @@ def outpaint(
         overlay=imageutil.feather_inside(mask, request.mask_blur),
         result_box=(x, y, x + out_width, y + out_height),
     )
+    # The canvas is inpainted by an ordinary inpainting request (the result's request), so
+    # a post-processor that reuses it redraws the picture rather than extending it again.
     inpaint_request = dataclasses.replace(
         request,
         init_image=canvas,
@@ -401,5 +407,15 @@ def outpaint(
         inpainting_fill="original",
         inpainting_mask_invert=False,
         inpaint_full_res=False,
+        outpaint_fill="edge",
+        **dict.fromkeys(OUTPAINT_SIDES, 0),
     )
-    return generate_from_image(pipe, inpaint_request, progress, layout=layout)
+    return generate_from_image(pipe, inpaint_request, progress, layout=layout, mode_infotext=outpaint_infotext(request))
+
+
+def outpaint_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """The PNG parameters that repeat an outpaint: the sides extended (as asked, before the
+    padding to the size grid) and the fill. A1111 records none; these are aipaint's keys."""
+    sides = {"Outpaint left": request.outpaint_left, "Outpaint top": request.outpaint_top,
+             "Outpaint right": request.outpaint_right, "Outpaint bottom": request.outpaint_bottom}
+    return {**{key: pixels for key, pixels in sides.items() if pixels}, "Outpaint fill": request.outpaint_fill}

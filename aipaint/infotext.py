@@ -23,6 +23,18 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
+def _entries_only(line: str) -> list[tuple[str, str]]:
+    """The ``Key: value`` entries of a line that holds nothing else, or [] when anything else is in it."""
+    found, position = [], 0
+    while position < len(line):
+        match = _PARAM.match(line, position)
+        if match is None or match.end() == position:
+            return []
+        found.append((match[1], match[2]))
+        position = match.end()
+    return found
+
+
 def quote(value: Any) -> str:
     text = str(value)
     if "," not in text and "\n" not in text and ":" not in text:
@@ -60,12 +72,22 @@ class Infotext:
 
     @classmethod
     def from_text(cls, text: str) -> Infotext:
-        """Parse A1111 infotext. Never raises on odd input; unknown keys are kept."""
+        """Parse A1111 infotext. Never raises on odd input; unknown keys are kept.
+
+        As in A1111, the last line holds the parameters when at least three entries are
+        found in it (so a prompt such as "style: ink, sketch" stays a prompt). A text that
+        starts with an empty prompt line says it has no prompt: there a last line made of
+        nothing but entries is the parameters whatever their number (what a post-processor
+        writes on an image without parameters).
+        """
+        no_prompt = text.startswith(("\n", "\r\n"))
         lines = text.strip().split("\n")
         params: dict[str, str] = {}
         last = lines[-1] if lines else ""
         found = _PARAM.findall(last)
-        if len(found) >= 3:
+        if len(found) < 3 and no_prompt:
+            found = _entries_only(last)
+        if len(found) >= 3 or (found and no_prompt):
             params = {k.strip(): unquote(v.strip()) for k, v in found}
             lines = lines[:-1]
         prompt_lines: list[str] = []
@@ -121,6 +143,11 @@ _INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Mask blur": ("mask_blur", int),
     "Masked content": ("inpainting_fill", str),
     "Masked area padding": ("inpaint_full_res_padding", int),
+    "Outpaint left": ("outpaint_left", int),
+    "Outpaint top": ("outpaint_top", int),
+    "Outpaint right": ("outpaint_right", int),
+    "Outpaint bottom": ("outpaint_bottom", int),
+    "Outpaint fill": ("outpaint_fill", str),
 }
 # Keys whose presence with one value turns an option on.
 _INFOTEXT_FLAGS: dict[str, tuple[str, str]] = {
@@ -134,7 +161,9 @@ def generation_kwargs(info: Infotext) -> dict[str, Any]:
     """Request fields recorded in an infotext (what ``--from-png`` regenerates from).
 
     A1111 wrote samplers such as "DPM++ 2M Karras" before it had a separate schedule
-    type; those are split here.
+    type; those are split here. An outpainted image's ``Size`` is the canvas it was painted
+    on, which outpainting works out from the image and the ``Outpaint`` sides, so it gives
+    no width and height.
     """
     from aipaint.errors import InvalidParameter
 
@@ -151,7 +180,7 @@ def generation_kwargs(info: Infotext) -> dict[str, Any]:
             if sampler.endswith(" " + schedule):
                 kwargs["sampler"], kwargs["schedule"] = sampler[: -len(schedule) - 1], schedule
     size = info.size()
-    if size:
+    if size and not any(key.startswith("Outpaint ") for key in info.params):
         kwargs["width"], kwargs["height"] = size
     if info.params.get("Emphasis") == "No norm":
         kwargs["emphasis"] = "none"

@@ -30,6 +30,8 @@ RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 """A1111's img2img resize modes, in its order (``resize_mode`` 0–2)."""
 OUTPAINT_FILLS = ("edge", "blur", "noise")
 """How outpainting starts the new area: edge colours, blurred surroundings, or noise."""
+OUTPAINT_SIDES = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom")
+"""The request fields that say how far outpainting extends the image on each side."""
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type) -> None:
@@ -85,6 +87,14 @@ class GenerationRequest:
     inpainting_fill: str = "original"
     inpaint_full_res: bool = False  # "Inpaint area: Only masked"
     inpaint_full_res_padding: int = 32
+    # Outpainting (see aipaint.image_modes.outpaint): with an ``init_image``, any side above 0
+    # makes the request an outpainting one; the image is extended by these pixels and
+    # ``outpaint_fill`` starts the new area.
+    outpaint_left: int = 0
+    outpaint_top: int = 0
+    outpaint_right: int = 0
+    outpaint_bottom: int = 0
+    outpaint_fill: str = "edge"
     # A1111's seed extras (see aipaint.noise): variation seed (-1 = random) and strength,
     # and "resize seed from" width/height (0 = off).
     subseed: int = -1
@@ -149,6 +159,10 @@ class GenerationRequest:
                 raise InvalidParameter(name, getattr(self, name), "must be True or False")
         object.__setattr__(self, "inpainting_fill", _choice("inpainting_fill", self.inpainting_fill, INPAINT_FILLS))
         object.__setattr__(self, "resize_mode", _choice("resize_mode", self.resize_mode, RESIZE_MODES))
+        for name in OUTPAINT_SIDES:
+            _check_range(name, getattr(self, name), 0, SIZE_RANGE[1], int)
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "outpaint_fill", _choice("outpaint_fill", self.outpaint_fill, OUTPAINT_FILLS))
         if self.init_image is None and self.mask is None:
             return
         from aipaint import imageutil
@@ -178,6 +192,11 @@ class GenerationRequest:
         if self.subseed == -1 and self.subseed_strength:
             fixed["subseed"] = random.randint(0, MAX_SEED - self.batch_size)
         return dataclasses.replace(self, **fixed) if fixed else self
+
+    @property
+    def outpaints(self) -> bool:
+        """Whether this is an outpainting request: an image, and a side to extend it on."""
+        return self.init_image is not None and any(getattr(self, name) for name in OUTPAINT_SIDES)
 
     @property
     def seeds(self) -> list[int]:

@@ -169,15 +169,18 @@ class Pipeline:
         **params: Any,
     ) -> Result:
         """Extend ``image`` by the given pixels on each side and paint the new area; the
-        original pixels stay unchanged. ``fill``: ``edge``, ``blur`` or ``noise``."""
-        extension = image_modes.Extension(left, top, right, bottom)
+        original pixels stay unchanged. ``fill``: ``edge``, ``blur`` or ``noise``. The same as
+        :meth:`generate` with the request fields ``outpaint_left`` … ``outpaint_fill``."""
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, init_image=image,
-            denoising_strength=denoising_strength, mask_blur=mask_blur, **params,
+            denoising_strength=denoising_strength, mask_blur=mask_blur, outpaint_left=left, outpaint_top=top,
+            outpaint_right=right, outpaint_bottom=bottom, outpaint_fill=fill, **params,
         )
-        return image_modes.outpaint(self, request, extension, fill=fill, progress=progress)
+        return image_modes.outpaint(self, request, progress)
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> Result:
+        if request.outpaints:
+            return image_modes.outpaint(self, request, progress)
         if request.init_image is not None:
             return image_modes.generate_from_image(self, request, progress)
         started = time.perf_counter()
@@ -303,11 +306,12 @@ class Pipeline:
         request = prepared.request
         registry = self.host.registry.adapters
         loras = tuple(prepared.prompt.loras)
+        tags = (*loras, *prepared.prompt.extra_networks)
         claimed: set[int] = set()
         activations = []
         for spec in registry:
             spec: AdapterSpec
-            refs = tuple(r for r in loras if getattr(r, "kind", "lora") in spec.prompt_tags)
+            refs = tuple(r for r in tags if getattr(r, "kind", "lora") in spec.prompt_tags)
             units = tuple(u for u in request.adapters if registry.get(u.kind) is spec) if request.adapters else ()
             context = AdapterContext(self.model, request, refs, units, request.height, request.width, host=self.host)
             if not refs and not units and not (spec.wants is not None and spec.wants(context)):
@@ -320,6 +324,18 @@ class Pipeline:
             raise UnsupportedFeature(
                 f"the prompt uses {names}, but no installed adapter handles LoRA tags; "
                 "install a LoRA adapter plugin or remove the tag"
+            )
+        ignored = [r for r in prepared.prompt.extra_networks if id(r) not in claimed]
+        if ignored:  # A1111 skips extra networks it has no handler for; so does aipaint, but never silently
+            from aipaint.prompt import PromptWarning
+
+            kinds = ", ".join(dict.fromkeys(repr(r.kind) for r in ignored))
+            warnings.warn(
+                f"aipaint: the prompt's {', '.join(r.tag for r in ignored)} {'tag was' if len(ignored) == 1 else 'tags were'} "
+                f"removed and ignored: no installed adapter handles {kinds} tags (A1111 skips them too; "
+                "`aipaint plugins` lists the adapters)",
+                PromptWarning,
+                stacklevel=4,
             )
         return activations
 

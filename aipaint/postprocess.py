@@ -153,7 +153,14 @@ def run_postprocessors(
 
 
 def merge_infotext(text: str, entries: dict[str, str]) -> str:
-    """Add ``entries`` to an A1111 parameters text, before its closing ``Version`` entry."""
+    """Add ``entries`` to an A1111 parameters text, before its closing ``Version`` entry.
+
+    ``text`` may be empty or hold no parameters line (an image aipaint did not generate):
+    the result keeps A1111's layout (the prompt line, empty when there is none, then one
+    parameters line) and ends with aipaint's ``Version`` as a generated image's does, so it
+    reads back as parameters even when a processor recorded only one or two entries.
+    """
+    from aipaint import __version__
     from aipaint.infotext import Infotext
 
     parsed = Infotext.from_text(text) if text else Infotext("")
@@ -161,6 +168,8 @@ def merge_infotext(text: str, entries: dict[str, str]) -> str:
     params.update(entries)
     if "Version" in parsed.params:
         params["Version"] = parsed.params["Version"]
+    elif entries and not parsed.params:
+        params["Version"] = f"aipaint {__version__}"
     return Infotext(parsed.prompt, parsed.negative_prompt, params).to_text()
 
 

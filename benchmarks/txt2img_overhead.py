@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    # diffusers warns about the reference's stored scheduler config (steps_offset) on every load
+    warnings.filterwarnings("ignore", category=FutureWarning)
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import save_tiny_sd
 

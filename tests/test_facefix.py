@@ -260,8 +260,9 @@ def test_restoreformer_weights_are_detected_as_a_face_restorer(restorer_folder, 
 
 def test_a_real_restorer_redraws_the_face_and_nothing_else(restorer_folder, monkeypatch, astronaut, tmp_path, capsys):
     """Load → detect → restore → blend on a photograph, from Python and from the command line."""
+    from aipaint import __version__
     from aipaint.cli import main
-    from aipaint.infotext import read_png_parameters
+    from aipaint.infotext import Infotext, read_png_parameters
 
     monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(restorer_folder))
     before = np.asarray(astronaut)
@@ -279,8 +280,14 @@ def test_a_real_restorer_redraws_the_face_and_nothing_else(restorer_folder, monk
     assert main(["facefix", str(source), "--restore-only", "--restorer", "RestoreFormer", "--visibility", "0",
                  "-o", str(out)]) == 0
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), before)  # strength 0: the photograph
-    assert read_png_parameters(out) == "Face restoration: RestoreFormer, Face restoration visibility: 0"
+    # No parameters in the photograph: an empty prompt line, then the parameters (A1111's layout).
+    recorded = Infotext.from_text(read_png_parameters(out))
+    assert recorded.prompt == "" and recorded.negative_prompt == ""
+    assert recorded.params == {"Face restoration": "RestoreFormer", "Face restoration visibility": "0",
+                               "Version": f"aipaint {__version__}"}
     capsys.readouterr()
+    assert main(["facefix", str(out), "-o", str(tmp_path / "fixed.png")]) == 2  # the restored PNG carries no prompt
+    assert "needs a prompt" in capsys.readouterr().err
     refused = tmp_path / "refused.png"
     assert main(["facefix", str(source), "--restore-only", "--restorer", "2x-compact", "-o", str(refused)]) == 2
     assert "not face restoration" in capsys.readouterr().err and not refused.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from aipaint import __version__
 from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
 
 A1111_SAMPLE = """masterpiece, (best quality:1.2), 1girl, <lora:add_detail:0.6>
@@ -57,3 +58,27 @@ def test_reads_png_chunk_written_by_other_tools(tmp_path):
 def test_never_raises_on_garbage():
     for text in ["", "\n\n", "Negative prompt:", "a: b, c: d, e: f", '"unterminated: "x, y: z, w: 1']:
         Infotext.from_text(text)
+
+
+def test_post_processing_entries_on_an_image_without_parameters_read_back_as_parameters():
+    """An image aipaint did not generate gets A1111's layout: an empty prompt line, then one
+    parameters line ending with Version, so even one or two entries are read as parameters."""
+    from aipaint.postprocess import merge_infotext
+
+    two = {"Face restoration": "RestoreFormer", "Face restoration visibility": "0"}
+    text = merge_infotext("", two)
+    assert text == "\nFace restoration: RestoreFormer, Face restoration visibility: 0, Version: aipaint " + __version__
+    info = Infotext.from_text(text)
+    assert (info.prompt, info.negative_prompt, info.params) == ("", "", {**two, "Version": f"aipaint {__version__}"})
+    one = Infotext.from_text(Infotext("", "", {"Sticker": "flood, outline 3px white"}).to_text())
+    assert one.prompt == "" and one.params == {"Sticker": "flood, outline 3px white"}
+    kept = Infotext.from_text(merge_infotext("a cat\nSteps: 2, Seed: 1, Size: 8x8, Version: v1", {"Sticker": "x"}))
+    assert kept.prompt == "a cat" and list(kept.params) == ["Steps", "Seed", "Size", "Sticker", "Version"]
+
+
+def test_an_empty_first_line_takes_only_a_line_of_entries_for_parameters():
+    assert Infotext.from_text("\nstyle: ink, sketch").params == {}  # "sketch" is no entry: a prompt
+    assert Infotext.from_text("\nstyle: ink, sketch").prompt == "style: ink, sketch"
+    assert Infotext.from_text("style: ink, mood: dark").params == {}  # no empty prompt line: A1111's rule
+    negative = Infotext.from_text("\nNegative prompt: blurry\nSticker: x")
+    assert (negative.prompt, negative.negative_prompt, negative.params) == ("", "blurry", {"Sticker": "x"})

@@ -109,3 +109,38 @@ def test_lineart_post_processor_needs_a_model(plugin_host, drawing):
 
     with pytest.raises(UnsupportedFeature):
         run_postprocessors(drawing, ["lineart:prompt=x"], host=plugin_host)
+
+
+def test_lineart_post_processor_records_its_controlnet_unit(tiny_pipe, drawing, tmp_path, monkeypatch):
+    """In a chain the image keeps its own parameters, so the post-processor carries the unit the
+    colouring used, in the ControlNet adapter's own format, under a key of its own."""
+    if "controlnet" not in tiny_pipe.host.registry.adapters:
+        pytest.skip("the ControlNet adapter plugin is not installed")
+    from aipaint_plugins.controlnet.units import units_from_params
+    from aipaint_plugins.lineart.colour import LINEART_CONTROLNET_KEY
+    from test_controlnet import _tiny_controlnet
+
+    from aipaint.infotext import Infotext
+    from aipaint.postprocess import merge_infotext, run_postprocessors
+
+    _tiny_controlnet(tiny_pipe.model.unet, 2).save_pretrained(tmp_path / "control_lineart_tiny")
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    out = run_postprocessors(drawing, [("lineart", {"prompt": "a red circle", "steps": 2, "seed": 1})], tiny_pipe)
+    assert out.infotext["Lineart"] == "controlnet control_lineart_tiny, lines multiplied"
+    _, _, direct = colour_lineart(tiny_pipe, drawing, "a red circle", steps=2, seed=1)
+    assert out.infotext[LINEART_CONTROLNET_KEY] == Infotext.from_text(direct.infotexts[0]).params["ControlNet 0"]
+    (unit,) = units_from_params({"ControlNet 0": out.infotext[LINEART_CONTROLNET_KEY]})
+    assert unit["model"].startswith("control_lineart_tiny [") and unit["preprocessor"] == "none" and unit["weight"] == 1.0
+    # After a generation made without a ControlNet, the PNG still says it had none of its own.
+    params = Infotext.from_text(merge_infotext("a red circle\nSteps: 2, Seed: 1, Size: 64x64", out.infotext)).params
+    assert "ControlNet 0" not in params and LINEART_CONTROLNET_KEY in params
+
+
+def test_lineart_post_processor_by_img2img_records_no_controlnet(tiny_pipe, drawing, tmp_path, monkeypatch):
+    from aipaint_plugins.lineart.colour import LINEART_CONTROLNET_KEY
+
+    from aipaint.postprocess import run_postprocessors
+
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))  # none installed: img2img
+    out = run_postprocessors(drawing, [("lineart", {"prompt": "a red circle", "steps": 2, "seed": 1})], tiny_pipe)
+    assert out.infotext["Lineart"] == "img2img, lines multiplied" and LINEART_CONTROLNET_KEY not in out.infotext

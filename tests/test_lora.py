@@ -411,3 +411,19 @@ def test_lora_list_command(text_lora, kohya_file, monkeypatch, capsys):
     assert main(["lora", "list", "--hashes"]) == 0
     out = capsys.readouterr().out
     assert "strong" in out and "style" in out and addnet_hash(text_lora / "style.safetensors") in out
+
+
+def test_lyco_tags_are_lora_tags(tiny_pipe, text_lora):
+    extra = {"lora_dir": str(text_lora)}
+    lora = tiny_pipe.txt2img("a cat <lora:strong:0.5>", extra=extra, **GEN)
+    lyco = tiny_pipe.txt2img("a cat <lyco:strong:0.5>", extra=extra, **GEN)
+    assert np.array_equal(pixels(lyco), pixels(lora))
+    assert Infotext.from_text(lyco.infotexts[0]).params["Lora hashes"] == Infotext.from_text(lora.infotexts[0]).params["Lora hashes"]
+
+
+def test_a_refused_lora_name_is_explained_with_a_lora_tag(folder):
+    from aipaint_plugins.lora.api import lora_folder
+
+    with pytest.raises(NameOutsideFolder) as refused:
+        lora_folder(folder).resolve("../x")
+    assert "<lora:my_style:0.8>" in refused.value.hint and "lora file" in refused.value.hint

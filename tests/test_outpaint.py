@@ -10,7 +10,8 @@ from PIL import Image
 from aipaint import imageutil
 from aipaint.errors import InvalidParameter
 from aipaint.image_modes import Extension
-from aipaint.infotext import Infotext
+from aipaint.infotext import Infotext, generation_kwargs
+from aipaint.params import OUTPAINT_SIDES, GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
 
@@ -88,6 +89,30 @@ def test_strength_and_blur_defaults_and_infotext(tiny_pipe):
     assert Infotext.from_text(partial.parameters).params["Denoising strength"] == "0.5"
 
 
+def test_png_parameters_repeat_the_outpaint(tiny_pipe):
+    """Sides and fill are recorded, and read back into the same request: the same image again."""
+    image = noise_image(32, 24)
+    request = GenerationRequest("a red circle", init_image=image, outpaint_left=5, outpaint_bottom=13, outpaint_fill="noise",
+                                mask_blur=6, denoising_strength=0.9, **FAST)
+    result = tiny_pipe.generate(request)
+    info = Infotext.from_text(result.parameters)
+    assert info.params["Outpaint left"] == "5" and info.params["Outpaint bottom"] == "13" and info.params["Outpaint fill"] == "noise"
+    assert "Outpaint top" not in info.params and "Outpaint right" not in info.params
+    again = GenerationRequest(**generation_kwargs(info), init_image=image)
+    fields = ("prompt", "seed", "steps", "denoising_strength", "mask_blur", "width", "height", "outpaint_fill", *OUTPAINT_SIDES)
+    assert {f: getattr(again, f) for f in fields} == {f: getattr(request, f) for f in fields}
+    repeated = tiny_pipe.generate(again)
+    assert repeated.image.size == (37, 37)
+    assert np.array_equal(pixels(repeated.image), pixels(result.image))
+
+
+def test_the_result_request_inpaints_the_canvas_without_extending_it_again(tiny_pipe):
+    """Post-processors reuse the result's request; it must not outpaint a second time."""
+    result = tiny_pipe.outpaint(noise_image(), "x", right=8, **FAST)
+    assert not result.request.outpaints and result.request.mask is not None
+    assert result.request.init_image.size == (40, 32)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -97,6 +122,7 @@ def test_strength_and_blur_defaults_and_infotext(tiny_pipe):
         ({"right": 4090}, "larger than 4096"),
         ({"right": 8, "width": 64}, "width/height"),
         ({"right": 8, "fill": "mirror"}, "fill"),
+        ({"right": 8, "mask": Image.new("L", (32, 32), 255)}, "made by outpainting"),
     ],
 )
 def test_bad_extensions_are_refused(tiny_pipe, kwargs, message):
@@ -115,10 +141,18 @@ def test_cli_outpaint(tiny_sd_path, tmp_path, capsys):
     image = Image.open(out)
     assert image.size == (40, 37)
     assert np.array_equal(pixels(image)[:32, 8:], pixels(noise_image()))
-    again = tmp_path / "again.png"
-    assert main(["outpaint", str(tmp_path / "in.png"), "--from-png", str(out), "--left", "8", "--bottom", "5", "--fill", "noise",
+    again = tmp_path / "again.png"  # the PNG records the sides and the fill: no need to give them again
+    assert main(["outpaint", str(tmp_path / "in.png"), "--from-png", str(out),
                  "-o", str(again), "-m", str(tiny_sd_path), "--no-progress"]) == 0
     assert np.array_equal(pixels(image), pixels(Image.open(again)))
+    wider = tmp_path / "wider.png"  # a side given on the command line overrides the recorded one
+    assert main(["outpaint", str(tmp_path / "in.png"), "--from-png", str(out), "--left", "16",
+                 "-o", str(wider), "-m", str(tiny_sd_path), "--no-progress"]) == 0
+    assert Image.open(wider).size == (48, 37)
+    redrawn = tmp_path / "redrawn.png"  # img2img from an outpainted PNG's parameters does not extend the image
+    assert main(["img2img", str(tmp_path / "in.png"), "--from-png", str(out), "-s", "0.5",
+                 "-o", str(redrawn), "-m", str(tiny_sd_path), "--no-progress"]) == 0
+    assert Image.open(redrawn).size == (32, 32)
     capsys.readouterr()
     assert main(["outpaint", str(tmp_path / "in.png"), "x", "-o", str(out), *args]) == 2
     assert "at least one side" in capsys.readouterr().err

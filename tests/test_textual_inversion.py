@@ -135,3 +135,16 @@ def test_embeddings_command(folder, monkeypatch, capsys):
     assert main(["embeddings"]) == 0
     out = capsys.readouterr().out
     assert "MyStyle" in out and "toy" in out
+
+
+def test_a_refused_embedding_name_is_explained_as_an_embedding_not_a_lora(folder, tmp_path):
+    from aipaint_plugins.lora.library import NameOutsideFolder
+    from aipaint_plugins.textual_inversion import embeddings_folder
+
+    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    save_file({"emb_params": vectors(1, 7)}, str(tmp_path / "outside.safetensors"))
+    for name in ("../outside", "/etc/passwd", "link"):
+        with pytest.raises(NameOutsideFolder) as refused:
+            embeddings_folder(folder).resolve(name)
+        hint = refused.value.hint
+        assert "<lora" not in hint and "embedding file" in hint and "EasyNegative" in hint and hint in str(refused.value)

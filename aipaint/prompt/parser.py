@@ -55,10 +55,18 @@ class LoraRef:
 
 @dataclass(frozen=True)
 class ExtraNetworkRef:
-    """Any other ``<kind:arg:…>`` tag (e.g. ``<hypernet:name:0.5>``), removed from the text as A1111 does."""
+    """Any other ``<kind:arg:…>`` tag (e.g. ``<hypernet:name:0.5>``), removed from the text as A1111 does.
+
+    An adapter whose ``prompt_tags`` name the kind receives it; with none, a generation warns
+    that the tag is ignored (A1111 skips unknown kinds too)."""
 
     kind: str
     args: tuple[str, ...]
+
+    @property
+    def tag(self) -> str:
+        """The tag as written (the kind in lower case)."""
+        return f"<{self.kind}:{':'.join(self.args)}>"
 
 
 @dataclass(frozen=True)

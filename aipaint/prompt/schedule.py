@@ -306,7 +306,7 @@ def describe(parsed: ParsedPrompt, tokenizer: Tokenizer | Any | None = None, ste
         )
     for network in parsed.extra_networks:
         lines.append(
-            f"Tag <{network.kind}:{':'.join(network.args)}>: needs a plugin that handles {network.kind!r} tags"
+            f"Tag {network.tag}: needs a plugin that handles {network.kind!r} tags (without one it is ignored, with a warning)"
         )
     for warning in parsed.warnings:
         lines.append(f"Warning: {warning}")

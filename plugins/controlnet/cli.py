@@ -15,7 +15,6 @@ from typing import Any
 
 from aipaint.errors import AipaintError
 
-GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
 SHORT_KEYS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode"}
 
 
@@ -35,7 +34,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("controlnets", help="list the ControlNet models found (zoo and ControlNet folder)")
     p.set_defaults(func=cmd_controlnets)
 
-    from aipaint.cli import add_adapter_unit_builder
+    from aipaint.cli import GENERATION_COMMANDS, add_adapter_unit_builder
 
     seen: set[int] = set()
     for name in GENERATION_COMMANDS:

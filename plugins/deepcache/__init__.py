@@ -300,7 +300,6 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     )
 
 
-GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
 _INFOTEXT = re.compile(r"^interval (\d+), branch (\d+)$")
 
 
@@ -321,7 +320,7 @@ def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> lis
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import add_adapter_unit_builder
+    from aipaint.cli import GENERATION_COMMANDS, add_adapter_unit_builder
 
     seen: set[int] = set()
     for name in GENERATION_COMMANDS:

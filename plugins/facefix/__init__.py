@@ -98,7 +98,7 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
     else:
         stored = generation_kwargs(Infotext.from_text(parameters)) if parameters else {}
         options = dict(common, denoising_strength=args.denoising_strength)
-        prompt = args.prompt if args.prompt is not None else stored.get("prompt")
+        prompt = args.prompt if args.prompt is not None else stored.get("prompt") or None  # "": recorded without one
         if prompt is None:
             raise AipaintError("face fix needs a prompt: pass --prompt (the image carries none)")
         options["prompt"] = prompt
@@ -115,6 +115,6 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
 
         output = run_postprocessors(image, [PostStep("facefix", options)], _load(args))
     out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-facefix.png"))
-    text = merge_infotext(parameters, output.infotext) if parameters else Infotext("", "", output.infotext).to_text().lstrip("\n")
+    text = merge_infotext(parameters, output.infotext)
     print(save_png(output.image, out_path, text))
     return 0

@@ -89,20 +89,35 @@ def colour_lineart(
     return images, info, result
 
 
+LINEART_CONTROLNET_KEY = "Lineart ControlNet"
+"""The post-processor's record of its ControlNet unit, written as the ControlNet adapter writes
+its ``ControlNet 0``: under its own key, so that neither replaces a unit of the generation the
+chain ran after, and ``--from-png`` does not take it for one."""
+
+
 def run_lineart(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
-    """The ``lineart`` post-processor: the incoming image is the drawing."""
+    """The ``lineart`` post-processor: the incoming image is the drawing.
+
+    Its output keeps the image's own parameters (the chain merges into them), so the colouring
+    generation's ControlNet unit, recorded in that generation's parameters, is carried over
+    under :data:`LINEART_CONTROLNET_KEY`.
+    """
     from aipaint_plugins.upscale.common import generation_settings, number
 
+    from aipaint.infotext import Infotext
     from aipaint.postprocess import PostProcessOutput
 
     if pipe is None:
         raise UnsupportedFeature("line-art colouring paints with a model: load one first")
     prompt, negative, params = generation_settings(options, options.get("request"), what="line-art colouring")
-    images, info, _ = colour_lineart(
+    images, info, result = colour_lineart(
         pipe, image, prompt, negative,
         denoising_strength=number(options, "denoising_strength", 0.8, 0.0, 1.0, low_open=True),
         controlnet=options.get("controlnet", "auto"),
         paper=None if options.get("paper") is None else number(options, "paper", 255, 1, 255),
         **params,
     )
+    unit = Infotext.from_text(result.infotexts[0]).params.get("ControlNet 0")
+    if unit is not None:
+        info[LINEART_CONTROLNET_KEY] = unit
     return PostProcessOutput(images[0], info)

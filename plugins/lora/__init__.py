@@ -3,8 +3,9 @@
 A generation uses LoRAs named by ``<lora:name:weight>`` / ``<lora:name:te_weight:unet_weight>``
 / ``<lyco:…>`` tags in its prompt, or by API units
 ``AdapterUnit("lora", {"name": "ink", "weight": 0.8, "te_weight": 0.5})``. Names resolve only
-inside the LoRA folder (``request.extra["lora_dir"]``, else ``$AIPAINT_LORA_DIR``, else
-``$AIPAINT_HOME/loras``); ``request.extra["allow_pickle"]`` opts in to ``.pt``/``.ckpt`` files.
+inside the LoRA folder (``request.extra["lora_dir"]``, on the command line ``--lora-dir``, else
+``$AIPAINT_LORA_DIR``, else ``$AIPAINT_HOME/loras``); ``request.extra["allow_pickle"]`` (the
+command line's ``--allow-pickle``) opts in to ``.pt``/``.ckpt`` files.
 While the generation runs, the weights carry the patches; afterwards they are restored bit for
 bit, even when the generation fails. The infotext records ``Lora hashes`` as A1111 does, and
 the API units as A1111 tags in ``Lora units`` (the recorded prompt keeps only what the user

@@ -25,12 +25,16 @@ PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 
 
 class NameOutsideFolder(InvalidParameter):
-    """A name that would resolve outside its folder (absolute path, ``..``, an escaping symlink)."""
+    """A name that would resolve outside its folder (absolute path, ``..``, an escaping symlink).
 
-    def __init__(self, kind: str, name: str, folder: Path, why: str) -> None:
+    ``example`` shows how a name of this kind is written where it is used (the folder's
+    ``name_example``), so the advice fits a LoRA tag, an embedding in a prompt, or a file name."""
+
+    def __init__(self, kind: str, name: str, folder: Path, why: str, example: str | None = None) -> None:
         super().__init__(
             kind, name, f"must be a name inside {folder} ({why})",
-            "use the file's name without a folder or extension, e.g. <lora:my_style:0.8>",
+            f"use the {kind} file's name inside that folder, without its extension"
+            + (f", e.g. {example}" if example else ""),
         )
 
 
@@ -65,18 +69,18 @@ def _is_inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _check_name(kind: str, name: str, folder: Path) -> PurePosixPath:
+def _check_name(kind: str, name: str, folder: Path, example: str | None = None) -> PurePosixPath:
     """Reject names that could address anything outside the folder; return the relative path."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidParameter(kind, name, "must be a non-empty name")
     if "\x00" in name:
-        raise NameOutsideFolder(kind, name, folder, "it contains a NUL character")
+        raise NameOutsideFolder(kind, name, folder, "it contains a NUL character", example)
     windows = PureWindowsPath(name)
     if name.startswith(("/", "\\")) or windows.drive or windows.root or Path(name).is_absolute():
-        raise NameOutsideFolder(kind, name, folder, "absolute paths are not allowed")
+        raise NameOutsideFolder(kind, name, folder, "absolute paths are not allowed", example)
     parts = name.replace("\\", "/").split("/")
     if any(part in ("..", ".") for part in parts):
-        raise NameOutsideFolder(kind, name, folder, "'..' and '.' are not allowed")
+        raise NameOutsideFolder(kind, name, folder, "'..' and '.' are not allowed", example)
     if any(part == "" for part in parts):
         raise InvalidParameter(kind, name, "must not contain empty path parts")
     return PurePosixPath(*parts)
@@ -88,13 +92,15 @@ class ModelFolder:
     ``resolve("style/ink")`` finds ``<root>/style/ink.safetensors``; a bare name such as
     ``"ink"`` is also looked up by file stem anywhere below the root, as A1111 does with
     its sub-folders. Every candidate's real path (symlinks resolved) must lie inside the
-    root's real path.
+    root's real path. ``name_example`` shows how a name is written where users give one
+    (``<lora:my_style:0.8>``); refusals quote it.
     """
 
-    def __init__(self, root: Path | str, kind: str, *, allow_pickle: bool = False) -> None:
+    def __init__(self, root: Path | str, kind: str, *, allow_pickle: bool = False, name_example: str | None = None) -> None:
         self.root = Path(root).expanduser()
         self.kind = kind
         self.allow_pickle = allow_pickle
+        self.name_example = name_example
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -132,7 +138,7 @@ class ModelFolder:
     def resolve(self, name: str) -> NamedFile:
         """The file a name refers to. Raises :class:`NameOutsideFolder`, :class:`UnsafeFileError` or
         :class:`aipaint.errors.UnknownName`."""
-        relative = _check_name(self.kind, name, self.root)
+        relative = _check_name(self.kind, name, self.root, self.name_example)
         base = self.root / relative
         stem_candidates: list[Path] = []
         if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES:
@@ -144,7 +150,7 @@ class ModelFolder:
             if not candidate.is_file():
                 continue
             if not self._contained(candidate):
-                raise NameOutsideFolder(self.kind, name, self.root, "it is a link to a file outside the folder")
+                raise NameOutsideFolder(self.kind, name, self.root, "it is a link to a file outside the folder", self.name_example)
             if candidate.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
                 pickle_seen = candidate
                 continue

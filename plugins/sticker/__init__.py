@@ -64,7 +64,7 @@ def _cmd_sticker(args: argparse.Namespace) -> int:
 
     from aipaint_plugins.upscale.common import open_image
 
-    from aipaint.infotext import Infotext, read_png_parameters
+    from aipaint.infotext import read_png_parameters
     from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
     from aipaint.result import save_png
 
@@ -72,7 +72,7 @@ def _cmd_sticker(args: argparse.Namespace) -> int:
                "outline_colour": args.outline_colour}
     output = run_postprocessors(open_image(args.image), [PostStep("sticker", options)])
     parameters = read_png_parameters(args.image) or ""
-    text = merge_infotext(parameters, output.infotext) if parameters else Infotext("", "", output.infotext).to_text().lstrip("\n")
+    text = merge_infotext(parameters, output.infotext)
     out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-sticker.png"))
     print(save_png(output.image, out_path, text))
     return 0

@@ -4,7 +4,8 @@ Embeddings live in ``request.extra["embeddings_dir"]``, else ``$AIPAINT_EMBEDDIN
 else ``$AIPAINT_HOME/embeddings``; a file ``EasyNegative.safetensors`` is used wherever a
 prompt says ``EasyNegative`` (case-insensitive, as a whole word). The adapter joins a
 generation on its own when a prompt names one of them (``AdapterSpec.wants``), adds their
-vectors as tokens for that generation only, and records ``TI hashes`` in the infotext.
+vectors as tokens for that generation only, and records ``TI hashes`` in the infotext. The
+generation commands take ``--embeddings-dir DIR``.
 See ``docs/lora.md#textual-inversion``.
 """
 
@@ -26,7 +27,8 @@ def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = 
     from aipaint_plugins.lora.library import ModelFolder, default_folder
 
     root = Path(folder) if folder is not None else default_folder("AIPAINT_EMBEDDINGS_DIR", "embeddings")
-    return ModelFolder(root, "embedding", allow_pickle=allow_pickle)
+    return ModelFolder(root, "embedding", allow_pickle=allow_pickle,
+                       name_example="EasyNegative, written in the prompt, for EasyNegative.safetensors")
 
 
 def _folder_for(context: AdapterContext) -> Any:
@@ -99,11 +101,32 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     )
 
 
+
+
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("embeddings", help="list textual-inversion embeddings in the embeddings folder")
     p.add_argument("--dir", help="embeddings folder (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
     p.set_defaults(func=_cmd_list)
+
+    from aipaint.cli import GENERATION_COMMANDS, add_request_extra_builder
+
+    seen: set[int] = set()
+    for name in GENERATION_COMMANDS:
+        parser = subparsers.choices.get(name)
+        if parser is None or id(parser) in seen:
+            continue
+        seen.add(id(parser))
+        parser.add_argument_group("textual inversion").add_argument(
+            "--embeddings-dir", metavar="DIR",
+            help="the folder of the embeddings prompts name (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
+        add_request_extra_builder(parser, embeddings_dir_extra)
+
+
+def embeddings_dir_extra(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, Any]:
+    """``--embeddings-dir DIR`` as the request's ``embeddings_dir``."""
+    folder = getattr(args, "embeddings_dir", None)
+    return {"embeddings_dir": folder} if folder else {}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

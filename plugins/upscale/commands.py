@@ -56,7 +56,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if args.sd:
         options = dict(common, denoising_strength=args.denoising_strength)
         stored = generation_kwargs(Infotext.from_text(parameters)) if parameters else {}
-        prompt = args.prompt if args.prompt is not None else stored.get("prompt")
+        prompt = args.prompt if args.prompt is not None else stored.get("prompt") or None  # "": recorded without one
         if prompt is None:
             raise AipaintError("SD upscale needs a prompt: pass --prompt (the image carries none)")
         options["prompt"] = prompt
@@ -76,6 +76,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             options["resize_to"] = args.resize_to
         output = run_postprocessors(image, [PostStep("upscale", options)])
     out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-upscaled.png"))
-    text = merge_infotext(parameters, output.infotext) if parameters else Infotext("", "", output.infotext).to_text().lstrip("\n")
+    text = merge_infotext(parameters, output.infotext)
     print(save_png(output.image, out_path, text))
     return 0

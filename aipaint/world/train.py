@@ -9,6 +9,13 @@ Phases: render a caption/image pool -> train the VAE -> encode the pool to laten
 -> save the EMA weights in diffusers layout plus ``training.json``.
 The UNet phase runs for a wall-clock budget (``--minutes``); pass ``--steps`` for a
 fixed, bit-reproducible number of steps instead.
+
+``--resume MODEL`` continues the UNet + text-encoder phase of a trained model instead
+(its VAE, latent scaling and tokenizer stay as they are), on a fresh caption pool,
+with its own learning rate and caption dropout; each such run is appended to the
+model's ``training.json`` under ``unet_finetunes``:
+
+    python -m aipaint.world.train --resume zoo/models/shapes-tiny --minutes 40 --lr 5e-4 --drop-text 0.2
 """
 from __future__ import annotations
 
@@ -217,13 +224,18 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-minutes", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~1-minute smoke run into a temp dir")
+    ap.add_argument("--resume", help="continue the UNet + text-encoder phase of this trained model folder "
+                                     "(saved back to it unless --out is given)")
     a = ap.parse_args(argv)
+    out_given = a.out != ap.get_default("out")
+    if a.resume and not out_given:
+        a.out = a.resume
 
     if a.quick:
         a.pool, a.vae_pool_extra, a.vae_minutes, a.minutes = 2000, 200, 0.25, 0.5
         a.vae_steps = 30
         a.warmup, a.checkpoint_minutes = 20, 100.0
-        if a.out == ap.get_default("out"):
+        if not out_given:
             a.out = tempfile.mkdtemp(prefix="shapes-tiny-quick-")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -232,9 +244,8 @@ def main(argv=None) -> int:
 
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from diffusers.models.attention_processor import AttnProcessor
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from aipaint.world.clip_tokenizer import build_clip_tokenizer
 
@@ -270,26 +281,48 @@ def main(argv=None) -> int:
         },
         "timings_s": {},
     }
+    stage = record  # where this run's UNet numbers go
+    if a.resume:
+        base_record = json.loads((Path(a.resume) / "training.json").read_text())
+        stage = {key: record[key] for key in ("command", "seed", "args", "versions", "machine")}
+        stage.update(status="in-progress", lr=a.lr, empty_caption_fraction=a.drop_text, batch=a.batch,
+                     pool=a.pool, timings_s={})
+        base_record.setdefault("unet_finetunes", []).append(stage)
+        record = base_record
 
     # ---- 1. data
-    t0 = time.time()
     caps, imgs = render_pool(a.seed, "train", a.pool, workers=min(2, a.threads))
+    tokenizer = build_clip_tokenizer()
+    ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    if a.resume:
+        stage["dataset"] = {"train_pool": len(caps), "unique_train_captions": len(set(caps))}
+        log(f"resuming {a.resume}: rendered {len(caps)} train images ({len(set(caps))} unique captions)")
+        vae = AutoencoderKL.from_pretrained(a.resume, subfolder="vae", torch_dtype=torch.float32)
+        vae.set_attn_processor(AttnProcessor())
+        vae.eval()
+    else:
+        vae = train_vae(a, record, imgs)
+        record["dataset"]["unique_train_captions"] = len(set(caps))
+    _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, out, t_start)
+    return 0
+
+
+def train_vae(a, record, imgs):
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor
+
+    t0 = time.time()
     _, extra_c = render_pool(a.seed + 1, "heldout_combo", a.vae_pool_extra // 2, workers=min(2, a.threads))
     _, extra_o = render_pool(a.seed + 2, "heldout_colour", a.vae_pool_extra // 2, workers=min(2, a.threads))
     vae_imgs = to_tensor(np.concatenate([imgs, extra_c, extra_o]))
     record["dataset"] = {
-        "train_pool": len(caps),
-        "unique_train_captions": len(set(caps)),
+        "train_pool": len(imgs),
         "vae_extra_heldout_images": int(len(extra_c) + len(extra_o)),
         "note": "held-out images (no captions) are shown to the VAE only, so it can represent orange",
     }
     record["timings_s"]["render"] = round(time.time() - t0, 1)
-    log(f"rendered {len(caps)} train + {len(extra_c) + len(extra_o)} extra images in {time.time() - t0:.1f}s "
-        f"({len(set(caps))} unique captions)")
-
-    tokenizer = build_clip_tokenizer()
-    ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    log(f"rendered {len(imgs)} train + {len(extra_c) + len(extra_o)} extra images in {time.time() - t0:.1f}s")
 
     # ---- 2. VAE
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -341,7 +374,13 @@ def main(argv=None) -> int:
                      "params": sum(p.numel() for p in vae.parameters())}
     record["timings_s"]["vae"] = round(time.time() - t0, 1)
     log(f"VAE done: {step} steps, recon MSE {vae_mse:.5f} (-1..1) / {vae_mse01:.5f} (0..1)")
-    del vae_imgs, opt
+    return vae
+
+
+def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, out, t_start):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     # ---- 3. encode pool
     t0 = time.time()
@@ -351,31 +390,39 @@ def main(argv=None) -> int:
             lat.append(vae.encode(to_tensor(imgs[i : i + 1000])).latent_dist.mean)
     lat = torch.cat(lat)
     std = lat.std().item()
-    scaling = 1.0 / std
-    vae.register_to_config(scaling_factor=scaling)
+    if a.resume:  # the UNet was trained on latents at this scale: keep it
+        scaling = float(vae.config.scaling_factor)
+    else:
+        scaling = 1.0 / std
+        vae.register_to_config(scaling_factor=scaling)
     lat = lat * scaling
-    record["latents"] = {"count": len(lat), "std_raw": std, "scaling_factor": scaling,
-                         "channel_mean_scaled": lat.mean((0, 2, 3)).tolist(),
-                         "channel_std_scaled": lat.std((0, 2, 3)).tolist()}
-    record["timings_s"]["encode"] = round(time.time() - t0, 1)
-    log(f"encoded {len(lat)} latents in {time.time() - t0:.1f}s, std {std:.4f} -> scaling_factor {scaling:.4f}, "
-        f"channel means {[round(v, 3) for v in record['latents']['channel_mean_scaled']]}")
+    stage["latents"] = {"count": len(lat), "std_raw": std, "scaling_factor": scaling,
+                        "channel_mean_scaled": lat.mean((0, 2, 3)).tolist(),
+                        "channel_std_scaled": lat.std((0, 2, 3)).tolist()}
+    stage["timings_s"]["encode"] = round(time.time() - t0, 1)
+    log(f"encoded {len(lat)} latents in {time.time() - t0:.1f}s, std {std:.4f}, scaling_factor {scaling:.4f}, "
+        f"channel means {[round(v, 3) for v in stage['latents']['channel_mean_scaled']]}")
     del imgs
 
     # ---- 4. UNet + text encoder
     torch.manual_seed(a.seed + 20)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    if a.resume:
+        text_encoder = CLIPTextModel.from_pretrained(a.resume, subfolder="text_encoder", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(a.resume, subfolder="unet", torch_dtype=torch.float32)
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        unet = UNet2DConditionModel(**UNET_CONFIG)
     unet.set_attn_processor(AttnProcessor())
     noise_sched = DDPMScheduler(**SCHEDULE)
     acp = noise_sched.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
-    record["params"] = {"unet": sum(p.numel() for p in unet.parameters()),
-                        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-                        "vae": record["vae"]["params"]}
-    log(f"params {record['params']}")
+    if not a.resume:
+        record["params"] = {"unet": sum(p.numel() for p in unet.parameters()),
+                            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+                            "vae": record["vae"]["params"]}
+        log(f"params {record['params']}")
 
     def snapshot_pipeline():
         # EMA weights into fresh copies of the modules
@@ -444,24 +491,23 @@ def main(argv=None) -> int:
             log(f"unet step {step} loss {m:.4f} lr {lr:.2e} ({(now - t0) / step:.3f}s/step, {el / 60:.1f}/{a.minutes} min, threads {tuner.current})")
         if now - last_ckpt > a.checkpoint_minutes * 60:
             last_ckpt = now
-            record["unet_text"] = {"steps": step, "minutes": round((now - t0) / 60, 2), "history": hist}
-            record["timings_s"]["unet_text"] = round(now - t0, 1)
+            stage["unet_text"] = {"steps": step, "minutes": round((now - t0) / 60, 2), "history": hist}
+            stage["timings_s"]["unet_text"] = round(now - t0, 1)
             torch.set_num_threads(tuner.current)
             save_atomic(out, snapshot_pipeline(), record)
             log(f"checkpoint (EMA) saved to {out} at step {step}")
 
-    record["unet_text"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": hist,
+    stage["unet_text"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": hist,
                            "thread_switches": tuner.switches,
                            "final_loss": float(np.mean([h["loss"] for h in hist[-3:]])) if hist else None,
                            "s_per_step": round((time.time() - t0) / max(1, step), 3)}
-    record["timings_s"]["unet_text"] = round(time.time() - t0, 1)
-    record["timings_s"]["total"] = round(time.time() - t_start, 1)
-    record["status"] = "finished"
+    stage["timings_s"]["unet_text"] = round(time.time() - t0, 1)
+    stage["timings_s"]["total"] = round(time.time() - t_start, 1)
+    stage["status"] = "finished"
     pipe = snapshot_pipeline()
     save_atomic(out, pipe, record)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    log(f"done: {step} UNet steps; saved EMA pipeline to {out} ({size / 1e6:.1f} MB) in {record['timings_s']['total'] / 60:.1f} min")
-    return 0
+    log(f"done: {step} UNet steps; saved EMA pipeline to {out} ({size / 1e6:.1f} MB) in {stage['timings_s']['total'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

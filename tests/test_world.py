@@ -164,3 +164,35 @@ def test_eval_command_reports_objects_and_adherence(tmp_path, capsys):
     assert "adherence: 0.000 (0/5 attributes)" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "missing.png")]) != 0
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_training_resumes_a_trained_model(tmp_path):
+    """``--resume`` continues the UNet + text encoder of a model and keeps its VAE and latent scale."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from aipaint.world.train import main as train
+    from aipaint.zoo import zoo_root
+
+    source = tmp_path / "source"
+    shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)
+    out = tmp_path / "resumed"
+    assert train(["--resume", str(source), "--out", str(out), "--pool", "64", "--steps", "2", "--batch", "4",
+                  "--threads", "1", "--seed", "5"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    run = record["unet_finetunes"][-1]
+    assert run["status"] == "finished" and run["unet_text"]["steps"] == 2 and run["args"]["resume"] == str(source)
+    assert record["unet_text"] == json.loads((source / "training.json").read_text())["unet_text"]  # the first run is kept
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(source / vae)), load_file(str(out / vae))
+    assert all(before[k].equal(after[k]) for k in before)
+    assert json.loads((out / "vae/config.json").read_text())["scaling_factor"] == json.loads(
+        (source / "vae/config.json").read_text())["scaling_factor"]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    moved = load_file(str(out / unet))
+    assert any(not t.equal(moved[k]) for k, t in load_file(str(source / unet)).items())  # it trained
+    import aipaint
+
+    assert aipaint.load(out).txt2img("a big red circle", seed=1, steps=2, width=32, height=32).image.size == (32, 32)

@@ -182,8 +182,9 @@ def generation_kwargs(info: Infotext) -> dict[str, Any]:
     size = info.size()
     if size and not any(key.startswith("Outpaint ") for key in info.params):
         kwargs["width"], kwargs["height"] = size
-    if info.params.get("Emphasis") == "No norm":
-        kwargs["emphasis"] = "none"
+    emphasis = info.params.get("Emphasis")
+    if emphasis in ("No norm", "Original"):
+        kwargs["emphasis"] = "none" if emphasis == "No norm" else "a1111"
     for key, (name, on) in _INFOTEXT_FLAGS.items():
         if key in info.params:
             kwargs[name] = info.params[key] == on

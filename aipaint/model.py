@@ -50,6 +50,7 @@ class ModelDefaults:
     sampler: str = "DPM++ 2M"
     schedule: str = "Automatic"
     guidance_rescale: float = 0.0
+    emphasis: str = "a1111"  # how prompt weights are normalised (see aipaint.prompt.encode)
 
 
 class LatentDiffusionModel:

@@ -66,7 +66,7 @@ class GenerationRequest:
     batch_size: int = 1
     clip_skip: int = 1
     guidance_rescale: float | None = None
-    emphasis: str = "a1111"
+    emphasis: str | None = None  # "a1111" (A1111's "Original") or "none" ("No norm"); None: the model's
     adapters: tuple[Any, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     # A1111's refiner: a second loaded model (Pipeline or model) that takes over the loop at
@@ -134,7 +134,7 @@ class GenerationRequest:
             raise InvalidParameter("refiner_switch_at", self.refiner_switch_at, "must be a number above 0 and at most 1",
                                    "the fraction of the noise schedule the main model runs before the refiner")
         self._check_image_fields()
-        if self.emphasis not in NORMALIZATIONS:
+        if self.emphasis is not None and self.emphasis not in NORMALIZATIONS:
             raise InvalidParameter("emphasis", self.emphasis, f"must be one of {', '.join(NORMALIZATIONS)}")
         for name in ("sampler", "schedule"):
             value = getattr(self, name)
@@ -179,7 +179,7 @@ class GenerationRequest:
         """Fill ``None`` fields from a :class:`aipaint.model.ModelDefaults`."""
         fill = {
             name: getattr(defaults, name)
-            for name in ("steps", "cfg_scale", "sampler", "schedule", "width", "height", "guidance_rescale")
+            for name in ("steps", "cfg_scale", "sampler", "schedule", "width", "height", "guidance_rescale", "emphasis")
             if getattr(self, name) is None
         }
         return dataclasses.replace(self, **fill)

@@ -402,8 +402,10 @@ class Pipeline:
             values["Clip skip"] = request.clip_skip
         if request.guidance_rescale:
             values["Guidance rescale"] = request.guidance_rescale
-        if request.emphasis != "a1111":
+        if request.emphasis == "none":
             values["Emphasis"] = "No norm"
+        elif model.defaults.emphasis != "a1111":  # A1111's default, said when this model's differs
+            values["Emphasis"] = "Original"
         if request.refiner is not None:
             refiner = refiner_model(request.refiner)
             values["Refiner"] = f"{refiner.name} [{refiner.model_hash}]" if refiner.model_hash else refiner.name

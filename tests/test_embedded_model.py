@@ -50,16 +50,19 @@ def test_guidance_raises_adherence_over_unconditional(pipe, captions):
     assert conditioned > chance + 0.3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured on shapes-tiny: adherence is already at its ceiling without guidance (CFG 1) and falls "
-    "slowly as CFG grows (two-object captions, 10 steps: 0.91, 0.90, 0.83 at CFG 1, 3, 7); see "
-    "benchmarks/results/embedded_model.txt. Conditioning itself matters (test above).",
-)
-def test_cfg_raises_adherence(pipe, captions):
-    low = mean_adherence(pipe, captions, cfg_scale=1, steps=10)
-    high = mean_adherence(pipe, captions, cfg_scale=5, steps=10)
-    assert high > low
+def test_cfg_raises_adherence(pipe):
+    """Guidance helps: CFG 3 beats no guidance (CFG 1) at the default 20 steps.
+
+    Measured on 100 pairs (benchmarks/results/embedded_model.txt): 93.6% at CFG 1, 96.5% at
+    CFG 3, 94.9% at CFG 7, 86.6% at CFG 12, so adherence peaks at 3; CFG 7 against CFG 1 is
+    within the noise of a test-sized sample (0.921 vs 0.940 on the 16 captions above), so
+    this test compares 1 and 3, on 32 captions.
+    """
+    rng = np.random.default_rng(7)
+    captions = [random_scene(rng, "train").caption for _ in range(32)]
+    low = mean_adherence(pipe, captions, cfg_scale=1)
+    high = mean_adherence(pipe, captions, cfg_scale=3)
+    assert high >= low + 0.01
 
 
 def test_same_seed_reproduces_and_seeds_differ(pipe):
@@ -81,3 +84,19 @@ def test_every_sampler_draws_the_prompt(pipe):
             continue
         scores = [adherence(pipe.txt2img(prompt, seed=s, sampler=sampler).image, prompt).score for s in (1, 2)]
         assert np.mean(scores) >= 0.6, sampler
+
+
+def test_the_cards_emphasis_default_is_used_and_recorded(pipe):
+    """The card makes "none" (A1111's "No norm") this model's emphasis; asking for A1111's own
+    ("a1111", "Original") is recorded too, since it differs from the model's default."""
+    from aipaint.infotext import Infotext, generation_kwargs
+
+    prompt = "a big (red:1.3) circle in the center, on a white background"
+    default = pipe.txt2img(prompt, seed=1, steps=4)
+    none = pipe.txt2img(prompt, seed=1, steps=4, emphasis="none")
+    original = pipe.txt2img(prompt, seed=1, steps=4, emphasis="a1111")
+    assert np.array_equal(np.asarray(default.image), np.asarray(none.image))
+    assert not np.array_equal(np.asarray(default.image), np.asarray(original.image))
+    assert "Emphasis: No norm" in default.parameters and "Emphasis: Original" in original.parameters
+    assert generation_kwargs(Infotext.from_text(original.parameters))["emphasis"] == "a1111"
+    assert generation_kwargs(Infotext.from_text(default.parameters))["emphasis"] == "none"

@@ -147,6 +147,17 @@ def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) 
 GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
 """The commands that generate an image from a request; plugins add their generation options to each."""
 
+
+def generation_parsers(subparsers: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """The parsers of the generation commands that exist, each once (``txt2img`` is ``generate``'s alias):
+    where a plugin adds its generation options."""
+    parsers: list[argparse.ArgumentParser] = []
+    for name in GENERATION_COMMANDS:
+        parser = subparsers.choices.get(name)
+        if parser is not None and all(parser is not known for known in parsers):
+            parsers.append(parser)
+    return parsers
+
 ADAPTER_UNIT_BUILDERS = "adapter_unit_builders"
 
 

@@ -34,14 +34,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("controlnets", help="list the ControlNet models found (zoo and ControlNet folder)")
     p.set_defaults(func=cmd_controlnets)
 
-    from aipaint.cli import GENERATION_COMMANDS, add_adapter_unit_builder
+    from aipaint.cli import add_adapter_unit_builder, generation_parsers
 
-    seen: set[int] = set()
-    for name in GENERATION_COMMANDS:
-        parser = subparsers.choices.get(name)
-        if parser is None or id(parser) in seen:
-            continue
-        seen.add(id(parser))
+    for parser in generation_parsers(subparsers):
         group = parser.add_argument_group("ControlNet")
         group.add_argument("--controlnet", action="append", default=[], metavar="MODEL:IMAGE[:PREPROCESSOR][:WEIGHT][:K=V]",
                            help="add a ControlNet unit, repeatable; e.g. my-canny:photo.png:canny:0.8:end=0.6")

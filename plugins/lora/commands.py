@@ -50,18 +50,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hashes", action="store_true", help="also print the A1111 short hash (reads every file)")
     p.set_defaults(func=cmd_lora_list)
 
-    from aipaint.cli import GENERATION_COMMANDS, add_adapter_unit_builder, add_request_extra_builder
+    from aipaint.cli import add_adapter_unit_builder, add_request_extra_builder, generation_parsers
 
-    seen: set[int] = set()
-    for name in GENERATION_COMMANDS:
-        parser = subparsers.choices.get(name)
-        if parser is not None and id(parser) not in seen:
-            seen.add(id(parser))
-            parser.add_argument_group("LoRA").add_argument(
-                "--lora-dir", metavar="DIR",
-                help="the LoRA folder <lora:NAME> tags are looked up in (default: $AIPAINT_LORA_DIR or $AIPAINT_HOME/loras)")
-            add_adapter_unit_builder(parser, recorded_units)
-            add_request_extra_builder(parser, lora_dir_extra)
+    for parser in generation_parsers(subparsers):
+        parser.add_argument_group("LoRA").add_argument(
+            "--lora-dir", metavar="DIR",
+            help="the LoRA folder <lora:NAME> tags are looked up in (default: $AIPAINT_LORA_DIR or $AIPAINT_HOME/loras)")
+        add_adapter_unit_builder(parser, recorded_units)
+        add_request_extra_builder(parser, lora_dir_extra)
 
 
 def lora_dir_extra(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, Any]:

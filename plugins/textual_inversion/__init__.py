@@ -109,14 +109,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", help="embeddings folder (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
     p.set_defaults(func=_cmd_list)
 
-    from aipaint.cli import GENERATION_COMMANDS, add_request_extra_builder
+    from aipaint.cli import add_request_extra_builder, generation_parsers
 
-    seen: set[int] = set()
-    for name in GENERATION_COMMANDS:
-        parser = subparsers.choices.get(name)
-        if parser is None or id(parser) in seen:
-            continue
-        seen.add(id(parser))
+    for parser in generation_parsers(subparsers):
         parser.add_argument_group("textual inversion").add_argument(
             "--embeddings-dir", metavar="DIR",
             help="the folder of the embeddings prompts name (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")

@@ -249,14 +249,9 @@ def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> lis
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import GENERATION_COMMANDS, add_adapter_unit_builder
+    from aipaint.cli import add_adapter_unit_builder, generation_parsers
 
-    seen: set[int] = set()
-    for name in GENERATION_COMMANDS:
-        parser = subparsers.choices.get(name)
-        if parser is None or id(parser) in seen:
-            continue
-        seen.add(id(parser))
+    for parser in generation_parsers(subparsers):
         parser.add_argument("--tome", metavar="RATIO[:MAX_DOWNSAMPLE]",
                             help="token merging: merge this fraction of image tokens before self-attention (speed)")
         add_adapter_unit_builder(parser, units_from_args)

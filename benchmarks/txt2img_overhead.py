@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    import diffusers
     import transformers
 
+    diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     # diffusers warns about the reference's stored scheduler config (steps_offset) on every load
     warnings.filterwarnings("ignore", category=FutureWarning)

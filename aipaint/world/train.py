@@ -291,7 +291,9 @@ def main(argv=None) -> int:
         record = base_record
 
     # ---- 1. data
+    t0 = time.time()
     caps, imgs = render_pool(a.seed, "train", a.pool, workers=min(2, a.threads))
+    stage["timings_s"]["render"] = round(time.time() - t0, 1)
     tokenizer = build_clip_tokenizer()
     ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -321,8 +323,9 @@ def train_vae(a, record, imgs):
         "vae_extra_heldout_images": int(len(extra_c) + len(extra_o)),
         "note": "held-out images (no captions) are shown to the VAE only, so it can represent orange",
     }
-    record["timings_s"]["render"] = round(time.time() - t0, 1)
-    log(f"rendered {len(imgs)} train + {len(extra_c) + len(extra_o)} extra images in {time.time() - t0:.1f}s")
+    record["timings_s"]["render"] += round(time.time() - t0, 1)
+    log(f"rendered {len(imgs)} train images in {record['timings_s']['render']:.1f}s in all with the "
+        f"{len(extra_c) + len(extra_o)} extra ones")
 
     # ---- 2. VAE
     vae = AutoencoderKL(**VAE_CONFIG)

@@ -139,8 +139,12 @@ def test_lineart_post_processor_records_its_controlnet_unit(tiny_pipe, drawing, 
 def test_lineart_post_processor_by_img2img_records_no_controlnet(tiny_pipe, drawing, tmp_path, monkeypatch):
     from aipaint_plugins.lineart.colour import LINEART_CONTROLNET_KEY
 
-    from aipaint.postprocess import run_postprocessors
+    from aipaint.infotext import Infotext
+    from aipaint.postprocess import merge_infotext, run_postprocessors
 
     monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))  # none installed: img2img
     out = run_postprocessors(drawing, [("lineart", {"prompt": "a red circle", "steps": 2, "seed": 1})], tiny_pipe)
     assert out.infotext["Lineart"] == "img2img, lines multiplied" and LINEART_CONTROLNET_KEY not in out.infotext
+    # After an img2img generation the chain keeps that generation's own strength.
+    params = Infotext.from_text(merge_infotext("a red circle\nSteps: 2, Seed: 1, Denoising strength: 0.3", out.infotext)).params
+    assert params["Denoising strength"] == "0.3" and params["Lineart denoising strength"] == "0.8"

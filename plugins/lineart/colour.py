@@ -84,7 +84,8 @@ def colour_lineart(
     else:
         result = img2img(pipe, drawing, prompt, negative_prompt, what="line-art colouring",
                          denoising_strength=denoising_strength, **params)
-        info = {"Lineart": "img2img, lines multiplied", "Denoising strength": f"{denoising_strength:g}"}
+        # Under its own key: in a post-processor chain, "Denoising strength" is the generation's.
+        info = {"Lineart": "img2img, lines multiplied", "Lineart denoising strength": f"{denoising_strength:g}"}
     images = [multiply_lines(image, drawing, paper) for image in result.images]
     return images, info, result
 

@@ -29,7 +29,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="runtime option, repeatable (e.g. onnx_dir=exported/ for --runtime onnxruntime)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt/.pt files with torch.load(weights_only=True): the model, and files plugins load "
-                        "by name (e.g. LoRAs, embeddings)")
+                        "by name (e.g. LoRAs, embeddings, --post upscalers and face restorers)")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -287,18 +287,24 @@ def _generation_request(args: argparse.Namespace) -> Any:
     return GenerationRequest(**kwargs)
 
 
-def _post_chain(texts: Sequence[str]) -> list[Any]:
+def _post_chain(texts: Sequence[str], allow_pickle: bool = False) -> list[Any]:
     """The ``--post`` steps, parsed and checked against the registered post-processors (names,
-    aliases, option names) before any model is loaded, so a typo costs no generation."""
+    aliases, option names) before any model is loaded, so a typo costs no generation.
+
+    ``allow_pickle`` (``--allow-pickle``, the user's opt-in for the run) reaches the steps whose
+    post-processor takes an ``allow_pickle`` option, unless a step sets its own."""
     from aipaint.postprocess import PostStep, check_chain
 
     steps = [PostStep.parse(text) for text in texts]
-    check_chain(steps, _host())
+    resolved = check_chain(steps, _host())
+    if allow_pickle:
+        steps = [PostStep(step.name, {"allow_pickle": True, **step.options}) if "allow_pickle" in spec.options else step
+                 for spec, step in resolved]
     return steps
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    post = _post_chain(args.post)
+    post = _post_chain(args.post, args.allow_pickle)
     request = _generation_request(args)
     pipe = _load(args)
     progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())

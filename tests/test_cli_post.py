@@ -50,3 +50,16 @@ def test_a_valid_chain_goes_on_to_load_the_model(no_model, post):
     """Aliases, any case of a name, and every listed option pass the check."""
     with pytest.raises(ModelLoaded):
         main(["generate", "x", "--post", post])
+
+
+def test_allow_pickle_reaches_the_steps_that_load_weight_files():
+    """``--allow-pickle`` is the run's opt-in: the chain's steps that take ``allow_pickle`` get it,
+    a step's own value wins, and without the flag nothing is switched on."""
+    from aipaint.cli import _post_chain
+
+    chain = ["upscale:upscaler=x.pth", "sticker", "face-restore:restorer=y,allow_pickle=no"]
+    upscale, sticker, restore = _post_chain(chain, allow_pickle=True)
+    assert upscale.options["allow_pickle"] is True
+    assert "allow_pickle" not in sticker.options
+    assert restore.options["allow_pickle"] == "no"
+    assert all("allow_pickle" not in step.options for step in _post_chain(chain[:2]))

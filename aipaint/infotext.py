@@ -78,16 +78,22 @@ class Infotext:
         found in it (so a prompt such as "style: ink, sketch" stays a prompt). A text that
         starts with an empty prompt line says it has no prompt: there a last line made of
         nothing but entries is the parameters whatever their number (what a post-processor
-        writes on an image without parameters).
+        writes on an image without parameters). So is such a line after a prompt when it
+        ends with aipaint's ``Version`` entry (a post-processor's record on a PNG that held
+        only a prompt).
         """
         no_prompt = text.startswith(("\n", "\r\n"))
         lines = text.strip().split("\n")
         params: dict[str, str] = {}
         last = lines[-1] if lines else ""
         found = _PARAM.findall(last)
-        if len(found) < 3 and no_prompt:
-            found = _entries_only(last)
-        if len(found) >= 3 or (found and no_prompt):
+        short = False  # fewer than three entries, taken as parameters all the same
+        if len(found) < 3:
+            entries = _entries_only(last)
+            aipaint_record = len(lines) > 1 and any(k.strip() == "Version" and v.strip().startswith("aipaint ") for k, v in entries)
+            if entries and (no_prompt or aipaint_record):
+                found, short = entries, True
+        if len(found) >= 3 or short:
             params = {k.strip(): unquote(v.strip()) for k, v in found}
             lines = lines[:-1]
         prompt_lines: list[str] = []

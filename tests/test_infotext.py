@@ -72,6 +72,11 @@ def test_post_processing_entries_on_an_image_without_parameters_read_back_as_par
     assert (info.prompt, info.negative_prompt, info.params) == ("", "", {**two, "Version": f"aipaint {__version__}"})
     one = Infotext.from_text(Infotext("", "", {"Sticker": "flood, outline 3px white"}).to_text())
     assert one.prompt == "" and one.params == {"Sticker": "flood, outline 3px white"}
+    prompt_only = Infotext.from_text(merge_infotext("a cat\nNegative prompt: dog", {"Sticker": "x"}))
+    assert (prompt_only.prompt, prompt_only.negative_prompt) == ("a cat", "dog")  # a PNG that held only a prompt
+    assert prompt_only.params == {"Sticker": "x", "Version": f"aipaint {__version__}"}
+    assert Infotext.from_text("a cat\nstyle: ink, Version: 2").params == {}  # not aipaint's record: a prompt
+    assert Infotext.from_text("style: ink, Version: aipaint 1").params == {}  # one line: a prompt
     kept = Infotext.from_text(merge_infotext("a cat\nSteps: 2, Seed: 1, Size: 8x8, Version: v1", {"Sticker": "x"}))
     assert kept.prompt == "a cat" and list(kept.params) == ["Steps", "Seed", "Size", "Sticker", "Version"]
 

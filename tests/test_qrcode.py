@@ -179,10 +179,16 @@ def test_qr_command_records_the_controlnet_unit_in_the_png(tiny_sd_path, qr_cont
 def test_qr_command_carries_a_code_in_a_picture(tmp_path, astronaut):
     from aipaint.cli import main
 
+    from aipaint.infotext import Infotext, read_png_parameters
+    from aipaint.result import save_png
+
     source, out = tmp_path / "photo.png", tmp_path / "qr.png"
-    astronaut.resize((160, 160)).save(source)
+    save_png(astronaut.resize((160, 160)), source, "an astronaut\nSteps: 2, Seed: 4, Size: 160x160, Version: v1")
     assert main(["qr", URL, "--image", str(source), "-o", str(out)]) == 0
     assert decodes_to(Image.open(out), URL)
+    info = Infotext.from_text(read_png_parameters(out))  # the picture's own parameters stay
+    assert info.prompt == "an astronaut" and info.params["Seed"] == "4" and info.params["Version"] == "v1"
+    assert info.params["QR method"] == "blend"
     assert main(["qr", "x" * 2000, "--image", str(source), "-o", str(out)]) == 2
 
 

@@ -86,15 +86,18 @@ def _cmd_qr(args: argparse.Namespace) -> int:
     from aipaint_plugins.upscale.common import open_image
 
     from aipaint.errors import AipaintError
-    from aipaint.infotext import Infotext
     from aipaint.result import save_png
 
     settings = RepairSettings(safety=args.safety)
     decoders = _decoders(args.decoders)
     output = Path(args.output)
     if args.image:
+        from aipaint.infotext import read_png_parameters
+        from aipaint.postprocess import merge_infotext
+
         art = carry_code(open_image(args.image), args.payload, version=args.version, repair_settings=settings, decoders=decoders)
-        results = [(art, Infotext("", "", art.infotext("blend")).to_text().lstrip("\n"))]
+        # The picture's own parameters stay, as every post-processor's command keeps them.
+        results = [(art, merge_infotext(read_png_parameters(args.image) or "", art.infotext("blend")))]
     else:
         if not args.prompt:
             raise AipaintError("give --prompt to generate art, or --image to carry the code in a picture")

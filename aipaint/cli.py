@@ -247,6 +247,12 @@ def _generation_request(args: argparse.Namespace) -> Any:
         info = Infotext.from_text(text)
         png_params = info.params
         kwargs.update(generation_kwargs(info))
+        size = info.size()
+        if size and "width" not in kwargs and getattr(args, "image", None) is None:
+            # An outpainted PNG's Size is its canvas, which generation_kwargs leaves to
+            # outpainting (it works the canvas out from the image); txt2img redraws that
+            # canvas. The image commands keep their input image's size.
+            kwargs["width"], kwargs["height"] = size
         if args.model is None:
             _model_from_png(args, png_params)
     if args.prompt is not None:

@@ -10,7 +10,7 @@ from PIL import Image
 from aipaint import imageutil
 from aipaint.errors import InvalidParameter
 from aipaint.image_modes import Extension
-from aipaint.infotext import Infotext, generation_kwargs
+from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
 from aipaint.params import OUTPAINT_SIDES, GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
@@ -153,6 +153,10 @@ def test_cli_outpaint(tiny_sd_path, tmp_path, capsys):
     assert main(["img2img", str(tmp_path / "in.png"), "--from-png", str(out), "-s", "0.5",
                  "-o", str(redrawn), "-m", str(tiny_sd_path), "--no-progress"]) == 0
     assert Image.open(redrawn).size == (32, 32)
+    drawn = tmp_path / "drawn.png"  # txt2img from it draws on the canvas it was painted on (padded to the grid)
+    assert Infotext.from_text(read_png_parameters(out)).size() == (40, 40)
+    assert main(["generate", "--from-png", str(out), "-o", str(drawn), "-m", str(tiny_sd_path), "--no-progress"]) == 0
+    assert Image.open(drawn).size == (40, 40)
     capsys.readouterr()
     assert main(["outpaint", str(tmp_path / "in.png"), "x", "-o", str(out), *args]) == 2
     assert "at least one side" in capsys.readouterr().err

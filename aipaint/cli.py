@@ -50,13 +50,16 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--clip-skip", type=int)
     g.add_argument("--guidance-rescale", type=float)
+    g.add_argument("--skip-early-cfg", type=float, metavar="FRACTION",
+                   help="A1111's 'Ignore negative prompt during early sampling': the first steps up to this "
+                        "fraction run without CFG, which is faster (default 0: none)")
     g.add_argument("--midjourney", "--mj", action="store_true", help="read the prompt in Midjourney syntax (--no, ::, --ar)")
     g.add_argument("-o", "--output", default="aipaint.png", help="output PNG (a batch adds -0, -1, …)")
     g.add_argument("--no-progress", action="store_true")
 
 
 GENERATION_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "width", "height", "batch_size", "clip_skip", "guidance_rescale",
-                     "subseed", "subseed_strength")
+                     "skip_early_cfg", "subseed", "subseed_strength")
 
 
 def _size_argument(text: str) -> tuple[int, int]:

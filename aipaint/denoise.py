@@ -35,6 +35,10 @@ class LoopContributor:
     results are chained.
     """
 
+    def before_call(self, step: int, guided: bool) -> None:
+        """Told before each UNet call whether it carries the negative prompt's rows (first,
+        one per batch item): False when CFG is off for the call (CFG scale 1, Skip Early CFG)."""
+
     def transform_input(self, step: int, latent_input: torch.Tensor) -> torch.Tensor:
         """Change the UNet's latent input (e.g. concatenate mask channels for 9-channel inpainting)."""
         return latent_input
@@ -87,6 +91,9 @@ class DenoiseJob:
     conditioning_at: Callable[[int], StepConditioning]
     cfg_scale: float
     guidance_rescale: float = 0.0
+    # A1111's "Skip Early CFG": the first steps up to this fraction of the run are taken
+    # on the positive prompt alone (no negative-prompt batch half, so they are also faster).
+    skip_early_cfg: float = 0.0
     contributors: Sequence[LoopContributor] = field(default_factory=tuple)
     handoff: ModelHandoff | None = None
 
@@ -108,11 +115,16 @@ def denoise(
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     contributors = list(job.contributors)
-    use_cfg = job.cfg_scale > 1.0
     batch = latents.shape[0]
     handoff = job.handoff
+    run_steps = max(1, job.plan.total_steps - start)
+
+    def guided_at(step: int) -> bool:
+        # As A1111: CFG is off while step / steps <= skip_early_cfg, counted over this run's steps.
+        return job.cfg_scale > 1.0 and not (job.skip_early_cfg > 0 and (step - start) / run_steps <= job.skip_early_cfg)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        use_cfg = guided_at(step)
         # 1. The model and the conditioning in force at this step.
         switched = handoff is not None and float(t.max()) < handoff.below_timestep
         model, conditioning_at = (handoff.model, handoff.conditioning_at) if switched else (job.model, job.conditioning_at)
@@ -123,6 +135,9 @@ def denoise(
         n_parts = len(parts)
         # 2. One batched UNet call: [negative, positive_1, …] × batch.
         x_in = torch.cat([x] * n_parts)
+        for c in inputs:
+            if hasattr(c, "before_call"):  # contributors written before this seam need not have it
+                c.before_call(step, use_cfg)
         for c in inputs:
             x_in = c.transform_input(step, x_in)
         embeds = Conditioning.cat([p.repeat(batch) for p in parts])

@@ -142,6 +142,7 @@ _INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int),
     "Guidance rescale": ("guidance_rescale", float),
+    "Skip Early CFG": ("skip_early_cfg", float),
     "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float),
     "Denoising strength": ("denoising_strength", float),

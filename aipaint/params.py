@@ -66,6 +66,7 @@ class GenerationRequest:
     batch_size: int = 1
     clip_skip: int = 1
     guidance_rescale: float | None = None
+    skip_early_cfg: float = 0.0  # A1111's "Ignore negative prompt during early sampling" (0-1)
     emphasis: str | None = None  # "a1111" (A1111's "Original") or "none" ("No norm"); None: the model's
     adapters: tuple[Any, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +118,7 @@ class GenerationRequest:
             _check_range("cfg_scale", self.cfg_scale, *CFG_RANGE, float)
         if self.guidance_rescale is not None:
             _check_range("guidance_rescale", self.guidance_rescale, 0.0, 1.0, float)
+        _check_range("skip_early_cfg", self.skip_early_cfg, 0.0, 1.0, float)
         _check_range("seed", self.seed, -1, MAX_SEED, int)
         _check_range("batch_size", self.batch_size, *BATCH_RANGE, int)
         _check_range("clip_skip", self.clip_skip, *CLIP_SKIP_RANGE, int)

@@ -355,6 +355,7 @@ class Pipeline:
             conditioning_at=prepared.conditioning_at,
             cfg_scale=float(request.cfg_scale),
             guidance_rescale=float(request.guidance_rescale or 0.0),
+            skip_early_cfg=float(request.skip_early_cfg),
             contributors=contributors,
             handoff=self._refiner_handoff(prepared) if request.refiner is not None else None,
         )
@@ -402,6 +403,8 @@ class Pipeline:
             values["Clip skip"] = request.clip_skip
         if request.guidance_rescale:
             values["Guidance rescale"] = request.guidance_rescale
+        if request.skip_early_cfg and request.cfg_scale > 1:
+            values["Skip Early CFG"] = request.skip_early_cfg
         if request.emphasis == "none":
             values["Emphasis"] = "No norm"
         elif model.defaults.emphasis != "a1111":  # A1111's default, said when this model's differs

@@ -166,6 +166,22 @@ def test_controlnet_is_more_important_leaves_unconditional_rows_alone(tiny_pipe)
         assert residual[0].abs().max() == 0 and residual[1].abs().max() > 0
 
 
+def test_controlnet_is_more_important_with_skip_early_cfg(tiny_pipe):
+    """An unguided early call has no negative rows: the control reaches its only row."""
+    mode = unit(control_mode="ControlNet is more important")
+    _, contributors, _ = latents(tiny_pipe, mode, steps=4, skip_early_cfg=0.5)
+    cn = contributors[0]
+    cn.before_call(0, False)
+    out = cn.unet_kwargs(0, torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32))
+    assert out["mid_block_additional_residual"].shape[0] == 1 and out["mid_block_additional_residual"].abs().max() > 0
+    cn.before_call(3, True)
+    out = cn.unet_kwargs(3, torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), torch.randn(2, 77, 32))
+    assert out["mid_block_additional_residual"][0].abs().max() == 0
+    with_skip, _, _ = latents(tiny_pipe, mode, steps=4, skip_early_cfg=0.5)
+    without, _, _ = latents(tiny_pipe, mode, steps=4)
+    assert torch.isfinite(with_skip).all() and not torch.equal(with_skip, without)
+
+
 def test_single_file_in_diffusers_layout_equals_the_folder(tiny_pipe):
     folder, _, _ = latents(tiny_pipe, unit(model="tiny-cn"))
     single, _, info = latents(tiny_pipe, unit(model="tiny-cn-file"))

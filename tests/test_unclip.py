@@ -525,3 +525,13 @@ def test_the_small_cards_prior_is_fetched_through_the_zoo_download(monkeypatch, 
     assert fetched == [("kakaobrain/karlo-v1-alpha", card["prior"]["patterns"])]
     assert "prior/diffusion_pytorch_model.safetensors" in card["prior"]["patterns"]
     assert model.prior is not None and model.image_encoder is not None
+
+
+def test_stable_variations_skip_early_cfg_give_the_image_embedding_to_unguided_calls(stable):
+    """With every step unguided there are no negative rows, so no zero labels: CFG 1's image."""
+    kwargs = dict(seed=5, noise_level=100, **DDIM_STEPS)
+    unguided = as_array(stable.variations(picture(1), cfg_scale=1.0, **kwargs).image)
+    skipped = as_array(stable.variations(picture(1), cfg_scale=5.0, skip_early_cfg=1.0, **kwargs).image)
+    np.testing.assert_array_equal(skipped, unguided)
+    partly = as_array(stable.variations(picture(1), cfg_scale=5.0, skip_early_cfg=0.4, **kwargs).image)
+    assert np.abs(partly - unguided).mean() > 1e-4

@@ -260,6 +260,9 @@ class ControlNetContributor(LoopContributor):
         self.in_channels = int(controlnet.config.in_channels)
         self.calls = 0
 
+    def before_call(self, step: int, guided: bool) -> None:
+        self.uses_cfg = guided  # Skip Early CFG leaves the negative rows out of early calls
+
     def active(self, step: int) -> bool:
         fraction = step / self.total_steps
         return self.weight > 0 and self.guidance_start <= fraction <= self.guidance_end

@@ -85,6 +85,9 @@ class ImageEmbeddingLabels(LoopContributor):
         self.labels = labels
         self.guided = guided
 
+    def before_call(self, step: int, guided: bool) -> None:
+        self.guided = guided  # Skip Early CFG leaves the negative rows out of early calls
+
     def unet_kwargs(self, step: int, latent_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> dict[str, Any]:
         parts = latent_input.shape[0] // self.labels.shape[0]
         rows = [torch.zeros_like(self.labels)] if self.guided else []

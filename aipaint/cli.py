@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aipaint.errors import AipaintError
+from aipaint.errors import AipaintError, AipaintWarning
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -492,12 +494,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def plain_warnings() -> Any:
+    """aipaint's own warnings as one ``aipaint: warning: ...`` line each, once per command
+    (a hires-fix pass or a batch re-plans the same prompt; its warning is said once).
+    Other warnings keep Python's own form."""
+    seen: set[str] = set()
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, AipaintWarning):
+            shown(message, category, *args, **kwargs)
+            return
+        text = str(message).removeprefix("aipaint: ")
+        if text not in seen:
+            seen.add(text)
+            print(f"aipaint: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AipaintWarning)  # ``seen`` dedupes; Python's per-line registry would not
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    with plain_warnings():
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except AipaintError as exc:

@@ -13,6 +13,13 @@ class AipaintError(Exception):
     """Base class of every error aipaint raises on purpose."""
 
 
+class AipaintWarning(UserWarning):
+    """Base class of the warnings aipaint and its first-party plugins issue (part of a prompt
+    ignored, LoRA keys that match nothing, a plugin skipped). The CLI prints each distinct one
+    once per command, as ``aipaint: warning: ...``; ``warnings.filterwarnings("ignore",
+    category=AipaintWarning)`` silences them all."""
+
+
 class InvalidParameter(AipaintError, ValueError):
     """A parameter value is outside what is allowed.
 

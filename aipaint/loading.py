@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aipaint import zoo
-from aipaint.errors import AipaintError, ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.errors import AipaintError, AipaintWarning, ModelLoadError, UnknownName, UnsafeFileError
 from aipaint.families import LoadOptions, ModelFamily, ModelSource
 from aipaint.model import LatentDiffusionModel, ModelDefaults
 from aipaint.plugins import PluginHost
@@ -100,7 +100,8 @@ def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> 
 
 
 def _broken_plugin(owner: str, where: str, problem: str) -> None:
-    warnings.warn(f"aipaint plugin {owner!r} {problem} in {where}; it was skipped while identifying the model", stacklevel=3)
+    warnings.warn(f"aipaint plugin {owner!r} {problem} in {where}; it was skipped while identifying the model",
+                  AipaintWarning, stacklevel=3)
 
 
 def identify_family(source: ModelSource, host: PluginHost) -> ModelFamily:

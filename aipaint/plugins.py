@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from aipaint import hookspecs
+from aipaint.errors import AipaintWarning
 from aipaint.registry import Registry
 
 ENTRY_POINT_GROUP = "aipaint"
@@ -90,7 +91,8 @@ def create_plugin_host(
                 plugin = ep.load()
                 manager.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must not take down the others
-                warnings.warn(f"aipaint plugin {ep.name!r} ({ep.value}) failed to load and was skipped: {exc!r}", stacklevel=2)
+                warnings.warn(f"aipaint plugin {ep.name!r} ({ep.value}) failed to load and was skipped: {exc!r}",
+                              AipaintWarning, stacklevel=2)
     for plugin in extra_plugins:
         manager.register(plugin)
 
@@ -126,7 +128,8 @@ def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None
             try:
                 impl.function(register=register)
             except Exception as exc:
-                warnings.warn(f"aipaint plugin {owner!r} failed in {hook_name} and was skipped: {exc!r}", stacklevel=2)
+                warnings.warn(f"aipaint plugin {owner!r} failed in {hook_name} and was skipped: {exc!r}",
+                              AipaintWarning, stacklevel=2)
 
 
 _default_host: PluginHost | None = None

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from aipaint.errors import PluginError, UnknownName
+from aipaint.errors import AipaintWarning, PluginError, UnknownName
 
 T = TypeVar("T")
 
@@ -39,6 +39,7 @@ class Catalogue(Generic[T]):
                     f"plugin {owner!r} tried to register {self.kind} {name!r}, but "
                     f"{existing!r} from plugin {self.owners[existing]!r} already uses that name; "
                     f"the new one is ignored",
+                    AipaintWarning,
                     stacklevel=3,
                 )
                 return

@@ -53,3 +53,16 @@ def test_a_plugin_that_declares_the_kind_receives_the_tag_and_nothing_warns(tiny
         result = pipe.txt2img("a cat <hypernet:anime:0.5>", **GEN)
     assert seen == [(ExtraNetworkRef("hypernet", ("anime", "0.5")),)]
     assert "Hypernet: anime" in result.infotexts[0]
+
+
+def test_the_cli_says_an_ignored_tag_once_per_command_even_across_hires_passes(tmp_path, capsys):
+    from aipaint.cli import main
+
+    out = tmp_path / "h.png"
+    assert main(["generate", "a red circle <hypernet:x:1>", "--steps", "2", "--seed", "1",
+                 "--post", "hires:scale=2,steps=2", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "<hypernet:x:1>" in line]
+    assert lines == [lines[0]] and lines[0].startswith("aipaint: warning: the prompt's <hypernet:x:1> tag was removed")
+    assert "PromptWarning" not in err  # one plain line, not Python's file:line form
+    assert issubclass(PromptWarning, aipaint.errors.AipaintWarning)

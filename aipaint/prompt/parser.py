@@ -17,6 +17,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from aipaint.errors import AipaintWarning
+
 __all__ = [
     "ExtraNetworkRef",
     "LoraRef",
@@ -33,7 +35,7 @@ __all__ = [
 LORA_TAG_KINDS = ("lora", "lyco")
 
 
-class PromptWarning(UserWarning):
+class PromptWarning(AipaintWarning):
     """Issued when a generation uses a prompt with :attr:`ParsedPrompt.warnings`: part of it was
     kept as plain text instead of read as syntax (a malformed ``<lora:…>`` tag; ``AND`` or a
     tag in the negative prompt). The message says which part."""

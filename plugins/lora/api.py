@@ -25,13 +25,13 @@ from aipaint_plugins.lora.formats import LoraPatches, ModuleTable, match_patches
 from aipaint_plugins.lora.library import ModelFolder, NamedFile, default_folder, short_hash
 from aipaint_plugins.lora.patcher import AppliedPatches, apply_patches
 
-from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
+from aipaint.errors import AipaintWarning, InvalidParameter, ModelLoadError, UnsupportedFeature
 
 CACHE_SIZE = 8
 PATCHED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-class UnmatchedLoraKeys(UserWarning):
+class UnmatchedLoraKeys(AipaintWarning):
     """Some keys of a LoRA file match nothing in the model (they are listed, never applied)."""
 
 

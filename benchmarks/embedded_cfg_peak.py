@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         other = aipaint.load(a.model)
         pipe.model.unet.load_state_dict(other.model.unet.state_dict())
         pipe.model.text_encoder.load_state_dict(other.model.text_encoder.state_dict())
+        pipe.model.vae.load_state_dict(other.model.vae.state_dict())  # a --normalize-channels run folds a new latent
+        pipe.model.vae.register_to_config(scaling_factor=other.model.scaling_factor)
         pipe.model._encoders.clear()
     caps = captions(a.n, "train", seed=3000)
     print(f"model: {a.model or pipe.model.name}; {a.n} captions (seed 3000), 20 steps, guidance rescale "

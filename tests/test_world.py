@@ -196,3 +196,72 @@ def test_training_resumes_a_trained_model(tmp_path):
     import aipaint
 
     assert aipaint.load(out).txt2img("a big red circle", seed=1, steps=2, width=32, height=32).image.size == (32, 32)
+
+
+def test_channel_normalization_is_folded_into_the_vae_exactly():
+    """The fold gives each latent channel zero mean / unit std and decodes the new latents as before."""
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from aipaint.world.train import fold_channel_normalization
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16).eval()
+    with torch.no_grad():  # skew the channels so that the fold has something to do
+        vae.quant_conv.weight[:4] *= torch.tensor([0.1, 1.0, 3.0, 0.5]).view(-1, 1, 1, 1)
+        vae.quant_conv.bias[:4] += torch.tensor([0.5, -1.0, 0.0, 2.0])
+    x = torch.rand(12, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        before = vae.decode(z).sample
+        before_std = vae.encode(x).latent_dist.std
+        folded = copy.deepcopy(vae)
+        m, d = fold_channel_normalization(folded, z)
+        post = folded.encode(x).latent_dist
+        after = folded.decode(post.mean).sample
+    assert folded.config.scaling_factor == 1.0
+    assert torch.allclose(post.mean.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(post.mean.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert torch.allclose(post.mean, (z - m.view(1, -1, 1, 1)) / d.view(1, -1, 1, 1), atol=1e-5)
+    assert torch.allclose(post.std, before_std / d.view(1, -1, 1, 1), rtol=1e-4)  # the posterior's spread moves too
+    assert torch.allclose(after, before, atol=1e-5)
+    assert d.max() / d.min() > 5  # the skew was there to undo
+
+
+def test_training_resume_can_normalize_latent_channels(tmp_path):
+    """``--resume --normalize-channels`` folds the normalization into the saved VAE and records it."""
+    import json
+    import shutil
+
+    import torch
+
+    from aipaint.world.render import render_array
+    from aipaint.world.scene import random_scene
+    from aipaint.world.train import main as train
+    from aipaint.zoo import zoo_root
+    import aipaint
+
+    source = tmp_path / "source"
+    shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)
+    out = tmp_path / "normalized"
+    assert train(["--resume", str(source), "--out", str(out), "--pool", "64", "--steps", "1", "--batch", "4",
+                  "--threads", "1", "--seed", "6", "--normalize-channels"]) == 0
+    run = json.loads((out / "training.json").read_text())["unet_finetunes"][-1]
+    norm = run["latents"]["channel_normalization"]
+    assert run["latents"]["scaling_factor"] == 1.0 and len(norm["channel_std_raw"]) == 4
+    old, new = aipaint.load(source).model, aipaint.load(out).model
+    assert new.scaling_factor == 1.0
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([render_array(random_scene(rng, "train")) for _ in range(32)])).float()
+    x = x.permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        z_old, z_new = old.vae.encode(x).latent_dist.mean, new.vae.encode(x).latent_dist.mean
+        assert torch.allclose(old.vae.decode(z_old).sample, new.vae.decode(z_new).sample, atol=1e-4)
+    s_old = (z_old * old.scaling_factor).std((0, 2, 3))
+    assert s_old.max() / s_old.min() > 3  # the shipped latent's channels are far apart ...
+    s_new = z_new.std((0, 2, 3))
+    assert s_new.max() / s_new.min() < 2  # ... the normalized ones are not (32 images, not the pool)

@@ -16,6 +16,13 @@ with its own learning rate and caption dropout; each such run is appended to the
 model's ``training.json`` under ``unet_finetunes``:
 
     python -m aipaint.world.train --resume zoo/models/shapes-tiny --minutes 40 --lr 5e-4 --drop-text 0.2
+
+``--normalize-channels`` gives every latent channel zero mean and unit std before the UNet
+phase, folded exactly into the VAE's 1x1 quant convs (the decoder draws the same pictures;
+``scaling_factor`` becomes 1), instead of one scale for the whole latent. The shipped model
+does not use it: its channels' stds are 0.42 / 0.51 / 0.15 / 1.82, and a 30-minute
+``--resume --normalize-channels`` run did not move the CFG peak
+(``benchmarks/results/embedded_cfg_peak.txt``).
 """
 from __future__ import annotations
 
@@ -183,6 +190,37 @@ def build_pipeline(vae, text_encoder, unet, tokenizer):
     )
 
 
+def fold_channel_normalization(vae, raw_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite ``vae`` so that its latent mean has zero mean and unit std *per channel*.
+
+    ``raw_latents`` are ``vae.encode(x).latent_dist.mean`` over a pool (N, C, h, w). The
+    per-channel affine map ``z' = (z - m) / d`` is folded into the VAE's 1x1 ``quant_conv``
+    (mean rows scaled and shifted, log-variance rows shifted by ``-2 log d``) and its inverse
+    into ``post_quant_conv``, so the VAE keeps the standard diffusers layout and decodes
+    ``z'`` exactly as it decoded ``z``. ``scaling_factor`` becomes 1. Returns ``(m, d)``.
+    """
+    if not getattr(vae.config, "use_quant_conv", True) or not getattr(vae.config, "use_post_quant_conv", True):
+        raise ValueError("channel normalization is folded into quant_conv/post_quant_conv; this VAE has none")
+    c = raw_latents.shape[1]
+    m = raw_latents.mean((0, 2, 3)).double()
+    d = raw_latents.std((0, 2, 3)).double()
+    with torch.no_grad():
+        q, pq = vae.quant_conv, vae.post_quant_conv
+        w, b = q.weight.double(), q.bias.double()
+        w[:c] /= d.view(-1, 1, 1, 1)
+        b[:c] = (b[:c] - m) / d
+        b[c:] -= 2 * torch.log(d)
+        q.weight.copy_(w)
+        q.bias.copy_(b)
+        pw, pb = pq.weight.double(), pq.bias.double()
+        pb += pw[:, :, 0, 0] @ m
+        pw *= d.view(1, -1, 1, 1)
+        pq.weight.copy_(pw)
+        pq.bias.copy_(pb)
+    vae.register_to_config(scaling_factor=1.0)
+    return m.float(), d.float()
+
+
 def save_atomic(out: Path, pipe, record: dict) -> None:
     """Write the pipeline to a temp dir next to ``out`` then swap it in."""
     out = Path(out)
@@ -226,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="~1-minute smoke run into a temp dir")
     ap.add_argument("--resume", help="continue the UNet + text-encoder phase of this trained model folder "
                                      "(saved back to it unless --out is given)")
+    ap.add_argument("--normalize-channels", action="store_true",
+                    help="give every latent channel zero mean and unit std (folded into the VAE's quant convs; "
+                         "scaling_factor 1) before the UNet phase; with --resume the UNet relearns the new scale")
     a = ap.parse_args(argv)
     out_given = a.out != ap.get_default("out")
     if a.resume and not out_given:
@@ -393,13 +434,23 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
             lat.append(vae.encode(to_tensor(imgs[i : i + 1000])).latent_dist.mean)
     lat = torch.cat(lat)
     std = lat.std().item()
-    if a.resume:  # the UNet was trained on latents at this scale: keep it
+    normalized = None
+    if a.normalize_channels:
+        m, d = fold_channel_normalization(vae, lat)
+        lat = (lat - m.view(1, -1, 1, 1)) / d.view(1, -1, 1, 1)
+        scaling = 1.0
+        normalized = {"channel_mean_raw": m.tolist(), "channel_std_raw": d.tolist(),
+                      "how": "z' = (z - mean) / std per channel, folded into quant_conv / post_quant_conv"}
+        log(f"latent channels normalized: raw means {[round(v, 3) for v in m.tolist()]}, "
+            f"stds {[round(v, 3) for v in d.tolist()]}")
+    elif a.resume:  # the UNet was trained on latents at this scale: keep it
         scaling = float(vae.config.scaling_factor)
     else:
         scaling = 1.0 / std
         vae.register_to_config(scaling_factor=scaling)
     lat = lat * scaling
     stage["latents"] = {"count": len(lat), "std_raw": std, "scaling_factor": scaling,
+                        "channel_normalization": normalized,
                         "channel_mean_scaled": lat.mean((0, 2, 3)).tolist(),
                         "channel_std_scaled": lat.std((0, 2, 3)).tolist()}
     stage["timings_s"]["encode"] = round(time.time() - t0, 1)

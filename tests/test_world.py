@@ -265,3 +265,39 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
     assert s_old.max() / s_old.min() > 3  # the shipped latent's channels are far apart ...
     s_new = z_new.std((0, 2, 3))
     assert s_new.max() / s_new.min() < 2  # ... the normalized ones are not (32 images, not the pool)
+
+
+def test_recoloured_twins_keep_everything_but_the_colours():
+    from aipaint.world.finetune_decoder import render_twins
+
+    images, twins = render_twins(4, "train", 12)
+    for image, twin in zip(images, twins):
+        seen, seen_twin = read_scene(image), read_scene(twin)
+        assert seen.background == seen_twin.background
+        assert len(seen.objects) == len(seen_twin.objects) > 0
+        for a, b in zip(sorted(seen.objects, key=lambda o: o.position), sorted(seen_twin.objects, key=lambda o: o.position)):
+            assert (a.shape, a.size, a.position) == (b.shape, b.size, b.position)
+            assert a.colour != b.colour
+
+
+def test_decoder_finetune_with_extrapolation_trains_only_the_decoder(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from aipaint.world.finetune_decoder import main as finetune
+    from aipaint.zoo import zoo_root
+
+    model = tmp_path / "m"
+    shutil.copytree(zoo_root() / "models" / "shapes-tiny", model)
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    before = load_file(str(model / weights))
+    assert finetune([str(model), "--pool", "40", "--steps", "2", "--batch", "4", "--extrapolate", "1.0",
+                     "--threads", "1"]) == 0
+    after = load_file(str(model / weights))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(before[k].equal(after[k]) for k in frozen)  # the UNet's latent space is kept
+    assert any(not before[k].equal(after[k]) for k in before if k.startswith("decoder."))
+    run = json.loads((model / "training.json").read_text())["decoder_finetunes"][-1]
+    assert run["steps"] == 2 and run["command"].endswith("--extrapolate 1.0")

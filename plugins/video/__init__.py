@@ -1,0 +1,57 @@
+"""Frame-by-frame video stylisation: command ``aipaint video`` (see :mod:`aipaint_plugins.video.stylize`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aipaint import hookimpl
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint.cli import _add_generation_options, _add_model_options
+
+    p = subparsers.add_parser("video", help="stylise a video (or GIF, or frame folder) frame by frame with img2img")
+    p.add_argument("input", help="video file (.mp4, .mov, .avi, …), animated GIF, or a folder of frames")
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax)")
+    p.add_argument("--from-png", help="take the generation parameters stored in an A1111-style PNG")
+    g = p.add_argument_group("video")
+    g.add_argument("-s", "--strength", "--denoising-strength", type=float, default=0.5, dest="denoising_strength",
+                   metavar="X", help="denoising strength per frame, 0–1 (default 0.5)")
+    g.add_argument("--temporal", type=float, default=0.0, metavar="X",
+                   help="share of each frame's start that is the previous stylised frame, warped along the "
+                        "input's optical flow (0 to <1, default 0: each frame starts from itself)")
+    g.add_argument("--seed-step", type=int, default=0, metavar="N",
+                   help="frame i is painted with seed + i*N (default 0: one seed for every frame, which is "
+                        "what keeps a video from flickering)")
+    g.add_argument("--every", type=int, default=1, metavar="N", help="keep one input frame in N (default 1)")
+    g.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    _add_generation_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_video, output=None)
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aipaint_plugins.video.stylize import read_clip, stylize_clip, write_clip
+
+    from aipaint.cli import _generation_request, _load, _progress_bar
+
+    source = Path(args.input)
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}-styled{source.suffix or ''}")
+    clip = read_clip(source, max_frames=args.max_frames, every=args.every)  # before the model: a bad file costs nothing
+    request = _generation_request(args)
+    pipe = _load(args)
+    show = not args.no_progress and sys.stderr.isatty()
+    progress, close = _progress_bar(show)
+    try:
+        styled = stylize_clip(pipe, clip, request.prompt, request.negative_prompt, request=request,
+                              denoising_strength=args.denoising_strength, temporal=args.temporal, seed_step=args.seed_step,
+                              progress=progress)
+    finally:
+        close()
+    print(write_clip(styled, output))
+    print(f"{len(styled.frames)} frames at {styled.fps:.3g} fps, seed {styled.seed}", file=sys.stderr)
+    return 0

@@ -4,7 +4,10 @@ Each frame is painted by img2img at ``denoising_strength`` with **the same seed*
 does not change under a still picture), and, with ``temporal`` > 0, starts from a blend of the
 frame and the *previous stylised frame warped onto it* along the optical flow of the input
 (OpenCV's Farnebäck flow), so what was painted on a moving object moves with it instead of
-being painted anew. ``temporal=0`` is plain batch img2img with a fixed seed.
+being painted anew. ``temporal=0`` (the default) is plain batch img2img with a fixed seed.
+Measured on the embedded model (``benchmarks/video_flicker.py``): the fixed seed is what keeps
+frames steady; the temporal blend does not help there (with one seed it adds flicker, as the
+flow of noisy 32-pixel frames moves the noise), and it is unmeasured on real models.
 
 Frames are read from and written to a video file (whatever OpenCV's FFmpeg reads; written
 as ``.mp4`` (mp4v), ``.avi`` (MJPG), ``.mov`` or ``.mkv``), an animated GIF, or a folder of

@@ -71,7 +71,7 @@ def _size_argument(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+def _progress_bar(enabled: bool, unit: str = "step") -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
@@ -80,7 +80,7 @@ def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Cal
 
     def update(done: int, total: int) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, unit="step", file=sys.stderr, leave=False)
+            bar["bar"] = tqdm(total=total, unit=unit, file=sys.stderr, leave=False)
         bar["bar"].total = total
         bar["bar"].n = done
         bar["bar"].refresh()

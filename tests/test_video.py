@@ -142,3 +142,37 @@ def test_video_command(tmp_path, capsys):
     assert "no video, GIF or frame folder" in capsys.readouterr().err
     assert main(["video", str(source), "x", "--temporal", "1", "-o", str(tmp_path / "o.gif")]) == 2
     assert "temporal" in capsys.readouterr().err
+
+
+def test_a_file_streams_through_frame_by_frame(embedded_pipe, tmp_path, monkeypatch):
+    """stylize_file holds one input frame at a time: frames are read only as they are painted."""
+    from aipaint_plugins.video import stylize
+
+    source = write_clip(Clip([circle_at(8 + 3 * i) for i in range(4)], 10), tmp_path / "in.mp4")
+    opened = stylize.open_frames(source)
+    assert opened.count == 4 and opened.fps == pytest.approx(10)
+    read, painted = [], []
+    generate = embedded_pipe.generate
+
+    def spy(request, **kwargs):
+        painted.append(len(read))
+        return generate(request, **kwargs)
+
+    frames = opened.frames
+
+    def counting():
+        for frame in frames:
+            read.append(frame)
+            yield frame
+
+    opened.frames = counting()
+    monkeypatch.setattr(embedded_pipe, "generate", spy)
+    path, count, fps, seed = stylize.stylize_file(embedded_pipe, opened, tmp_path / "out", "a big red circle on a white background",
+                                                  seed=4, steps=4)
+    assert painted == [1, 2, 3, 4]  # frame i was painted before frame i+1 was read
+    assert (count, seed) == (4, 4) and sorted(p.name for p in path.iterdir())[-1] == "frame-00003.png"
+    from aipaint.infotext import read_png_parameters
+
+    assert "Video frame: 4/4" in read_png_parameters(path / "frame-00003.png")
+    with pytest.raises(InvalidParameter, match=r"\.mp4, \.mov"):
+        stylize.stylize_file(embedded_pipe, source, tmp_path / "out.xyz", "x")

@@ -35,23 +35,26 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aipaint_plugins.video.stylize import read_clip, stylize_clip, write_clip
+    from aipaint_plugins.video.stylize import FrameSink, open_frames, stylize_file
 
     from aipaint.cli import _generation_request, _load, _progress_bar
 
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_name(f"{source.stem}-styled{source.suffix or ''}")
-    clip = read_clip(source, max_frames=args.max_frames, every=args.every)  # before the model: a bad file costs nothing
+    # The input and the output's format are checked before the model loads: a typo costs nothing.
+    frames = open_frames(source, max_frames=args.max_frames, every=args.every)
+    FrameSink(output, frames.fps)
     request = _generation_request(args)
     pipe = _load(args)
-    show = not args.no_progress and sys.stderr.isatty()
-    progress, close = _progress_bar(show)
+    update, close = _progress_bar(not args.no_progress and sys.stderr.isatty(), unit="frame")
+    progress = None if update is None else (lambda done, total: update(done, total or None))
     try:
-        styled = stylize_clip(pipe, clip, request.prompt, request.negative_prompt, request=request,
-                              denoising_strength=args.denoising_strength, temporal=args.temporal, seed_step=args.seed_step,
-                              progress=progress)
+        written, count, fps, seed = stylize_file(
+            pipe, frames, output, request.prompt, request.negative_prompt, request=request,
+            denoising_strength=args.denoising_strength, temporal=args.temporal, seed_step=args.seed_step,
+            progress=progress)
     finally:
         close()
-    print(write_clip(styled, output))
-    print(f"{len(styled.frames)} frames at {styled.fps:.3g} fps, seed {styled.seed}", file=sys.stderr)
+    print(written)
+    print(f"{count} frames at {fps:.3g} fps, seed {seed}", file=sys.stderr)
     return 0

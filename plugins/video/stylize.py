@@ -17,7 +17,7 @@ images (written as numbered PNGs, each with its A1111-style parameters).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,11 +47,28 @@ class Clip:
     seed: int | None = None
 
 
-def read_clip(path: str | Path, *, max_frames: int | None = None, every: int = 1) -> Clip:
-    """Read a video file, an animated GIF or a folder of images (sorted by name).
+@dataclass
+class FrameSource:
+    """Frames of a video file, animated GIF or image folder, read one at a time (a long video
+    is never held in memory whole). ``fps`` and ``count`` (the frames that will be kept, when
+    the container says; else None) are known before the first frame is read."""
+
+    path: Path
+    fps: float
+    count: int | None
+    frames: Iterator[Image.Image]
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return self.frames
+
+
+def open_frames(path: str | Path, *, max_frames: int | None = None, every: int = 1) -> FrameSource:
+    """Open a video file, an animated GIF or a folder of images (sorted by name) for reading.
 
     ``every`` keeps one frame in ``every`` (the frame rate is divided to match);
-    ``max_frames`` stops after that many kept frames."""
+    ``max_frames`` stops after that many kept frames. Errors that the container shows at
+    once (no such file, not a video, no frames) are raised here; a frame of another size
+    than the first, when it is reached."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
     if every < 1:
@@ -61,104 +78,175 @@ def read_clip(path: str | Path, *, max_frames: int | None = None, every: int = 1
     path = Path(path)
     if not path.exists():
         raise ImageError(f"no video, GIF or frame folder at {str(path)!r}")
-    frames: list[Image.Image] = []
-    fps = DEFAULT_FPS
 
-    def keep(index: int) -> bool:
-        return index % every == 0 and (max_frames is None or len(frames) < max_frames)
+    def kept(total: int | None) -> int | None:
+        if total is None or total <= 0:  # the container does not say
+            return None
+        n = -(-total // every)
+        return min(n, max_frames) if max_frames is not None else n
 
-    def full() -> bool:
-        return max_frames is not None and len(frames) >= max_frames
+    def trimmed(frames: Iterable[Image.Image]) -> Iterator[Image.Image]:
+        size = None
+        taken = 0
+        for index, frame in enumerate(frames):
+            if max_frames is not None and taken >= max_frames:
+                return
+            if index % every:
+                continue
+            frame = frame.convert("RGB")
+            if size is None:
+                size = frame.size
+            elif frame.size != size:
+                raise ImageError(f"frame {index} of {str(path)!r} is {frame.size[0]}x{frame.size[1]}, not "
+                                 f"{size[0]}x{size[1]} as the first: a clip's frames must share one size")
+            taken += 1
+            yield frame
 
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for index, file in enumerate(files):
-            if full():
-                break
-            if keep(index):
+        if not files:
+            raise ImageError(f"{str(path)!r} has no frames to read (no {', '.join(IMAGE_SUFFIXES)} files)")
+
+        def folder() -> Iterator[Image.Image]:
+            for file in files:
                 try:
                     with Image.open(file) as image:
-                        frames.append(image.convert("RGB"))
+                        yield image.convert("RGB")
                 except (OSError, UnidentifiedImageError) as exc:
                     raise ImageError(f"cannot read frame {str(file)!r}: {exc}") from exc
-    elif path.suffix.lower() == ".gif":
+
+        return FrameSource(path, DEFAULT_FPS / every, kept(len(files)), trimmed(folder()))
+    if path.suffix.lower() == ".gif":
         try:
             with Image.open(path) as image:
+                n = getattr(image, "n_frames", 1)
                 durations = []
-                for index, frame in enumerate(ImageSequence.Iterator(image)):
-                    if full():
-                        break
+                for frame in ImageSequence.Iterator(image):
                     durations.append(frame.info.get("duration", 0) or 0)
-                    if keep(index):
-                        frames.append(frame.convert("RGB"))
         except (OSError, UnidentifiedImageError) as exc:
             raise ImageError(f"cannot read GIF {str(path)!r}: {exc}") from exc
         mean_ms = float(np.mean(durations)) if durations else 0.0
         fps = 1000.0 / mean_ms if mean_ms > 0 else DEFAULT_FPS
-    else:
-        import cv2
 
-        capture = cv2.VideoCapture(str(path))
+        def gif() -> Iterator[Image.Image]:
+            with Image.open(path) as image:
+                for frame in ImageSequence.Iterator(image):
+                    yield frame.convert("RGB")
+
+        return FrameSource(path, fps / every, kept(n), trimmed(gif()))
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        capture.release()
+        raise ImageError(f"cannot read video {str(path)!r}: OpenCV could not open it")
+    fps = float(capture.get(cv2.CAP_PROP_FPS)) or DEFAULT_FPS
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    ok, first = capture.read()
+    if not ok:
+        capture.release()
+        raise ImageError(f"{str(path)!r} has no frames to read")
+
+    def video() -> Iterator[Image.Image]:
         try:
-            if not capture.isOpened():
-                raise ImageError(f"cannot read video {str(path)!r}: OpenCV could not open it")
-            fps = float(capture.get(cv2.CAP_PROP_FPS)) or DEFAULT_FPS
-            index = 0
-            while not full():
+            bgr = first
+            while True:
+                yield Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
                 ok, bgr = capture.read()
                 if not ok:
-                    break
-                if keep(index):
-                    frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
-                index += 1
+                    return
         finally:
             capture.release()
+
+    return FrameSource(path, fps / every, kept(total), trimmed(video()))
+
+
+def read_clip(path: str | Path, *, max_frames: int | None = None, every: int = 1) -> Clip:
+    """All the frames of :func:`open_frames` in memory, as a :class:`Clip`."""
+    source = open_frames(path, max_frames=max_frames, every=every)
+    frames = list(source)
     if not frames:
         raise ImageError(f"{str(path)!r} has no frames to read")
-    if len({f.size for f in frames}) > 1:
-        raise ImageError(f"the frames of {str(path)!r} differ in size; a clip's frames must share one size")
-    return Clip(frames, fps / every)
+    return Clip(frames, source.fps)
+
+
+class FrameSink:
+    """Writes frames one at a time as a video file (by suffix), an animated GIF, or — for a
+    path without a suffix — a folder of numbered PNGs that keep each frame's parameters.
+    Use as a context manager; the file is complete when it closes. A GIF is assembled at
+    the close (Pillow writes it in one go)."""
+
+    def __init__(self, path: str | Path, fps: float) -> None:
+        self.path = Path(path)
+        self.fps = fps
+        self.count = 0
+        self._writer: Any = None
+        self._gif: list[Image.Image] = []
+        self._size: tuple[int, int] | None = None
+        suffix = self.path.suffix.lower()
+        if suffix not in ("", ".gif") and suffix not in VIDEO_SUFFIXES:
+            raise InvalidParameter("output", str(self.path), "write a video as .mp4, .mov, .mkv, .avi or .gif, "
+                                   "or give a path without a suffix for a folder of PNG frames")
+        self.suffix = suffix
+
+    def __enter__(self) -> FrameSink:
+        return self
+
+    def write(self, frame: Image.Image, parameters: str | None = None) -> None:
+        frame = frame.convert("RGB")
+        if self._size is None:
+            self._size = frame.size
+            self._open()
+        elif frame.size != self._size:
+            frame = frame.resize(self._size)
+        if self.suffix == "":
+            from aipaint.result import save_png
+
+            save_png(frame, self.path / f"frame-{self.count:05d}.png", parameters or None)
+        elif self.suffix == ".gif":
+            self._gif.append(frame)
+        else:
+            import cv2
+
+            self._writer.write(cv2.cvtColor(np.asarray(frame), cv2.COLOR_RGB2BGR))
+        self.count += 1
+
+    def _open(self) -> None:
+        if self.suffix == "":
+            self.path.mkdir(parents=True, exist_ok=True)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.suffix in VIDEO_SUFFIXES:
+            import cv2
+
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*VIDEO_SUFFIXES[self.suffix]),
+                                           self.fps, self._size)
+            if not self._writer.isOpened():
+                raise ImageError(f"OpenCV cannot write {self.suffix} here (no {VIDEO_SUFFIXES[self.suffix]} encoder); "
+                                 "write a .gif or a frame folder instead")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self._gif:
+            first, *rest = self._gif
+            first.save(self.path, save_all=True, append_images=rest, duration=max(1, round(1000.0 / self.fps)), loop=0)
+            self._gif = []
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def write_clip(clip: Clip, path: str | Path) -> Path:
-    """Write ``clip`` as a video file (by suffix), an animated GIF, or — for a path without a
-    suffix — a folder of numbered PNGs that keep each frame's parameters."""
-    from PIL import Image
-
-    path = Path(path)
-    suffix = path.suffix.lower()
+    """Write ``clip`` (see :class:`FrameSink` for the formats)."""
     if not clip.frames:
         raise InvalidParameter("clip", "no frames", "a clip to write needs at least one frame")
-    if suffix == "":
-        from aipaint.result import save_png
-
-        path.mkdir(parents=True, exist_ok=True)
-        texts = clip.infotexts or [""] * len(clip.frames)
-        for index, (frame, text) in enumerate(zip(clip.frames, texts, strict=True)):
-            save_png(frame, path / f"frame-{index:05d}.png", text or None)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".gif":
-        duration = max(1, round(1000.0 / clip.fps))
-        first, *rest = clip.frames
-        first.save(path, save_all=True, append_images=rest, duration=duration, loop=0)
-        return path
-    if suffix not in VIDEO_SUFFIXES:
-        raise InvalidParameter("output", str(path), "write a video as .mp4, .mov, .mkv, .avi or .gif, "
-                               "or give a path without a suffix for a folder of PNG frames")
-    import cv2
-
-    width, height = clip.frames[0].size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*VIDEO_SUFFIXES[suffix]), clip.fps, (width, height))
-    try:
-        if not writer.isOpened():
-            raise ImageError(f"OpenCV cannot write {suffix} here (no {VIDEO_SUFFIXES[suffix]} encoder); "
-                             "write a .gif or a frame folder instead")
-        for frame in clip.frames:
-            writer.write(cv2.cvtColor(np.asarray(frame.convert("RGB").resize((width, height))), cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    return path
+    texts = clip.infotexts or [None] * len(clip.frames)
+    with FrameSink(path, clip.fps) as sink:
+        for frame, text in zip(clip.frames, texts, strict=True):
+            sink.write(frame, text)
+    return Path(path)
 
 
 def flow_between(previous: Image.Image, current: Image.Image) -> np.ndarray:
@@ -194,9 +282,18 @@ def blend(a: Image.Image, b: Image.Image, weight_b: float) -> Image.Image:
     return Image.fromarray(np.clip(np.round(mixed), 0, 255).astype(np.uint8))
 
 
-def stylize_clip(
+@dataclass(frozen=True)
+class StyledFrame:
+    """One painted frame: the image, its A1111-style parameters, the seed that painted it."""
+
+    image: Image.Image
+    parameters: str
+    seed: int
+
+
+def stylize_frames(
     pipe: Pipeline,
-    clip: Clip,
+    frames: Iterable[Image.Image],
     prompt: str,
     negative_prompt: str = "",
     *,
@@ -204,79 +301,111 @@ def stylize_clip(
     temporal: float = 0.0,
     seed_step: int = 0,
     request: Any = None,
-    progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
     **params: Any,
-) -> Clip:
-    """Paint every frame of ``clip`` towards the prompt; returns the stylised clip (same frame
-    rate, each frame's A1111-style parameters in ``infotexts``).
+) -> Iterator[StyledFrame]:
+    """Paint ``frames`` towards the prompt, one at a time, yielding each as it is done (a long
+    video streams from :func:`open_frames` to a :class:`FrameSink` without being held whole).
 
     ``temporal`` (0 to <1): how much of each frame's starting image is the previous stylised
     frame, warped onto it along the input's optical flow. ``request``: a
     :class:`aipaint.params.GenerationRequest` to take every other setting from (the CLI's);
     ``params`` are its fields otherwise (``steps``, ``cfg_scale``, ``seed``, ``width``, …).
     One seed serves every frame (a random one when none is given); ``seed_step=1`` gives frame
-    ``i`` the seed ``seed + i`` instead (a livelier, "boiling" look; ``temporal`` then keeps it
-    from flickering). ``progress(done, total)`` is called after each frame."""
+    ``i`` the seed ``seed + i`` instead (a livelier, "boiling" look). ``total`` (the number of
+    frames, when known) goes into each frame's ``Video frame: i/total`` entry."""
     from aipaint.params import MAX_SEED, GenerationRequest
 
     if not 0.0 <= temporal < 1.0:
         raise InvalidParameter("temporal", temporal, "must be at least 0 and below 1 (0: frames painted independently)")
     if not 0.0 < denoising_strength <= 1.0:
         raise InvalidParameter("denoising_strength", denoising_strength, "must be above 0 and at most 1")
-    frames = list(clip.frames)
-    if not frames:
-        raise InvalidParameter("clip", "no frames", "a clip to stylise needs at least one frame")
-    factor = pipe.model.vae_scale_factor
-    width, height = frames[0].size
     base = request if request is not None else GenerationRequest(prompt=prompt)
     given = {name: value for name, value in params.items() if value is not None}
     base = dataclasses.replace(base, prompt=prompt, negative_prompt=negative_prompt, **given)
     if base.batch_size != 1:
         raise InvalidParameter("batch_size", base.batch_size, "a video is painted one frame at a time: leave it at 1")
-    size = {} if base.width and base.height else {"width": max(factor, width - width % factor),
-                                                  "height": max(factor, height - height % factor)}
-    base = dataclasses.replace(base, denoising_strength=denoising_strength, **size).with_seed()
-    out: list[Image.Image] = []
-    texts: list[str] = []
+    base = dataclasses.replace(base, denoising_strength=denoising_strength).with_seed()
+    factor = pipe.model.vae_scale_factor
     previous_in: Image.Image | None = None
+    previous_out: Image.Image | None = None
     for index, frame in enumerate(frames):
+        if index == 0 and not (base.width and base.height):  # the clip's own size, on the model's grid
+            width, height = frame.size
+            base = dataclasses.replace(base, width=max(factor, width - width % factor),
+                                       height=max(factor, height - height % factor))
         start = frame
-        if temporal > 0 and out and previous_in is not None:
-            carried = warp(out[-1].resize(frame.size), flow_between(previous_in, frame))
+        if temporal > 0 and previous_out is not None and previous_in is not None:
+            carried = warp(previous_out.resize(frame.size), flow_between(previous_in, frame))
             start = blend(frame, carried, temporal)
         seed = (base.seed + index * seed_step) % (MAX_SEED + 1)
         result = pipe.generate(dataclasses.replace(base, init_image=start, seed=seed))
-        out.append(result.images[0])
-        texts.append(_with_video_entries(result.infotexts[0], index, len(frames), temporal, seed_step))
-        previous_in = frame
+        previous_in, previous_out = frame, result.images[0]
+        yield StyledFrame(previous_out, _with_video_entries(result.infotexts[0], index, total, temporal, seed_step), seed)
+
+
+def stylize_clip(
+    pipe: Pipeline,
+    clip: Clip,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> Clip:
+    """:func:`stylize_frames` over a clip in memory; returns the stylised clip (same frame
+    rate, each frame's parameters in ``infotexts``, the first frame's seed in ``seed``).
+    ``progress(done, total)`` is called after each frame."""
+    if not clip.frames:
+        raise InvalidParameter("clip", "no frames", "a clip to stylise needs at least one frame")
+    out: list[StyledFrame] = []
+    for styled in stylize_frames(pipe, clip.frames, prompt, negative_prompt, total=len(clip.frames), **options):
+        out.append(styled)
         if progress is not None:
-            progress(index + 1, len(frames))
-    return Clip(out, clip.fps, texts, base.seed)
+            progress(len(out), len(clip.frames))
+    return Clip([f.image for f in out], clip.fps, [f.parameters for f in out], out[0].seed)
 
 
-def _with_video_entries(text: str, index: int, total: int, temporal: float, seed_step: int) -> str:
+def _with_video_entries(text: str, index: int, total: int | None, temporal: float, seed_step: int) -> str:
     from aipaint.infotext import Infotext
 
     info = Infotext.from_text(text)
-    info.params["Video frame"] = f"{index + 1}/{total}"
+    info.params["Video frame"] = f"{index + 1}/{total}" if total else str(index + 1)
     info.params["Video temporal"] = f"{temporal:g}"
     if seed_step:
         info.params["Video seed step"] = str(seed_step)
     return info.to_text()
 
 
-def stylize_file(pipe: Pipeline, source: str | Path, output: str | Path, prompt: str, negative_prompt: str = "", *,
-                 max_frames: int | None = None, every: int = 1, **options: Any) -> Path:
-    """Read ``source``, stylise it (:func:`stylize_clip` ``options``) and write ``output``."""
-    clip = read_clip(source, max_frames=max_frames, every=every)
-    return write_clip(stylize_clip(pipe, clip, prompt, negative_prompt, **options), output)
+def stylize_file(
+    pipe: Pipeline,
+    source: str | Path | FrameSource,
+    output: str | Path,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    max_frames: int | None = None,
+    every: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> tuple[Path, int, float, int]:
+    """Stream ``source`` (a path, or a :class:`FrameSource` already opened, whose own trimming
+    then holds) through :func:`stylize_frames` into ``output``, one frame in memory at a time
+    (a GIF output is assembled at the end). Returns (output, frames, fps, seed).
+    ``progress(done, total)``: ``total`` is the container's frame count, or 0 when it does not say."""
+    frames = source if isinstance(source, FrameSource) else open_frames(source, max_frames=max_frames, every=every)
+    sink = FrameSink(output, frames.fps)  # a bad output suffix fails before any painting
+    seed = -1
+    with sink:
+        for styled in stylize_frames(pipe, frames, prompt, negative_prompt, total=frames.count, **options):
+            sink.write(styled.image, styled.parameters)
+            seed = styled.seed if sink.count == 1 else seed
+            if progress is not None:
+                progress(sink.count, frames.count or 0)
+    if sink.count == 0:
+        raise ImageError(f"{str(frames.path)!r} has no frames to read")
+    return Path(output), sink.count, frames.fps, seed
 
 
-def frames_of(images: Iterable[Image.Image], fps: float = DEFAULT_FPS) -> Clip:
-    """A clip from images already in memory."""
-    frames = [image.convert("RGB") for image in images]
-    return Clip(frames, fps)
-
-
-__all__: Sequence[str] = ("Clip", "read_clip", "write_clip", "stylize_clip", "stylize_file", "frames_of",
-                          "flow_between", "warp")
+__all__: Sequence[str] = ("Clip", "FrameSink", "FrameSource", "StyledFrame", "open_frames", "read_clip", "write_clip",
+                          "stylize_frames", "stylize_clip", "stylize_file", "flow_between", "warp", "blend")

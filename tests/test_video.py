@@ -126,6 +126,10 @@ def test_temporal_starts_each_frame_from_the_previous_result_warped_onto_it(embe
     assert np.array_equal(np.asarray(starts[1]), np.asarray(expected))
     with pytest.raises(InvalidParameter, match="temporal"):
         stylize_clip(embedded_pipe, Clip(frames), "x", temporal=1.0)
+    from aipaint_plugins.video.stylize import stylize_frames
+
+    with pytest.raises(InvalidParameter, match="denoising_strength"):  # when called, not when first iterated
+        stylize_frames(embedded_pipe, frames, "x", denoising_strength=0)
 
 
 def test_video_command(tmp_path, capsys):

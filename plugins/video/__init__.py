@@ -35,7 +35,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aipaint_plugins.video.stylize import FrameSink, open_frames, stylize_file
+    from aipaint_plugins.video.stylize import FrameSink, check_settings, open_frames, stylize_file
 
     from aipaint.cli import _generation_request, _load, _progress_bar
 
@@ -44,6 +44,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     # The input and the output's format are checked before the model loads: a typo costs nothing.
     frames = open_frames(source, max_frames=args.max_frames, every=args.every)
     FrameSink(output, frames.fps)
+    check_settings(args.denoising_strength, args.temporal)
     request = _generation_request(args)
     pipe = _load(args)
     update, close = _progress_bar(not args.no_progress and sys.stderr.isatty(), unit="frame")

@@ -282,6 +282,14 @@ def blend(a: Image.Image, b: Image.Image, weight_b: float) -> Image.Image:
     return Image.fromarray(np.clip(np.round(mixed), 0, 255).astype(np.uint8))
 
 
+def check_settings(denoising_strength: float, temporal: float) -> None:
+    """The video settings' ranges (the CLI checks them before it loads a model)."""
+    if not 0.0 <= temporal < 1.0:
+        raise InvalidParameter("temporal", temporal, "must be at least 0 and below 1 (0: frames painted independently)")
+    if not 0.0 < denoising_strength <= 1.0:
+        raise InvalidParameter("denoising_strength", denoising_strength, "must be above 0 and at most 1")
+
+
 @dataclass(frozen=True)
 class StyledFrame:
     """One painted frame: the image, its A1111-style parameters, the seed that painted it."""
@@ -316,16 +324,20 @@ def stylize_frames(
     frames, when known) goes into each frame's ``Video frame: i/total`` entry."""
     from aipaint.params import MAX_SEED, GenerationRequest
 
-    if not 0.0 <= temporal < 1.0:
-        raise InvalidParameter("temporal", temporal, "must be at least 0 and below 1 (0: frames painted independently)")
-    if not 0.0 < denoising_strength <= 1.0:
-        raise InvalidParameter("denoising_strength", denoising_strength, "must be above 0 and at most 1")
+    check_settings(denoising_strength, temporal)
     base = request if request is not None else GenerationRequest(prompt=prompt)
     given = {name: value for name, value in params.items() if value is not None}
     base = dataclasses.replace(base, prompt=prompt, negative_prompt=negative_prompt, **given)
     if base.batch_size != 1:
         raise InvalidParameter("batch_size", base.batch_size, "a video is painted one frame at a time: leave it at 1")
     base = dataclasses.replace(base, denoising_strength=denoising_strength).with_seed()
+    return _paint(pipe, frames, base, temporal, seed_step, total)  # checked above, painted as iterated
+
+
+def _paint(pipe: Pipeline, frames: Iterable[Image.Image], base: Any, temporal: float, seed_step: int,
+           total: int | None) -> Iterator[StyledFrame]:
+    from aipaint.params import MAX_SEED
+
     factor = pipe.model.vae_scale_factor
     previous_in: Image.Image | None = None
     previous_out: Image.Image | None = None

@@ -317,7 +317,9 @@ def main(argv=None) -> int:
             "batch": a.batch,
             "ema": f"decay min({a.ema}, (1+step)/(10+step))",
             "vae_loss": "MSE + 0.5*L1 + 1e-6*KL(per element), decoder trained on posterior samples",
-            "latents": "vae.encode(x).latent_dist.mean * scaling_factor, scaling_factor = 1/std(latents)",
+            "latents": ("vae.encode(x).latent_dist.mean, each channel at zero mean / unit std (folded into the "
+                        "VAE's quant convs), scaling_factor = 1" if a.normalize_channels else
+                        "vae.encode(x).latent_dist.mean * scaling_factor, scaling_factor = 1/std(latents)"),
             "trained": "UNet + text encoder jointly; tokenizer is SD1.5's CLIP BPE (fixed)",
         },
         "timings_s": {},

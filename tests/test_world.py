@@ -11,7 +11,9 @@ from aipaint.world.scene import (
     HELDOUT_COLOUR,
     HELDOUT_COMBOS,
     SPLITS,
+    TRAIN_COLOURS,
     caption,
+    noisy_caption,
     parse_caption,
     random_scene,
     scene_split,
@@ -166,6 +168,31 @@ def test_eval_command_reports_objects_and_adherence(tmp_path, capsys):
     assert "missing.png" in capsys.readouterr().err
 
 
+def test_noisy_captions_swap_attributes_at_the_rate_asked_and_keep_the_splits():
+    """``noisy_caption`` swaps shape, colour and size at about rate p, keeps positions and the
+    background, and never writes the held-out colour or a held-out pair into a caption."""
+    rng = np.random.default_rng(7)
+    scenes = [random_scene(rng, "train") for _ in range(600)]
+    assert all(noisy_caption(s.caption, rng, 0.0) == s.caption for s in scenes[:50])
+    swapped = {"shape": 0, "colour": 0, "size": 0}
+    total = 0
+    for s in scenes:
+        text = noisy_caption(s.caption, rng, 0.4)
+        got, want = parse_caption(text), parse_caption(s.caption)
+        assert got.background == want.background and len(got.objects) == len(want.objects)
+        for (shape, colour, size, pos), (shape0, colour0, size0, pos0) in zip(got.objects, want.objects):
+            assert pos == pos0 and colour in TRAIN_COLOURS and (colour, shape) not in HELDOUT_COMBOS
+            swapped["shape"] += shape != shape0
+            swapped["colour"] += colour != colour0
+            swapped["size"] += size != size0
+            total += 1
+    for name, n in swapped.items():
+        assert 0.3 < n / total < 0.5, (name, n / total)
+    assert noisy_caption("not a caption of this world", rng, 1.0) == "not a caption of this world"
+    with pytest.raises(ValueError, match="caption noise"):
+        noisy_caption(scenes[0].caption, rng, 1.5)
+
+
 def test_training_resumes_a_trained_model(tmp_path):
     """``--resume`` continues the UNet + text encoder of a model and keeps its VAE and latent scale."""
     import json
@@ -180,10 +207,11 @@ def test_training_resumes_a_trained_model(tmp_path):
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)
     out = tmp_path / "resumed"
     assert train(["--resume", str(source), "--out", str(out), "--pool", "64", "--steps", "2", "--batch", "4",
-                  "--threads", "1", "--seed", "5"]) == 0
+                  "--threads", "1", "--seed", "5", "--caption-noise", "0.3"]) == 0
     record = json.loads((out / "training.json").read_text())
     run = record["unet_finetunes"][-1]
     assert run["status"] == "finished" and run["unet_text"]["steps"] == 2 and run["args"]["resume"] == str(source)
+    assert run["caption_noise"] == 0.3
     assert record["unet_text"] == json.loads((source / "training.json").read_text())["unet_text"]  # the first run is kept
     vae = "vae/diffusion_pytorch_model.safetensors"
     before, after = load_file(str(source / vae)), load_file(str(out / vae))

@@ -203,3 +203,40 @@ def scene_split(scene: Scene) -> str:
     if any((o.colour, o.shape) in HELDOUT_COMBOS for o in scene.objects):
         return "heldout_combo"
     return "train"
+
+
+# --------------------------------------------------------------------------- caption noise
+def noisy_caption(text: str, rng: np.random.Generator, p: float) -> str:
+    """``text`` with each object's shape, colour and size swapped, each with probability ``p``,
+    for a random other value: captions that are sometimes wrong, as web alt text is.
+
+    A model trained on them is less sure of a caption than the caption deserves, so
+    classifier-free guidance is what makes it adhere, as it is for Stable Diffusion
+    (``python -m aipaint.world.train --caption-noise``). The noise never writes the held-out
+    colour or a held-out colour×shape pair, so the splits stay held out of every caption.
+    Captions that do not parse are returned unchanged.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption noise must be in [0, 1], got {p}")
+    parsed = parse_caption(text)
+    if p == 0.0 or not parsed.objects or parsed.background is None:
+        return text
+    objs = []
+    for shape, colour, size, position in parsed.objects:
+        for _ in range(100):  # redraw until the noisy object is a training combination
+            s = _swap(rng, p, shape, SHAPES)
+            c = _swap(rng, p, colour, TRAIN_COLOURS)
+            if _is_train_obj(c, s) or (s, c) == (shape, colour):
+                break
+        else:
+            s, c = shape, colour
+        z = _swap(rng, p, size, tuple(SIZES))
+        objs.append(SceneObject(s, c, z, position))
+    return caption(Scene(parsed.background, tuple(objs)))
+
+
+def _swap(rng: np.random.Generator, p: float, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices or rng.random() >= p:
+        return value
+    others = [v for v in choices if v != value]
+    return str(others[int(rng.integers(len(others)))])

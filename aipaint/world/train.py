@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from aipaint.world.render import render_array
-from aipaint.world.scene import IMAGE_SIZE, random_scene
+from aipaint.world.scene import IMAGE_SIZE, noisy_caption, random_scene
 
 MODEL_NAME = "shapes-tiny"
 
@@ -259,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--drop-text", type=float, default=0.1)
+    ap.add_argument("--caption-noise", type=float, default=0.0,
+                    help="swap each object's shape, colour and size in a training caption for a random other "
+                         "value, each with this probability (see aipaint.world.scene.noisy_caption)")
     ap.add_argument("--checkpoint-minutes", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~1-minute smoke run into a temp dir")
@@ -311,6 +314,7 @@ def main(argv=None) -> int:
             "text_max_length": 77,
             "text_padding": "max_length (pad = <|endoftext|>)",
             "empty_caption_fraction": a.drop_text,
+            "caption_noise": a.caption_noise,
             "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0.01)",
             "lr": a.lr,
             "lr_schedule": f"linear warm-up {a.warmup} steps, cosine over the budget to 2% of lr",
@@ -329,7 +333,7 @@ def main(argv=None) -> int:
         base_record = json.loads((Path(a.resume) / "training.json").read_text())
         stage = {key: record[key] for key in ("command", "seed", "args", "versions", "machine")}
         stage.update(status="in-progress", lr=a.lr, empty_caption_fraction=a.drop_text, batch=a.batch,
-                     pool=a.pool, timings_s={})
+                     pool=a.pool, caption_noise=a.caption_noise, timings_s={})
         base_record.setdefault("unet_finetunes", []).append(stage)
         record = base_record
 
@@ -492,6 +496,18 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         return build_pipeline(vae, te2, un2, tokenizer)
 
     g = torch.Generator().manual_seed(a.seed + 30)
+    noise_rng = np.random.default_rng(a.seed + 40)
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def noisy_ids(i: int) -> torch.Tensor:
+        text = noisy_caption(caps[i], noise_rng, a.caption_noise)
+        if text == caps[i]:
+            return ids[i]
+        if text not in token_cache:
+            token_cache[text] = tokenizer([text], padding="max_length", max_length=77, truncation=True,
+                                          return_tensors="pt").input_ids[0]
+        return token_cache[text]
+
     t0 = time.time()
     budget = a.minutes * 60
     step, hist, run = 0, [], []
@@ -516,7 +532,10 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
             pg["lr"] = lr
         idx = torch.randint(0, len(lat), (a.batch,), generator=g)
         x0 = lat[idx]
-        tok = ids[idx].clone()
+        if a.caption_noise > 0:
+            tok = torch.stack([noisy_ids(int(i)) for i in idx])
+        else:
+            tok = ids[idx].clone()
         drop = torch.rand(a.batch, generator=g) < a.drop_text
         tok[drop] = empty_ids[0]
         noise = torch.randn(x0.shape, generator=g)

@@ -153,12 +153,26 @@ GENERATION_COMMANDS = ("generate", "img2img", "inpaint", "outpaint")
 """The commands that generate an image from a request; plugins add their generation options to each."""
 
 
+GENERATION_COMMAND_MARK = "aipaint_generation_command"
+
+
+def mark_generation_command(parser: argparse.ArgumentParser) -> None:
+    """Declare a plugin's command a generation command: the options other plugins add to the
+    generation commands (``--lora-dir``, ``--controlnet``, ``--deepcache``, …) are added to it too,
+    and reach its request when it builds one with the generation options (as ``aipaint video`` does).
+
+    Plugins add those options from their own ``register_commands``, so the command must exist by
+    then: register it from a ``@hookimpl(tryfirst=True)`` ``register_commands``."""
+    parser.set_defaults(**{GENERATION_COMMAND_MARK: True})
+
+
 def generation_parsers(subparsers: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """The parsers of the generation commands that exist, each once (``txt2img`` is ``generate``'s alias):
-    where a plugin adds its generation options."""
+    """The parsers of the generation commands that exist, each once (``txt2img`` is ``generate``'s alias),
+    then those a plugin marked with :func:`mark_generation_command`: where a plugin adds its
+    generation options."""
     parsers: list[argparse.ArgumentParser] = []
-    for name in GENERATION_COMMANDS:
-        parser = subparsers.choices.get(name)
+    marked = [parser for parser in subparsers.choices.values() if parser.get_default(GENERATION_COMMAND_MARK)]
+    for parser in [*(subparsers.choices.get(name) for name in GENERATION_COMMANDS), *marked]:
         if parser is not None and all(parser is not known for known in parsers):
             parsers.append(parser)
     return parsers

@@ -180,3 +180,53 @@ def test_a_file_streams_through_frame_by_frame(embedded_pipe, tmp_path, monkeypa
     assert "Video frame: 4/4" in read_png_parameters(path / "frame-00003.png")
     with pytest.raises(InvalidParameter, match=r"\.mp4, \.mov"):
         stylize.stylize_file(embedded_pipe, source, tmp_path / "out.xyz", "x")
+
+
+def test_plugin_generation_options_reach_the_video_command():
+    """``aipaint video`` is a generation command: the options plugins add to ``generate``
+    (LoRA folder, ControlNet, DeepCache, ToMe, textual inversion) are its options too."""
+    import argparse
+
+    from aipaint.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    video = {opt for action in sub.choices["video"]._actions for opt in action.option_strings}
+    assert {"--lora-dir", "--controlnet", "--control-image", "--deepcache", "--tome"} <= video
+    assert sub.choices["video"].get_default("adapter_unit_builders")  # and they are turned into units
+
+
+def test_a_controlnet_unit_on_the_frame_guides_each_frame_by_its_own_layout(embedded_pipe):
+    """A ControlNet unit whose image is ``FRAME`` gets each input frame: at full denoising
+    strength (nothing of the frame is kept) the layout ControlNet still puts the object where
+    each frame has it, where one seed alone paints the same picture every time."""
+    from aipaint.adapters import AdapterUnit
+    from aipaint.world.evaluate import read_scene
+
+    from aipaint_plugins.video.stylize import FRAME
+
+    frames = [circle_at(cx) for cx in (8, 24, 8, 24)]  # left, right, left, right
+    prompt = "a big red circle, on a white background"  # no position: the frames must give it
+    unit = AdapterUnit("controlnet", {"model": "shapes-tiny-controlnet-layout", "image": FRAME, "preprocessor": "canny"})
+    guided = stylize_clip(embedded_pipe, Clip(frames), prompt, denoising_strength=1.0, seed=4, steps=10,
+                          adapters=(unit,))
+    plain = stylize_clip(embedded_pipe, Clip(frames), prompt, denoising_strength=1.0, seed=4, steps=10)
+    sides = ["left" if foreground_cx(f) < 16 else "right" for f in guided.frames]
+    assert sides == ["left", "right", "left", "right"], [foreground_cx(f) for f in guided.frames]
+    assert flicker(plain.frames) < 1.0  # one seed, nothing of the frames kept: the same picture each time
+    assert all(len(read_scene(f).objects) == 1 for f in guided.frames)
+    assert "ControlNet 0:" in guided.infotexts[0] and "shapes-tiny-controlnet-layout" in guided.infotexts[0]
+
+
+def test_video_command_takes_a_controlnet_on_the_frame(tmp_path, capsys):
+    from aipaint.cli import main
+    from aipaint.infotext import Infotext, read_png_parameters
+
+    source = write_clip(Clip([circle_at(cx) for cx in (8, 24)], 4), tmp_path / "in.gif")
+    out = tmp_path / "frames"
+    assert main(["video", str(source), "a big red circle, on a white background", "-s", "1", "--steps", "10",
+                 "--seed", "4", "--controlnet", "shapes-tiny-controlnet-layout:frame:canny", "-o", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    pngs = sorted(out.glob("*.png"))
+    assert [foreground_cx(Image.open(p).convert("RGB")) < 16 for p in pngs] == [True, False]
+    assert "shapes-tiny-controlnet-layout" in Infotext.from_text(read_png_parameters(pngs[1])).to_text()

@@ -8,9 +8,9 @@ import sys
 from aipaint import hookimpl
 
 
-@hookimpl
+@hookimpl(tryfirst=True)  # before the plugins that add their generation options to it
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_generation_options, _add_model_options
+    from aipaint.cli import _add_generation_options, _add_model_options, mark_generation_command
 
     p = subparsers.add_parser("video", help="stylise a video (or GIF, or frame folder) frame by frame with img2img")
     p.add_argument("input", help="video file (.mp4, .mov, .avi, …), animated GIF, or a folder of frames")
@@ -30,6 +30,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_generation_options(p)
     _add_model_options(p)
     p.set_defaults(func=_cmd_video, output=None)
+    mark_generation_command(p)  # --lora-dir, --controlnet MODEL:frame:…, --deepcache, … work per frame
 
 
 def _cmd_video(args: argparse.Namespace) -> int:

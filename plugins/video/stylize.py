@@ -12,6 +12,11 @@ flow of noisy 32-pixel frames moves the noise), and it is unmeasured on real mod
 Frames are read from and written to a video file (whatever OpenCV's FFmpeg reads; written
 as ``.mp4`` (mp4v), ``.avi`` (MJPG), ``.mov`` or ``.mkv``), an animated GIF, or a folder of
 images (written as numbered PNGs, each with its A1111-style parameters).
+
+Adapters work per frame as in any img2img request (LoRA tags in the prompt, ControlNet units,
+DeepCache, …); a unit whose ``image`` is the string :data:`FRAME` (``"frame"``) is given each
+input frame as its image, so ``--controlnet MODEL:frame:PREPROCESSOR`` guides every frame by its
+own edges, depth or layout.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from aipaint.pipeline import Pipeline
+
+FRAME = "frame"
+"""An adapter unit's ``image`` that stands for the frame being painted (e.g. a ControlNet unit
+guided by each frame's own edges): ``AdapterUnit("controlnet", {"model": …, "image": FRAME})``."""
 
 VIDEO_SUFFIXES = {".mp4": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -351,9 +360,19 @@ def _paint(pipe: Pipeline, frames: Iterable[Image.Image], base: Any, temporal: f
             carried = warp(previous_out.resize(frame.size), flow_between(previous_in, frame))
             start = blend(frame, carried, temporal)
         seed = (base.seed + index * seed_step) % (MAX_SEED + 1)
-        result = pipe.generate(dataclasses.replace(base, init_image=start, seed=seed))
+        request = dataclasses.replace(base, init_image=start, seed=seed, adapters=_frame_units(base.adapters, frame))
+        result = pipe.generate(request)
         previous_in, previous_out = frame, result.images[0]
         yield StyledFrame(previous_out, _with_video_entries(result.infotexts[0], index, total, temporal, seed_step), seed)
+
+
+def _frame_units(units: Sequence[Any], frame: Image.Image) -> tuple[Any, ...]:
+    """``units`` with every ``image`` that is :data:`FRAME` replaced by ``frame``."""
+    from aipaint.adapters import AdapterUnit
+
+    return tuple(AdapterUnit(unit.kind, {**unit.options, "image": frame})
+                 if isinstance(unit.options.get("image"), str) and unit.options["image"] == FRAME else unit
+                 for unit in units)
 
 
 def stylize_clip(
@@ -419,5 +438,5 @@ def stylize_file(
     return Path(output), sink.count, frames.fps, seed
 
 
-__all__: Sequence[str] = ("Clip", "FrameSink", "FrameSource", "StyledFrame", "open_frames", "read_clip", "write_clip",
+__all__: Sequence[str] = ("FRAME", "Clip", "FrameSink", "FrameSource", "StyledFrame", "open_frames", "read_clip", "write_clip",
                           "stylize_frames", "stylize_clip", "stylize_file", "flow_between", "warp", "blend")

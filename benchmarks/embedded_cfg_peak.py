@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", help="another trained copy of the embedded model (default: the embedded model)")
     ap.add_argument("--samplers", default="DPM++ 2M;Euler a;DPM++ 2M SDE", help="';'-separated sampler names")
+    ap.add_argument("--cfg", default="1;3;7;12", help="';'-separated CFG scales of the sweep")
+    ap.add_argument("--skip-early", default="0;0.2;0.4", help="';'-separated Skip Early CFG values at CFG 7 "
+                                                               "('' for none)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     import aipaint
@@ -50,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {a.model or pipe.model.name}; {a.n} captions (seed 3000), 20 steps, guidance rescale "
           f"{pipe.model.defaults.guidance_rescale}", flush=True)
     for sampler in a.samplers.split(";"):
-        for cfg in (1, 3, 7, 12):
-            print(line(f"{sampler:<12} CFG {cfg:>2}", score(pipe, caps, seed=3000, cfg_scale=cfg, sampler=sampler)), flush=True)
-    for skip in (0.0, 0.2, 0.4):
+        for cfg in (float(v) for v in a.cfg.split(";")):
+            print(line(f"{sampler:<12} CFG {cfg:>2g}", score(pipe, caps, seed=3000, cfg_scale=cfg, sampler=sampler)), flush=True)
+    for skip in (float(v) for v in a.skip_early.split(";") if v.strip()):
         start = time.perf_counter()
         r = score(pipe, caps, seed=3000, skip_early_cfg=skip)
         per_image = (time.perf_counter() - start) / len(caps)

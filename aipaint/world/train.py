@@ -23,6 +23,13 @@ phase, folded exactly into the VAE's 1x1 quant convs (the decoder draws the same
 does not use it: its channels' stds are 0.42 / 0.51 / 0.15 / 1.82, and a 30-minute
 ``--resume --normalize-channels`` run did not move the CFG peak
 (``benchmarks/results/embedded_cfg_peak.txt``).
+
+``--caption-noise P`` trains on captions that are sometimes wrong, as web alt text is: each
+object's shape, colour and size is swapped for a random other value with probability P
+(:func:`aipaint.world.scene.noisy_caption`; never to the held-out colour or pairs). A model so
+trained is less sure of a caption than the caption deserves, so classifier-free guidance is
+what makes it adhere, as for Stable Diffusion: the CFG peak moves up with P, at a cost in
+adherence at low CFG (``benchmarks/results/embedded_cfg_peak.txt``).
 """
 from __future__ import annotations
 

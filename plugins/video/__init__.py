@@ -12,7 +12,10 @@ from aipaint import hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     from aipaint.cli import _add_generation_options, _add_model_options, mark_generation_command
 
-    p = subparsers.add_parser("video", help="stylise a video (or GIF, or frame folder) frame by frame with img2img")
+    p = subparsers.add_parser(
+        "video", help="stylise a video (or GIF, or frame folder) frame by frame with img2img",
+        epilog="Plugin options apply to every frame; with --controlnet MODEL:frame:PREPROCESSOR each frame is "
+               "its own control image.")
     p.add_argument("input", help="video file (.mp4, .mov, .avi, …), animated GIF, or a folder of frames")
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax)")
     p.add_argument("--from-png", help="take the generation parameters stored in an A1111-style PNG")

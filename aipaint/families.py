@@ -29,18 +29,9 @@ class ModelSource:
 
     def model_index(self) -> dict[str, Any]:
         """The folder's ``model_index.json`` (empty for files or folders without one)."""
-        index = self.path / "model_index.json"
-        if self.kind != "folder" or not index.is_file():
+        if self.kind != "folder" or not (self.path / "model_index.json").is_file():
             return {}
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ModelLoadError(
-                f"{index} is not readable JSON ({exc}); repair or re-download the model folder"
-            ) from exc
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{index} must hold a JSON object naming the pipeline's parts, not {type(data).__name__}")
-        return data
+        return read_model_index(self.path)
 
     def checkpoint_keys(self) -> list[str]:
         """The tensor names of a single-file checkpoint, read without loading tensors."""
@@ -57,6 +48,38 @@ class ModelSource:
         from aipaint.loading import load_state_dict
 
         return list(load_state_dict(self.path, allow_pickle=self.allow_pickle))
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    """A diffusers folder's ``model_index.json``; :class:`ModelLoadError` when it has none or it
+    is not a readable JSON object."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} is not a diffusers folder: it has no model_index.json")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelLoadError(f"{index} is not readable JSON ({exc}); repair or re-download the model folder") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{index} must hold a JSON object naming the pipeline's parts, not {type(data).__name__}")
+    return data
+
+
+def require_subfolders(path: Path, parts: tuple[str, ...], what: str) -> None:
+    """:class:`ModelLoadError` naming the first of ``parts`` that ``path`` lacks (``what`` the
+    folder should be, e.g. "a DeepFloyd IF stage I folder")."""
+    for part in parts:
+        if not (Path(path) / part).is_dir():
+            raise ModelLoadError(f"{path} is not {what}: it has no {part}/ sub-folder")
+
+
+def read_scheduler_config(path: Path, sub: str) -> dict[str, Any]:
+    """The scheduler config in a diffusers folder's sub-folder ``sub`` (e.g. ``scheduler``)."""
+    config = Path(path) / sub / "scheduler_config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"{config} is not readable ({exc}); repair or re-download the model folder") from exc
 
 
 @dataclass(frozen=True)

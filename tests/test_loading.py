@@ -222,3 +222,23 @@ def test_malformed_model_index_is_a_typed_error_naming_the_file(tmp_path, text, 
     with pytest.raises(ModelLoadError, match=problem) as err:
         aipaint.load(tmp_path)
     assert str(index) in str(err.value)
+
+
+def test_diffusers_folder_helpers_name_what_is_missing(tmp_path):
+    """The folder checks the family plugins share (DeepFloyd IF, unCLIP) say which file or
+    sub-folder is missing or unreadable."""
+    from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
+
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        read_model_index(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "IFPipeline"}')
+    assert read_model_index(tmp_path) == {"_class_name": "IFPipeline"}
+    (tmp_path / "unet").mkdir()
+    require_subfolders(tmp_path, ("unet",), "an IF folder")
+    with pytest.raises(ModelLoadError, match=r"is not an IF folder: it has no scheduler/ sub-folder"):
+        require_subfolders(tmp_path, ("unet", "scheduler"), "an IF folder")
+    (tmp_path / "scheduler").mkdir()
+    with pytest.raises(ModelLoadError, match="scheduler_config.json is not readable"):
+        read_scheduler_config(tmp_path, "scheduler")
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 1000}')
+    assert read_scheduler_config(tmp_path, "scheduler") == {"num_train_timesteps": 1000}

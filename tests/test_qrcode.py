@@ -178,7 +178,6 @@ def test_qr_command_records_the_controlnet_unit_in_the_png(tiny_sd_path, qr_cont
 
 def test_qr_command_carries_a_code_in_a_picture(tmp_path, astronaut):
     from aipaint.cli import main
-
     from aipaint.infotext import Infotext, read_png_parameters
     from aipaint.result import save_png
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from aipaint_plugins.video.stylize import Clip, blend, flow_between, read_clip, stylize_clip, warp, write_clip
 from PIL import Image
 
 from aipaint.errors import ImageError, InvalidParameter
 from aipaint.world.render import render
 from aipaint.world.scene import Scene, SceneObject
-
-from aipaint_plugins.video.stylize import Clip, blend, flow_between, read_clip, stylize_clip, warp, write_clip
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,9 @@ def test_flow_lines_a_moved_picture_up_with_the_next_frame():
     inside = np.linalg.norm(np.asarray(after, np.float32) - 255, axis=2) > 80
     assert -5 < flow[..., 0][inside].mean() < -3  # each pixel of the new frame came from 4 px to its left
     moved = warp(before, flow)
-    error = lambda a: np.abs(np.asarray(a, np.float32) - np.asarray(after, np.float32)).mean()
+    def error(image: Image.Image) -> float:
+        return float(np.abs(np.asarray(image, np.float32) - np.asarray(after, np.float32)).mean())
+
     assert error(moved) < 0.3 * error(before)
 
 
@@ -199,10 +200,10 @@ def test_a_controlnet_unit_on_the_frame_guides_each_frame_by_its_own_layout(embe
     """A ControlNet unit whose image is ``FRAME`` gets each input frame: at full denoising
     strength (nothing of the frame is kept) the layout ControlNet still puts the object where
     each frame has it, where one seed alone paints the same picture every time."""
+    from aipaint_plugins.video.stylize import FRAME
+
     from aipaint.adapters import AdapterUnit
     from aipaint.world.evaluate import read_scene
-
-    from aipaint_plugins.video.stylize import FRAME
 
     frames = [circle_at(cx) for cx in (8, 24, 8, 24)]  # left, right, left, right
     prompt = "a big red circle, on a white background"  # no position: the frames must give it

@@ -267,11 +267,11 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
 
     import torch
 
+    import aipaint
     from aipaint.world.render import render_array
     from aipaint.world.scene import random_scene
     from aipaint.world.train import main as train
     from aipaint.zoo import zoo_root
-    import aipaint
 
     source = tmp_path / "source"
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)

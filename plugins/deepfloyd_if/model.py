@@ -6,7 +6,6 @@ T5 encoder through transformers); the loop that runs them is in :mod:`.pipeline`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from aipaint.errors import ModelLoadError
+from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
 from aipaint.model import ModelDefaults
 
 STAGE_NAMES = ("stage I", "stage II", "stage III")
@@ -104,28 +104,11 @@ class IFCascade:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _index(path: Path) -> dict[str, Any]:
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{path} is not a diffusers folder: it has no model_index.json")
-    return json.loads(index.read_text())
-
-
-def _require(path: Path, parts: tuple[str, ...], what: str) -> None:
-    for part in parts:
-        if not (path / part).is_dir():
-            raise ModelLoadError(f"{path} is not {what}: it has no {part}/ sub-folder")
-
-
-def _config(path: Path, sub: str) -> dict[str, Any]:
-    return json.loads((path / sub / "scheduler_config.json").read_text())
-
-
 def load_text_encoder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -> tuple[torch.nn.Module, Any]:
     """The T5 v1.1 XXL encoder and its tokenizer, through transformers."""
     from transformers import T5EncoderModel, T5Tokenizer
 
-    _require(path, ("text_encoder", "tokenizer"), "a DeepFloyd IF stage I folder")
+    require_subfolders(path, ("text_encoder", "tokenizer"), "a DeepFloyd IF stage I folder")
     try:
         text_encoder = T5EncoderModel.from_pretrained(
             path, subfolder="text_encoder", dtype=dtype, use_safetensors=safetensors_only, local_files_only=True
@@ -140,25 +123,25 @@ def load_stage(path: Path, dtype: torch.dtype, safetensors_only: bool | None, po
     """Load a stage folder, telling its kind from ``model_index.json``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    index = _index(path)
+    index = read_model_index(path)
     cls = index.get("_class_name", "")
     defaults = DEFAULT_STAGE_SETTINGS[min(position, 2)]
     try:
         if cls == "IFPipeline":
-            _require(path, ("unet", "scheduler"), "a DeepFloyd IF stage I folder")
+            require_subfolders(path, ("unet", "scheduler"), "a DeepFloyd IF stage I folder")
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=safetensors_only)
-            return IFStage("base", unet, _config(path, "scheduler"), source=path, defaults=defaults)
+            return IFStage("base", unet, read_scheduler_config(path, "scheduler"), source=path, defaults=defaults)
         if cls == "IFSuperResolutionPipeline":
-            _require(path, ("unet", "scheduler", "image_noising_scheduler"), "a DeepFloyd IF stage II folder")
+            require_subfolders(path, ("unet", "scheduler", "image_noising_scheduler"), "a DeepFloyd IF stage II folder")
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=safetensors_only)
             return IFStage(
-                "super_resolution", unet, _config(path, "scheduler"), _config(path, "image_noising_scheduler"),
+                "super_resolution", unet, read_scheduler_config(path, "scheduler"), read_scheduler_config(path, "image_noising_scheduler"),
                 source=path, defaults=defaults,
             )
         if cls == "StableDiffusionUpscalePipeline":
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            _require(path, ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler"), "an x4 upscaler folder")
+            require_subfolders(path, ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler"), "an x4 upscaler folder")
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=safetensors_only)
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=safetensors_only)
             text_encoder = CLIPTextModel.from_pretrained(
@@ -166,7 +149,7 @@ def load_stage(path: Path, dtype: torch.dtype, safetensors_only: bool | None, po
             )
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
             return IFStage(
-                "upscaler", unet, _config(path, "scheduler"), _config(path, "low_res_scheduler"), vae=vae,
+                "upscaler", unet, read_scheduler_config(path, "scheduler"), read_scheduler_config(path, "low_res_scheduler"), vae=vae,
                 text_encoder=text_encoder, tokenizer=tokenizer, max_noise_level=int(index.get("max_noise_level", 350)),
                 source=path, defaults=defaults,
             )

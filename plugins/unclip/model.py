@@ -9,7 +9,6 @@ the CLIP image encoder that variations and blends need.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from aipaint.errors import ModelLoadError
+from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
 from aipaint.model import ModelDefaults
 
 TEXT_PIPELINE = "UnCLIPPipeline"
@@ -97,30 +97,13 @@ class UnCLIPModel:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def read_index(path: Path) -> dict[str, Any]:
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{path} is not a diffusers folder: it has no model_index.json")
-    return json.loads(index.read_text())
-
-
-def require_subfolders(path: Path, parts: tuple[str, ...], what: str) -> None:
-    for part in parts:
-        if not (path / part).is_dir():
-            raise ModelLoadError(f"{path} is not {what}: it has no {part}/ sub-folder")
-
-
-def scheduler_config(path: Path, sub: str) -> dict[str, Any]:
-    return json.loads((path / sub / "scheduler_config.json").read_text())
-
-
 def load_folder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -> dict[str, Any]:
     """The components of a Karlo text folder or image-variations folder, by name."""
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    cls = read_index(path).get("_class_name")
+    cls = read_model_index(path).get("_class_name")
     if cls not in (TEXT_PIPELINE, VARIATION_PIPELINE):
         raise ModelLoadError(f"{path} holds a {cls or 'unknown'} pipeline, not {TEXT_PIPELINE} or {VARIATION_PIPELINE}")
     common = ("text_encoder", "tokenizer", "text_proj", "decoder", "super_res_first", "super_res_last",
@@ -138,11 +121,11 @@ def load_folder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -
             "decoder": UNet2DConditionModel.from_pretrained(path, subfolder="decoder", **diffusers_options),
             "super_res_first": UNet2DModel.from_pretrained(path, subfolder="super_res_first", **diffusers_options),
             "super_res_last": UNet2DModel.from_pretrained(path, subfolder="super_res_last", **diffusers_options),
-            "scheduler_configs": {name: scheduler_config(path, name) for name in ("decoder_scheduler", "super_res_scheduler")},
+            "scheduler_configs": {name: read_scheduler_config(path, name) for name in ("decoder_scheduler", "super_res_scheduler")},
         }
         if cls == TEXT_PIPELINE:
             parts["prior"] = PriorTransformer.from_pretrained(path, subfolder="prior", **diffusers_options)
-            parts["scheduler_configs"]["prior_scheduler"] = scheduler_config(path, "prior_scheduler")
+            parts["scheduler_configs"]["prior_scheduler"] = read_scheduler_config(path, "prior_scheduler")
         else:
             from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from aipaint_plugins.unclip.model import read_index, require_subfolders, scheduler_config
 
 from aipaint.errors import ModelLoadError
+from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
 from aipaint.model import LatentDiffusionModel, ModelDefaults
 
 IMAGE_PIPELINE = "StableUnCLIPImg2ImgPipeline"
@@ -93,7 +93,7 @@ def load_folder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    cls = read_index(path).get("_class_name")
+    cls = read_model_index(path).get("_class_name")
     if cls not in FOLDER_CLASSES:
         raise ModelLoadError(f"{path} holds a {cls or 'unknown'} pipeline, not {IMAGE_PIPELINE} or {TEXT_PIPELINE}")
     common = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_normalizer", "image_noising_scheduler")
@@ -108,8 +108,8 @@ def load_folder(path: Path, dtype: torch.dtype, safetensors_only: bool | None) -
             "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
             "image_normalizer": StableUnCLIPImageNormalizer.from_pretrained(path, subfolder="image_normalizer",
                                                                             **diffusers_options),
-            "scheduler_config": scheduler_config(path, "scheduler"),
-            "noising_scheduler_config": scheduler_config(path, "image_noising_scheduler"),
+            "scheduler_config": read_scheduler_config(path, "scheduler"),
+            "noising_scheduler_config": read_scheduler_config(path, "image_noising_scheduler"),
         }
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the Stable unCLIP folder {path}: {exc}") from exc
@@ -124,7 +124,7 @@ def load_image_encoder(path: Path, dtype: torch.dtype, safetensors_only: bool | 
     """The CLIP image encoder and its preprocessor of a ``StableUnCLIPImg2ImgPipeline`` folder."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    cls = read_index(path).get("_class_name")
+    cls = read_model_index(path).get("_class_name")
     if cls != IMAGE_PIPELINE:
         raise ModelLoadError(f"{path} holds a {cls or 'unknown'} pipeline: image_encoder= takes a {IMAGE_PIPELINE} folder")
     require_subfolders(path, ("image_encoder", "feature_extractor"), f"a Stable unCLIP {cls} folder")
@@ -145,7 +145,7 @@ def load_prior(path: Path, dtype: torch.dtype, safetensors_only: bool | None) ->
     from diffusers import PriorTransformer
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    cls = read_index(path).get("_class_name")
+    cls = read_model_index(path).get("_class_name")
     if cls == TEXT_PIPELINE:
         names = {"text_encoder": "prior_text_encoder", "tokenizer": "prior_tokenizer"}
     elif cls == KARLO_TEXT_PIPELINE:
@@ -163,7 +163,7 @@ def load_prior(path: Path, dtype: torch.dtype, safetensors_only: bool | None) ->
             "prior_text_encoder": CLIPTextModelWithProjection.from_pretrained(path, subfolder=names["text_encoder"],
                                                                               **te_options),
             "prior_tokenizer": CLIPTokenizer.from_pretrained(path, subfolder=names["tokenizer"], local_files_only=True),
-            "prior_scheduler_config": scheduler_config(path, "prior_scheduler"),
+            "prior_scheduler_config": read_scheduler_config(path, "prior_scheduler"),
         }
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the prior of {path}: {exc}") from exc

@@ -331,7 +331,7 @@ def stylize_frames(
     One seed serves every frame (a random one when none is given); ``seed_step=1`` gives frame
     ``i`` the seed ``seed + i`` instead (a livelier, "boiling" look). ``total`` (the number of
     frames, when known) goes into each frame's ``Video frame: i/total`` entry."""
-    from aipaint.params import MAX_SEED, GenerationRequest
+    from aipaint.params import GenerationRequest
 
     check_settings(denoising_strength, temporal)
     base = request if request is not None else GenerationRequest(prompt=prompt)

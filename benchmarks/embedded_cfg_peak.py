@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedded_model import captions, score  # noqa: E402
+from embedded_model import captions, embedded_pipe, score  # noqa: E402
 
 
 def line(label: str, r: dict) -> str:
@@ -39,16 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "('' for none)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    import aipaint
-
-    pipe = aipaint.load()
-    if a.model:  # the card's defaults stay; only the weights are the other copy's
-        other = aipaint.load(a.model)
-        pipe.model.unet.load_state_dict(other.model.unet.state_dict())
-        pipe.model.text_encoder.load_state_dict(other.model.text_encoder.state_dict())
-        pipe.model.vae.load_state_dict(other.model.vae.state_dict())  # a --normalize-channels run folds a new latent
-        pipe.model.vae.register_to_config(scaling_factor=other.model.scaling_factor)
-        pipe.model._encoders.clear()
+    pipe = embedded_pipe(a.model)  # the card's defaults stay; only the weights are the other copy's
     caps = captions(a.n, "train", seed=3000)
     print(f"model: {a.model or pipe.model.name}; {a.n} captions (seed 3000), 20 steps, guidance rescale "
           f"{pipe.model.defaults.guidance_rescale}", flush=True)

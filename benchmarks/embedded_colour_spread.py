@@ -4,8 +4,8 @@ of) from a wrong palette colour. Captions disjoint from ``embedded_model.py``'s 
 
     python benchmarks/embedded_colour_spread.py [--n 40] [--cfg "1;7"] [--model PATH] [--threads 2]
 
-``--model`` scores another trained copy's UNet and text encoder with the embedded model's
-card defaults (as ``embedded_cfg_peak.py --model`` does).
+``--model`` scores another trained copy with the embedded model's card defaults (as
+``embedded_cfg_peak.py --model`` does).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedded_model import captions  # noqa: E402
+from embedded_model import captions, embedded_pipe  # noqa: E402
 
 OFF_PALETTE = 60.0  # RGB distance beyond which a colour is between the palette's
 
@@ -31,16 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    import aipaint
     from aipaint.world.evaluate import read_scene
     from aipaint.world.scene import COLOURS, parse_caption
 
-    pipe = aipaint.load()
-    if a.model:
-        other = aipaint.load(a.model)
-        pipe.model.unet.load_state_dict(other.model.unet.state_dict())
-        pipe.model.text_encoder.load_state_dict(other.model.text_encoder.state_dict())
-        pipe.model._encoders.clear()
+    pipe = embedded_pipe(a.model)
     palette = [np.asarray(v, np.float32) for v in COLOURS.values()]
     caps = captions(a.n, "train", seed=3000)
     for cfg in (float(v) for v in a.cfg.split(";")):

@@ -30,6 +30,23 @@ def captions(n: int, split: str, seed: int) -> list[str]:
     return [random_scene(rng, split).caption for _ in range(n)]
 
 
+def embedded_pipe(model: str | None = None):
+    """The embedded model's pipeline; with ``model`` (another trained copy, e.g. a ``--resume``
+    run's output) its UNet, text encoder, VAE and latent scale, under the embedded card's defaults
+    (32x32, guidance rescale 0.7, emphasis none)."""
+    import aipaint
+
+    pipe = aipaint.load()
+    if model:
+        other = aipaint.load(model)
+        pipe.model.unet.load_state_dict(other.model.unet.state_dict())
+        pipe.model.text_encoder.load_state_dict(other.model.text_encoder.state_dict())
+        pipe.model.vae.load_state_dict(other.model.vae.state_dict())  # a --normalize-channels run folds a new latent
+        pipe.model.vae.register_to_config(scaling_factor=other.model.scaling_factor)
+        pipe.model._encoders.clear()
+    return pipe
+
+
 def score(pipe, caps: list[str], seed: int, batch: int = 10, **params) -> dict:
     from aipaint.world.evaluate import adherence, summarize
 

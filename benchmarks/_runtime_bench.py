@@ -49,12 +49,16 @@ def environment() -> str:
 
 
 def random_init(module: torch.nn.Module, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Small random weights without the default (slow, per-layer) initialisers. The module was
+    built with its parameters on the meta device (``init_empty_weights``); buffers are real.
+    Floating-point parameters are all made ``dtype``: a config's own dtype (SDXL's text encoder 2
+    says float16) would otherwise leave some layers in half precision beside float32 ones."""
     generator = torch.Generator().manual_seed(seed)
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is None:
                 continue
-            tensor = torch.empty(param.shape, dtype=dtype)
+            tensor = torch.empty(param.shape, dtype=dtype if param.dtype.is_floating_point else param.dtype)
             if name == "weight" and "norm" in type(sub).__name__.lower():
                 tensor.fill_(1.0)
             elif name == "bias":
@@ -66,6 +70,7 @@ def random_init(module: torch.nn.Module, seed: int = 0, dtype: torch.dtype = tor
 
 
 def build(factory: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
+    """``factory()`` built on the meta device, then given :func:`random_init` weights."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):

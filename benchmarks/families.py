@@ -41,40 +41,11 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runtime_bench import build  # noqa: E402  (random weights, fast: meta device, then small noise)
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of a red fox in the snow, detailed, 8k"
-
-
-# --- random weights, fast -------------------------------------------------------------------
-
-
-def random_init(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Small random weights without the default (slow, per-layer) initialisers. The module was
-    built with its parameters on the meta device (``init_empty_weights``); buffers are real."""
-    generator = torch.Generator().manual_seed(seed)
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is None:
-                continue
-            # float32 throughout: a config's own dtype (SDXL's text encoder 2 says float16)
-            # would otherwise leave some layers in half precision beside float32 ones.
-            tensor = torch.empty(param.shape, dtype=torch.float32 if param.dtype.is_floating_point else param.dtype)
-            if name == "weight" and "norm" in type(sub).__name__.lower():
-                tensor.fill_(1.0)
-            elif name == "bias":
-                tensor.zero_()
-            else:
-                tensor.normal_(0.0, 0.02, generator=generator)
-            sub._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
-    return module.eval()
-
-
-def build(factory: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        module = factory()
-    return random_init(module, seed)
 
 
 def params(*modules: Any) -> float:

@@ -329,3 +329,38 @@ def test_decoder_finetune_with_extrapolation_trains_only_the_decoder(tmp_path):
     assert any(not before[k].equal(after[k]) for k in before if k.startswith("decoder."))
     run = json.loads((model / "training.json").read_text())["decoder_finetunes"][-1]
     assert run["steps"] == 2 and run["command"].endswith("--extrapolate 1.0")
+
+
+def test_latent_rgb_r2_measures_a_linear_read_of_the_patch_colour():
+    """1 where each latent pixel is a linear map of its 4x4 patch's mean colour, about 0 for noise."""
+    import torch
+    import torch.nn.functional as F
+
+    from aipaint.world.train import latent_rgb_r2
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    pooled = F.avg_pool2d(x, 4)
+    mix = torch.randn(4, 3)
+    z = torch.einsum("nchw,kc->nkhw", pooled, mix) + 0.3  # 4 channels, a linear function of the colour
+    assert latent_rgb_r2(z, x) > 0.999
+    assert latent_rgb_r2(torch.randn(16, 4, 8, 8), x) < 0.05
+    assert 0.3 < latent_rgb_r2(z + 0.3 * torch.randn_like(z) * z.std(), x) < 0.99  # in between
+
+
+def test_training_from_scratch_records_the_vae_rgb_probe(tmp_path):
+    """A from-scratch run trains all three networks, and ``--vae-rgb-probe`` is in its recipe
+    together with the VAE's latent -> colour R^2."""
+    import json
+
+    import aipaint
+    from aipaint.world.train import main as train
+
+    out = tmp_path / "scratch"
+    assert train(["--out", str(out), "--pool", "64", "--vae-pool-extra", "8", "--vae-steps", "2", "--vae-batch",
+                  "4", "--steps", "1", "--batch", "4", "--threads", "1", "--seed", "3", "--vae-rgb-probe", "1"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["status"] == "finished" and record["vae"]["steps"] == 2 and record["unet_text"]["steps"] == 1
+    assert "1.0*MSE(linear 1x1 probe" in record["recipe"]["vae_loss"]
+    assert 0.0 <= record["vae"]["latent_rgb_linear_r2"] <= 1.0  # a least-squares fit with a constant
+    assert aipaint.load(out).txt2img("a big red circle", seed=1, steps=2, width=32, height=32).image.size == (32, 32)

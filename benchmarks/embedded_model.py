@@ -7,6 +7,7 @@ Prints, for a fixed set of (prompt, seed) pairs drawn from the shapes world:
   * the time of one 20-step image in a warm process, and of a cold `aipaint generate`.
 
 Usage: python benchmarks/embedded_model.py [--n 200] [--sweep-n 100] [--threads 2] [--json out.json]
+       python benchmarks/embedded_model.py --model PATH --quality-only   (another trained copy, same pairs)
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-n", type=int, default=100, help="pairs per point of the CFG and steps sweeps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--model", help="score another trained copy of the embedded model under its card's defaults "
+                                    "(see embedded_pipe)")
+    ap.add_argument("--quality-only", action="store_true", help="adherence and sweeps only, no timings")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    import aipaint
-
-    pipe = aipaint.load()
+    pipe = embedded_pipe(a.model)
     d = pipe.model.defaults
-    print(f"model: {pipe.model.name} ({pipe.model.model_hash}); defaults: {d.steps} steps, CFG {d.cfg_scale}, "
+    name = a.model or f"{pipe.model.name} ({pipe.model.model_hash})"
+    print(f"model: {name}; defaults: {d.steps} steps, CFG {d.cfg_scale}, "
           f"{d.sampler}, guidance rescale {d.guidance_rescale}, {d.width}x{d.height}")
     out: dict = {"defaults": d.__dict__}
 
@@ -107,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         out["steps_sweep"][steps] = r["score"]
         print(f"  {steps} steps: {r['score']:.1%}", end="", flush=True)
     print()
+    if not a.quality_only:
+        timings(pipe, train_caps, a.threads, out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
 
+
+def timings(pipe, train_caps: list[str], threads: int, out: dict) -> None:
+    d = pipe.model.defaults
     pipe.txt2img(train_caps[0], seed=0)  # warm-up
     times = []
     for i in range(10):
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - started)
     out["warm_seconds_per_image"] = float(np.median(times))
     print(f"one {d.steps}-step image, warm process: median {np.median(times):.3f} s (min {min(times):.3f} s) "
-          f"with {a.threads} threads")
+          f"with {threads} threads")
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = [sys.executable, "-m", "aipaint", "generate", train_caps[0], "--seed", "1", "--no-progress", "-o", str(Path(tmp) / "x.png")]
@@ -124,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cli, check=True, capture_output=True)
         out["cold_cli_seconds"] = time.perf_counter() - started
     print(f"`aipaint generate` from a cold start: {out['cold_cli_seconds']:.2f} s")
-
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,22 @@ def test_noisy_captions_swap_attributes_at_the_rate_asked_and_keep_the_splits():
         noisy_caption(scenes[0].caption, rng, 1.5)
 
 
+def test_noisy_captions_can_swap_only_some_attributes():
+    """``attributes`` limits the swaps: shape only leaves every colour and size as it was."""
+    rng = np.random.default_rng(8)
+    scenes = [random_scene(rng, "train") for _ in range(300)]
+    shapes = total = 0
+    for s in scenes:
+        got, want = parse_caption(noisy_caption(s.caption, rng, 0.4, ("shape",))), parse_caption(s.caption)
+        for (shape, colour, size, pos), (shape0, colour0, size0, pos0) in zip(got.objects, want.objects):
+            assert (colour, size, pos) == (colour0, size0, pos0) and (colour, shape) not in HELDOUT_COMBOS
+            shapes += shape != shape0
+            total += 1
+    assert 0.25 < shapes / total < 0.45  # a bit under p: a swap onto a held-out pair is drawn again
+    with pytest.raises(ValueError, match="among"):
+        noisy_caption(scenes[0].caption, rng, 0.4, ("hue",))
+
+
 def test_training_resumes_a_trained_model(tmp_path):
     """``--resume`` continues the UNet + text encoder of a model and keeps its VAE and latent scale."""
     import json

@@ -206,9 +206,13 @@ def scene_split(scene: Scene) -> str:
 
 
 # --------------------------------------------------------------------------- caption noise
-def noisy_caption(text: str, rng: np.random.Generator, p: float) -> str:
-    """``text`` with each object's shape, colour and size swapped, each with probability ``p``,
-    for a random other value: captions that are sometimes wrong, as web alt text is.
+NOISY_ATTRIBUTES = ("shape", "colour", "size")
+
+
+def noisy_caption(text: str, rng: np.random.Generator, p: float, attributes=NOISY_ATTRIBUTES) -> str:
+    """``text`` with each object's shape, colour and size (those of them in ``attributes``)
+    swapped, each with probability ``p``, for a random other value: captions that are
+    sometimes wrong, as web alt text is.
 
     A model trained on them is less sure of a caption than the caption deserves, so
     classifier-free guidance is what makes it adhere, as it is for Stable Diffusion
@@ -218,19 +222,23 @@ def noisy_caption(text: str, rng: np.random.Generator, p: float) -> str:
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"caption noise must be in [0, 1], got {p}")
+    unknown = set(attributes) - set(NOISY_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"caption noise attributes must be among {NOISY_ATTRIBUTES}, got {sorted(unknown)}")
+    ps = {a: (p if a in attributes else 0.0) for a in NOISY_ATTRIBUTES}
     parsed = parse_caption(text)
     if p == 0.0 or not parsed.objects or parsed.background is None:
         return text
     objs = []
     for shape, colour, size, position in parsed.objects:
         for _ in range(100):  # redraw until the noisy object is a training combination
-            s = _swap(rng, p, shape, SHAPES)
-            c = _swap(rng, p, colour, TRAIN_COLOURS)
+            s = _swap(rng, ps["shape"], shape, SHAPES)
+            c = _swap(rng, ps["colour"], colour, TRAIN_COLOURS)
             if _is_train_obj(c, s) or (s, c) == (shape, colour):
                 break
         else:
             s, c = shape, colour
-        z = _swap(rng, p, size, tuple(SIZES))
+        z = _swap(rng, ps["size"], size, tuple(SIZES))
         objs.append(SceneObject(s, c, z, position))
     return caption(Scene(parsed.background, tuple(objs)))
 

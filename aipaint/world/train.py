@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from aipaint.world.render import render_array
-from aipaint.world.scene import IMAGE_SIZE, noisy_caption, random_scene
+from aipaint.world.scene import IMAGE_SIZE, NOISY_ATTRIBUTES, noisy_caption, random_scene
 
 MODEL_NAME = "shapes-tiny"
 
@@ -275,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--caption-noise", type=float, default=0.0,
                     help="swap each object's shape, colour and size in a training caption for a random other "
                          "value, each with this probability (see aipaint.world.scene.noisy_caption)")
+    ap.add_argument("--caption-noise-on", default="shape,colour,size",
+                    help="comma-separated attributes that --caption-noise swaps (default: all three)")
     ap.add_argument("--vae-rgb-probe", type=float, default=0.0,
                     help="weight of a VAE loss that makes each latent pixel a linear read of its 4x4 patch's mean "
                          "colour, as Stable Diffusion's latents roughly are (0: off, the shipped recipe)")
@@ -287,6 +289,9 @@ def main(argv=None) -> int:
                     help="give every latent channel zero mean and unit std (folded into the VAE's quant convs; "
                          "scaling_factor 1) before the UNet phase; with --resume the UNet relearns the new scale")
     a = ap.parse_args(argv)
+    bad = {v.strip() for v in a.caption_noise_on.split(",") if v.strip()} - set(NOISY_ATTRIBUTES)
+    if bad:
+        ap.error(f"--caption-noise-on: {', '.join(sorted(bad))} not among {', '.join(NOISY_ATTRIBUTES)}")
     out_given = a.out != ap.get_default("out")
     if a.resume and not out_given:
         a.out = a.resume
@@ -331,6 +336,7 @@ def main(argv=None) -> int:
             "text_padding": "max_length (pad = <|endoftext|>)",
             "empty_caption_fraction": a.drop_text,
             "caption_noise": a.caption_noise,
+            "caption_noise_on": a.caption_noise_on,
             "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0.01)",
             "lr": a.lr,
             "lr_schedule": f"linear warm-up {a.warmup} steps, cosine over the budget to 2% of lr",
@@ -351,7 +357,8 @@ def main(argv=None) -> int:
         base_record = json.loads((Path(a.resume) / "training.json").read_text())
         stage = {key: record[key] for key in ("command", "seed", "args", "versions", "machine")}
         stage.update(status="in-progress", lr=a.lr, empty_caption_fraction=a.drop_text, batch=a.batch,
-                     pool=a.pool, caption_noise=a.caption_noise, timings_s={})
+                     pool=a.pool, caption_noise=a.caption_noise,
+                     caption_noise_on=a.caption_noise_on, timings_s={})
         base_record.setdefault("unet_finetunes", []).append(stage)
         record = base_record
 
@@ -533,10 +540,11 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
 
     g = torch.Generator().manual_seed(a.seed + 30)
     noise_rng = np.random.default_rng(a.seed + 40)
+    noise_on = tuple(v.strip() for v in a.caption_noise_on.split(",") if v.strip())
     token_cache: dict[str, torch.Tensor] = {}
 
     def noisy_ids(i: int) -> torch.Tensor:
-        text = noisy_caption(caps[i], noise_rng, a.caption_noise)
+        text = noisy_caption(caps[i], noise_rng, a.caption_noise, noise_on)
         if text == caps[i]:
             return ids[i]
         if text not in token_cache:

@@ -29,7 +29,8 @@ object's shape, colour and size is swapped for a random other value with probabi
 (:func:`aipaint.world.scene.noisy_caption`; never to the held-out colour or pairs). A model so
 trained is less sure of a caption than the caption deserves, so classifier-free guidance is
 what makes it adhere, as for Stable Diffusion: the CFG peak moves up with P, at a cost in
-adherence at low CFG (``benchmarks/results/embedded_cfg_peak.txt``).
+adherence at low CFG (``benchmarks/results/embedded_cfg_peak.txt``). ``--caption-noise-on shape``
+(a comma-separated subset of shape, colour, size) makes only those attributes uncertain.
 
 ``--vae-rgb-probe W`` adds ``W * MSE(probe(z), avgpool4(x))`` to the VAE's loss, where ``probe`` is a
 learned 1x1 convolution from the latent to RGB: each latent pixel must then carry the mean colour of

@@ -329,12 +329,18 @@ def _post_chain(texts: Sequence[str], allow_pickle: bool = False) -> list[Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    post = _post_chain(args.post, args.allow_pickle)
     request = _generation_request(args)
+    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress))
+
+
+def run_and_save(args: argparse.Namespace, generate: Callable[[Any, Any], Any]) -> int:
+    """The end of every generation command: ``generate(pipe, progress)`` with a progress bar,
+    then the ``--post`` chain (checked before the model loads), then the files, one path a line."""
+    post = _post_chain(getattr(args, "post", None) or [], args.allow_pickle)
     pipe = _load(args)
     progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:
-        result = pipe.generate(request, progress=progress)
+        result = generate(pipe, progress)
         if post:
             from aipaint.postprocess import postprocess_result
 
@@ -345,6 +351,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     print(f"seed {result.seeds[0]}, {result.timings['total']:.2f} s", file=sys.stderr)
     return 0
+
+
+def add_post_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--post", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="post-processor to run on each image, repeatable, in order (e.g. hires:scale=2, facefix, "
+                        "upscale:upscaler=Lanczos); see `aipaint plugins`")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -465,9 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text to image", aliases=["txt2img"])
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax)")
     p.add_argument("--from-png", help="regenerate from the parameters stored in an A1111-style PNG")
-    p.add_argument("--post", action="append", default=[], metavar="NAME[:k=v,...]",
-                   help="post-processor to run on each image, repeatable, in order (e.g. hires:scale=2, facefix, "
-                        "upscale:upscaler=Lanczos); see `aipaint plugins`")
+    add_post_option(p)
     _add_generation_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_generate)

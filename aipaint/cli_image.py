@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Any
 
-from aipaint.cli import _add_generation_options, _add_model_options, _generation_request, _load, _progress_bar
+from aipaint.cli import (
+    _add_generation_options,
+    _add_model_options,
+    _generation_request,
+    add_post_option,
+    run_and_save,
+)
 from aipaint.errors import AipaintError
 from aipaint.params import INPAINT_FILLS, OUTPAINT_FILLS, OUTPAINT_SIDES, RESIZE_MODES
 
@@ -24,6 +29,7 @@ def _add_common(p: argparse.ArgumentParser, strength_default: str) -> None:
     g = p.add_argument_group("image")
     g.add_argument("-s", "--strength", "--denoising-strength", type=float, dest="denoising_strength", metavar="X",
                    help=f"denoising strength 0–1: how much may change (default {strength_default})")
+    add_post_option(p)
     _add_generation_options(p)
     _add_model_options(p)
 
@@ -60,31 +66,18 @@ def _image_request(args: argparse.Namespace, **fields: Any) -> Any:
     return dataclasses.replace(request, **fields, **options)
 
 
-def _run(args: argparse.Namespace, generate: Any) -> int:
-    pipe = _load(args)
-    progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
-    try:
-        result = generate(pipe, progress)
-    finally:
-        close()
-    for path in result.save_all(args.output):
-        print(path)
-    print(f"seed {result.seeds[0]}, {result.timings['total']:.2f} s", file=sys.stderr)
-    return 0
-
-
 # img2img and inpaint take an outpainted PNG's parameters without extending the image again.
 NOT_OUTPAINTING = dict.fromkeys(OUTPAINT_SIDES, 0)
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     request = _image_request(args, init_image=args.image, **NOT_OUTPAINTING)
-    return _run(args, lambda pipe, progress: pipe.generate(request, progress=progress))
+    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress))
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
     request = _image_request(args, init_image=args.image, mask=args.mask, **NOT_OUTPAINTING)
-    return _run(args, lambda pipe, progress: pipe.generate(request, progress=progress))
+    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress))
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
@@ -99,7 +92,7 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     # The canvas is worked out again from this image (a PNG written before aipaint recorded
     # the sides gives its canvas as Size).
     request = _image_request(args, init_image=args.image, width=None, height=None, **options)
-    return _run(args, lambda pipe, progress: outpaint(pipe, request, progress))
+    return run_and_save(args, lambda pipe, progress: outpaint(pipe, request, progress))
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:

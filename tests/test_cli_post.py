@@ -63,3 +63,33 @@ def test_allow_pickle_reaches_the_steps_that_load_weight_files():
     assert "allow_pickle" not in sticker.options
     assert restore.options["allow_pickle"] == "no"
     assert all("allow_pickle" not in step.options for step in _post_chain(chain[:2]))
+
+
+@pytest.mark.parametrize("command", ["img2img", "inpaint", "outpaint"])
+def test_the_image_commands_check_their_post_chain_first_too(no_model, tmp_path, capsys, command):
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    extra = [str(image)] if command == "inpaint" else []  # the image doubles as the mask
+    assert main([command, str(image), *extra, "x", "--post", "facefx", "-o", str(tmp_path / "o.png")]) == 2
+    assert "'facefx'" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+    with pytest.raises(ModelLoaded):
+        main([command, str(image), *extra, "x", "--post", "upscale:upscaler=Nearest,scale=2"])
+
+
+def test_img2img_runs_the_post_chain_on_its_result(tmp_path, capsys):
+    """On the embedded model: an img2img at 32x32 with a 2x upscale comes out 64x64, and its
+    infotext records both the generation and the upscale."""
+    from PIL import Image
+
+    from aipaint.infotext import read_png_parameters
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    out = tmp_path / "o.png"
+    assert main(["img2img", str(image), "a big red circle in the center, on a white background", "--steps", "4",
+                 "--seed", "3", "--no-progress", "--post", "upscale:upscaler=Nearest,scale=2", "-o", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    text = read_png_parameters(out)
+    assert "Denoising strength: 0.75" in text and "Nearest" in text

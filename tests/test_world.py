@@ -380,3 +380,15 @@ def test_training_from_scratch_records_the_vae_rgb_probe(tmp_path):
     assert "1.0*MSE(linear 1x1 probe" in record["recipe"]["vae_loss"]
     assert 0.0 <= record["vae"]["latent_rgb_linear_r2"] <= 1.0  # a least-squares fit with a constant
     assert aipaint.load(out).txt2img("a big red circle", seed=1, steps=2, width=32, height=32).image.size == (32, 32)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--caption-noise-on", "shape,hue"], "hue not among shape, colour, size"),
+    (["--resume", "somewhere", "--vae-rgb-probe", "1"], "--resume keeps the model's VAE"),
+])
+def test_training_options_that_cannot_work_fail_at_once(args, said, capsys):
+    from aipaint.world.train import main as train
+
+    with pytest.raises(SystemExit) as exit_:
+        train(args)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err

@@ -290,9 +290,11 @@ def main(argv=None) -> int:
                     help="give every latent channel zero mean and unit std (folded into the VAE's quant convs; "
                          "scaling_factor 1) before the UNet phase; with --resume the UNet relearns the new scale")
     a = ap.parse_args(argv)
-    bad = {v.strip() for v in a.caption_noise_on.split(",") if v.strip()} - set(NOISY_ATTRIBUTES)
+    bad = set(noise_attributes(a.caption_noise_on)) - set(NOISY_ATTRIBUTES)
     if bad:
         ap.error(f"--caption-noise-on: {', '.join(sorted(bad))} not among {', '.join(NOISY_ATTRIBUTES)}")
+    if a.resume and a.vae_rgb_probe:
+        ap.error("--vae-rgb-probe shapes a VAE trained from scratch; --resume keeps the model's VAE")
     out_given = a.out != ap.get_default("out")
     if a.resume and not out_given:
         a.out = a.resume
@@ -381,6 +383,11 @@ def main(argv=None) -> int:
         record["dataset"]["unique_train_captions"] = len(set(caps))
     _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, out, t_start)
     return 0
+
+
+def noise_attributes(text: str) -> tuple[str, ...]:
+    """``--caption-noise-on``'s comma-separated list."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def latent_rgb_r2(z: torch.Tensor, x: torch.Tensor) -> float:
@@ -541,7 +548,7 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
 
     g = torch.Generator().manual_seed(a.seed + 30)
     noise_rng = np.random.default_rng(a.seed + 40)
-    noise_on = tuple(v.strip() for v in a.caption_noise_on.split(",") if v.strip())
+    noise_on = noise_attributes(a.caption_noise_on)
     token_cache: dict[str, torch.Tensor] = {}
 
     def noisy_ids(i: int) -> torch.Tensor:

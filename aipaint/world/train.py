@@ -422,8 +422,12 @@ def train_vae(a, record, imgs):
     # ---- 2. VAE
     vae = AutoencoderKL(**VAE_CONFIG)
     vae.set_attn_processor(AttnProcessor())
-    probe = torch.nn.Conv2d(VAE_CONFIG["latent_channels"], 3, 1)  # latent pixel -> its patch's mean RGB
-    opt = torch.optim.AdamW(list(vae.parameters()) + list(probe.parameters()), lr=a.vae_lr, weight_decay=0.0)
+    params = list(vae.parameters())
+    probe = None
+    if a.vae_rgb_probe > 0:  # made only when asked: its init draws from the global RNG the recipe's runs rely on
+        probe = torch.nn.Conv2d(VAE_CONFIG["latent_channels"], 3, 1)  # latent pixel -> its patch's mean RGB
+        params += list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=a.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed + 10)
     t0 = time.time()
     step, vae_hist, run = 0, [], []
@@ -444,7 +448,7 @@ def train_vae(a, record, imgs):
         mse = F.mse_loss(rec, x)
         kl = post.kl().mean() / (4 * (IMAGE_SIZE // 4) ** 2)
         loss = mse + 0.5 * F.l1_loss(rec, x) + 1e-6 * kl
-        if a.vae_rgb_probe > 0:
+        if probe is not None:
             loss = loss + a.vae_rgb_probe * F.mse_loss(probe(post.mean), F.avg_pool2d(x, 4))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -217,11 +217,24 @@ def test_function_sampler_that_never_reports_a_step_is_an_error(test_samplers_pi
         test_samplers_pipe.txt2img("a cat", steps=3, sampler="Test silent fn", schedule="Karras", seed=1, width=32, height=32)
 
 
+def levels_apart(a, b) -> int:
+    """The largest difference between two images, in 8-bit levels."""
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+# The promise (docs/parameters.md): batch item i is the single image with seed + i within one
+# 8-bit level per value. CPU kernels may round differently for different batch shapes (seen on
+# an AVX-512 Xeon), so bit-identity holds only for the same request.
+BATCH_LEVELS = 1
+
+
 def test_batch_item_i_uses_seed_plus_i(tiny_pipe):
     batch = tiny_pipe.txt2img("a dog", steps=3, seed=40, width=32, height=32, batch_size=3, sampler="Euler a")
     assert batch.seeds == [40, 41, 42]
     single = tiny_pipe.txt2img("a dog", steps=3, seed=42, width=32, height=32, sampler="Euler a")
-    assert np.array_equal(as_array(batch.images[2:]), as_array(single.images))
+    assert levels_apart(batch.images[2], single.image) <= BATCH_LEVELS
+    # The tolerance cannot hide a wrong seed: the neighbouring seed's item is far from it.
+    assert levels_apart(batch.images[1], single.image) > 20 * BATCH_LEVELS
     assert "Seed: 42" in batch.infotexts[2] and "Seed: 40" in batch.infotexts[0]
 
 
@@ -232,16 +245,19 @@ def test_random_seed_is_recorded(tiny_pipe):
     assert np.array_equal(as_array(result.images), as_array(again.images))
 
 
-def test_same_seed_is_bit_identical_across_processes(tiny_pipe, tiny_sd_path):
-    ours = tiny_pipe.txt2img("a (red:1.2) house", steps=3, seed=77, width=32, height=32, sampler="DPM++ SDE")
-    digest = hashlib.sha256(np.asarray(ours.image).tobytes()).hexdigest()
+def test_same_request_is_bit_identical_across_processes(tiny_pipe, tiny_sd_path):
+    """The promise is for the same request (a batch included) on the same machine with the same
+    thread count, so the other process gets this one's thread count."""
+    ours = tiny_pipe.txt2img("a (red:1.2) house", steps=3, seed=77, width=32, height=32, sampler="DPM++ SDE", batch_size=2)
+    digest = hashlib.sha256(b"".join(np.asarray(i).tobytes() for i in ours.images)).hexdigest()
     code = (
-        "import hashlib, numpy as np, torch, aipaint; torch.set_num_threads(1);"
+        f"import hashlib, numpy as np, torch, aipaint; torch.set_num_threads({torch.get_num_threads()});"
         f"r = aipaint.load({str(tiny_sd_path)!r}).txt2img('a (red:1.2) house', steps=3, seed=77, width=32, height=32,"
-        " sampler='DPM++ SDE');"
-        "print(hashlib.sha256(np.asarray(r.image).tobytes()).hexdigest())"
+        " sampler='DPM++ SDE', batch_size=2);"
+        "print(hashlib.sha256(b''.join(np.asarray(i).tobytes() for i in r.images)).hexdigest())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == digest
 
 

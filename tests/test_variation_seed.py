@@ -108,7 +108,11 @@ def test_batch_variation_seeds_count_up_and_are_recorded(tiny_pipe):
     assert [p["Variation seed"] for p in params] == ["20", "21"]
     assert params[1]["Variation seed strength"] == "0.3" and params[1]["Seed"] == "11"
     second = tiny_pipe.txt2img("x", seed=11, subseed=21, subseed_strength=0.3, **KW)
-    assert np.array_equal(pixels(result.images[1]), pixels(second.image))
+    # Within one 8-bit level, as docs/parameters.md promises: CPU kernels may round a batch of 2
+    # differently from a single image. A variation seed that did not count up is far outside it.
+    assert np.abs(pixels(result.images[1]) - pixels(second.image)).max() <= 1
+    stuck = tiny_pipe.txt2img("x", seed=11, subseed=20, subseed_strength=0.3, **KW)
+    assert np.abs(pixels(stuck.image) - pixels(second.image)).max() > 20
 
 
 def test_random_variation_seed_is_fixed_and_recorded(tiny_pipe):
@@ -144,10 +148,12 @@ def test_cli_generate_from_png_honours_the_seed_extras(tiny_sd_path, tmp_path, c
     args = ["-m", str(tiny_sd_path), "--no-progress", "-W", "32", "-H", "32"]
     assert main(["generate", "a red circle", "--steps", "3", "--seed", "5", "--variation-seed", "77", "--variation-strength",
                  "0.4", "--seed-resize-from", "48x40", "-o", str(first), *args]) == 0
-    text = Image.open(first).info["parameters"]
+    with Image.open(first) as image:
+        text = image.info["parameters"]
     assert "Variation seed: 77, Variation seed strength: 0.4, Seed resize from: 48x40" in text
     assert main(["generate", "--from-png", str(first), "-o", str(second), *args]) == 0
-    assert np.array_equal(pixels(Image.open(first)), pixels(Image.open(second)))
+    with Image.open(first) as made, Image.open(second) as remade:
+        assert np.array_equal(pixels(made), pixels(remade))  # the same request: bit-identical
     with pytest.raises(SystemExit):
         main(["generate", "x", "--seed-resize-from", "48by40"])
     assert "WIDTHxHEIGHT" in capsys.readouterr().err

@@ -113,8 +113,18 @@ def denoise(
     *,
     start: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    preview: Callable[[Any], None] | None = None,
 ) -> torch.Tensor:
+    """Run the job's plan from step ``start``. ``progress(done, total)`` and ``preview(step)``
+    (an :class:`aipaint.engine.preview.StepPreview` with the model's estimate of the finished
+    latents) are called after every step."""
     contributors = list(job.contributors)
+    estimate = None
+    if preview is not None:
+        from aipaint.engine.preview import X0Estimator
+
+        estimate = X0Estimator(job.model.scheduler_config)
+    latest_x0: list[torch.Tensor] = []
     batch = latents.shape[0]
     handoff = job.handoff
     run_steps = max(1, job.plan.total_steps - start)
@@ -147,13 +157,18 @@ def denoise(
         chunks = out.chunk(n_parts)
         # 3. Classifier-free guidance, composable across AND-ed sub-prompts.
         if not use_cfg:
-            return sum(w * o for w, o in zip(weights, chunks, strict=True)) / sum(weights)
+            return remember_x0(x, t, sum(w * o for w, o in zip(weights, chunks, strict=True)) / sum(weights))
         negative, positives = chunks[0], chunks[1:]
         guided = negative + sum(w * job.cfg_scale * (p - negative) for w, p in zip(weights, positives, strict=True))
         if job.guidance_rescale > 0:
             positive = sum(w * p for w, p in zip(weights, positives, strict=True)) / sum(weights)
             guided = rescale_guidance(guided, positive, job.guidance_rescale)
-        return guided.to(x.dtype)
+        return remember_x0(x, t, guided).to(x.dtype)
+
+    def remember_x0(x: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if estimate is not None:
+            latest_x0[:] = [estimate(x, t, output)]
+        return output
 
     def step_callback(i: int, n: int, x: torch.Tensor) -> torch.Tensor | None:
         replaced = None
@@ -163,6 +178,10 @@ def denoise(
                 replaced = new
         if progress is not None:
             progress(i + 1, n)
+        if preview is not None and latest_x0:
+            from aipaint.engine.preview import StepPreview
+
+            preview(StepPreview(i + 1, n, x if replaced is None else replaced, latest_x0[0], job.model))
         return replaced
 
     with torch.inference_mode():

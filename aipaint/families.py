@@ -1,4 +1,11 @@
-"""Model families: what a plugin implements to teach aipaint a kind of model."""
+"""Model families: what a plugin implements to teach aipaint a kind of model.
+
+A family (:class:`ModelFamily`) recognises weights and loads them into a
+:class:`GenerativeModel`: the one object the pipeline, the CLI and the HTTP API drive, for
+every family alike. A model declares its :attr:`GenerativeModel.capabilities`; asking it
+for anything else is an :class:`aipaint.errors.UnsupportedFeature` naming the family and
+the feature, raised before any work (:func:`require_capabilities`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,75 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aipaint.errors import ModelLoadError
+from aipaint.errors import ModelLoadError, UnsupportedFeature
 
 if TYPE_CHECKING:
-    from aipaint.model import LatentDiffusionModel
+    from collections.abc import Callable
+
+    from aipaint.params import GenerationRequest
+    from aipaint.plugins import PluginHost
+    from aipaint.result import Result
+
+CAPABILITIES: dict[str, str] = {
+    "txt2img": "text to image",
+    "img2img": "image to image",
+    "inpaint": "inpainting",
+    "outpaint": "outpainting",
+    "variations": "image variations",
+    "blend": "image blends",
+    "refiner": "a refiner hand-off",
+    "adapters": "adapter units (ControlNet, LoRA units, …)",
+}
+"""Every capability a model can declare, with the words errors use for it."""
+
+
+class GenerativeModel:
+    """What :meth:`ModelFamily.load` returns: a loaded model that runs generation requests.
+
+    Subclasses set ``family``, ``name``, ``defaults`` (an :class:`aipaint.model.ModelDefaults`)
+    and ``capabilities`` (names from :data:`CAPABILITIES`), and implement :meth:`generate`.
+    Latent diffusion models (SD 1.5, SDXL, Stable unCLIP) subclass
+    :class:`aipaint.model.LatentDiffusionModel`, whose ``generate`` is the core's engine.
+    """
+
+    family: str = ""
+    name: str = ""
+    defaults: Any = None
+    capabilities: frozenset[str] = frozenset({"txt2img"})
+    runtime: str = "torch"
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        host: PluginHost,
+        progress: Callable[[int, int], None] | None = None,
+        preview: Callable[[Any], None] | None = None,
+    ) -> Result:
+        """Run a request the pipeline has checked (typed options, capabilities). ``progress(done,
+        total)`` after each step; ``preview`` where the model can show its steps."""
+        raise NotImplementedError
+
+
+def request_features(request: GenerationRequest) -> list[str]:
+    """The capabilities ``request`` needs: its mode, and a refiner or adapter units if it has them."""
+    features = [request.mode]
+    if request.refiner is not None:
+        features.append("refiner")
+    if request.adapters:
+        features.append("adapters")
+    return features
+
+
+def require_capabilities(model: GenerativeModel, request: GenerationRequest) -> None:
+    """:class:`UnsupportedFeature` naming the family and the first feature of ``request`` the model lacks."""
+    for feature in request_features(request):
+        if feature not in model.capabilities:
+            can = ", ".join(CAPABILITIES.get(c, c) for c in CAPABILITIES if c in model.capabilities)
+            raise UnsupportedFeature(
+                f"{model.family} model {model.name!r} cannot do {CAPABILITIES.get(feature, feature)} ({feature}); "
+                f"it can do: {can}"
+            )
 
 
 @dataclass(frozen=True)
@@ -108,5 +180,6 @@ class ModelFamily:
         """Return True when this family can load ``source``. Be conservative."""
         return False
 
-    def load(self, source: ModelSource, options: LoadOptions) -> LatentDiffusionModel:
+    def load(self, source: ModelSource, options: LoadOptions) -> GenerativeModel:
+        """Load ``source`` into a model of this family."""
         raise NotImplementedError

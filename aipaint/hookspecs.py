@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from aipaint.adapters import AdapterSpec
     from aipaint.families import ModelFamily, ModelSource
+    from aipaint.options import OptionGroup
     from aipaint.postprocess import PostProcessorSpec
     from aipaint.preprocess import PreprocessorSpec
     from aipaint.runtimes import RuntimeSpec
@@ -92,6 +93,19 @@ def register_runtimes(register: Callable[[RuntimeSpec], None]) -> None:
     """Register runtimes that execute the heavy networks (torch, ONNX Runtime, TensorRT).
 
     Call ``register(spec)`` with an :class:`aipaint.runtimes.RuntimeSpec`.
+    """
+
+
+@hookspec
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    """Register the typed option groups a plugin reads from generation requests.
+
+    Call ``register(cls)`` with a frozen dataclass subclassing
+    :class:`aipaint.options.OptionGroup` whose ``namespace`` is unique (usually the plugin's
+    name). Users set them as ``options={"<namespace>": {...}}`` in Python and the HTTP API, or
+    ``--option <namespace>.<field>=<value>`` on the command line; the core converts and checks
+    them once, and an unknown namespace or field is an error naming the close matches. Read
+    them with ``request.option(cls)``.
     """
 
 

@@ -10,9 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from aipaint.families import GenerativeModel
+
+if TYPE_CHECKING:
+    from aipaint.denoise import LoopContributor
+    from aipaint.params import GenerationRequest
+    from aipaint.plugins import PluginHost
+    from aipaint.prompt import ParsedPrompt
+    from aipaint.result import Result
 
 
 @dataclass
@@ -53,8 +62,10 @@ class ModelDefaults:
     emphasis: str = "a1111"  # how prompt weights are normalised (see aipaint.prompt.encode)
 
 
-class LatentDiffusionModel:
+class LatentDiffusionModel(GenerativeModel):
     """Components of a Stable-Diffusion-style model plus the calls the loop makes."""
+
+    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "refiner", "adapters"})
 
     def __init__(
         self,
@@ -90,6 +101,30 @@ class LatentDiffusionModel:
         self.vae_encode_call: Callable[[torch.Tensor], torch.Tensor] = self._torch_vae_encode
         self._hash: str | None = None
         self._encoders: dict[tuple[int, str], Any] = {}
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        host: PluginHost,
+        progress: Callable[[int, int], None] | None = None,
+        preview: Callable[[Any], None] | None = None,
+    ) -> Result:
+        """Run ``request`` through the core's engine (:func:`aipaint.engine.run.generate`)."""
+        from aipaint.engine.run import generate
+
+        return generate(self, request, host=host, progress=progress, preview=preview)
+
+    def job_contributors(
+        self, request: GenerationRequest, *, prompt: ParsedPrompt, generators: list[torch.Generator]
+    ) -> tuple[list[LoopContributor], dict[str, str]]:
+        """What this family adds to one job's loop, and to its PNG parameters.
+
+        Called after the adapters are active and before the starting noise is drawn, so a
+        family may draw from each image's generator first (Stable unCLIP's image embedding).
+        The base model adds nothing.
+        """
+        return [], {}
 
     # --- facts the loop needs -------------------------------------------------------
     @property

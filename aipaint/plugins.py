@@ -104,6 +104,7 @@ def create_plugin_host(
 
 def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None:
     from aipaint.adapters import AdapterSpec
+    from aipaint.options import OptionGroup
     from aipaint.families import ModelFamily
     from aipaint.postprocess import PostProcessorSpec
     from aipaint.preprocess import PreprocessorSpec
@@ -117,6 +118,7 @@ def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None
         ("register_postprocessors", registry.postprocessors, PostProcessorSpec),
         ("register_preprocessors", registry.preprocessors, PreprocessorSpec),
         ("register_runtimes", registry.runtimes, RuntimeSpec),
+        ("register_options", registry.options, OptionGroup),
     ]
     for hook_name, catalogue, expected in phases:
         # Call each plugin separately so one broken plugin is named and skipped.

@@ -22,12 +22,13 @@ class Catalogue(Generic[T]):
     """Named things of one kind (samplers, families, …) with aliases and owners."""
 
     kind: str
+    name_attribute: str = "name"  # option groups are named by their ``namespace``
     items: dict[str, T] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
     _lookup: dict[str, str] = field(default_factory=dict)
 
     def add(self, item: T, owner: str) -> None:
-        name = getattr(item, "name", None)
+        name = getattr(item, self.name_attribute, None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {owner!r} registered a {self.kind} without a name: {item!r}")
         aliases = tuple(getattr(item, "aliases", ()) or ())
@@ -74,13 +75,21 @@ class Registry:
     postprocessors: Catalogue[Any] = field(default_factory=lambda: Catalogue("post-processor"))
     preprocessors: Catalogue[Any] = field(default_factory=lambda: Catalogue("preprocessor"))
     runtimes: Catalogue[Any] = field(default_factory=lambda: Catalogue("runtime"))
+    options: Catalogue[Any] = field(default_factory=lambda: Catalogue("option group", name_attribute="namespace"))
 
     def registrar(self, catalogue: Catalogue[Any], owner: str, expected: type | None) -> Callable[[Any], None]:
         def register(item: Any) -> None:
-            if expected is not None and not isinstance(item, expected):
+            if catalogue is self.options:  # option groups are registered as classes
+                wrong = not (isinstance(item, type) and expected is not None and issubclass(item, expected))
+                wanted = "a subclass"
+            else:
+                wrong = expected is not None and not isinstance(item, expected)
+                wanted = "an instance"
+            if wrong:
+                assert expected is not None
                 raise PluginError(
                     f"plugin {owner!r} registered {item!r} as a {catalogue.kind}; "
-                    f"expected an instance of {expected.__module__}.{expected.__qualname__}"
+                    f"expected {wanted} of {expected.__module__}.{expected.__qualname__}"
                 )
             catalogue.add(item, owner)
 

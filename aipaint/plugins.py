@@ -104,8 +104,8 @@ def create_plugin_host(
 
 def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None:
     from aipaint.adapters import AdapterSpec
-    from aipaint.options import OptionGroup
     from aipaint.families import ModelFamily
+    from aipaint.options import OptionGroup
     from aipaint.postprocess import PostProcessorSpec
     from aipaint.preprocess import PreprocessorSpec
     from aipaint.runtimes import RuntimeSpec

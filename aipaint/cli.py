@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aipaint.errors import AipaintError, AipaintWarning
+from aipaint.errors import AipaintError, AipaintWarning, UnknownName
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -253,8 +253,6 @@ def _model_from_png(args: argparse.Namespace, params: dict[str, str]) -> None:
 
 
 def _generation_request(args: argparse.Namespace) -> Any:
-    from aipaint.params import GenerationRequest
-
     kwargs: dict[str, Any] = {}
     png_params: dict[str, str] = {}
     if args.from_png:
@@ -295,6 +293,7 @@ def _generation_request(args: argparse.Namespace) -> Any:
             kwargs["negative_prompt"] = ", ".join(p for p in (kwargs.get("negative_prompt", ""), mj.negative) if p)
         resolved = {"seed": mj.seed, "steps": mj.steps}
         if mj.aspect is not None and (args.width is None or args.height is None):
+            _checked_request(kwargs)  # the rest of the request, before a mistake in it costs a model load
             defaults = _load(args).model.defaults  # --ar scales the model's own default size
             resolved["width"], resolved["height"] = mj.size_for(defaults.width, defaults.height)
         for name, value in resolved.items():
@@ -309,7 +308,25 @@ def _generation_request(args: argparse.Namespace) -> Any:
         extra.update(build(args, png_params))
     if extra:
         kwargs["extra"] = {**kwargs.get("extra", {}), **extra}
-    return GenerationRequest(**kwargs)
+    return _checked_request(kwargs)
+
+
+def _checked_request(kwargs: dict[str, Any]) -> Any:
+    """The request, validated, with its sampler and schedule names checked against the installed
+    samplers too: all that can be checked before the model loads (its defaults fill the rest)."""
+    from aipaint.params import GenerationRequest
+
+    request = GenerationRequest(**kwargs)
+    samplers = _host().registry.samplers
+    if request.sampler is not None:
+        spec = samplers.get(request.sampler)
+        if request.schedule is not None:
+            spec.check_schedule(request.schedule)
+    elif request.schedule is not None:  # the model's default sampler is known only once it loads
+        known = list(dict.fromkeys(schedule for spec in samplers for schedule in spec.schedules))
+        if request.schedule.lower() not in (schedule.lower() for schedule in known):
+            raise UnknownName("schedule", request.schedule, known)
+    return request
 
 
 def _post_chain(texts: Sequence[str], allow_pickle: bool = False) -> list[Any]:

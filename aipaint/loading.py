@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,24 @@ def identify_family(source: ModelSource, host: PluginHost) -> ModelFamily:
     )
 
 
+@contextlib.contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """No "Loading weights" bars from transformers or diffusers while a model loads (aipaint shows
+    its own progress, and a library should not write to the terminal unasked); the caller's
+    setting is restored afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in enabled:
+            lib.enable_progress_bar()
+
+
 def load_model(
     source: str | Path | None = None,
     *,
@@ -155,16 +175,19 @@ def load_model(
     config: str | Path | None = None,
     **extra: Any,
 ) -> LatentDiffusionModel:
-    resolved = resolve_source(source, allow_pickle=allow_pickle)
-    chosen = host.registry.families.get(family) if family else identify_family(resolved, host)
+    # Names first: a typo must cost neither a download nor a load.
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UnknownName("dtype", dtype, ["float32", "float16", "bfloat16"])
+    named_family = host.registry.families.get(family) if family else None
     runtime_spec = host.registry.runtimes.get(runtime)
     problem = runtime_spec.unavailable()
     if problem:
         raise ModelLoadError(f"runtime {runtime_spec.name!r} cannot run here: {problem}")
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise UnknownName("dtype", dtype, ["float32", "float16", "bfloat16"])
+    resolved = resolve_source(source, allow_pickle=allow_pickle)
+    chosen = named_family or identify_family(resolved, host)
     options = LoadOptions(device=device, dtype=dtype, runtime=runtime, config=Path(config) if config else None, extra=extra)
-    model = chosen.load(resolved, options)
+    with library_progress_bars_off():
+        model = chosen.load(resolved, options)
     if resolved.card:
         defaults = {k: v for k, v in resolved.card.get("defaults", {}).items() if k in ModelDefaults.__dataclass_fields__}
         model.defaults = ModelDefaults(**{**model.defaults.__dict__, **defaults})

@@ -117,12 +117,41 @@ def _verify(path: Path, sha256: str | None) -> None:
         )
 
 
-def _offline_message(what: str, exc: Exception) -> str:
-    detail = " ".join(str(exc).split())  # one line, for the CLI
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long a download waits for the Hub's first answer before taking the machine as offline.
+Left to itself, the hub client retries for about 23 s before it gives up."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be asked now, or None when it answers.
+
+    ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is read now, not only when the hub client
+    was imported. Otherwise one request goes to the endpoint through the hub client's own
+    session, so the proxies and certificates it is configured with apply as for the download."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    said_offline = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+                       for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if said_offline or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        huggingface_hub.get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # the transport's error types differ between hub client versions
+        return f"{constants.ENDPOINT} cannot be reached ({_one_line(exc)})"
+    return None
+
+
+def _download_failed(repo: str, filename: str | None, cause: str) -> str:
+    what, kind = (f"{repo}/{filename}", "file") if filename else (repo, "folder")
+    command = f"hf download {repo}{' ' + filename if filename else ''} --local-dir <folder>"
     return (
-        f"could not download {what} from the Hugging Face Hub ({type(exc).__name__}: {detail}). "
-        "This machine may be offline: download the files on a connected machine "
-        "(e.g. `huggingface-cli download …`) and pass the local file or folder to aipaint instead"
+        f"could not download {what} from the Hugging Face Hub ({cause}). If this machine is offline, "
+        f"run `{command}` on a connected one and pass the downloaded {kind} to aipaint instead"
     )
 
 
@@ -156,9 +185,12 @@ def download_from_hub(
         import huggingface_hub
     except ImportError as exc:  # pragma: no cover - a dependency of diffusers
         raise DownloadError("downloading needs the huggingface_hub package") from exc
+    unreachable = hub_unreachable()
+    # Without the Hub the local cache is the only source; asked for it alone, the client answers at once.
+    cache_only = unreachable is not None
     try:
         if filename:
-            path = Path(huggingface_hub.hf_hub_download(repo, filename))
+            path = Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=cache_only))
             expected = next((f.get("sha256") for f in (card.files if card else ()) if f.get("name") == filename), None)
             _verify(path, expected)
             return path
@@ -168,8 +200,9 @@ def download_from_hub(
             # big components (a T5-XXL text encoder) are published as shards with an index
             "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model-*-of-*.safetensors",
         ]
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=patterns))
+        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=patterns, local_files_only=cache_only))
     except DownloadError:
         raise
     except Exception as exc:  # network errors come in many types
-        raise DownloadError(_offline_message(f"{repo}{'/' + filename if filename else ''}", exc)) from exc
+        cause = f"{unreachable}, and no copy is in the local cache" if cache_only else _one_line(exc)
+        raise DownloadError(_download_failed(repo, filename, cause)) from exc

@@ -4,15 +4,23 @@ Prints, for a fixed set of (prompt, seed) pairs drawn from the shapes world:
   * adherence at default settings (20 steps, CFG 7, the card's guidance rescale) on
     training-distribution captions and on held-out colour x shape combinations;
   * adherence for a CFG sweep (1, 3, 7, 12) and a steps sweep (5, 10, 20, 30);
-  * the time of one 20-step image in a warm process, and of a cold `aipaint generate`.
+  * the time of one 20-step image in a warm process, and of a cold `aipaint generate`;
+  * the features a user tries (``--feature-n`` pairs each, at default settings unless said):
+    free phrasings (aipaint.world.scene.free_caption) in arrangements used for training and in the
+    held-out ones (colour and background right, every asked attribute right), emphasis
+    ``(colour:1.3)`` on held-out phrasings (colour kept), prompt editing ``[A:B:0.2]`` of the colour
+    (B's colour drawn), img2img of a render towards another colour at strengths 0.3 / 0.6 / 0.9
+    (new colour drawn), and samplers x the Karras and Exponential schedules (attributes present).
 
 Usage: python benchmarks/embedded_model.py [--n 200] [--sweep-n 100] [--threads 2] [--json out.json]
        python benchmarks/embedded_model.py --model PATH --quality-only   (another trained copy, same pairs)
+       python benchmarks/embedded_model.py [--model PATH] --features-only --feature-n 60
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -44,6 +52,7 @@ def embedded_pipe(model: str | None = None):
         pipe.model.text_encoder.load_state_dict(other.model.text_encoder.state_dict())
         pipe.model.vae.load_state_dict(other.model.vae.state_dict())  # a --normalize-channels run folds a new latent
         pipe.model.vae.register_to_config(scaling_factor=other.model.scaling_factor)
+        pipe.model.scheduler_config = dict(other.model.scheduler_config)  # a run may change the schedule
         pipe.model._encoders.clear()
     return pipe
 
@@ -69,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="score another trained copy of the embedded model under its card's defaults "
                                     "(see embedded_pipe)")
     ap.add_argument("--quality-only", action="store_true", help="adherence and sweeps only, no timings")
+    ap.add_argument("--feature-n", type=int, default=60, help="pairs per feature row (0: no feature rows)")
+    ap.add_argument("--features-only", action="store_true", help="only the feature rows")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -78,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {name}; defaults: {d.steps} steps, CFG {d.cfg_scale}, "
           f"{d.sampler}, guidance rescale {d.guidance_rescale}, {d.width}x{d.height}")
     out: dict = {"defaults": d.__dict__}
+    if a.feature_n:
+        out["features"] = feature_rows(pipe, a.feature_n)
+    if a.features_only:
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        return 0
 
     train_caps = captions(a.n, "train", seed=1000)
     out["train"] = score(pipe, train_caps, seed=1000)
@@ -115,6 +132,97 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def scenes(n: int, seed: int) -> list:
+    from aipaint.world.scene import random_scene
+
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng, "train") for _ in range(n)]
+
+
+def colour_and_background(score) -> bool:
+    """Every asked object's colour and the asked background are right (one image)."""
+    objs = score.details["objects"]
+    bg = score.details["background"]["ok"]
+    return all(o.get("colour", True) for o in objs) and bg is not False
+
+
+def _row(scores) -> dict:
+    from aipaint.world.evaluate import summarize
+
+    r = summarize(scores)
+    r["colour_and_background"] = float(np.mean([colour_and_background(s) for s in scores]))
+    return r
+
+
+def feature_rows(pipe, n: int) -> dict:
+    """The rows a user's first tries meet (see the module docstring); every prompt is scored
+    on the attributes it asks for."""
+    from aipaint.world.evaluate import adherence
+    from aipaint.world.render import render
+    from aipaint.world.scene import HELDOUT_COMBOS, TRAIN_COLOURS, Scene, free_caption
+
+    rows: dict = {}
+    base = scenes(n, seed=3000)
+    for mode in ("train", "heldout"):
+        rng = np.random.default_rng(3001)
+        caps = [free_caption(s, rng, mode) for s in base]
+        rows[f"phrasings_{mode}"] = _row([adherence(pipe.txt2img(c, seed=3000 + i).image, c)
+                                          for i, c in enumerate(caps)])
+    rng = np.random.default_rng(3002)
+    caps = [free_caption(s, rng, "heldout") for s in base]
+    weighted = []
+    for c, s in zip(caps, base):
+        for o in s.objects:
+            c = c.replace(f" {o.colour} ", f" ({o.colour}:1.3) ", 1)
+        weighted.append(c)
+    rows["emphasis_1.3_heldout_phrasings"] = _row([adherence(pipe.txt2img(w, seed=3000 + i).image, c)
+                                                   for i, (w, c) in enumerate(zip(weighted, caps))])
+
+    # a colour B for the first object that keeps the scene a training one
+    rng = np.random.default_rng(3003)
+    recoloured = []
+    for s in base:
+        o = s.objects[0]
+        options = [c for c in TRAIN_COLOURS if c != o.colour and (c, o.shape) not in HELDOUT_COMBOS
+                   and all(c != other.colour for other in s.objects[1:])]
+        b = options[int(rng.integers(len(options)))]
+        recoloured.append(Scene(s.background, (dataclasses.replace(o, colour=b), *s.objects[1:])))
+    edits = []
+    for s, t in zip(base, recoloured):
+        a_col, b_col, shape = s.objects[0].colour, t.objects[0].colour, s.objects[0].shape
+        edits.append(s.caption.replace(f"{a_col} {shape}", f"[{a_col}:{b_col}:0.2] {shape}", 1))
+    rows["prompt_edit_0.2_to_B"] = _row([adherence(pipe.txt2img(e, seed=3000 + i).image, t.caption)
+                                         for i, (e, t) in enumerate(zip(edits, recoloured))])
+
+    rows["img2img_to_B"] = {}
+    for strength in (0.3, 0.6, 0.9):
+        sc = [adherence(pipe.img2img(render(s), t.caption, denoising_strength=strength, seed=3000 + i).image,
+                        t.caption) for i, (s, t) in enumerate(zip(base, recoloured))]
+        rows["img2img_to_B"][strength] = _row(sc)
+
+    rows["samplers_x_schedules"] = {}
+    for sampler in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "UniPC"):
+        for schedule in ("Karras", "Exponential"):
+            sc = [adherence(pipe.txt2img(s.caption, seed=3000 + i, sampler=sampler, schedule=schedule).image,
+                            s.caption) for i, s in enumerate(base)]
+            rows["samplers_x_schedules"][f"{sampler} / {schedule}"] = _row(sc)
+    print_features(rows)
+    return rows
+
+
+def print_features(rows: dict) -> None:
+    def line(name: str, r: dict) -> None:
+        print(f"{name:>34}: n={r['n']} colour+background {r['colour_and_background']:.1%}, all asked right "
+              f"{r['all_correct']:.1%}, attributes {r['score']:.1%} (colour {r['colour_acc']:.1%})")
+
+    for key in ("phrasings_train", "phrasings_heldout", "emphasis_1.3_heldout_phrasings", "prompt_edit_0.2_to_B"):
+        line(key, rows[key])
+    for strength, r in rows["img2img_to_B"].items():
+        line(f"img2img to B, strength {strength}", r)
+    for key, r in rows["samplers_x_schedules"].items():
+        line(key, r)
 
 
 def timings(pipe, train_caps: list[str], threads: int, out: dict) -> None:

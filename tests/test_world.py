@@ -1,6 +1,8 @@
 """The shapes world, its captions and the evaluator behind the default model."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -392,3 +394,139 @@ def test_training_options_that_cannot_work_fail_at_once(args, said, capsys):
     with pytest.raises(SystemExit) as exit_:
         train(args)
     assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- free phrasings
+_COLOURS_RE = "|".join(COLOURS)
+_SHAPES_RE = "circle|square|triangle|cross"
+
+
+def _arrangements(text: str) -> set[tuple[str, str]]:
+    """Every (object form, background form) that could have written ``text``."""
+    import re
+
+    from aipaint.world.scene import BACKGROUND_FORMS
+
+    objs = set()
+    if re.search(rf"\b({_SHAPES_RE}) in ({_COLOURS_RE})\b", text):
+        objs.add("in_colour")
+    if " coloured " in text:
+        objs.add("coloured")
+    if re.search(rf"\b({_COLOURS_RE}) (small|big) ({_SHAPES_RE})\b", text):
+        objs.add("colour_first")
+    if re.search(rf"\b(small|big) ({_COLOURS_RE}) ({_SHAPES_RE})\b", text):
+        objs.add("adjectives")
+    if re.search(rf"\b(a|an) ({_COLOURS_RE}) ({_SHAPES_RE})\b", text):  # no size: either order
+        objs |= {"adjectives", "colour_first"}
+    bgs = set()
+    for name, form in BACKGROUND_FORMS.items():
+        pattern = re.escape(form).replace(r"\{body\}", ".+").replace(r"\{bg\}", "(white|black|gray)")
+        if re.fullmatch(pattern, text):
+            bgs.add(name)
+    return {(o, b) for o in objs for b in bgs}
+
+
+def test_free_captions_parse_back_to_the_attributes_they_ask_for():
+    from aipaint.world.scene import PHRASING_MODES, free_caption
+
+    rng = np.random.default_rng(21)
+    dropped = {"size": 0, "position": 0, "background": 0}
+    n = 0
+    for mode in PHRASING_MODES:
+        for _ in range(600):
+            s = random_scene(rng, "train")
+            text = free_caption(s, rng, mode)
+            p = parse_caption(text)
+            assert p.background in (s.background, None)
+            assert (p.background is None) == (s.background not in text)
+            assert len(p.objects) == len(s.objects), text
+            def fits(got, want) -> bool:
+                return all(g in (w, None) for g, w in zip(got, want)) and None not in got[:2]
+
+            want = [o.attrs() for o in s.objects]
+            assert any(all(fits(g, w) for g, w in zip(p.objects, order))
+                       for order in itertools.permutations(want)), text
+            for _shape, _colour, size, pos in p.objects:
+                dropped["size"] += size is None
+                dropped["position"] += pos is None
+            dropped["background"] += p.background is None
+            n += 1
+    assert all(v > 0.1 * n for v in dropped.values()), dropped  # each optional attribute is left out at times
+    assert parse_caption("a green circle on a white background") == type(parse_caption(""))(
+        "white", (("circle", "green", None, None),))
+
+
+def test_heldout_phrasings_are_never_produced_for_training():
+    from aipaint.world.scene import HELDOUT_PHRASINGS, free_caption
+
+    rng = np.random.default_rng(22)
+    train_texts, heldout_texts = set(), set()
+    for _ in range(3000):
+        s = random_scene(rng, "train")
+        text = free_caption(s, rng, "train")
+        train_texts.add(text)
+        assert not (_arrangements(text) & HELDOUT_PHRASINGS) or len(_arrangements(text)) > 1, text
+        held = free_caption(s, rng, "heldout")
+        heldout_texts.add(held)
+        # a held-out text is unambiguous: one arrangement, a held-out one, so training never wrote it
+        assert len(_arrangements(held)) == 1 and _arrangements(held) <= HELDOUT_PHRASINGS, held
+    assert not train_texts & heldout_texts
+    assert {a for t in heldout_texts for a in _arrangements(t)} == HELDOUT_PHRASINGS
+    with pytest.raises(ValueError, match="phrasing mode"):
+        free_caption(s, rng, "test")
+
+
+def test_adherence_scores_only_what_a_phrasing_asks_for():
+    s = random_scene(np.random.default_rng(23), "train", n_objects=1)
+    o = s.objects[0]
+    im = render(s)
+    short = f"a {o.colour} {o.shape}"
+    a = adherence(im, short)
+    assert (a.matched, a.total) == (2, 2) and a.all_correct
+    other = next(c for c in TRAIN_COLOURS if c != o.colour)
+    b = adherence(im, f"a {other} {o.shape} {dict(left='on the left').get(o.position, 'in the middle')}")
+    assert b.total == 3 and b.matched == 1 + (o.position == "left" or o.position == "center")
+    summ = summarize([a, b])
+    assert summ["size_acc"] is None and summ["background_acc"] is None and summ["colour_acc"] == 0.5
+
+
+def test_emphasis_augmentation_weights_one_whole_word():
+    import torch
+
+    from aipaint.world.train import EMPHASIS_WEIGHTS, emphasis_multipliers
+
+    # token ids as the CLIP tokenizer writes "<bos> a big cyan circle <eos> <pad>...": "cyan" is two tokens
+    words = [[1470, 550], [7117]]
+    ids = torch.tensor([[49406, 320, 1205, 1470, 550, 7117] + [49407] * 71] * 200)
+    mult = emphasis_multipliers(ids, words, np.random.default_rng(0), 0.5)
+    changed = mult != 1
+    rows = changed.any(1)
+    assert 0.35 < rows.float().mean() < 0.65
+    for row, m in zip(changed[rows], mult[rows]):
+        span = row.nonzero().flatten().tolist()
+        assert span in ([3, 4], [5]), span  # cyan's two tokens, or circle's one
+        assert len(set(m[span].tolist())) == 1 and EMPHASIS_WEIGHTS[0] <= m[span[0]] <= EMPHASIS_WEIGHTS[1]
+    assert torch.equal(emphasis_multipliers(ids, words, np.random.default_rng(0), 0.0), torch.ones(ids.shape))
+
+
+def test_training_with_phrasings_emphasis_and_moderate_schedule_continues_from_its_state(tmp_path):
+    """The second generation's options train, save the schedule they trained on, and ``--state``
+    lets a rerun continue the step count where the last checkpoint left it."""
+    import json
+
+    from aipaint.world.train import MODERATE_SCHEDULE
+    from aipaint.world.train import main as train
+    from aipaint.zoo import zoo_root
+
+    out, state = tmp_path / "g2", tmp_path / "g2.state.pt"
+    args = ["--resume", str(zoo_root() / "models" / "shapes-tiny"), "--out", str(out), "--pool", "64", "--batch", "4",
+            "--threads", "1", "--seed", "5", "--phrasings", "0.8", "--emphasis", "0.5", "--schedule", "moderate",
+            "--state", str(state), "--checkpoint-minutes", "0"]
+    assert train(args + ["--steps", "2"]) == 0
+    assert state.exists()
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["beta_end"] == MODERATE_SCHEDULE["beta_end"] and sched["rescale_betas_zero_snr"] is False
+    assert train(args + ["--steps", "3"]) == 0
+    run = json.loads((out / "training.json").read_text())["unet_finetunes"][-1]
+    assert run["unet_text"]["steps"] == 3 and run["free_phrasings"] == 0.8 and run["emphasis_augmentation"] == 0.5
+    assert run["schedule"] == MODERATE_SCHEDULE

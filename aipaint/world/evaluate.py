@@ -14,6 +14,8 @@ to the blur and colour drift of a small generative model:
 ``adherence(image, caption)`` matches detected objects to the objects the caption
 asks for by the best assignment and reports the fraction of requested attributes
 (per object: shape, colour, size, position; plus the background) that are present.
+A free phrasing (:func:`aipaint.world.scene.free_caption`) is scored only on the
+attributes it asks for.
 """
 from __future__ import annotations
 
@@ -216,11 +218,12 @@ def adherence(image, caption: str, reading: Reading | None = None) -> AdherenceS
     r = reading if reading is not None else read_scene(image)
     found = list(r.objects)
     k = len(want.objects)
-    total = 4 * k + (1 if want.background is not None else 0)
+    total = sum(v is not None for w in want.objects for v in w) + (1 if want.background is not None else 0)
     bg_ok = want.background is not None and r.background == want.background
 
     def hits(w, o) -> list[bool]:
-        return [a == b for a, b in zip(w, o.attrs())] if o is not None else [False] * 4
+        # an attribute the caption does not ask for is never a hit and never counted
+        return [a is not None and o is not None and a == b for a, b in zip(w, o.attrs() if o else w)]
 
     slots = found + [None] * k
     best_sum, best_assign = -1, None
@@ -240,7 +243,7 @@ def adherence(image, caption: str, reading: Reading | None = None) -> AdherenceS
             {
                 "asked": dict(zip(_ATTRS, w)),
                 "found": dict(zip(_ATTRS, o.attrs())) if o is not None else None,
-                **{a: ok for a, ok in zip(_ATTRS, h)},
+                **{a: ok for a, ok, asked in zip(_ATTRS, h, w) if asked is not None},
             }
         )
     matched = best_sum + int(bg_ok)
@@ -251,7 +254,8 @@ def adherence(image, caption: str, reading: Reading | None = None) -> AdherenceS
         total=total,
         all_correct=(matched == total and extra == 0 and total > 0),
         details={
-            "background": {"asked": want.background, "found": r.background, "ok": bg_ok},
+            "background": {"asked": want.background, "found": r.background,
+                           "ok": bg_ok if want.background is not None else None},
             "objects": per_obj,
             "extra_objects": extra,
             "missing_objects": sum(1 for p in per_obj if p["found"] is None),
@@ -264,10 +268,12 @@ def summarize(scores: list[AdherenceScore]) -> dict:
     """Mean score, fraction all-correct and per-attribute accuracy over many scores."""
     per = {a: [] for a in _ATTRS + ("background",)}
     for s in scores:
-        per["background"].append(s.details["background"]["ok"])
+        if s.details["background"]["ok"] is not None:
+            per["background"].append(s.details["background"]["ok"])
         for o in s.details["objects"]:
             for a in _ATTRS:
-                per[a].append(o[a])
+                if a in o:
+                    per[a].append(o[a])
     return {
         "n": len(scores),
         "score": float(np.mean([s.score for s in scores])) if scores else 0.0,

@@ -113,7 +113,8 @@ def caption(scene: Scene) -> str:
 @dataclass(frozen=True)
 class ParsedCaption:
     background: str | None
-    objects: tuple[tuple[str, str, str, str], ...]  # (shape, colour, size, position)
+    # (shape, colour, size, position); None where a free phrasing does not ask for it
+    objects: tuple[tuple[str | None, str | None, str | None, str | None], ...]
 
 
 _POS_RE = "|".join(re.escape(p) for p in POSITION_PHRASES.values())
@@ -125,16 +126,24 @@ _PHRASE_TO_POS = {v: k for k, v in POSITION_PHRASES.items()}
 
 
 def parse_caption(text: str) -> ParsedCaption:
-    """Attributes a caption asks for. Unknown words (e.g. a colour the world has never
-    seen) are kept verbatim so the held-out colour parses like any other."""
+    """Attributes a caption asks for. A canonical caption's unknown words (e.g. a colour the
+    world has never seen) are kept verbatim so the held-out colour parses like any other;
+    any other phrasing (:func:`free_caption`) is read by its known words, with ``None`` for an
+    attribute it leaves out."""
     t = " ".join(text.lower().replace("centre", "center").replace("grey", "gray").split())
     bg_m = _BG_RE.search(t)
-    background = bg_m.group("bg") if bg_m else None
     body = t[: bg_m.start()] if bg_m else t
-    objects = []
-    for m in _OBJ_RE.finditer(body):
-        objects.append((m.group("shape"), m.group("colour"), m.group("size"), _PHRASE_TO_POS[m.group("pos")]))
-    return ParsedCaption(background=background, objects=tuple(objects))
+    matches = list(_OBJ_RE.finditer(body))
+    canonical = (
+        bg_m is not None and bg_m.end() == len(t) and matches
+        and body.rstrip(", ") == " and ".join(m.group(0) for m in matches)
+        and all(m.group("size") in SIZES and m.group("shape") in SHAPES for m in matches)
+    )
+    if not canonical:
+        return _parse_free(t)
+    objects = tuple((m.group("shape"), m.group("colour"), m.group("size"), _PHRASE_TO_POS[m.group("pos")])
+                    for m in matches)
+    return ParsedCaption(background=bg_m.group("bg"), objects=objects)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -248,3 +257,103 @@ def _swap(rng: np.random.Generator, p: float, value: str, choices: tuple[str, ..
         return value
     others = [v for v in choices if v != value]
     return str(others[int(rng.integers(len(others)))])
+
+
+# --------------------------------------------------------------------------- free phrasings
+#: How one object is named. ``{size}`` may be dropped; the article is added in front.
+OBJECT_FORMS: dict[str, str] = {
+    "adjectives": "{size} {colour} {shape}",
+    "colour_first": "{colour} {size} {shape}",
+    "in_colour": "{size} {shape} in {colour}",
+    "coloured": "{size} {shape} coloured {colour}",
+}
+#: Paraphrases of each position; the first is the canonical caption's.
+POSITION_WORDINGS: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "to the left", "on the left side"),
+    "right": ("on the right", "to the right", "on the right side"),
+    "top": ("at the top", "near the top", "at the upper edge"),
+    "bottom": ("at the bottom", "near the bottom", "at the lower edge"),
+    "center": ("in the center", "in the middle", "in the centre"),
+}
+#: Where the position goes relative to its object.
+POSITION_FORMS: dict[str, str] = {"after": "{obj} {pos}", "before": "{pos}, {obj}"}
+#: How the background is said; ``{body}`` is the objects' phrase.
+BACKGROUND_FORMS: dict[str, str] = {
+    "comma_on": "{body}, on a {bg} background",
+    "on": "{body} on a {bg} background",
+    "against": "{body} against a {bg} background",
+    "suffix": "{body}, {bg} background",
+    "prefix": "{bg} background, {body}",
+    "prefix_on": "on a {bg} background, {body}",
+    "with": "{body} with a {bg} background",
+}
+#: (object form, background form) pairs never produced for training: every word in them is
+#: trained, only the arrangement is new, so they measure generalisation to new phrasings.
+HELDOUT_PHRASINGS: frozenset[tuple[str, str]] = frozenset(
+    {("in_colour", "against"), ("colour_first", "prefix"), ("coloured", "with"), ("adjectives", "suffix")}
+)
+PHRASING_MODES = ("train", "heldout")
+#: Probability that a free phrasing leaves out each optional attribute.
+DROP_SIZE, DROP_POSITION, DROP_BACKGROUND = 0.4, 0.4, 0.25
+
+
+def _phrasing_pairs(mode: str) -> list[tuple[str, str]]:
+    pairs = [(o, b) for o in OBJECT_FORMS for b in BACKGROUND_FORMS]
+    if mode == "train":
+        return [p for p in pairs if p not in HELDOUT_PHRASINGS]
+    if mode == "heldout":
+        return sorted(HELDOUT_PHRASINGS)
+    raise ValueError(f"phrasing mode must be one of {PHRASING_MODES}, got {mode!r}")
+
+
+def free_caption(scene: Scene, rng: np.random.Generator, mode: str = "train") -> str:
+    """``scene`` said in one of many phrasings: size, position and background each left out
+    at random (a held-out phrasing always keeps the background, which it is scored on), words
+    reordered and paraphrased, objects in either order.
+
+    ``mode="train"`` never produces a :data:`HELDOUT_PHRASINGS` arrangement; ``"heldout"``
+    produces only those, and never a text that training could produce. :func:`parse_caption` reads every phrasing back to the attributes it
+    asks for (``None`` for one left out).
+    """
+    pairs = _phrasing_pairs(mode)
+    obj_form, bg_form = pairs[int(rng.integers(len(pairs)))]
+    pos_form = list(POSITION_FORMS)[int(rng.integers(len(POSITION_FORMS)))]
+    # without a size these two forms read alike, and training drops sizes from both
+    keep_size = rng.random() >= DROP_SIZE or (mode == "heldout" and obj_form in ("adjectives", "colour_first"))
+    keep_pos = rng.random() >= DROP_POSITION
+    keep_bg = mode == "heldout" or rng.random() >= DROP_BACKGROUND
+    phrases = []
+    for i in rng.permutation(len(scene.objects)):
+        o = scene.objects[int(i)]
+        words = OBJECT_FORMS[obj_form].format(size=o.size if keep_size else "", colour=o.colour, shape=o.shape)
+        words = " ".join(words.split())
+        obj = f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+        if keep_pos:
+            wordings = POSITION_WORDINGS[o.position]
+            pos = wordings[int(rng.integers(len(wordings)))]
+            obj = POSITION_FORMS[pos_form].format(obj=obj, pos=pos)
+        phrases.append(obj)
+    body = " and ".join(phrases)
+    return BACKGROUND_FORMS[bg_form].format(body=body, bg=scene.background) if keep_bg else body
+
+
+_POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom",
+                   "lower": "bottom", "center": "center", "middle": "center"}
+
+
+def _parse_free(text: str) -> ParsedCaption:
+    words = re.findall(r"[a-z]+", text)
+    background = next((w for w in words if w in BACKGROUNDS), None)
+    objects = []
+    for segment in re.split(r"\band\b", text):
+        ws = re.findall(r"[a-z]+", segment)
+        shapes = [w for w in ws if w in SHAPES]
+        if len(shapes) != 1:
+            continue
+        objects.append((
+            shapes[0],
+            next((w for w in ws if w in COLOURS), None),
+            next((w for w in ws if w in SIZES), None),
+            next((_POSITION_WORDS[w] for w in ws if w in _POSITION_WORDS), None),
+        ))
+    return ParsedCaption(background=background, objects=tuple(objects))

@@ -37,6 +37,25 @@ learned 1x1 convolution from the latent to RGB: each latent pixel must then carr
 its 4x4 patch linearly, as Stable Diffusion's latents roughly do (its cheap previews are such a map).
 Without it the tiny VAE hides colour in a few hundredths of the latent's range and in other pixels
 (the shipped latent's linear R^2 is 0.53, ``latent_rgb_r2``); the VAE records the R^2 it reached.
+
+``--phrasings P`` replaces each training caption, with probability P, by a free phrasing of its
+scene (:func:`aipaint.world.scene.free_caption`: size, position and background left out at random,
+words reordered and paraphrased; the held-out arrangements ``HELDOUT_PHRASINGS`` never appear), so
+the model follows how people write prompts, not only the canonical template.
+
+``--emphasis P`` multiplies, with probability P per caption, the text encoder's output at one colour
+or shape word by a weight drawn from [0.8, 1.6], as ``(red:1.3)`` does with emphasis "none", so an
+emphasised word keeps its meaning.
+
+``--schedule moderate`` trains on a v-prediction schedule whose largest sigma is 37.6 (scaled-linear
+betas up to 0.017, no zero-terminal-SNR rescale) instead of the shipped zero-terminal-SNR one, whose
+first sigma is 4096: Karras and Exponential sigma spacings then spend 6 and 4 of 20 steps above
+sigma 13 instead of 13, and the signal left at the first step (1/37.6 of the latent) stays well
+below the noise's own spread over an 8x8 latent, so the layout still comes from the prompt.
+
+``--state PATH`` keeps the optimiser, the raw and EMA weights, the step, the elapsed time and the
+random generators there at every checkpoint; a rerun with the same arguments and ``--state``
+continues from it.
 """
 from __future__ import annotations
 
@@ -57,7 +76,18 @@ import torch
 import torch.nn.functional as F
 
 from aipaint.world.render import render_array
-from aipaint.world.scene import IMAGE_SIZE, NOISY_ATTRIBUTES, noisy_caption, random_scene
+from aipaint.world.scene import (
+    IMAGE_SIZE,
+    NOISY_ATTRIBUTES,
+    SHAPES,
+    TRAIN_COLOURS,
+    Scene,
+    SceneObject,
+    free_caption,
+    noisy_caption,
+    parse_caption,
+    random_scene,
+)
 
 MODEL_NAME = "shapes-tiny"
 
@@ -108,6 +138,10 @@ SCHEDULE = dict(
     timestep_spacing="trailing",
     steps_offset=1,
 )
+#: The second generation's schedule: sigma 0.029 .. 37.6 (see the module docstring).
+MODERATE_SCHEDULE = {**SCHEDULE, "beta_end": 0.017, "rescale_betas_zero_snr": False}
+SCHEDULES = {"zero-snr": SCHEDULE, "moderate": MODERATE_SCHEDULE}
+EMPHASIS_WEIGHTS = (0.8, 1.6)
 
 
 def log(msg: str) -> None:
@@ -188,10 +222,10 @@ def lr_at(progress: float, step: int, warmup: int, base: float, floor: float = 0
 
 
 # --------------------------------------------------------------------------- saving
-def build_pipeline(vae, text_encoder, unet, tokenizer):
+def build_pipeline(vae, text_encoder, unet, tokenizer, schedule: dict | None = None):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    sched = DPMSolverMultistepScheduler(**SCHEDULE)
+    sched = DPMSolverMultistepScheduler(**(schedule or SCHEDULE))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -281,6 +315,15 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-rgb-probe", type=float, default=0.0,
                     help="weight of a VAE loss that makes each latent pixel a linear read of its 4x4 patch's mean "
                          "colour, as Stable Diffusion's latents roughly are (0: off, the shipped recipe)")
+    ap.add_argument("--phrasings", type=float, default=0.0,
+                    help="replace a training caption by a free phrasing of its scene with this probability "
+                         "(aipaint.world.scene.free_caption; never a held-out arrangement)")
+    ap.add_argument("--emphasis", type=float, default=0.0,
+                    help="scale the encoder output at one colour or shape word of a caption by a weight in "
+                         f"{list(EMPHASIS_WEIGHTS)} with this probability, as (word:w) does")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="zero-snr",
+                    help="noise schedule: the shipped zero-terminal-SNR one or 'moderate' (max sigma 37.6)")
+    ap.add_argument("--state", help="keep the full training state here at each checkpoint and continue from it")
     ap.add_argument("--checkpoint-minutes", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="~1-minute smoke run into a temp dir")
@@ -331,7 +374,8 @@ def main(argv=None) -> int:
             "numpy": np.__version__,
         },
         "machine": {"cpus": os.cpu_count(), "threads": a.threads, "platform": platform.platform()},
-        "configs": {"vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG, "unet": UNET_CONFIG, "schedule": SCHEDULE},
+        "configs": {"vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG, "unet": UNET_CONFIG,
+                    "schedule": SCHEDULES[a.schedule]},
         "recipe": {
             "image_size": IMAGE_SIZE,
             "latent_size": IMAGE_SIZE // 4,
@@ -340,6 +384,8 @@ def main(argv=None) -> int:
             "empty_caption_fraction": a.drop_text,
             "caption_noise": a.caption_noise,
             "caption_noise_on": a.caption_noise_on,
+            "free_phrasings": a.phrasings,
+            "emphasis_augmentation": a.emphasis,
             "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0.01)",
             "lr": a.lr,
             "lr_schedule": f"linear warm-up {a.warmup} steps, cosine over the budget to 2% of lr",
@@ -361,8 +407,10 @@ def main(argv=None) -> int:
         stage = {key: record[key] for key in ("command", "seed", "args", "versions", "machine")}
         stage.update(status="in-progress", lr=a.lr, empty_caption_fraction=a.drop_text, batch=a.batch,
                      pool=a.pool, caption_noise=a.caption_noise,
-                     caption_noise_on=a.caption_noise_on, timings_s={})
+                     caption_noise_on=a.caption_noise_on, free_phrasings=a.phrasings,
+                     emphasis_augmentation=a.emphasis, schedule=SCHEDULES[a.schedule], timings_s={})
         base_record.setdefault("unet_finetunes", []).append(stage)
+        base_record["configs"]["schedule"] = SCHEDULES[a.schedule]
         record = base_record
 
     # ---- 1. data
@@ -388,6 +436,23 @@ def main(argv=None) -> int:
 def noise_attributes(text: str) -> tuple[str, ...]:
     """``--caption-noise-on``'s comma-separated list."""
     return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def emphasis_multipliers(tok: torch.Tensor, words: list[list[int]], rng: np.random.Generator,
+                         p: float) -> torch.Tensor:
+    """Per-token multipliers (batch, tokens) for emphasis augmentation: with probability ``p`` per
+    caption, the tokens of one occurrence of one of ``words`` (token-id sequences) get a weight drawn
+    from ``EMPHASIS_WEIGHTS``, as ``(word:w)`` weights them at inference; all others stay 1."""
+    mult = torch.ones(tok.shape)
+    for i in range(len(tok)):
+        if rng.random() >= p:
+            continue
+        row = tok[i].tolist()
+        spans = [(j, len(w)) for w in words for j in range(len(row)) if row[j : j + len(w)] == w]
+        if spans:
+            j, n = spans[int(rng.integers(len(spans)))]
+            mult[i, j : j + n] = float(rng.uniform(*EMPHASIS_WEIGHTS))
+    return mult
 
 
 def latent_rgb_r2(z: torch.Tensor, x: torch.Tensor) -> float:
@@ -528,7 +593,8 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
         unet = UNet2DConditionModel(**UNET_CONFIG)
     unet.set_attn_processor(AttnProcessor())
-    noise_sched = DDPMScheduler(**SCHEDULE)
+    schedule = SCHEDULES[a.schedule]
+    noise_sched = DDPMScheduler(**schedule)
     acp = noise_sched.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
@@ -548,15 +614,24 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
                 p.copy_(e)
         te2.eval()
         un2.eval()
-        return build_pipeline(vae, te2, un2, tokenizer)
+        return build_pipeline(vae, te2, un2, tokenizer, schedule)
 
     g = torch.Generator().manual_seed(a.seed + 30)
     noise_rng = np.random.default_rng(a.seed + 40)
     noise_on = noise_attributes(a.caption_noise_on)
     token_cache: dict[str, torch.Tensor] = {}
 
-    def noisy_ids(i: int) -> torch.Tensor:
-        text = noisy_caption(caps[i], noise_rng, a.caption_noise, noise_on)
+    phrase_rng = np.random.default_rng(a.seed + 50)
+    emphasis_rng = np.random.default_rng(a.seed + 60)
+    # the words whose encoder output emphasis augmentation scales, as token sequences ("cyan" is two)
+    emphasis_words = [tokenizer(w).input_ids[1:-1] for w in TRAIN_COLOURS + SHAPES]
+
+    def caption_ids(i: int) -> torch.Tensor:
+        text = noisy_caption(caps[i], noise_rng, a.caption_noise, noise_on) if a.caption_noise > 0 else caps[i]
+        if a.phrasings > 0 and phrase_rng.random() < a.phrasings:
+            parsed = parse_caption(text)
+            scene = Scene(parsed.background, tuple(SceneObject(*o) for o in parsed.objects))
+            text = free_caption(scene, phrase_rng, "train")
         if text == caps[i]:
             return ids[i]
         if text not in token_cache:
@@ -567,6 +642,31 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
     t0 = time.time()
     budget = a.minutes * 60
     step, hist, run = 0, [], []
+    elapsed_before = 0.0  # training time of earlier processes of this run (--state)
+    state_path = Path(a.state) if a.state else None
+    if state_path and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        with torch.no_grad():
+            for p, v in zip(params, st["params"]):
+                p.copy_(v)
+            for e, v in zip(ema, st["ema"]):
+                e.copy_(v)
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["g"])
+        noise_rng.bit_generator.state = st["noise_rng"]
+        phrase_rng.bit_generator.state = st["phrase_rng"]
+        emphasis_rng.bit_generator.state = st["emphasis_rng"]
+        step, hist, elapsed_before = st["step"], st["history"], st["elapsed"]
+        log(f"continuing from {state_path}: step {step}, {elapsed_before / 60:.1f} min trained")
+
+    def save_state(now: float) -> None:
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        torch.save({"step": step, "history": hist, "elapsed": elapsed_before + now - t0,
+                    "params": [p.detach() for p in params], "ema": ema, "opt": opt.state_dict(),
+                    "g": g.get_state(), "noise_rng": noise_rng.bit_generator.state,
+                    "phrase_rng": phrase_rng.bit_generator.state,
+                    "emphasis_rng": emphasis_rng.bit_generator.state}, tmp)
+        os.replace(tmp, state_path)
     last_log = last_ckpt = t0
     unet.train()
     text_encoder.train()
@@ -574,7 +674,7 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
     while True:
         ts = time.time()
         tuner.before(step)
-        el = time.time() - t0
+        el = elapsed_before + time.time() - t0
         if a.steps:
             if step >= a.steps:
                 break
@@ -588,8 +688,8 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
             pg["lr"] = lr
         idx = torch.randint(0, len(lat), (a.batch,), generator=g)
         x0 = lat[idx]
-        if a.caption_noise > 0:
-            tok = torch.stack([noisy_ids(int(i)) for i in idx])
+        if a.caption_noise > 0 or a.phrasings > 0:
+            tok = torch.stack([caption_ids(int(i)) for i in idx])
         else:
             tok = ids[idx].clone()
         drop = torch.rand(a.batch, generator=g) < a.drop_text
@@ -600,6 +700,8 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v
         cond = text_encoder(tok)[0]
+        if a.emphasis > 0:
+            cond = cond * emphasis_multipliers(tok, emphasis_words, emphasis_rng, a.emphasis).unsqueeze(-1)
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
@@ -618,21 +720,26 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
             last_log = now
             m = float(np.mean(run))
             run = []
-            hist.append({"step": step, "t": round(now - t0, 1), "loss": m, "lr": lr})
-            log(f"unet step {step} loss {m:.4f} lr {lr:.2e} ({(now - t0) / step:.3f}s/step, {el / 60:.1f}/{a.minutes} min, threads {tuner.current})")
+            hist.append({"step": step, "t": round(elapsed_before + now - t0, 1), "loss": m, "lr": lr})
+            log(f"unet step {step} loss {m:.4f} lr {lr:.2e} ({(elapsed_before + now - t0) / step:.3f}s/step, "
+                f"{el / 60:.1f}/{a.minutes} min, threads {tuner.current})")
         if now - last_ckpt > a.checkpoint_minutes * 60:
             last_ckpt = now
-            stage["unet_text"] = {"steps": step, "minutes": round((now - t0) / 60, 2), "history": hist}
-            stage["timings_s"]["unet_text"] = round(now - t0, 1)
+            stage["unet_text"] = {"steps": step, "minutes": round((elapsed_before + now - t0) / 60, 2),
+                                  "history": hist}
+            stage["timings_s"]["unet_text"] = round(elapsed_before + now - t0, 1)
             torch.set_num_threads(tuner.current)
             save_atomic(out, snapshot_pipeline(), record)
+            if state_path:
+                save_state(now)
             log(f"checkpoint (EMA) saved to {out} at step {step}")
 
-    stage["unet_text"] = {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "history": hist,
+    trained = elapsed_before + time.time() - t0
+    stage["unet_text"] = {"steps": step, "minutes": round(trained / 60, 2), "history": hist,
                            "thread_switches": tuner.switches,
                            "final_loss": float(np.mean([h["loss"] for h in hist[-3:]])) if hist else None,
-                           "s_per_step": round((time.time() - t0) / max(1, step), 3)}
-    stage["timings_s"]["unet_text"] = round(time.time() - t0, 1)
+                           "s_per_step": round(trained / max(1, step), 3)}
+    stage["timings_s"]["unet_text"] = round(trained, 1)
     stage["timings_s"]["total"] = round(time.time() - t_start, 1)
     stage["status"] = "finished"
     pipe = snapshot_pipeline()

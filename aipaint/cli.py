@@ -431,10 +431,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:
+    from aipaint.errors import InvalidParameter
+    from aipaint.params import MAX_PROMPT_CHARS, STEPS_RANGE
     from aipaint.prompt import describe, parse_midjourney, parse_prompt
 
     text = args.prompt
     steps = args.steps
+    # The same limits as a generation's, checked before any work (--mj and token counts load the model).
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidParameter("prompt", f"<{len(text)} characters>", f"must be at most {MAX_PROMPT_CHARS} characters")
+    if steps is not None and not STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]:
+        raise InvalidParameter("steps", steps, f"must be from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}")
     if args.midjourney:
         mj = parse_midjourney(text)
         text = mj.prompt

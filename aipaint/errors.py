@@ -32,10 +32,20 @@ class InvalidParameter(AipaintError, ValueError):
         self.value = value
         self.allowed = allowed
         self.hint = hint
-        message = f"invalid {name}={value!r}: {allowed}"
+        message = f"invalid {name}={shown(value)}: {allowed}"
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut in the middle when longer than ``limit``, so that a message about a
+    megabyte of pasted text stays one readable line."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[: limit // 2]}…{text[-(limit // 4) :]}{size}"
 
 
 class UnknownName(InvalidParameter):

@@ -12,23 +12,50 @@ Values that contain a comma, a colon or a newline are JSON-quoted.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# A1111's own pattern (modules/infotext_utils.py): key, then a quoted or unquoted value.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+from aipaint.errors import InvalidParameter
+
+# A1111 reads entries with findall() of  \s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)
+# (modules/infotext_utils.py), which takes time quadratic in a line's length: a run of key
+# characters without a colon after it is scanned again from each of its characters. Here the
+# same pattern is tried only where a key can start, and a failed run is skipped whole, which
+# finds the same entries in linear time (each part of the pattern can match a character in
+# only one way, so a single try is linear too).
+_ENTRY = re.compile(r'(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_WORD = re.compile(r"\w")
+_SPACES = re.compile(r"\s*")
+_KEY_REST = re.compile(r"[\w \-/]*")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+_MAX_SIZE_DIGITS = 9  # int() of a long digit string takes quadratic time; no image is that wide
+
+
+def _entries(line: str) -> list[tuple[str, str]]:
+    """Every ``(key, value)`` A1111's pattern finds in a line (which holds no newline)."""
+    found, position = [], 0
+    while True:
+        start = _WORD.search(line, position)
+        if start is None:
+            return found
+        match = _ENTRY.match(line, start.start())
+        if match is None:  # the key run has no colon after it (or is one character): nor has any later start in it
+            position = _KEY_REST.match(line, start.start() + 1).end()
+            continue
+        found.append((match[1], match[2]))
+        position = match.end()
 
 
 def _entries_only(line: str) -> list[tuple[str, str]]:
     """The ``Key: value`` entries of a line that holds nothing else, or [] when anything else is in it."""
     found, position = [], 0
     while position < len(line):
-        match = _PARAM.match(line, position)
-        if match is None or match.end() == position:
+        match = _ENTRY.match(line, _SPACES.match(line, position).end())
+        if match is None:
             return []
         found.append((match[1], match[2]))
         position = match.end()
@@ -86,7 +113,7 @@ class Infotext:
         lines = text.strip().split("\n")
         params: dict[str, str] = {}
         last = lines[-1] if lines else ""
-        found = _PARAM.findall(last)
+        found = _entries(last)
         short = False  # fewer than three entries, taken as parameters all the same
         if len(found) < 3:
             entries = _entries_only(last)
@@ -107,8 +134,30 @@ class Infotext:
         return cls("\n".join(prompt_lines), "\n".join(negative_lines), params)
 
     def size(self) -> tuple[int, int] | None:
-        match = _SIZE.match(self.params.get("Size", ""))
-        return (int(match[1]), int(match[2])) if match else None
+        """``Size`` as ``(width, height)``; None when absent or not ``WIDTHxHEIGHT`` (as in A1111).
+
+        Raises :class:`~aipaint.errors.InvalidParameter` for a size with absurdly long numbers.
+        """
+        return _read_size("Size", self.params.get("Size", ""))
+
+
+def _read_size(key: str, text: str) -> tuple[int, int] | None:
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    if len(match[1]) > _MAX_SIZE_DIGITS or len(match[2]) > _MAX_SIZE_DIGITS:
+        raise InvalidParameter(key, text, f"must be WIDTHxHEIGHT in pixels, each number at most {_MAX_SIZE_DIGITS} digits")
+    return int(match[1]), int(match[2])
+
+
+def _read_number(key: str, text: str, kind: type) -> int | float:
+    try:
+        value = float(text)  # A1111 writes "20" but also "20.0"; float() is linear in the text's length
+    except ValueError as exc:
+        raise InvalidParameter(key, text, f"is not a valid {kind.__name__}") from exc
+    if not math.isfinite(value):
+        raise InvalidParameter(key, text, "must be a number; this one is infinite, NaN or too large for a float")
+    return int(value) if kind is int else value
 
 
 def build_params(values: Mapping[str, Any]) -> dict[str, str]:
@@ -172,15 +221,11 @@ def generation_kwargs(info: Infotext) -> dict[str, Any]:
     on, which outpainting works out from the image and the ``Outpaint`` sides, so it gives
     no width and height.
     """
-    from aipaint.errors import InvalidParameter
-
     kwargs: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
     for key, (name, kind) in _INFOTEXT_FIELDS.items():
         if key in info.params:
-            try:
-                kwargs[name] = kind(float(info.params[key])) if kind is int else kind(info.params[key])
-            except ValueError as exc:
-                raise InvalidParameter(key, info.params[key], f"is not a valid {kind.__name__}") from exc
+            value = info.params[key]
+            kwargs[name] = value if kind is str else _read_number(key, value, kind)
     sampler = kwargs.get("sampler")
     if sampler and "schedule" not in kwargs:
         for schedule in ("Karras", "Exponential"):
@@ -195,7 +240,7 @@ def generation_kwargs(info: Infotext) -> dict[str, Any]:
     for key, (name, on) in _INFOTEXT_FLAGS.items():
         if key in info.params:
             kwargs[name] = info.params[key] == on
-    resize_from = _SIZE.match(info.params.get("Seed resize from", ""))
+    resize_from = _read_size("Seed resize from", info.params.get("Seed resize from", ""))
     if resize_from:
-        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = int(resize_from[1]), int(resize_from[2])
+        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = resize_from
     return kwargs

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aipaint import zoo
-from aipaint.errors import AipaintError, AipaintWarning, ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.errors import AipaintError, AipaintWarning, ModelLoadError, UnknownName, UnsafeFileError, shown
 from aipaint.families import LoadOptions, ModelFamily, ModelSource
 from aipaint.model import LatentDiffusionModel, ModelDefaults
 from aipaint.plugins import PluginHost
@@ -18,6 +18,7 @@ from aipaint.plugins import PluginHost
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID_MAX = 96  # the Hugging Face Hub's longest repo id
 
 
 def load_state_dict(path: Path | str, *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -84,19 +85,23 @@ def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> 
         path = zoo.fetch(card)
         return ModelSource(path, "folder" if path.is_dir() else "file", card.id, card.data, allow_pickle)
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError:  # a name too long to be a path (ENAMETOOLONG) names no file
+        is_dir = is_file = False
+    if is_dir:
         return ModelSource(path, "folder", path.name, None, allow_pickle)
-    if path.is_file():
+    if is_file:
         if path.suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
             raise ModelLoadError(f"{path.name}: unknown checkpoint format {path.suffix!r}; expected .safetensors")
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
             load_state_dict(path, allow_pickle=False)  # raises the explanation
         return ModelSource(path, "file", path.stem, None, allow_pickle)
-    if _HUB_ID.match(text) and not text.endswith((".safetensors",) + PICKLE_SUFFIXES):
+    if len(text) <= _HUB_ID_MAX and _HUB_ID.match(text) and not text.endswith((".safetensors",) + PICKLE_SUFFIXES):
         folder = zoo.download_from_hub(text)
         return ModelSource(folder, "folder", text, None, allow_pickle)
     raise ModelLoadError(
-        f"no model {text!r}: it is not a zoo id (see `aipaint zoo`), not an existing file or folder, "
+        f"no model {shown(text)}: it is not a zoo id (see `aipaint zoo`), not an existing file or folder, "
         "and not a Hugging Face Hub id of the form org/name"
     )
 

@@ -8,6 +8,7 @@ A processor records what it did as A1111 infotext entries (``Hires upscale``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,9 +66,11 @@ class PostStep:
         """Read the command-line form ``NAME[:key=value,key=value]``.
 
         Values become ``int``, ``float`` or ``bool`` (``true``/``false``) where they read as
-        one, otherwise stay strings; a value cannot contain a comma.
+        one, otherwise stay strings; a value cannot contain a comma. A number that is not
+        finite (``inf``, ``nan``, too many digits for a float) is an error. Reading takes time
+        linear in the text's length.
         """
-        from aipaint.errors import InvalidParameter
+        from aipaint.errors import InvalidParameter, shown
 
         name, _, rest = text.partition(":")
         if not name.strip():
@@ -76,20 +79,30 @@ class PostStep:
         for item in filter(None, (part.strip() for part in rest.split(","))):
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
-                raise InvalidParameter("post", text, f"option {item!r} is not key=value", "e.g. hires:scale=2,strength=0.5")
-            options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+                raise InvalidParameter("post", text, f"option {shown(item)} is not key=value", "e.g. hires:scale=2,strength=0.5")
+            options[key.strip().replace("-", "_")] = _parse_value(key.strip(), value.strip())
         return cls(name.strip(), options)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
+    from aipaint.errors import InvalidParameter
+
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    try:
+        number = int(text)  # refuses more than 4300 digits (ValueError) before converting any
+    except ValueError:
+        pass
+    else:
+        if abs(number) < 2**63:
+            return number
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(value):
+        raise InvalidParameter(f"post option {key}", text, "must be a finite number")
+    return value
 
 
 def _as_steps(steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]]) -> list[PostStep]:

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from aipaint.errors import AipaintError, InvalidParameter
+from aipaint.errors import AipaintError, InvalidParameter, shown
 from aipaint.prompt.parser import ParsedPrompt, parse_negative_prompt, parse_prompt
 
 __all__ = ["MidjourneyPrompt", "UnsupportedPromptOption", "parse_midjourney"]
@@ -63,7 +63,8 @@ class UnsupportedPromptOption(AipaintError):
     def __init__(self, option: str, hint: str) -> None:
         self.option = option
         self.hint = hint
-        super().__init__(f"the prompt option {option} is not supported: {hint}")
+        named = option if len(option) <= 40 else shown(option)  # an option name can be as long as the prompt
+        super().__init__(f"the prompt option {named} is not supported: {hint}")
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,11 @@ class MidjourneyPrompt:
 
 # "--name" or "—name" (phones turn "--" into an em dash, and Midjourney accepts it) at a word start.
 _RE_OPTION = re.compile(r"(?:(?<=\s)|^)(?:--|\u2014)([A-Za-z][\w-]*)")
-_RE_LEADING_WEIGHT = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+))(?=\s|$)")
-_RE_ASPECT = re.compile(r"^(\d+)\s*:\s*(\d+)$")
+# "\d+(?:\.\d*)?" rather than "\d+\.?\d*": the latter splits a run of digits between its two
+# quantifiers in every way before failing, quadratic in the run's length.
+_RE_LEADING_WEIGHT = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))(?=\s|$)")
+_RE_ASPECT = re.compile(r"(\d+)\s*:\s*(\d+)")
+MAX_ASPECT = 10_000  # each side of --ar; beyond it the size is a strip of 8 pixels anyway
 
 
 def _split_options(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -142,8 +146,14 @@ def _multi_prompt(body: str) -> str:
     return " AND ".join(f"{text} :{round(weight / total, 4):g}" for text, weight in pairs)
 
 
+def _in_range(digits: str, low: int, high: int) -> bool:
+    # Digits are counted before int() converts them: int() of a long run takes quadratic time
+    # and refuses more than 4300 digits with a ValueError.
+    return bool(re.fullmatch(r"\d+", digits)) and len(digits.lstrip("0")) <= len(str(high)) and low <= int(digits) <= high
+
+
 def _whole_number(option: str, value: str, low: int, high: int) -> int:
-    if not re.fullmatch(r"\d+", value) or not low <= int(value) <= high:
+    if not _in_range(value, low, high):
         raise InvalidParameter(option, value, f"a whole number from {low} to {high}")
     return int(value)
 
@@ -174,12 +184,12 @@ def parse_midjourney(text: str, base_size: int = 512) -> MidjourneyPrompt:
         if name in ("ar", "aspect", "seed", "steps"):
             key = "ar" if name == "aspect" else name
             if key in found:
-                raise InvalidParameter(option, value, "given once", f"it was already given as {found[key]!r}")
+                raise InvalidParameter(option, value, "given once", f"it was already given as {shown(found[key])}")
             found[key] = value
             if key == "ar":
-                match = _RE_ASPECT.match(value)
-                if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
-                    raise InvalidParameter(option, value, "W:H with positive whole numbers, e.g. --ar 16:9")
+                match = _RE_ASPECT.fullmatch(value)
+                if not match or not all(_in_range(side, 1, MAX_ASPECT) for side in match.groups()):
+                    raise InvalidParameter(option, value, f"W:H with whole numbers from 1 to {MAX_ASPECT}, e.g. --ar 16:9")
                 aspect = int(match.group(1)), int(match.group(2))
                 width, height = aspect_size(*aspect, base_size)
             elif key == "seed":

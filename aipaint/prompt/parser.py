@@ -7,17 +7,22 @@ negative prompt, which (as in A1111) has neither tags nor sub-prompts. Each sub-
 holds its emphasis, editing and alternation syntax; :mod:`aipaint.prompt.schedule`
 resolves editing and alternation per step and :func:`parse_attention` resolves emphasis.
 
-Nothing here raises on any input string: text the grammar cannot read is kept as plain
-text, and odd tags are reported in :attr:`ParsedPrompt.warnings`.
+``parse_prompt`` and ``parse_negative_prompt`` never raise: text the grammar cannot read is
+kept as plain text, and odd tags are reported in :attr:`ParsedPrompt.warnings`. Emphasis
+raises :class:`~aipaint.errors.InvalidParameter` where A1111 would compute a useless weight
+(see :func:`parse_attention`). Every function here takes time linear in the text's length.
 """
 
 from __future__ import annotations
 
+import array
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 
-from aipaint.errors import AipaintWarning
+from aipaint.errors import AipaintWarning, InvalidParameter, shown
 
 __all__ = [
     "ExtraNetworkRef",
@@ -99,101 +104,145 @@ class ParsedPrompt:
 
 
 # --- emphasis ----------------------------------------------------------------------------
-# The token pattern of A1111's parse_prompt_attention: escapes, brackets, ":weight)" closers,
-# runs of plain text, and a lone ":".
-_RE_ATTENTION = re.compile(
-    r"""
-\\\(|
-\\\)|
-\\\[|
-\\]|
-\\\\|
-\\|
-\(|
-\[|
-:\s*([+-]?[.\d]+)\s*\)|
-\)|
-]|
-[^\\()\[\]:]+|
-:
-""",
-    re.X,
-)
-_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+# A1111's parse_prompt_attention reads the text as tokens: escapes, brackets, ":weight)" closers,
+# runs of plain text and lone ":"s. Only the first four kinds do anything, so they are found
+# here by one split and everything between them is plain text (the same pieces A1111 makes,
+# joined where it splits plain text at a ":"; equal weights are merged at the end either way).
+_RE_ATTENTION = re.compile(r"(\\[()\[\]\\]?|[()\[\]]|:\s*([+-]?[.\d]+)\s*\))")
+_RE_BREAK_WORD = re.compile(r"\bBREAK\b")
+_RE_SPACES = re.compile(r"\s*")
 _ROUND_MULTIPLIER = 1.1
 _SQUARE_MULTIPLIER = 1 / 1.1
 _BREAK = object()  # marks a BREAK in the working list; never weighted
+_SHORT_RANGE = 16  # ranges up to this many items are multiplied without numpy
+
+#: At most this many ``(`` and ``[`` may be open at once. Each piece of text is multiplied once per
+#: bracket around it, so the bound keeps emphasis linear in the prompt's length; 100 is far
+#: beyond any prompt written on purpose (1.1 ** 100 is about 13,780).
+MAX_EMPHASIS_DEPTH = 100
+#: Emphasis weights (brackets and ``:weight`` multiplied together) must lie in ±this. Larger
+#: ones make no picture (a weight of 10 already ruins one), and infinite or NaN ones, which
+#: deep nesting or a long ``:999…`` reach, turned the whole image black.
+MAX_EMPHASIS_WEIGHT = 1000.0
 
 
-def _attention_items(text: str, split_breaks: bool) -> list:
-    """A1111's emphasis algorithm; returns ``[text, weight]`` lists and ``_BREAK`` markers."""
-    res: list = []
+def _split_breaks(piece: str) -> list[str]:
+    """``piece`` split at each ``BREAK`` (a word of its own) and the whitespace around it, as
+    A1111's split at ``_RE_BREAK_WORD`` with ``\\s*`` on both sides, in linear time (that pattern
+    retries a long run of spaces from each of them)."""
+    parts, start = [], 0
+    for match in _RE_BREAK_WORD.finditer(piece):
+        parts.append(piece[start : match.start()].rstrip())
+        start = _RE_SPACES.match(piece, match.end()).end()
+    parts.append(piece[start:])
+    return parts
+
+
+def _apply_multipliers(count: int, multiplied: list[tuple[int, int, float]]) -> list[float]:
+    """The weight of each of ``count`` items after each ``(start, end, multiplier)`` in order.
+
+    Multiplying in A1111's order gives its weights to the last bit. Each item lies in at most
+    ``MAX_EMPHASIS_DEPTH`` ranges, so the work is linear; long ranges are multiplied by numpy
+    (through a view of the same memory), short ones directly, which is faster for them.
+    """
+    weights = array.array("d", [1.0]) * count
+    vector = None
+    for start, end, multiplier in multiplied:
+        if end - start <= _SHORT_RANGE:
+            for i in range(start, end):
+                weights[i] *= multiplier
+        else:
+            if vector is None:
+                import numpy
+
+                vector = numpy.frombuffer(weights, dtype=numpy.float64)
+            vector[start:end] *= multiplier
+    return weights.tolist()
+
+
+def _attention_items(text: str, split_breaks: bool) -> tuple[list, list[float]]:
+    """A1111's emphasis algorithm: the pieces (``str`` or ``_BREAK``) and their weights."""
+    items: list = []
+    multiplied: list[tuple[int, int, float]] = []  # (first item, end, multiplier), in A1111's order
     round_brackets: list[int] = []
     square_brackets: list[int] = []
 
-    def multiply_range(start: int, multiplier: float) -> None:
-        for item in res[start:]:
-            if item is not _BREAK:
-                item[1] *= multiplier
-
     def add_plain(piece: str) -> None:
-        parts = _RE_BREAK.split(piece) if split_breaks else [piece]
-        for i, part in enumerate(parts):
+        if not split_breaks:
+            items.append(piece)
+            return
+        for i, part in enumerate(_split_breaks(piece)):
             if i > 0:
-                res.append(_BREAK)
-            res.append([part, 1.0])
+                items.append(_BREAK)
+            items.append(part)
 
-    for match in _RE_ATTENTION.finditer(text):
-        token = match.group(0)
-        weight = match.group(1)
-        if token.startswith("\\"):
-            res.append([token[1:], 1.0])
-        elif token == "(":
-            round_brackets.append(len(res))
-        elif token == "[":
-            square_brackets.append(len(res))
+    tokens = _RE_ATTENTION.split(text)  # plain, token, weight, plain, token, weight, …, plain
+    for plain, token, weight in zip(tokens[0::3], tokens[1::3], tokens[2::3]):
+        if plain:
+            add_plain(plain)
+        if token == "(" or token == "[":
+            if len(round_brackets) + len(square_brackets) >= MAX_EMPHASIS_DEPTH:
+                raise InvalidParameter(
+                    "emphasis", text, f"at most {MAX_EMPHASIS_DEPTH} brackets ( and [ may be open at once",
+                    "write a bracket meant as text as \\( or \\[",
+                )
+            (round_brackets if token == "(" else square_brackets).append(len(items))
+        elif token[0] == "\\":
+            items.append(token[1:])
         elif weight is not None and round_brackets:
             try:
                 multiplier = float(weight)
             except ValueError:  # "(a:1.2.3)": A1111 crashes here; keep ":1.2.3" as text and close normally
                 add_plain(token[:-1])
                 multiplier = _ROUND_MULTIPLIER
-            multiply_range(round_brackets.pop(), multiplier)
+            multiplied.append((round_brackets.pop(), len(items), multiplier))
         elif token == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), _ROUND_MULTIPLIER)
+            multiplied.append((round_brackets.pop(), len(items), _ROUND_MULTIPLIER))
         elif token == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), _SQUARE_MULTIPLIER)
+            multiplied.append((square_brackets.pop(), len(items), _SQUARE_MULTIPLIER))
         else:
             add_plain(token)
+    if tokens[-1]:
+        add_plain(tokens[-1])
 
-    for position in round_brackets:
-        multiply_range(position, _ROUND_MULTIPLIER)
-    for position in square_brackets:
-        multiply_range(position, _SQUARE_MULTIPLIER)
-    return res
+    end = len(items)
+    multiplied += [(position, end, _ROUND_MULTIPLIER) for position in round_brackets]
+    multiplied += [(position, end, _SQUARE_MULTIPLIER) for position in square_brackets]
+    return items, _apply_multipliers(end, multiplied)
 
 
-def _merge(items: list[list]) -> list[WeightedText]:
-    """Merge runs of equal weight (as A1111 does, empty pieces included), then drop empty pieces."""
-    merged: list[list] = []
-    for text, weight in items:
-        if merged and merged[-1][1] == weight:
-            merged[-1][0] += text
-        else:
-            merged.append([text, weight])
-    return [WeightedText(text, weight) for text, weight in merged if text]
+def _merge(items: list[str], weights: list[float]) -> list[WeightedText]:
+    """Merge runs of equal weight (as A1111 does, empty pieces included), then drop empty pieces.
+
+    Raises :class:`~aipaint.errors.InvalidParameter` for a piece whose weight is not a finite
+    number within ±``MAX_EMPHASIS_WEIGHT``.
+    """
+    pieces = []
+    for weight, run in itertools.groupby(zip(items, weights), key=itemgetter(1)):
+        text = "".join(map(itemgetter(0), run))
+        if text:
+            pieces.append(WeightedText(text, weight))
+    for piece in pieces:
+        if not abs(piece.weight) <= MAX_EMPHASIS_WEIGHT:  # also catches NaN
+            raise InvalidParameter(
+                "emphasis", piece.text, f"its weight comes to {piece.weight:g}, and must be a finite number from "
+                f"-{MAX_EMPHASIS_WEIGHT:g} to {MAX_EMPHASIS_WEIGHT:g}", "nested brackets and :weights multiply"
+            )
+    return pieces
 
 
 def parse_attention(text: str) -> list[WeightedText]:
     """Emphasis only: ``(a)`` ×1.1, ``[a]`` ÷1.1, ``(a:1.3)``, nesting multiplies, ``\\(`` is literal.
 
     Matches A1111's ``parse_prompt_attention`` (``BREAK`` is left as text here; see
-    :func:`parse_attention_segments`). Never raises; an empty result is ``[WeightedText("", 1.0)]``.
+    :func:`parse_attention_segments`). An empty result is ``[WeightedText("", 1.0)]``. Raises
+    :class:`~aipaint.errors.InvalidParameter` only where A1111 would give a useless weight: more
+    than ``MAX_EMPHASIS_DEPTH`` brackets open at once, or a weight outside ±``MAX_EMPHASIS_WEIGHT``.
 
     >>> parse_attention("an (important) word")
     [WeightedText(text='an ', weight=1.0), WeightedText(text='important', weight=1.1), WeightedText(text=' word', weight=1.0)]
     """
-    pieces = _merge(_attention_items(text, split_breaks=False))
+    pieces = _merge(*_attention_items(text, split_breaks=False))
     return pieces or [WeightedText("", 1.0)]
 
 
@@ -202,20 +251,44 @@ def parse_attention_segments(text: str) -> list[list[WeightedText]]:
 
     Emphasis spans a BREAK (``(a BREAK b)`` weights both ``a`` and ``b``); a segment may be empty.
     """
-    segments: list[list] = [[]]
-    for item in _attention_items(text, split_breaks=True):
+    items, weights = _attention_items(text, split_breaks=True)
+    segments: list[tuple[list[str], list[float]]] = [([], [])]
+    for item, weight in zip(items, weights):
         if item is _BREAK:
-            segments.append([])
+            segments.append(([], []))
         else:
-            segments[-1].append(item)
-    return [_merge(segment) for segment in segments]
+            segments[-1][0].append(item)
+            segments[-1][1].append(weight)
+    return [_merge(*segment) for segment in segments]
 
 
 # --- whole prompt ----------------------------------------------------------------------------
 _RE_COMMENT_LINE = re.compile(r"^[ \t]*#")
 _RE_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _RE_AND = re.compile(r"\bAND\b")
-_RE_SUBPROMPT_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+# A1111 reads a sub-prompt's weight with ^((?:\s|.)*?)(?:\s*:\s*NUMBER)?\s*$, which retries the
+# rest of the text after each character (quadratic); _subprompt_weight finds the same number.
+_RE_SUBPROMPT_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def _tags_end(text: str) -> int:
+    """Where the part of ``text`` that can hold ``<kind:args>`` tags ends: after its last ``>``.
+
+    Searching only up to there keeps each ``<kind:`` that no ``>`` follows from scanning to the
+    end of the text (many of them made the search quadratic).
+    """
+    return text.rfind(">") + 1
+
+
+def _subprompt_weight(part: str) -> tuple[str, str | None]:
+    """A sub-prompt's text and its trailing ``:weight`` as written (None when it has none)."""
+    body = part.rstrip()
+    colon = body.rfind(":")  # a weight is all that follows the last colon
+    if colon >= 0:
+        number = body[colon + 1 :].lstrip()
+        if _RE_SUBPROMPT_NUMBER.fullmatch(number):
+            return body[:colon], number
+    return part, None
 
 
 def _remove_comment_lines(text: str) -> str:
@@ -279,15 +352,15 @@ def parse_prompt(text: str) -> ParsedPrompt:
             others.append(ExtraNetworkRef(kind, tuple(args)))
         return ""
 
-    body = _RE_EXTRA_NETWORK.sub(extract, _remove_comment_lines(text))
+    uncommented = _remove_comment_lines(text)
+    end = _tags_end(uncommented)
+    body = _RE_EXTRA_NETWORK.sub(extract, uncommented[:end]) + uncommented[end:]
     subprompts = []
     for part in _RE_AND.split(body):
-        match = _RE_SUBPROMPT_WEIGHT.search(part)
-        # The pattern always matches a single line; guard anyway so no input can raise.
-        part_text, weight = (match.group(1), match.group(2)) if match else (part, None)
+        part_text, weight = _subprompt_weight(part)
         value = float(weight) if weight is not None else 1.0
         if not math.isfinite(value):
-            warnings.append(f"sub-prompt weight {weight!r} is not a finite number; 1.0 used")
+            warnings.append(f"sub-prompt weight {shown(weight)} is not a finite number; 1.0 used")
             value = 1.0
         subprompts.append(SubPrompt(part_text.strip(), value))
     return ParsedPrompt(text, tuple(loras), tuple(subprompts), tuple(others), tuple(warnings))
@@ -307,7 +380,7 @@ def parse_negative_prompt(text: str) -> ParsedPrompt:
     warnings = []
     if _RE_AND.search(body):
         warnings.append("AND in the negative prompt is plain text, as in A1111: only the prompt has AND sub-prompts")
-    for match in _RE_EXTRA_NETWORK.finditer(body):
+    for match in _RE_EXTRA_NETWORK.finditer(body, 0, _tags_end(body)):
         warnings.append(
             f"{match.group(0)} in the negative prompt is plain text, as in A1111: tags take effect only in the prompt"
         )

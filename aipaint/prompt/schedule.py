@@ -13,16 +13,19 @@ and the denoiser's step counter):
   compatibility.
 
 Text the grammar cannot read (``a|b`` outside brackets, a trailing backslash) is used
-unchanged at every step, as A1111 does. Nothing here raises on any input string.
+unchanged at every step, as A1111 does. Nothing here raises on any input string; reading a
+text takes time linear in its length, and each step's text is rendered once.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from aipaint.errors import InvalidParameter
 from aipaint.prompt.parser import ParsedPrompt, parse_attention_segments
 
 if TYPE_CHECKING:
@@ -47,15 +50,23 @@ class _Alternate:
 
 @dataclass(frozen=True)
 class _Group:
-    """Emphasis brackets: kept verbatim (they are resolved later, by parse_attention)."""
+    """Emphasis brackets around an edit or alternation: kept verbatim (parse_attention resolves them)."""
 
     nodes: tuple[_Node, ...]
 
 
-_Node = str | _Edit | _Alternate | _Group
+# A span (start, end) is text used as written: plain text, escapes, and brackets with no edit or
+# alternation inside. Holding positions, not copies, keeps deep nesting linear.
+_Span = tuple[int, int]
+_Node = _Span | _Edit | _Alternate | _Group
 
 # lark's SIGNED_NUMBER, then the closing bracket of an edit.
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*\]")
+# Runs of text used as written: at the top level, and inside brackets (a backslash escapes the
+# next character, except a newline). Each character can match only one way: linear.
+_RE_TOP_RUN = re.compile(r"(?:[^(\[|\\]|\\[^\n])*")
+_RE_INNER_RUN = re.compile(r"(?:[^()\[\]:|\\]|\\[^\n])*")
+_RE_OPENER = re.compile(r"\\.|[(\[]", re.S)
 
 
 class _Unparseable(Exception):
@@ -67,8 +78,9 @@ class _Reader:
     literal brackets where both parse (as lark resolves it).
 
     A bracket construct's extent depends only on where it starts (inside brackets there is
-    no stray bracket), so constructs are computed once per position. At the top level a bracket that opens no valid construct is a literal character, as
-    in the grammar's ``/[][():]/+`` rule.
+    no stray bracket), so constructs are computed once per position, and reading takes time
+    linear in the text's length. At the top level a bracket that opens no valid construct is
+    a literal character, as in the grammar's ``/[][():]/+`` rule.
     """
 
     def __init__(self, text: str) -> None:
@@ -78,96 +90,73 @@ class _Reader:
     def top(self) -> tuple[_Node, ...]:
         # Read every construct from right to left: each one only looks at constructs that
         # start after it, so they are already known and deep nesting needs no recursion.
-        for start in reversed(self._bracket_positions()):
-            self.constructs[start] = self._construct(start)
-        text, items, plain, i = self.text, [], [], 0
-        while i < len(text):
-            char = text[i]
-            if char in "([":
-                found = self.constructs[i]
-                if found is not None:
-                    self._flush(plain, items)
-                    items.append(found[0])
-                    i = found[1]
-                    continue
-            elif char == "|":
+        text, constructs = self.text, self.constructs
+        for start in reversed([m.start() for m in _RE_OPENER.finditer(text) if m.group() in "(["]):
+            constructs[start] = self._construct(start)
+        nodes, span_start, i = [], 0, 0
+        while True:
+            i = _RE_TOP_RUN.match(text, i).end()
+            if i == len(text):
+                break
+            if text[i] in "|\\":  # "|" outside brackets, or a backslash before a newline or at the end
                 raise _Unparseable
-            elif char == "\\":
-                i = self._escape(i, plain)
+            found = constructs[i]
+            if found is None:
+                i += 1  # a literal bracket
                 continue
-            plain.append(char)
-            i += 1
-        self._flush(plain, items)
-        return tuple(items)
-
-    def _bracket_positions(self) -> list[int]:
-        """Where an unescaped ``(`` or ``[`` stands (a backslash escapes the next character)."""
-        positions, i = [], 0
-        while i < len(self.text):
-            if self.text[i] == "\\":
-                i += 2
-                continue
-            if self.text[i] in "([":
-                positions.append(i)
-            i += 1
-        return positions
-
-    def _escape(self, i: int, plain: list[str]) -> int:
-        if i + 1 >= len(self.text) or self.text[i + 1] == "\n":
-            raise _Unparseable
-        plain.append(self.text[i : i + 2])
-        return i + 2
-
-    @staticmethod
-    def _flush(plain: list[str], items: list[_Node]) -> None:
-        if plain:
-            items.append("".join(plain))
-            plain.clear()
+            node, end = found
+            if node.__class__ is not tuple:
+                if span_start < i:
+                    nodes.append((span_start, i))
+                nodes.append(node)
+                span_start = end
+            i = end
+        if span_start < i:
+            nodes.append((span_start, i))
+        return tuple(nodes)
 
     def inner(self, i: int) -> tuple[tuple[_Node, ...], int] | None:
-        """A ``prompt`` inside brackets: runs to the first ``)]:|`` or the end of the text."""
-        text, items, plain = self.text, [], []
-        while i < len(text):
-            char = text[i]
-            if char in "([":
-                found = self.constructs[i]
-                if found is None:
-                    return None
-                self._flush(plain, items)
-                items.append(found[0])
-                i = found[1]
-            elif char in ")]:|":
+        """A ``prompt`` inside brackets: its nodes and the position of the first ``)]:|`` (or
+        the end of the text) after them; None when it holds something the grammar refuses."""
+        text, constructs, nodes, span_start = self.text, self.constructs, [], i
+        while True:
+            i = _RE_INNER_RUN.match(text, i).end()
+            char = text[i : i + 1]
+            if char in ")]:|":  # also true for "" at the end of the text
                 break
-            elif char == "\\":
-                if i + 1 >= len(text) or text[i + 1] == "\n":
-                    return None
-                plain.append(text[i : i + 2])
-                i += 2
-            else:
-                plain.append(char)
-                i += 1
-        self._flush(plain, items)
-        return tuple(items), i
-
-    def _at(self, i: int) -> str:
-        return self.text[i] if i < len(self.text) else ""
+            if char == "\\":  # before a newline or at the end
+                return None
+            found = constructs[i]
+            if found is None:
+                return None  # inside brackets there is no stray bracket
+            node, end = found
+            if node.__class__ is not tuple:
+                if span_start < i:
+                    nodes.append((span_start, i))
+                nodes.append(node)
+                span_start = end
+            i = end
+        if span_start < i:
+            nodes.append((span_start, i))
+        return tuple(nodes), i
 
     def _construct(self, i: int) -> tuple[_Node, int] | None:
+        text = self.text
         first = self.inner(i + 1)
         if first is None:
             return None
         body, k = first
-        closer = self._at(k)
-        if self.text[i] == "(":
+        closer = text[k : k + 1]
+        if text[i] == "(":
             if closer == ")":
-                return _Group(("(",) + body + (")",)), k + 1
+                return _group(i, k + 1, body)
             if closer == ":":
                 second = self.inner(k + 1)
-                if second is not None and self._at(second[1]) == ")":
-                    return _Group(("(",) + body + (":",) + second[0] + (")",)), second[1] + 1
+                if second is not None and text[second[1] : second[1] + 1] == ")":
+                    return _group(i, second[1] + 1, body, k, second[0])
             return None
         if closer == "]":
-            return _Group(("[",) + body + ("]",)), k + 1
+            return _group(i, k + 1, body)
         if closer == "|":
             options = [body]
             while True:
@@ -176,20 +165,38 @@ class _Reader:
                     return None
                 options.append(option[0])
                 k = option[1]
-                if self._at(k) == "]":
+                if text[k : k + 1] == "]":
                     return _Alternate(tuple(options)), k + 1
-                if self._at(k) != "|":
+                if text[k : k + 1] != "|":
                     return None
         if closer == ":":
-            when = _RE_WHEN.match(self.text, k + 1)
+            when = _RE_WHEN.match(text, k + 1)
             if when:  # [to:when]
                 return _Edit((), body, float(when.group(1))), when.end()
             second = self.inner(k + 1)
-            if second is not None and self._at(second[1]) == ":":
-                when = _RE_WHEN.match(self.text, second[1] + 1)
+            if second is not None and text[second[1] : second[1] + 1] == ":":
+                when = _RE_WHEN.match(text, second[1] + 1)
                 if when:  # [from:to:when]
                     return _Edit(body, second[0], float(when.group(1))), when.end()
         return None
+
+
+def _verbatim(nodes: tuple[_Node, ...]) -> bool:
+    # inner() joins neighbouring spans, so text used as written is at most one span
+    return len(nodes) <= 1 and (not nodes or nodes[0].__class__ is tuple)
+
+
+def _group(
+    start: int, end: int, body: tuple[_Node, ...], colon: int = -1, second: tuple[_Node, ...] = ()
+) -> tuple[_Node, int]:
+    """Brackets from ``start`` to ``end`` around ``body`` (and ``second`` after the ``:`` at
+    ``colon``): a span when nothing inside them changes per step."""
+    if _verbatim(body) and _verbatim(second):
+        return (start, end), end
+    nodes: tuple[_Node, ...] = ((start, start + 1), *body)
+    if colon >= 0:
+        nodes += ((colon, colon + 1), *second)
+    return _Group((*nodes, (end - 1, end))), end
 
 
 @lru_cache(maxsize=512)
@@ -210,32 +217,49 @@ def _when_step(when: float, steps: int) -> int:
     return max(int(value), -1)  # anything below 0 acts the same; -1 also absorbs -inf
 
 
-def _boundary(nodes: tuple[_Node, ...], step: int, steps: int) -> int:
-    """The first of A1111's boundary steps at or after ``step`` (``steps`` itself is always one)."""
-    best, pending = steps, list(nodes)
+@lru_cache(maxsize=512)
+def _boundaries(text: str, steps: int) -> tuple[tuple[int, ...], bool]:
+    """The sorted steps at which the text's edits switch, and whether it has an alternation.
+
+    Worked out once per text and step count, so each step only looks up its boundary.
+    """
+    tree = _schedule_tree(text)
+    whens: set[int] = set()
+    alternates = False
+    pending = list(tree or ())
     while pending:  # a loop, not recursion: nesting depth is up to the user
         node = pending.pop()
         if isinstance(node, _Edit):
-            when = _when_step(node.when, steps)
-            if when >= step:
-                best = min(best, when)
+            whens.add(_when_step(node.when, steps))
             pending.extend(node.before + node.after)
         elif isinstance(node, _Alternate):
-            best = min(best, max(step, 1))  # an alternation makes every step 1…steps a boundary
+            alternates = True
             for option in node.options:
                 pending.extend(option)
         elif isinstance(node, _Group):
             pending.extend(node.nodes)
+    return tuple(sorted(whens)), alternates
+
+
+def _boundary(text: str, step: int, steps: int) -> int:
+    """The first of A1111's boundary steps at or after ``step`` (``steps`` itself is always one)."""
+    whens, alternates = _boundaries(text, steps)
+    best = steps
+    later = bisect.bisect_left(whens, step)
+    if later < len(whens):
+        best = min(best, whens[later])
+    if alternates:  # an alternation makes every step 1…steps a boundary
+        best = min(best, max(step, 1))
     return best
 
 
-def _render(nodes: tuple[_Node, ...], boundary: int, steps: int) -> str:
+def _render(text: str, nodes: tuple[_Node, ...], boundary: int, steps: int) -> str:
     out: list[str] = []
     pending = list(reversed(nodes))
     while pending:
         node = pending.pop()
-        if isinstance(node, str):
-            out.append(node)
+        if isinstance(node, tuple):
+            out.append(text[node[0] : node[1]])
         elif isinstance(node, _Edit):
             pending.extend(reversed(node.before if boundary <= _when_step(node.when, steps) else node.after))
         elif isinstance(node, _Alternate):
@@ -249,7 +273,7 @@ def _text_at_step(text: str, step: int, steps: int) -> str:
     tree = _schedule_tree(text)
     if tree is None:
         return text
-    return _render(tree, _boundary(tree, step, steps), steps)
+    return _render(text, tree, _boundary(text, step, steps), steps)
 
 
 def prompt_at_step(parsed: ParsedPrompt, step: int, steps: int) -> StepPrompt:
@@ -263,16 +287,41 @@ def prompt_at_step(parsed: ParsedPrompt, step: int, steps: int) -> StepPrompt:
     return tuple((_text_at_step(sub.text, step, steps), sub.weight) for sub in parsed.subprompts)
 
 
+def _step_count(steps: int) -> int:
+    """``steps`` as a number of steps to go through: below 1 counts as 1, and above the
+    generation limit is an error (the work and the output grow with it)."""
+    from aipaint.params import STEPS_RANGE
+
+    steps = max(int(steps), 1)
+    if steps > STEPS_RANGE[1]:
+        raise InvalidParameter("steps", steps, f"must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}")
+    return steps
+
+
+def _texts_per_step(parsed: ParsedPrompt, steps: int) -> list[StepPrompt]:
+    """:func:`prompt_at_step` for each step, rendering a step's texts only when some
+    sub-prompt's boundary moves (the texts depend on nothing else)."""
+    per_step: list[StepPrompt] = []
+    previous: tuple[int, ...] = ()
+    for step in range(steps):
+        boundaries = tuple(_boundary(sub.text, step, steps) for sub in parsed.subprompts)
+        if not per_step or boundaries != previous:
+            per_step.append(prompt_at_step(parsed, step, steps))
+        else:
+            per_step.append(per_step[-1])
+        previous = boundaries
+    return per_step
+
+
 def distinct_schedule(parsed: ParsedPrompt, steps: int) -> list[tuple[int, StepPrompt]]:
     """``(first step, pairs)`` each time the texts change, starting with step 0.
 
     Lets a pipeline encode each distinct text once: the pairs of entry ``i`` are in force
-    from its step up to the next entry's step.
+    from its step up to the next entry's step. ``steps`` below 1 counts as 1; more than the
+    generation limit (1000) raises :class:`~aipaint.errors.InvalidParameter`.
     """
-    steps = max(int(steps), 1)
     schedule: list[tuple[int, StepPrompt]] = []
-    for step in range(steps):
-        pairs = prompt_at_step(parsed, step, steps)
+    for step, pairs in enumerate(_texts_per_step(parsed, _step_count(steps))):
         if not schedule or schedule[-1][1] != pairs:
             schedule.append((step, pairs))
     return schedule
@@ -296,8 +345,8 @@ def _format_steps(steps: list[int]) -> str:
 def describe(parsed: ParsedPrompt, tokenizer: Tokenizer | Any | None = None, steps: int = 20) -> str:
     """A human-readable explanation of a parsed prompt: LoRAs and other tags, sub-prompts and
     their weights, which text is in force at which steps, emphasis weights and, given a
-    tokenizer, the prompt tokens used in each 75-token chunk."""
-    steps = max(int(steps), 1)
+    tokenizer, the prompt tokens used in each 75-token chunk. ``steps`` as in :func:`distinct_schedule`."""
+    steps = _step_count(steps)
     lines = [f"Prompt: {parsed.source!r}"]
     for lora in parsed.loras:
         lines.append(
@@ -311,7 +360,7 @@ def describe(parsed: ParsedPrompt, tokenizer: Tokenizer | Any | None = None, ste
     for warning in parsed.warnings:
         lines.append(f"Warning: {warning}")
 
-    per_step = [prompt_at_step(parsed, step, steps) for step in range(steps)]
+    per_step = _texts_per_step(parsed, steps)
     for index, sub in enumerate(parsed.subprompts):
         lines.append(
             f"Sub-prompt {index + 1} of {len(parsed.subprompts)}, guidance weight {_format_weight(sub.weight)}:"

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aipaint.errors import AipaintError
+from aipaint.errors import AipaintError, shown
 
 SHORT_KEYS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode"}
 
@@ -55,14 +55,18 @@ def _value(text: str) -> Any:
 def _model_argument(text: str) -> Any:
     """An existing path typed on the command line is used as a path; anything else is a name."""
     looks_like_path = os.sep in text or "/" in text or text.lower().endswith((".safetensors", ".pth", ".ckpt"))
-    return Path(text) if looks_like_path and Path(text).expanduser().exists() else text
+    try:
+        exists = looks_like_path and Path(text).expanduser().exists()
+    except OSError:  # a name too long for a path (ENAMETOOLONG) names no file
+        exists = False
+    return Path(text) if exists else text
 
 
 def parse_controlnet_option(text: str) -> dict[str, Any]:
-    """``MODEL:IMAGE[:PREPROCESSOR][:WEIGHT][:KEY=VALUE…]`` → unit options."""
+    """``MODEL:IMAGE[:PREPROCESSOR][:WEIGHT][:KEY=VALUE…]`` → unit options (in time linear in the text's length)."""
     parts = text.split(":")
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise AipaintError(f"--controlnet expects MODEL:IMAGE[:PREPROCESSOR][:WEIGHT][:KEY=VALUE…], got {text!r}")
+        raise AipaintError(f"--controlnet expects MODEL:IMAGE[:PREPROCESSOR][:WEIGHT][:KEY=VALUE…], got {shown(text)}")
     options: dict[str, Any] = {"model": _model_argument(parts[0]), "image": parts[1]}
     positional = ["preprocessor", "weight"]
     for part in parts[2:]:
@@ -73,9 +77,9 @@ def parse_controlnet_option(text: str) -> dict[str, Any]:
             name = positional.pop(0)
             options[name] = _value(part) if name == "weight" else part
         else:
-            raise AipaintError(f"--controlnet {text!r}: {part!r} is neither PREPROCESSOR, WEIGHT nor KEY=VALUE")
+            raise AipaintError(f"--controlnet {shown(text)}: {shown(part)} is neither PREPROCESSOR, WEIGHT nor KEY=VALUE")
     if isinstance(options.get("weight"), str):
-        raise AipaintError(f"--controlnet {text!r}: the weight must be a number, got {options['weight']!r}")
+        raise AipaintError(f"--controlnet {shown(text)}: the weight must be a number, got {shown(options['weight'])}")
     return options
 
 

@@ -349,7 +349,7 @@ def units_from_params(params: Mapping[str, str]) -> list[dict[str, Any]]:
 
     found: list[tuple[int, dict[str, Any]]] = []
     for key, text in params.items():
-        match = re.fullmatch(r"ControlNet (\d+)", key.strip())
+        match = re.fullmatch(r"ControlNet (\d{1,4})", key.strip())  # int() refuses thousands of digits
         if not match:
             continue
         options: dict[str, Any] = {}

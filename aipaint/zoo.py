@@ -117,9 +117,10 @@ def _verify(path: Path, sha256: str | None) -> None:
         )
 
 
-HUB_PROBE_TIMEOUT_S = 3.0
-"""How long a download waits for the Hub's first answer before taking the machine as offline.
-Left to itself, the hub client retries for about 23 s before it gives up."""
+HUB_CONNECT_TIMEOUT_S = 3.0
+"""How long a download waits to connect to the Hub before taking the machine as offline (left to
+itself, the hub client retries for about 23 s). Once connected, a slow answer is waited for as
+long as the hub client waits for its own (``HF_HUB_ETAG_TIMEOUT``)."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -140,7 +141,7 @@ def hub_unreachable() -> str | None:
     if said_offline or constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     try:
-        huggingface_hub.get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+        huggingface_hub.get_session().head(constants.ENDPOINT, timeout=(HUB_CONNECT_TIMEOUT_S, constants.HF_HUB_ETAG_TIMEOUT))
     except Exception as exc:  # the transport's error types differ between hub client versions
         return f"{constants.ENDPOINT} cannot be reached ({_one_line(exc)})"
     return None

@@ -56,7 +56,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="A1111's 'Ignore negative prompt during early sampling': the first steps up to this "
                         "fraction run without CFG, which is faster (default 0: none)")
     g.add_argument("--midjourney", "--mj", action="store_true", help="read the prompt in Midjourney syntax (--no, ::, --ar)")
-    g.add_argument("-o", "--output", default="aipaint.png", help="output PNG (a batch adds -0, -1, …)")
+    g.add_argument("-o", "--output", help="output PNG (default: aipaint.png, or aipaint-1.png, … the first name not "
+                                         "taken); a batch adds -0, -1, …")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -347,13 +348,19 @@ def _post_chain(texts: Sequence[str], allow_pickle: bool = False) -> list[Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     request = _generation_request(args)
-    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress))
+    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress), images=request.batch_size)
 
 
-def run_and_save(args: argparse.Namespace, generate: Callable[[Any, Any], Any]) -> int:
+def run_and_save(args: argparse.Namespace, generate: Callable[[Any, Any], Any], *, images: int | None) -> int:
     """The end of every generation command: ``generate(pipe, progress)`` with a progress bar,
-    then the ``--post`` chain (checked before the model loads), then the files, one path a line."""
+    then the ``--post`` chain, then the files, one path a line. The chain and, for ``images``
+    files, the output path (``-o``, ``--overwrite``) are checked before the model loads;
+    ``images=None`` leaves the output to be checked when the files are written."""
+    from aipaint.result import output_path
+
     post = _post_chain(getattr(args, "post", None) or [], args.allow_pickle)
+    if images is not None:
+        output_path(args.output, images, overwrite=args.overwrite)
     pipe = _load(args)
     progress, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:
@@ -364,10 +371,18 @@ def run_and_save(args: argparse.Namespace, generate: Callable[[Any, Any], Any]) 
             result = postprocess_result(result, post, pipe)
     finally:
         close()
-    for path in result.save_all(args.output):
+    # Without -o the free name is picked again: another run may have taken the first one meanwhile.
+    output = output_path(args.output, len(result.images), overwrite=args.overwrite)
+    for path in result.save_all(output, overwrite=args.overwrite):
         print(path)
     print(f"seed {result.seeds[0]}, {result.timings['total']:.2f} s", file=sys.stderr)
     return 0
+
+
+def add_overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: an existing -o file is an error, checked before "
+                        "generating)")
 
 
 def add_post_option(p: argparse.ArgumentParser) -> None:
@@ -502,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax)")
     p.add_argument("--from-png", help="regenerate from the parameters stored in an A1111-style PNG")
     add_post_option(p)
+    add_overwrite_option(p)
     _add_generation_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_generate)

@@ -16,6 +16,7 @@ from aipaint.cli import (
     _add_generation_options,
     _add_model_options,
     _generation_request,
+    add_overwrite_option,
     add_post_option,
     run_and_save,
 )
@@ -30,6 +31,7 @@ def _add_common(p: argparse.ArgumentParser, strength_default: str) -> None:
     g.add_argument("-s", "--strength", "--denoising-strength", type=float, dest="denoising_strength", metavar="X",
                    help=f"denoising strength 0–1: how much may change (default {strength_default})")
     add_post_option(p)
+    add_overwrite_option(p)
     _add_generation_options(p)
     _add_model_options(p)
 
@@ -72,12 +74,12 @@ NOT_OUTPAINTING = dict.fromkeys(OUTPAINT_SIDES, 0)
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     request = _image_request(args, init_image=args.image, **NOT_OUTPAINTING)
-    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress))
+    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress), images=request.batch_size)
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
     request = _image_request(args, init_image=args.image, mask=args.mask, **NOT_OUTPAINTING)
-    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress))
+    return run_and_save(args, lambda pipe, progress: pipe.generate(request, progress=progress), images=request.batch_size)
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
@@ -92,7 +94,9 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     # The canvas is worked out again from this image (a PNG written before aipaint recorded
     # the sides gives its canvas as Size).
     request = _image_request(args, init_image=args.image, width=None, height=None, **options)
-    return run_and_save(args, lambda pipe, progress: outpaint(pipe, request, progress))
+    # Without a side to extend, outpaint() refuses the request: that is the error to report, not the output's.
+    images = request.batch_size if request.outpaints else None
+    return run_and_save(args, lambda pipe, progress: outpaint(pipe, request, progress), images=images)
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:

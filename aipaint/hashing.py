@@ -1,4 +1,7 @@
-"""File hashes, cached by (path, size, mtime) so multi-GB checkpoints are read once."""
+"""File hashes. :func:`sha256_file` remembers big files by (path, size, mtime) so a multi-GB
+checkpoint is read once; that is for display (A1111's short model hash in PNG parameters),
+since a file edited with its mtime put back keeps its cached hash. Checks that a file is
+the one published (zoo downloads) use :func:`sha256_bytes`, which reads every byte."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _sha256_uncached(path: Path) -> str:
+def sha256_bytes(path: Path | str) -> str:
+    """The sha256 of the file's bytes as they are now: what verifies a download."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -22,6 +26,8 @@ def _sha256_uncached(path: Path) -> str:
 
 
 def sha256_file(path: Path | str) -> str:
+    """:func:`sha256_bytes`, remembered by (path, size, mtime) for files over 64 MiB: for display,
+    never to decide whether a file is the one expected."""
     path = Path(path).resolve()
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -32,7 +38,7 @@ def sha256_file(path: Path | str) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    digest = _sha256_uncached(path)
+    digest = sha256_bytes(path)
     if stat.st_size > 64 << 20:  # only worth remembering for big files
         cache[key] = digest
         try:

@@ -381,6 +381,7 @@ def outpaint(pipe: Pipeline, request: GenerationRequest, progress: Progress | No
             f"the extended image would be {width}x{height}, larger than {SIZE_RANGE[1]} pixels on a side",
             "extend by less, or downscale the image first",
         )
+    imageutil.check_pixels("outpainted image", width, height)
     # The seed is fixed here because the "noise" fill is drawn from it.
     request = with_mode_defaults(request, OUTPAINT_STRENGTH, OUTPAINT_MASK_BLUR).with_seed()
     canvas = imageutil.extend_canvas(image, padded.left, padded.top, padded.right, padded.bottom, request.outpaint_fill,

@@ -13,10 +13,19 @@ White means "repaint". Any input becomes a binary mask (0 or 255, mode ``L``):
   occur); integers from 0 to 255; 2-D, or H×W×1/3/4 read like the images above.
 
 A value counts as white when it is at least half way up (>= 128 of 255, >= 0.5 of 1).
+
+Sizes
+-----
+Image files are read up to ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 MP; a larger one is
+refused as a likely decompression bomb), and every image aipaint makes at a size a user
+asks for is checked against :func:`max_pixels` (``$AIPAINT_MAX_PIXELS``, default
+4096×4096) before any memory is allocated for it.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +36,59 @@ from aipaint.errors import ImageError, InvalidParameter
 from aipaint.params import OUTPAINT_FILLS
 
 BACKGROUND = (255, 255, 255)  # what transparent input pixels are flattened onto (A1111's default)
+MAX_PIXELS_VARIABLE = "AIPAINT_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def max_pixels() -> int:
+    """The most pixels an image aipaint makes may have: ``$AIPAINT_MAX_PIXELS``, else 4096×4096."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidParameter(MAX_PIXELS_VARIABLE, text, "must be a whole number of pixels above 0",
+                               f"e.g. {DEFAULT_MAX_PIXELS} for 4096x4096")
+    return int(text)
+
+
+def check_pixels(what: str, width: int, height: int) -> None:
+    """Refuse, before anything is allocated, an image of ``width``×``height`` above :func:`max_pixels`."""
+    limit = max_pixels()
+    if width * height > limit:
+        raise InvalidParameter(what, f"{width}x{height}", f"is {width * height:,} pixels, more than the limit of {limit:,}",
+                               f"set {MAX_PIXELS_VARIABLE} to a larger pixel count to allow it, memory permitting")
+
+
+def read_image_file(path: str | Path, what: str = "the image") -> Image.Image:
+    """The decoded image in a file; any failure is an :class:`ImageError` naming the file.
+
+    A file whose header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` is refused before
+    it is decoded: a few kilobytes of PNG can otherwise claim gigabytes. PNG text chunks
+    (A1111's ``parameters``) are kept in ``info``, also those stored after the pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice that; both are refusals here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                copy = image.copy()
+                copy.info.update(getattr(image, "text", None) or {})
+                return copy
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"cannot read {what} {str(path)!r}: it has more than {Image.MAX_IMAGE_PIXELS:,} pixels, the most aipaint "
+            "decodes from a file (a guard against decompression bombs)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read {what} {str(path)!r}: {exc}") from exc
 
 
 def _open(source: Any, what: str) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (str, Path)):
-        try:
-            with Image.open(source) as image:
-                image.load()
-                return image.copy()
-        except (OSError, ValueError) as exc:
-            raise ImageError(f"cannot read the {what} {str(source)!r}: {exc}") from exc
+        return read_image_file(source, f"the {what}")
     if isinstance(source, np.ndarray):
         return _from_array(source, what)
     raise ImageError(f"the {what} must be a PIL image, a numpy array or a file path, not {type(source).__name__}")
@@ -126,6 +176,7 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str = "just 
     """
     if image.size == (width, height):
         return image
+    check_pixels("resized image", width, height)
     resample = Image.Resampling.LANCZOS
     if mode == "just resize":
         return image.resize((width, height), resample)
@@ -135,6 +186,7 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str = "just 
         src_w, src_h = width, image.height * width // image.width
     else:
         src_w, src_h = image.width * height // image.height, height
+    check_pixels("resized image", src_w, src_h)  # covering a very long, thin image scales it far past the crop
     resized = image.resize((max(src_w, 1), max(src_h, 1)), resample)
     out = Image.new(image.mode, (width, height))
     out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))

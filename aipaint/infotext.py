@@ -166,20 +166,9 @@ def build_params(values: Mapping[str, Any]) -> dict[str, str]:
 
 def read_png_parameters(path: str | Path) -> str | None:
     """The ``parameters`` text of a PNG (A1111 writes a tEXt/iTXt chunk), or None."""
-    from PIL import Image
+    from aipaint.imageutil import read_image_file
 
-    from aipaint.errors import ImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            info = dict(image.info)
-            text = getattr(image, "text", None)
-            if isinstance(text, dict):
-                info.update(text)
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot read image {str(path)!r}: {exc}") from exc
-    value = info.get("parameters")
+    value = read_image_file(path, "image").info.get("parameters")
     return str(value) if value is not None else None
 
 

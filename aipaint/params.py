@@ -35,7 +35,8 @@ OUTPAINT_SIDES = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_b
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    # Integer fields take ints only: a float such as 2.0 would pass here and fail later in torch or range().
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
         raise InvalidParameter(name, value, f"must be {'an integer' if kind is int else 'a number'} from {lo} to {hi}")
     if not lo <= value <= hi:
         raise InvalidParameter(name, value, f"must be from {lo} to {hi}")
@@ -130,12 +131,18 @@ class GenerationRequest:
             if value % 8:
                 lower, upper = value - value % 8, value - value % 8 + 8
                 raise InvalidParameter(name, value, "must be a multiple of 8", f"try {lower} or {upper}")
+        if self.width is not None and self.height is not None:
+            from aipaint.imageutil import check_pixels
+
+            check_pixels("width x height", self.width, self.height)  # $AIPAINT_MAX_PIXELS may be set below 4096x4096
         if isinstance(self.refiner_switch_at, bool) or not isinstance(self.refiner_switch_at, (int, float)) or not (
             0.0 < self.refiner_switch_at <= 1.0
         ):
             raise InvalidParameter("refiner_switch_at", self.refiner_switch_at, "must be a number above 0 and at most 1",
                                    "the fraction of the noise schedule the main model runs before the refiner")
         self._check_image_fields()
+        if not isinstance((self.extra or {}).get("allow_pickle", False), bool):  # "no" must never read as yes
+            raise InvalidParameter("extra['allow_pickle']", self.extra["allow_pickle"], "must be True or False")
         if self.emphasis is not None and self.emphasis not in NORMALIZATIONS:
             raise InvalidParameter("emphasis", self.emphasis, f"must be one of {', '.join(NORMALIZATIONS)}")
         for name in ("sampler", "schedule"):
@@ -163,7 +170,6 @@ class GenerationRequest:
         object.__setattr__(self, "resize_mode", _choice("resize_mode", self.resize_mode, RESIZE_MODES))
         for name in OUTPAINT_SIDES:
             _check_range(name, getattr(self, name), 0, SIZE_RANGE[1], int)
-            object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "outpaint_fill", _choice("outpaint_fill", self.outpaint_fill, OUTPAINT_FILLS))
         if self.init_image is None and self.mask is None:
             return

@@ -107,9 +107,9 @@ def get(model_id: str) -> ModelCard:
 def _verify(path: Path, sha256: str | None) -> None:
     if not sha256:
         return
-    from aipaint.hashing import sha256_file
+    from aipaint.hashing import sha256_bytes
 
-    actual = sha256_file(path)
+    actual = sha256_bytes(path)  # every byte: the cached hash would miss an edit that kept the mtime
     if actual.lower() != sha256.lower():
         raise DownloadError(
             f"{path} has sha256 {actual}, but the zoo card expects {sha256}; the file is corrupt or "

@@ -21,6 +21,7 @@ from the file. Pickle files (``.pth``, ``.ckpt``) load only with ``allow_pickle`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
-from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +45,7 @@ FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mode
 DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"
 _HASH_SUFFIX = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{6,64})\]$")
 CACHE_SIZE = 2
+NAME_MAX_BYTES = 255  # the longest file name (one path part) common file systems store
 
 
 def aipaint_home() -> Path:
@@ -135,7 +137,21 @@ def _check_name(name: str, folder: Path) -> PurePosixPath:
     parts = name.replace("\\", "/").split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise NameOutsideFolder(name, folder, "'..', '.' and empty parts are not allowed")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES for part in parts):
+        raise InvalidParameter("ControlNet model", name, f"is too long: a file name has at most {NAME_MAX_BYTES} bytes")
     return PurePosixPath(*parts)
+
+
+def _path_is(test: Callable[[Path], bool], path: Path) -> bool:
+    """``test(path)`` (``Path.exists``, ``Path.is_dir``), where a path the file system cannot hold
+    (a name too long once a suffix is added, a folder path past the length limit) is simply not
+    there rather than an ``OSError``."""
+    try:
+        return test(path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        return False
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -154,7 +170,7 @@ def folder_models(folder: Path | None = None) -> dict[str, Path]:
     """Every model below the folder by name (relative path, no suffix); safetensors before pickles."""
     root = folder or controlnet_dir()
     found: dict[str, Path] = {}
-    if not root.is_dir():
+    if not _path_is(Path.is_dir, root):
         return found
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
@@ -204,9 +220,9 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
     root = folder or controlnet_dir()
     relative = _check_name(name, root)
     direct = [root / relative] if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES else []
-    direct += [root / relative] if _is_model_folder(root / relative) else []
+    direct += [root / relative] if _path_is(_is_model_folder, root / relative) else []
     direct += [(root / relative).with_name(relative.name + s) for s in SAFE_SUFFIXES + PICKLE_SUFFIXES]
-    candidates = [p for p in direct if p.exists()]
+    candidates = [p for p in direct if _path_is(Path.exists, p)]
     if not candidates:
         wanted = relative.as_posix().lower()
         models = folder_models(root)
@@ -227,10 +243,9 @@ def _check_suffix(path: Path, allow_pickle: bool) -> None:
         return
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise UnsafeFileError(
-            f"refusing to load {path.name}: {suffix} files are Python pickles, which can run arbitrary code when "
-            "loaded. Prefer a .safetensors version; if you trust this file, set the unit's allow_pickle=True"
-        )
+        from aipaint.loading import pickle_refused
+
+        raise pickle_refused(path)
     if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
         raise ModelLoadError(f"{path.name}: unknown ControlNet file format {suffix!r}; expected .safetensors")
 

@@ -14,7 +14,9 @@ A unit is ``AdapterUnit("controlnet", {...})`` with these options (A1111's API n
 ``mask``            the inpaint preprocessor's mask (white = repaint)
 ``threshold_a/b``   the preprocessor's two settings (or their names, e.g. ``low_threshold``)
 ``config``          a config folder for a single-file model that does not fit the base UNet
-``allow_pickle``    allow ``.pth``/``.ckpt`` files (read with ``torch.load(weights_only=True)``)
+``allow_pickle``    allow ``.pth``/``.ckpt`` files (read with ``torch.load(weights_only=True)``): True or
+                    False (or true/false, yes/no, on/off, 1/0 as text); default: the request's
+                    ``extra["allow_pickle"]`` (the command line's ``--allow-pickle``)
 ==================  =======================================================================
 
 The unit is active at step ``i`` of ``n`` when ``guidance_start <= i / n <= guidance_end``
@@ -76,6 +78,21 @@ def _choice(name: str, value: Any, table: dict[str, str], index: int) -> str:
     return table[key]
 
 
+FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _flag(name: str, value: Any, index: int) -> bool:
+    """A yes/no option: a bool, 1 or 0, or one of :data:`FLAG_WORDS` (unit options typed on the
+    command line arrive as text or numbers). Never truthiness: ``bool("false")`` is True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise InvalidParameter(f"ControlNet {index} {name}", value, "must be true or false", "also accepted: yes/no, on/off, 1/0")
+
+
 def load_image(value: Any, what: str) -> Image.Image:
     """A PIL image from a PIL image, a path or an HWC/HW uint8 array."""
     import numpy as np
@@ -84,12 +101,9 @@ def load_image(value: Any, what: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, (str, Path)):
-        try:
-            with Image.open(value) as image:
-                image.load()
-                return image.copy()
-        except (OSError, ValueError) as exc:
-            raise ImageError(f"cannot read the {what} {str(value)!r}: {exc}") from exc
+        from aipaint.imageutil import read_image_file
+
+        return read_image_file(value, f"the {what}")
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim in (2, 3):
         return Image.fromarray(value)
     raise ImageError(f"the {what} must be a PIL image, a path or a uint8 array, not {type(value).__name__}")
@@ -152,7 +166,9 @@ class UnitOptions:
         unit.mask = load_image(mask, f"ControlNet {index} mask").convert("L") if mask is not None else None
         config = options.pop("config", None)
         unit.config = Path(config).expanduser() if config is not None else None
-        unit.allow_pickle = bool(options.pop("allow_pickle", False))
+        # The request's opt-in (--allow-pickle) covers every file of the run; a unit may still set its own.
+        run_opt_in = (getattr(request, "extra", None) or {}).get("allow_pickle") is True
+        unit.allow_pickle = _flag("allow_pickle", options.pop("allow_pickle", run_opt_in), index)
         expected = options.pop("model_hash", "")
         if expected and isinstance(unit.model, str) and "[" not in unit.model:
             unit.model = f"{unit.model} [{expected}]"
@@ -184,12 +200,16 @@ def fit_image(image: Image.Image, width: int, height: int, mode: str, *, is_mask
     """Resize to width × height the A1111 way: stretch, cover and crop, or fit and pad."""
     from PIL import Image
 
+    from aipaint.imageutil import check_pixels
+
+    check_pixels("control image size", width, height)
     resample = Image.NEAREST if is_mask else Image.LANCZOS
     iw, ih = image.size
     if mode == JUST_RESIZE or (iw, ih) == (width, height):
         return image.resize((width, height), resample) if (iw, ih) != (width, height) else image
     scale = max(width / iw, height / ih) if mode == CROP_AND_RESIZE else min(width / iw, height / ih)
     sw, sh = max(1, round(iw * scale)), max(1, round(ih * scale))
+    check_pixels("control image size", sw, sh)  # covering a very long, thin image scales it far past the crop
     scaled = image.resize((sw, sh), resample)
     if mode == CROP_AND_RESIZE:
         left, top = (sw - width) // 2, (sh - height) // 2

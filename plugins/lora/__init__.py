@@ -117,7 +117,7 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     tagged = [LoraUse(ref.name, ref.unet_weight, ref.te_weight) for ref in context.prompt_refs]
     from_units = uses_from_units(context.units)
     loaded = load_loras(
-        context.model, tagged + from_units, folder=extra.get("lora_dir"), allow_pickle=bool(extra.get("allow_pickle"))
+        context.model, tagged + from_units, folder=extra.get("lora_dir"), allow_pickle=extra.get("allow_pickle") is True
     )
     applied: AppliedLoras = apply_loaded(context.model, loaded)
     info = applied.infotext()

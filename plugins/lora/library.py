@@ -13,8 +13,10 @@ on purpose and a candidate for the core.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -22,6 +24,7 @@ from aipaint.errors import InvalidParameter, UnknownName, UnsafeFileError
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+NAME_MAX_BYTES = 255  # the longest file name (one path part) common file systems store
 
 
 class NameOutsideFolder(InvalidParameter):
@@ -83,7 +86,21 @@ def _check_name(kind: str, name: str, folder: Path, example: str | None = None) 
         raise NameOutsideFolder(kind, name, folder, "'..' and '.' are not allowed", example)
     if any(part == "" for part in parts):
         raise InvalidParameter(kind, name, "must not contain empty path parts")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES for part in parts):
+        raise InvalidParameter(kind, name, f"is too long: a file name has at most {NAME_MAX_BYTES} bytes")
     return PurePosixPath(*parts)
+
+
+def path_is(test: Callable[[Path], bool], path: Path) -> bool:
+    """``test(path)`` (``Path.is_file``, ``Path.is_dir``), where a path the file system cannot hold
+    (a name too long once its suffix is added, a path past the length limit) is simply not there
+    rather than an ``OSError``."""
+    try:
+        return test(path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        return False
 
 
 class ModelFolder:
@@ -97,6 +114,8 @@ class ModelFolder:
     """
 
     def __init__(self, root: Path | str, kind: str, *, allow_pickle: bool = False, name_example: str | None = None) -> None:
+        if not isinstance(allow_pickle, bool):  # the string "no" is truthy and must never mean yes
+            raise InvalidParameter("allow_pickle", allow_pickle, "must be True or False")
         self.root = Path(root).expanduser()
         self.kind = kind
         self.allow_pickle = allow_pickle
@@ -114,7 +133,7 @@ class ModelFolder:
 
     def files(self) -> list[NamedFile]:
         """Every usable file below the root (symlinks that lead outside are skipped), safetensors first."""
-        if not self.root.is_dir():
+        if not path_is(Path.is_dir, self.root):
             return []
         found: dict[str, NamedFile] = {}
         all_suffixes = SAFE_SUFFIXES + PICKLE_SUFFIXES
@@ -147,7 +166,7 @@ class ModelFolder:
             stem_candidates.extend(base.with_name(base.name + s) for s in self.suffixes)
         pickle_seen: Path | None = None
         for candidate in stem_candidates:
-            if not candidate.is_file():
+            if not path_is(Path.is_file, candidate):
                 continue
             if not self._contained(candidate):
                 raise NameOutsideFolder(self.kind, name, self.root, "it is a link to a file outside the folder", self.name_example)
@@ -169,9 +188,8 @@ class ModelFolder:
                 pickle_seen = matches[0].path
         if pickle_seen is not None:
             raise UnsafeFileError(
-                f"{self.kind} {name!r} is only available as {pickle_seen.name}, a Python pickle that can run "
-                "arbitrary code when loaded; convert it to .safetensors, or opt in with allow_pickle=True "
-                "(it is then read with torch.load(weights_only=True))"
+                f"{self.kind} {name!r} is only available as {pickle_seen.name}, a Python pickle that can run code "
+                "when loaded; convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
             )
         available = self.names()
         if not available:

@@ -33,7 +33,7 @@ def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = 
 
 def _folder_for(context: AdapterContext) -> Any:
     extra = context.request.extra or {}
-    return embeddings_folder(extra.get("embeddings_dir"), allow_pickle=bool(extra.get("allow_pickle")))
+    return embeddings_folder(extra.get("embeddings_dir"), allow_pickle=extra.get("allow_pickle") is True)
 
 
 def used_embedding_files(context: AdapterContext) -> dict[str, Path]:
@@ -65,7 +65,7 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     from aipaint_plugins.lora.library import short_hash
     from aipaint_plugins.textual_inversion.embeddings import added_tokens, name_pattern, read_embedding
 
-    allow_pickle = bool((context.request.extra or {}).get("allow_pickle"))
+    allow_pickle = (context.request.extra or {}).get("allow_pickle") is True
     files = used_embedding_files(context)
     model = context.model
     if getattr(model, "text_encoder_2", None) is not None or model.text_encoder is None:

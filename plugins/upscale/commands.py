@@ -10,11 +10,13 @@ from aipaint.errors import AipaintError
 
 
 def add_upscale_command(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_model_options
+    from aipaint.cli import _add_model_options, add_overwrite_option
 
     p = subparsers.add_parser("upscale", help="upscale an image (Lanczos, Real-ESRGAN/SwinIR/… weights, or SD upscale)")
     p.add_argument("image", nargs="?", help="input image")
-    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-upscaled.png)")
+    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-upscaled.png, or IMAGE-upscaled-1.png, … the first "
+                                         "name not taken)")
+    add_overwrite_option(p)
     p.add_argument("--upscaler", default="Lanczos", help="upscaler name, or a weights file's name in the upscaler folder (see --list)")
     p.add_argument("--scale", type=float, default=2.0, help="scale factor (default 2)")
     p.add_argument("--resize-to", help="exact output size WIDTHxHEIGHT instead of --scale")
@@ -46,8 +48,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
     from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
-    from aipaint.result import save_png
+    from aipaint.result import output_path, save_png
 
+    default = Path(args.image).with_name(Path(args.image).stem + "-upscaled.png")
+    out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))
     image = open_image(args.image)
     parameters = read_png_parameters(args.image) or ""
     common = {"upscaler": args.upscaler, "scale": args.scale, "allow_pickle": args.allow_pickle}
@@ -75,7 +79,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         if args.resize_to:
             options["resize_to"] = args.resize_to
         output = run_postprocessors(image, [PostStep("upscale", options)])
-    out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-upscaled.png"))
     text = merge_infotext(parameters, output.infotext)
-    print(save_png(output.image, out_path, text))
+    print(save_png(output.image, out_path, text, overwrite=args.overwrite))
     return 0

@@ -128,16 +128,10 @@ def parse_size(value: Any, name: str) -> tuple[int, int] | None:
 
 
 def open_image(path: str) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file as RGB, with an error that names the file (also for a decompression bomb)."""
+    from aipaint.imageutil import read_image_file
 
-    from aipaint.errors import ImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ImageError(f"cannot read image {path!r}: {exc}") from exc
+    return read_image_file(path, "image").convert("RGB")
 
 
 def installed_controlnet(pipe: Pipeline, keywords: tuple[str, ...]) -> str | None:

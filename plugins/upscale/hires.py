@@ -87,11 +87,15 @@ class HiresSettings:
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """The hires size: ``resize_to`` if given, else base × scale; rounded down to a
         multiple of 8 (as A1111's latent size forces)."""
+        from aipaint.imageutil import check_pixels
+
         if self.resize_to is not None:
             width, height = self.resize_to
         else:
             width, height = int(width * self.scale), int(height * self.scale)
-        return max(8, width - width % 8), max(8, height - height % 8)
+        width, height = max(8, width - width % 8), max(8, height - height % 8)
+        check_pixels("hires size", width, height)
+        return width, height
 
     def infotext(self, hires_steps: int, upscaler_name: str) -> dict[str, str]:
         info = {

@@ -85,6 +85,9 @@ class Upscaler:
                 f"{self.name!r} resizes latents and only works inside hires fix; to upscale an image "
                 "pick a pixel or model upscaler, e.g. 'Lanczos' or a Real-ESRGAN weights file"
             )
+        from aipaint.imageutil import check_pixels
+
+        check_pixels("upscale size", *size)
         image = image.convert("RGB")
         if self.kind == "pixel":
             return image.resize(size, getattr(Image.Resampling, self.pixel_filter or "LANCZOS"))
@@ -93,6 +96,8 @@ class Upscaler:
     def _upscale_with_model(self, image: Image.Image, size: tuple[int, int], settings: UpscaleSettings) -> Image.Image:
         from aipaint_plugins.upscale.tiling import pil_to_tensor, process_tiled, tensor_to_pil
         from PIL import Image
+
+        from aipaint.imageutil import check_pixels
 
         assert self.path is not None
         model = load_image_model(self.path, allow_pickle=settings.allow_pickle, device=settings.device)
@@ -103,6 +108,8 @@ class Upscaler:
         # resample to the exact size. A 1x model (restoration) runs once.
         current = image
         while current.width < size[0] or current.height < size[1] or current is image:
+            # A pass can overshoot the target by up to the model's scale (a 4x model asked for 1.1x).
+            check_pixels(f"{self.name} output", current.width * model.scale, current.height * model.scale)
             tensor = pil_to_tensor(current).to(settings.device, model.descriptor.dtype)
             out = process_tiled(tensor, model, scale=model.scale, tile=settings.tile, overlap=settings.tile_overlap)
             current = tensor_to_pil(out)

@@ -36,19 +36,19 @@ __all__ = ["describe", "distinct_schedule", "prompt_at_step"]
 StepPrompt = tuple[tuple[str, float], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Edit:
     before: tuple[_Node, ...]
     after: tuple[_Node, ...]
     when: float  # the number as written; turned into a step by _when_step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Alternate:
     options: tuple[tuple[_Node, ...], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Group:
     """Emphasis brackets around an edit or alternation: kept verbatim (parse_attention resolves them)."""
 
@@ -62,152 +62,165 @@ _Node = _Span | _Edit | _Alternate | _Group
 
 # lark's SIGNED_NUMBER, then the closing bracket of an edit.
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*\]")
-# Runs of text used as written: at the top level, and inside brackets (a backslash escapes the
-# next character, except a newline). Each character can match only one way: linear.
-_RE_TOP_RUN = re.compile(r"(?:[^(\[|\\]|\\[^\n])*")
-_RE_INNER_RUN = re.compile(r"(?:[^()\[\]:|\\]|\\[^\n])*")
-_RE_OPENER = re.compile(r"\\.|[(\[]", re.S)
+# The characters that matter to the grammar; a backslash escapes the next one, except a newline.
+_RE_SPECIAL = re.compile(r"[()\[\]:|]|\\[^\n]|\\")
 
 
-class _Unparseable(Exception):
-    pass
+@dataclass(frozen=True, slots=True)
+class _Tree:
+    """A text read as schedule syntax: its nodes, and what its boundaries depend on."""
+
+    nodes: tuple[_Node, ...]
+    whens: tuple[float, ...]  # every edit's "when", as written
+    alternates: bool  # whether it holds an alternation
 
 
-class _Reader:
-    """A reader for the language of A1111's lark grammar, choosing bracket constructs over
-    literal brackets where both parse (as lark resolves it).
+# An open bracket is a tuple: its kind ("(" or "["), where it starts, its state ("" in the first
+# part, ":" after a colon, "|" in an alternation), where its current part starts, the parts
+# before it, the (start, end, node) of each edit or alternation completed inside it (None
+# until there is one), and where the current part's begin among them. Tuples of plain values
+# are left alone by the cycle collector, which otherwise walks a million open brackets again
+# and again (it tripled the time of a megabyte of "[").
+_KIND, _START, _STATE, _PART_START, _PARTS, _CHILDREN, _PART_CHILDREN = range(7)
+_Frame = tuple[str, int, str, int, "list[tuple[_Node, ...]] | None", "list[tuple[int, int, _Node]] | None", int]
 
-    A bracket construct's extent depends only on where it starts (inside brackets there is
-    no stray bracket), so constructs are computed once per position, and reading takes time
-    linear in the text's length. At the top level a bracket that opens no valid construct is
-    a literal character, as in the grammar's ``/[][():]/+`` rule.
+
+def _part(frame: _Frame, end: int) -> tuple[_Node, ...]:
+    """The current part of ``frame``: spans between the edits and alternations in it, up to ``end``."""
+    position = frame[_PART_START]
+    if frame[_CHILDREN] is None:  # text used as written: one span (the usual case, made fast)
+        return ((position, end),) if position < end else ()
+    nodes: list[_Node] = []
+    for start, stop, node in frame[_CHILDREN][frame[_PART_CHILDREN] :]:
+        if position < start:
+            nodes.append((position, start))
+        nodes.append(node)
+        position = stop
+    if position < end:
+        nodes.append((position, end))
+    return tuple(nodes)
+
+
+def _next_part(frame: _Frame, separator: int, state: str) -> _Frame:
+    parts = [*(frame[_PARTS] or ()), _part(frame, separator)]
+    return frame[_KIND], frame[_START], state, separator + 1, parts, frame[_CHILDREN], len(frame[_CHILDREN] or ())
+
+
+def _read(text: str) -> _Tree | None:
+    """The text as A1111's lark grammar reads it, choosing bracket constructs over literal
+    brackets where both parse (as lark resolves it); None when the grammar cannot read it.
+
+    One pass over the characters that matter, with a stack of open brackets. A construct's
+    extent depends only on where it starts, and inside brackets there is no stray bracket: so
+    when a bracket cannot be completed, neither can any bracket around it, and all of them
+    become literal text at the top level, keeping the constructs completed inside them.
     """
+    top: list[tuple[int, int, _Node]] = []  # (start, end, node) of the top level's edits and alternations
+    whens: list[float] = []
+    alternates = False
+    stack: list[_Frame] = []
+    skip_to = 0
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.constructs: dict[int, tuple[_Node, int] | None] = {}
+    def complete(end: int, node: _Node | None) -> None:
+        """The open bracket on top made ``node`` (None: text used as written), ending at ``end``."""
+        frame = stack.pop()
+        if node is None:
+            return
+        child = (frame[_START], end, node)
+        if not stack:
+            top.append(child)
+        elif stack[-1][_CHILDREN] is None:
+            parent = stack[-1]
+            stack[-1] = (*parent[:_CHILDREN], [child], parent[_PART_CHILDREN])
+        else:
+            stack[-1][_CHILDREN].append(child)
 
-    def top(self) -> tuple[_Node, ...]:
-        # Read every construct from right to left: each one only looks at constructs that
-        # start after it, so they are already known and deep nesting needs no recursion.
-        text, constructs = self.text, self.constructs
-        for start in reversed([m.start() for m in _RE_OPENER.finditer(text) if m.group() in "(["]):
-            constructs[start] = self._construct(start)
-        nodes, span_start, i = [], 0, 0
-        while True:
-            i = _RE_TOP_RUN.match(text, i).end()
-            if i == len(text):
-                break
-            if text[i] in "|\\":  # "|" outside brackets, or a backslash before a newline or at the end
-                raise _Unparseable
-            found = constructs[i]
-            if found is None:
-                i += 1  # a literal bracket
-                continue
-            node, end = found
-            if node.__class__ is not tuple:
-                if span_start < i:
-                    nodes.append((span_start, i))
-                nodes.append(node)
-                span_start = end
-            i = end
-        if span_start < i:
-            nodes.append((span_start, i))
-        return tuple(nodes)
+    def fail() -> bool:
+        """Every open bracket fails; False when that leaves a ``|`` at the top level."""
+        for frame in stack:
+            if frame[_STATE] == "|":
+                return False
+            top.extend(frame[_CHILDREN] or ())
+        stack.clear()
+        return True
 
-    def inner(self, i: int) -> tuple[tuple[_Node, ...], int] | None:
-        """A ``prompt`` inside brackets: its nodes and the position of the first ``)]:|`` (or
-        the end of the text) after them; None when it holds something the grammar refuses."""
-        text, constructs, nodes, span_start = self.text, self.constructs, [], i
-        while True:
-            i = _RE_INNER_RUN.match(text, i).end()
-            char = text[i : i + 1]
-            if char in ")]:|":  # also true for "" at the end of the text
-                break
-            if char == "\\":  # before a newline or at the end
+    for token in _RE_SPECIAL.finditer(text):
+        position, char = token.start(), token.group()
+        if position < skip_to:
+            continue
+        if char == "(" or char == "[":
+            stack.append((char, position, "", position + 1, None, None, 0))
+            continue
+        if len(char) == 2:  # an escaped character
+            continue
+        if char == "\\":  # before a newline or at the end: nowhere valid
+            return None
+        if not stack:
+            if char == "|":
                 return None
-            found = constructs[i]
-            if found is None:
-                return None  # inside brackets there is no stray bracket
-            node, end = found
-            if node.__class__ is not tuple:
-                if span_start < i:
-                    nodes.append((span_start, i))
-                nodes.append(node)
-                span_start = end
-            i = end
-        if span_start < i:
-            nodes.append((span_start, i))
-        return tuple(nodes), i
-
-    def _construct(self, i: int) -> tuple[_Node, int] | None:
-        text = self.text
-        first = self.inner(i + 1)
-        if first is None:
+            continue  # ")", "]" or ":" at the top level is text
+        frame = stack[-1]
+        state = frame[_STATE]
+        if frame[_KIND] == "(":
+            if char == ")":
+                if not frame[_CHILDREN]:
+                    complete(position + 1, None)
+                    continue
+                parts = [*(frame[_PARTS] or ()), _part(frame, position)]
+                nodes: list[_Node] = [(frame[_START], frame[_START] + 1), *parts[0]]
+                if len(parts) == 2:
+                    nodes += [(frame[_PART_START] - 1, frame[_PART_START]), *parts[1]]
+                complete(position + 1, _Group((*nodes, (position, position + 1))))
+                continue
+            if char == ":" and not state:
+                stack[-1] = _next_part(frame, position, ":")
+                continue
+        elif char == "]" and state != ":":
+            if state == "|":
+                alternates = True
+                complete(position + 1, _Alternate((*frame[_PARTS], _part(frame, position))))
+            elif not frame[_CHILDREN]:
+                complete(position + 1, None)
+            else:
+                nodes = [(frame[_START], frame[_START] + 1), *_part(frame, position), (position, position + 1)]
+                complete(position + 1, _Group(tuple(nodes)))
+            continue
+        elif char == "|" and state != ":":
+            stack[-1] = _next_part(frame, position, "|")
+            continue
+        elif char == ":" and state != "|":
+            when = _RE_WHEN.match(text, position + 1)
+            if when:  # [to:when] or [from:to:when]
+                parts = [*(frame[_PARTS] or ()), _part(frame, position)]
+                before, after = ((), parts[0]) if len(parts) == 1 else parts
+                whens.append(float(when.group(1)))
+                complete(when.end(), _Edit(before, after, whens[-1]))
+                skip_to = when.end()
+                continue
+            if not state:
+                stack[-1] = _next_part(frame, position, ":")
+                continue
+        if char == "|" or not fail():  # the token ends every open bracket; a "|" would be at the top level
             return None
-        body, k = first
-        closer = text[k : k + 1]
-        if text[i] == "(":
-            if closer == ")":
-                return _group(i, k + 1, body)
-            if closer == ":":
-                second = self.inner(k + 1)
-                if second is not None and text[second[1] : second[1] + 1] == ")":
-                    return _group(i, second[1] + 1, body, k, second[0])
-            return None
-        if closer == "]":
-            return _group(i, k + 1, body)
-        if closer == "|":
-            options = [body]
-            while True:
-                option = self.inner(k + 1)
-                if option is None:
-                    return None
-                options.append(option[0])
-                k = option[1]
-                if text[k : k + 1] == "]":
-                    return _Alternate(tuple(options)), k + 1
-                if text[k : k + 1] != "|":
-                    return None
-        if closer == ":":
-            when = _RE_WHEN.match(text, k + 1)
-            if when:  # [to:when]
-                return _Edit((), body, float(when.group(1))), when.end()
-            second = self.inner(k + 1)
-            if second is not None and text[second[1] : second[1] + 1] == ":":
-                when = _RE_WHEN.match(text, second[1] + 1)
-                if when:  # [from:to:when]
-                    return _Edit(body, second[0], float(when.group(1))), when.end()
+    if stack and not fail():
         return None
-
-
-def _verbatim(nodes: tuple[_Node, ...]) -> bool:
-    # inner() joins neighbouring spans, so text used as written is at most one span
-    return len(nodes) <= 1 and (not nodes or nodes[0].__class__ is tuple)
-
-
-def _group(
-    start: int, end: int, body: tuple[_Node, ...], colon: int = -1, second: tuple[_Node, ...] = ()
-) -> tuple[_Node, int]:
-    """Brackets from ``start`` to ``end`` around ``body`` (and ``second`` after the ``:`` at
-    ``colon``): a span when nothing inside them changes per step."""
-    if _verbatim(body) and _verbatim(second):
-        return (start, end), end
-    nodes: tuple[_Node, ...] = ((start, start + 1), *body)
-    if colon >= 0:
-        nodes += ((colon, colon + 1), *second)
-    return _Group((*nodes, (end - 1, end))), end
+    nodes, position = [], 0
+    for start, end, node in top:
+        if position < start:
+            nodes.append((position, start))
+        nodes.append(node)
+        position = end
+    if position < len(text):
+        nodes.append((position, len(text)))
+    return _Tree(tuple(nodes), tuple(whens), alternates)
 
 
 @lru_cache(maxsize=512)
-def _schedule_tree(text: str) -> tuple[_Node, ...] | None:
-    """The parsed tree, or None when the text is not valid schedule syntax (then it is plain)."""
+def _schedule_tree(text: str) -> _Tree | None:
+    """The parsed text, or None when it is not valid schedule syntax (then it is plain)."""
     if "[" not in text:  # no edit or alternation possible; the text is used as written
         return None
-    try:
-        return _Reader(text).top()
-    except _Unparseable:
-        return None
+    return _read(text)
 
 
 def _when_step(when: float, steps: int) -> int:
@@ -219,26 +232,11 @@ def _when_step(when: float, steps: int) -> int:
 
 @lru_cache(maxsize=512)
 def _boundaries(text: str, steps: int) -> tuple[tuple[int, ...], bool]:
-    """The sorted steps at which the text's edits switch, and whether it has an alternation.
-
-    Worked out once per text and step count, so each step only looks up its boundary.
-    """
+    """The sorted steps at which the text's edits switch, and whether it has an alternation."""
     tree = _schedule_tree(text)
-    whens: set[int] = set()
-    alternates = False
-    pending = list(tree or ())
-    while pending:  # a loop, not recursion: nesting depth is up to the user
-        node = pending.pop()
-        if isinstance(node, _Edit):
-            whens.add(_when_step(node.when, steps))
-            pending.extend(node.before + node.after)
-        elif isinstance(node, _Alternate):
-            alternates = True
-            for option in node.options:
-                pending.extend(option)
-        elif isinstance(node, _Group):
-            pending.extend(node.nodes)
-    return tuple(sorted(whens)), alternates
+    if tree is None:
+        return (), False
+    return tuple(sorted({_when_step(when, steps) for when in tree.whens})), tree.alternates
 
 
 def _boundary(text: str, step: int, steps: int) -> int:
@@ -273,7 +271,7 @@ def _text_at_step(text: str, step: int, steps: int) -> str:
     tree = _schedule_tree(text)
     if tree is None:
         return text
-    return _render(text, tree, _boundary(text, step, steps), steps)
+    return _render(text, tree.nodes, _boundary(text, step, steps), steps)
 
 
 def prompt_at_step(parsed: ParsedPrompt, step: int, steps: int) -> StepPrompt:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aipaint.hookspecs import hookimpl
+from aipaint.plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "hookimpl", "load", "Pipeline", "GenerationRequest", "Result", "create_plugin_host"]
 
 if TYPE_CHECKING:
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
     from aipaint.pipeline import Pipeline
-    from aipaint.plugins import create_plugin_host
-    from aipaint.result import Result
+    from aipaint.plugin.host import create_plugin_host
+    from aipaint.api.result import Result
 
 
 def load(source: Any = None, **options: Any) -> Pipeline:
@@ -36,15 +36,15 @@ def __getattr__(name: str) -> Any:
 
         return Pipeline
     if name == "GenerationRequest":
-        from aipaint.params import GenerationRequest
+        from aipaint.api.request import GenerationRequest
 
         return GenerationRequest
     if name == "Result":
-        from aipaint.result import Result
+        from aipaint.api.result import Result
 
         return Result
     if name == "create_plugin_host":
-        from aipaint.plugins import create_plugin_host
+        from aipaint.plugin.host import create_plugin_host
 
         return create_plugin_host
     raise AttributeError(f"module 'aipaint' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from aipaint.cli import main
+from aipaint.cli.main import main
 
 sys.exit(main())

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from aipaint.errors import ImageError, InvalidParameter
-from aipaint.params import OUTPAINT_FILLS
+from aipaint.api.request import OUTPAINT_FILLS
 
 BACKGROUND = (255, 255, 255)  # what transparent input pixels are flattened onto (A1111's default)
 MAX_PIXELS_VARIABLE = "AIPAINT_MAX_PIXELS"

@@ -97,7 +97,7 @@ def random_sd15_model(name: str = "sd15-random") -> Any:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
     config = ROOT / "zoo" / "configs" / "sd15"
     return LatentDiffusionModel(

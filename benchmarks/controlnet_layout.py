@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntime per image: {with_s:.3f} s with the ControlNet, {without_s:.3f} s without "
           f"(ratio {with_s / without_s:.2f}x; {a.threads} thread(s), steps {a.steps or pipe.model.defaults.steps})")
     if a.record:
-        from aipaint.zoo import zoo_root
+        from aipaint.models.zoo import zoo_root
 
         card_path = zoo_root() / "cards" / f"{MODEL_ID}.json"
         card = json.loads(card_path.read_text())

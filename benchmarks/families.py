@@ -98,9 +98,9 @@ def bench_sdxl(size: int) -> dict[str, Any]:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from aipaint.model import ModelDefaults
+    from aipaint.models.latent import ModelDefaults
     from aipaint.pipeline import Pipeline
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     config = ROOT / "zoo" / "configs" / "sdxl-base"
     unet = build(lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")))

@@ -122,7 +122,7 @@ def main() -> None:
         if not args.skip_full:
             full_size_unet(report, work, args.latent, args.batch, args.repeats, args.threads)
         if not args.skip_pipelines:
-            from aipaint import zoo
+            from aipaint.models import zoo
 
             report(f"## 2. Whole txt2img, per image (median of {args.repeats}), CFG on")
             report("")

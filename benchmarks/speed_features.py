@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from _runtime_bench import Report, environment, median_time, random_sd15_unet
 
-from aipaint.adapters import AdapterUnit
+from aipaint.plugin.adapters import AdapterUnit
 
 VARIANTS: dict[str, tuple[AdapterUnit, ...]] = {
     "plain (reference)": (),

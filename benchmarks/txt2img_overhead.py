@@ -47,7 +47,7 @@ def compare(folder: Path, size: int, steps: int, repeats: int, sampler: str = "E
     from diffusers import StableDiffusionPipeline
 
     import aipaint
-    from aipaint.sampling_plans import _make_scheduler
+    from aipaint.engine.plans import _make_scheduler
 
     ours = aipaint.load(folder)
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

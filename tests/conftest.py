@@ -82,7 +82,7 @@ def tiny_sd_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def plugin_host():
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     return create_plugin_host()
 

@@ -25,7 +25,7 @@ def steps_reported(pipe, method: str, *args, **kwargs) -> tuple[int, object]:
 def load_embedded(plugin_host):
     """The embedded model, or a skip that says why it is missing."""
     import aipaint
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     if not (zoo_root() / "models" / "shapes-tiny" / "unet").is_dir():
         pytest.skip("the embedded model has not landed yet: zoo/models/shapes-tiny/unet does not exist")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from aipaint.cli import main
+from aipaint.cli.main import main
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def test_help_is_quick_and_imports_no_torch():
     started = time.perf_counter()
     out = run_cli("--help")
     assert out.returncode == 0 and "generate" in out.stdout
-    code = "import sys, aipaint.cli; aipaint.cli.build_parser(); print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, aipaint.cli.main; aipaint.cli.main.build_parser(); print('torch' in sys.modules, 'diffusers' in sys.modules)"
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "False False"
     assert time.perf_counter() - started < 20

@@ -13,8 +13,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
-from aipaint import zoo
-from aipaint.cli import _generation_request, build_parser, main
+from aipaint.models import zoo
+from aipaint.cli.main import _generation_request, build_parser, main
 from aipaint.infotext import Infotext, read_png_parameters
 
 SMALL = ["--steps", "2", "-W", "32", "-H", "32", "--seed", "3", "--sampler", "Euler", "--no-progress"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aipaint.cli import main
+from aipaint.cli.main import main
 
 
 class ModelLoaded(Exception):
@@ -55,7 +55,7 @@ def test_a_valid_chain_goes_on_to_load_the_model(no_model, post):
 def test_allow_pickle_reaches_the_steps_that_load_weight_files():
     """``--allow-pickle`` is the run's opt-in: the chain's steps that take ``allow_pickle`` get it,
     a step's own value wins, and without the flag nothing is switched on."""
-    from aipaint.cli import _post_chain
+    from aipaint.cli.main import _post_chain
 
     chain = ["upscale:upscaler=x.pth", "sticker", "face-restore:restorer=y,allow_pickle=no"]
     upscale, sticker, restore = _post_chain(chain, allow_pickle=True)

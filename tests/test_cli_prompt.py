@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from aipaint.cli import main
+from aipaint.cli.main import main
 from aipaint.infotext import Infotext, read_png_parameters
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aipaint.adapters import AdapterUnit
+from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import ImageError, InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError
 
 KW = dict(width=32, height=32, steps=3, seed=7, cfg_scale=5.0)
@@ -66,14 +66,14 @@ def unit(**options) -> AdapterUnit:
 
 def latents(pipe, *units, prompt="a red square", **kw):
     """The loop's final latents (more precise than 8-bit images for equality checks)."""
-    from aipaint.params import GenerationRequest
-    from aipaint.pipeline import initial_noise
+    from engine_support import record_job
+
+    from aipaint.api.request import GenerationRequest
 
     request = GenerationRequest(prompt=prompt, adapters=tuple(units), **{**KW, **kw})
-    with pipe.activate(request) as (prepared, contributors, info):
-        noise = initial_noise(prepared.request.seeds, prepared.latent_shape, prepared.generators)
-        start = prepared.plan.initial_latents(noise)
-        return pipe.run_loop(prepared, start, contributors), contributors, info
+    with record_job() as job:
+        result = pipe.generate(request)
+    return result.latents, job.contributors, job.infotext
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -87,7 +87,7 @@ def test_controlnet_changes_the_result(tiny_pipe):
 def test_matches_diffusers_controlnet_pipeline(tiny_pipe, cn_folder):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from aipaint.sampling_plans import _make_scheduler
+    from aipaint.engine.plans import _make_scheduler
 
     model = tiny_pipe.model
     controlnet = ControlNetModel.from_pretrained(cn_folder / "tiny-cn")
@@ -132,7 +132,7 @@ def test_two_units_sum(tiny_pipe):
 
 
 def test_residuals_of_two_contributors_are_added(tiny_pipe):
-    from aipaint.denoise import _merge_kwargs
+    from aipaint.engine.loop import _merge_kwargs
 
     _, contributors, _ = latents(tiny_pipe, unit(weight=0.3), unit(model="Other-CN", weight=1.2), steps=1)
     x = torch.randn(2, 4, 16, 16)
@@ -287,7 +287,7 @@ def test_png_from_another_file_of_the_same_name_is_refused(tiny_pipe):
 
 
 def test_cli_generates_with_controlnet_and_from_png_reproduces_it(tiny_sd_path, tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     control = tmp_path / "control.png"
     _control_image().save(control)
@@ -346,7 +346,7 @@ def test_works_in_inpaint(tiny_pipe):
 
 
 def _lora_available() -> bool:
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     return "lora" in create_plugin_host().registry.adapters and _has("inpaint")
 
@@ -357,7 +357,7 @@ def test_lora_controlnet_inpainting_and_prompt_editing_in_one_call(tiny_sd_path,
     from aipaint_plugins.lora.formats import kohya_key
     from safetensors.torch import save_file
 
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     loras = tmp_path / "loras"
     loras.mkdir()
@@ -400,7 +400,7 @@ def read_parameters(path: Path) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- behaviour
 def _embedded_models():
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     try:
         base = zoo.fetch(zoo.get("shapes-tiny"))

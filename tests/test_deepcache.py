@@ -12,7 +12,7 @@ from aipaint_plugins import deepcache
 from aipaint_plugins.deepcache import DeepCacheSettings, DeepCacheUNet, check_patchable_unet, skip_layout
 from aipaint_plugins.onnx_runtime.export import residual_layout
 
-from aipaint.adapters import AdapterUnit
+from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 
 GEN = dict(seed=5, steps=6, width=32, height=32, cfg_scale=5.0)
@@ -101,7 +101,7 @@ def test_other_runtimes_and_compiled_unets_are_refused():
 def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_path, capsys):
     from PIL import Image
 
-    from aipaint.cli import main as cli_main
+    from aipaint.cli.main import main as cli_main
     from aipaint.infotext import read_png_parameters
 
     first, again = tmp_path / "first.png", tmp_path / "again.png"

@@ -218,7 +218,7 @@ def test_bad_settings_raise_typed_errors(cascade, params, name):
 
 
 def test_zoo_cards_chain_the_three_published_stages():
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     card = zoo.get("deepfloyd-if-i-xl-v1.0")
     assert card.family == "deepfloyd-if" and card.source == {"kind": "hub", "repo": "DeepFloyd/IF-I-XL-v1.0"}
@@ -232,8 +232,8 @@ def test_card_stages_are_fetched_through_the_zoo_download(monkeypatch, if_paths,
     """The card's later stages go through the same download function as every zoo model."""
     from aipaint_plugins.deepfloyd_if import DeepFloydIF
 
-    from aipaint import zoo
-    from aipaint.families import LoadOptions, ModelSource
+    from aipaint.models import zoo
+    from aipaint.models.family import LoadOptions, ModelSource
 
     fetched = []
 

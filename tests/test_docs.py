@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from aipaint import hookspecs
+from aipaint.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,9 @@ import time
 import pytest
 
 import aipaint
-from aipaint import loading, zoo
-from aipaint.cli import main
+from aipaint import loading
+from aipaint.models import zoo
+from aipaint.cli.main import main
 from aipaint.errors import DownloadError, UnknownName
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")

@@ -148,7 +148,7 @@ def test_face_fix_without_faces_returns_the_image_and_never_diffuses():
 def test_face_fix_in_a_chain_after_generation_reuses_the_prompt(tiny_pipe, small_astronaut):
     _needs_inpaint(tiny_pipe)
     from aipaint.infotext import Infotext
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
     from aipaint.postprocess import merge_infotext
 
     request = GenerationRequest("an astronaut", width=64, height=64, steps=2, seed=4)
@@ -261,7 +261,7 @@ def test_restoreformer_weights_are_detected_as_a_face_restorer(restorer_folder, 
 def test_a_real_restorer_redraws_the_face_and_nothing_else(restorer_folder, monkeypatch, astronaut, tmp_path, capsys):
     """Load → detect → restore → blend on a photograph, from Python and from the command line."""
     from aipaint import __version__
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import Infotext, read_png_parameters
 
     monkeypatch.setenv("AIPAINT_UPSCALER_DIR", str(restorer_folder))
@@ -327,7 +327,7 @@ def test_face_restore_post_processor_needs_weights(plugin_host, small_astronaut)
 
 
 def test_facefix_command_detects_faces(tmp_path, astronaut, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     path = tmp_path / "astronaut.png"
     astronaut.save(path)

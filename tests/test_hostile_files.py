@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from aipaint import cli
-from aipaint.cli import main
+from aipaint.cli.main import main
 from aipaint.errors import DownloadError, ImageError, InvalidParameter
-from aipaint.params import GenerationRequest
-from aipaint.result import Result, save_png
+from aipaint.api.request import GenerationRequest
+from aipaint.api.result import Result, save_png
 
 SMALL = ["-W", "32", "-H", "32", "--steps", "1", "--no-progress"]
 LONG_NAME = "x" * 300  # one path part over the 255 bytes file systems allow
@@ -326,16 +326,16 @@ def test_without_output_a_free_numbered_name_is_chosen(tmp_path, monkeypatch, ca
 
 
 def test_a_file_that_appears_while_saving_is_not_replaced(tmp_path, monkeypatch):
-    import aipaint.result
+    import aipaint.api.result
 
     out = tmp_path / "out.png"
-    real_check = aipaint.result.check_writable
+    real_check = aipaint.api.result.check_writable
 
     def check_then_race(path, *, overwrite=False):
         real_check(path, overwrite=overwrite)
         Path(path).write_bytes(b"another process")  # appears after the check, before the rename
 
-    monkeypatch.setattr(aipaint.result, "check_writable", check_then_race)
+    monkeypatch.setattr(aipaint.api.result, "check_writable", check_then_race)
     with pytest.raises(InvalidParameter, match="appeared while aipaint was writing it"):
         save_png(Image.new("RGB", (4, 4)), out, "x", overwrite=False)
     assert out.read_bytes() == b"another process"
@@ -444,8 +444,8 @@ def test_txt2img_batch_size_float_is_refused_before_generating(tiny_pipe):
 
 # ------------------------------------------------------------------ hashes
 def test_zoo_verification_reads_the_bytes_not_the_cache(tmp_path, monkeypatch):
-    from aipaint import zoo
-    from aipaint.hashing import sha256_bytes, sha256_file
+    from aipaint.models import zoo
+    from aipaint.plugin.kit.hashing import sha256_bytes, sha256_file
 
     monkeypatch.setenv("AIPAINT_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "model.safetensors"

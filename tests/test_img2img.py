@@ -11,7 +11,7 @@ from PIL import Image
 from aipaint.errors import ImageError, InvalidParameter
 from aipaint.imageutil import resize_image
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.params import GenerationRequest
+from aipaint.api.request import GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
 
@@ -27,7 +27,8 @@ def test_matches_diffusers_img2img_pipeline(tiny_pipe, tiny_sd_path, sampler, sc
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from aipaint.image_modes import to_tensor
+    from aipaint.engine.modes import to_tensor
+    from aipaint.engine.preview import to_pictures
 
     image = noise_image()
     ours = tiny_pipe.img2img(image, "a red circle", "blurry", denoising_strength=0.6, steps=10, sampler=sampler,
@@ -80,10 +81,11 @@ def test_strength_one_ignores_the_input(tiny_pipe):
 def test_strength_zero_returns_the_input_through_the_vae(tiny_pipe):
     image = noise_image()
     steps, result = steps_reported(tiny_pipe, "img2img", image, "x", denoising_strength=0.0, **FAST)
-    from aipaint.image_modes import to_tensor
+    from aipaint.engine.modes import to_tensor
+    from aipaint.engine.preview import to_pictures
 
     with torch.inference_mode():
-        expected = tiny_pipe.decode(tiny_pipe.model.encode(to_tensor(image)))[0]
+        expected = to_pictures(tiny_pipe.model.decode(tiny_pipe.model.encode(to_tensor(image))))[0]
     assert steps == 0
     assert np.array_equal(pixels(result.image), pixels(expected))
 
@@ -207,7 +209,7 @@ def test_images_of_every_kind_are_accepted(tmp_path):
 
 # --- PNG parameters and the CLI -----------------------------------------------------------------
 def test_cli_img2img_and_from_png_reproduce(tiny_sd_path, tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     noise_image().save(tmp_path / "in.png")
     first, second = tmp_path / "a.png", tmp_path / "b.png"

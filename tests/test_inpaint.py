@@ -13,7 +13,7 @@ from PIL import Image
 from aipaint import imageutil
 from aipaint.errors import ImageError, InvalidParameter
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.params import INPAINT_FILLS, GenerationRequest
+from aipaint.api.request import INPAINT_FILLS, GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
 BIG_BOX = (24, 20, 40, 40)  # in a 64×64 image: room for a blur of 8 (reach 20) around it
@@ -96,7 +96,7 @@ def test_matches_diffusers_inpaint_pipeline(tiny_pipe, inpainting_pipe, tiny_sd_
     input channels for 9). Latents are handed over because diffusers samples the VAE posterior."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    from aipaint.image_modes import to_tensor
+    from aipaint.engine.modes import to_tensor
 
     pipe = inpainting_pipe if channels == 9 else tiny_pipe
     folder = pipe.model.source_path if channels == 9 else tiny_sd_path
@@ -265,7 +265,7 @@ def test_infotext_as_a1111_writes_it_and_reads_back(tiny_pipe):
 
 
 def test_cli_inpaint(tiny_sd_path, tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     noise_image().save(tmp_path / "in.png")
     box_mask().save(tmp_path / "mask.png")

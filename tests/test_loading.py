@@ -10,7 +10,7 @@ import torch
 
 import aipaint
 from aipaint.errors import DownloadError, ModelLoadError, UnknownName, UnsafeFileError
-from aipaint.families import ModelFamily
+from aipaint.models.family import ModelFamily
 from aipaint.loading import identify_family, load_state_dict, resolve_source
 
 
@@ -106,7 +106,7 @@ def test_folder_is_identified_as_sd15(tiny_sd_path):
 
 
 def test_zoo_lists_default_and_sd15():
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     ids = {c.id for c in zoo.cards()}
     assert {"shapes-tiny", "sd15"} <= ids
@@ -118,7 +118,7 @@ def test_zoo_lists_default_and_sd15():
 def test_zoo_download_verifies_sha256(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     fake = tmp_path / "v1-5-pruned-emaonly.safetensors"
     fake.write_bytes(b"tampered")
@@ -176,7 +176,7 @@ class FamiliesPlugin(NamedPlugin):
 
 
 def identify_with(source, *plugins):
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -227,7 +227,7 @@ def test_malformed_model_index_is_a_typed_error_naming_the_file(tmp_path, text, 
 def test_diffusers_folder_helpers_name_what_is_missing(tmp_path):
     """The folder checks the family plugins share (DeepFloyd IF, unCLIP) say which file or
     sub-folder is missing or unreadable."""
-    from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
+    from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
 
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         read_model_index(tmp_path)

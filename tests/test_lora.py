@@ -15,7 +15,7 @@ from aipaint_plugins.lora.formats import canonical_path, kohya_key, patchable_mo
 from aipaint_plugins.lora.library import ModelFolder, NameOutsideFolder
 from safetensors.torch import save_file
 
-from aipaint.adapters import AdapterUnit
+from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError
 from aipaint.infotext import Infotext, read_png_parameters
 
@@ -338,7 +338,7 @@ def addnet_hash(path: Path) -> str:
 
 def test_infotext_records_lora_hashes_and_from_png_reproduces(tiny_pipe, tiny_sd_path, text_lora, kohya_file, tmp_path,
                                                               monkeypatch):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     extra = {"lora_dir": str(text_lora)}
     result = tiny_pipe.txt2img("a cat <lora:strong:0.8> <lora:style:0.4>", extra=extra, **GEN)
@@ -362,7 +362,7 @@ def test_api_units_are_recorded_as_tags_and_from_png_reproduces_them(tiny_pipe, 
                                                                      tmp_path, monkeypatch):
     from PIL import Image
 
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     extra = {"lora_dir": str(text_lora)}
     units = (AdapterUnit("lora", {"name": "strong", "weight": 0.8}),
@@ -405,7 +405,7 @@ def test_bad_units_are_typed_errors(tiny_pipe, text_lora):
 
 
 def test_lora_list_command(text_lora, kohya_file, monkeypatch, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     monkeypatch.setenv("AIPAINT_LORA_DIR", str(text_lora))
     assert main(["lora", "list", "--hashes"]) == 0

@@ -105,7 +105,7 @@ def test_bad_training_input_is_a_typed_error(tiny_pipe, tmp_path):
 
 
 def test_train_lora_command(tiny_sd_path, tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     data = write_dataset(tmp_path / "data", 2)
     out = tmp_path / "cli.safetensors"

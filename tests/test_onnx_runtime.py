@@ -27,7 +27,7 @@ from PIL import Image
 from test_controlnet import _control_image, _tiny_controlnet
 
 import aipaint
-from aipaint.cli import main as cli_main
+from aipaint.cli.main import main as cli_main
 from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, UnsupportedFeature
 
 pytest.importorskip("onnxruntime")
@@ -145,17 +145,20 @@ def test_controlnet_residuals_reach_the_exported_unet(tiny_pipe, ort_pipe):
 
 
 def cn_unit(model="tiny-cn", **options):
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
 
     return AdapterUnit("controlnet", {"model": model, "image": _control_image(), **options})
 
 
 def controlnets_used(pipe, *units) -> list:
     """The ControlNet module each unit's loop contributor runs (a torch module or an exported stand-in)."""
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
-    with pipe.activate(GenerationRequest(prompt="a red square", adapters=units, **GEN)) as (_, contributors, _info):
-        return [c.controlnet for c in contributors]
+    from engine_support import record_job
+
+    with record_job() as job:
+        pipe.generate(GenerationRequest(prompt="a red square", adapters=units, **{**GEN, "steps": 1}))
+    return [c.controlnet for c in job.contributors]
 
 
 def test_a_controlnet_not_in_the_export_runs_in_torch_beside_it(tiny_pipe, ort_pipe):
@@ -345,7 +348,7 @@ def test_manifest_records_the_exported_controlnets(tiny_pipe, onnx_dir, cn_folde
     import onnx
     from aipaint_plugins.controlnet.models import a1111_model_hash
 
-    from aipaint.hashing import sha256_file
+    from aipaint.plugin.kit.hashing import sha256_file
 
     data = json.loads((onnx_dir / MANIFEST_NAME).read_text())
     assert set(data["controlnets"]) == {"tiny-cn", "file-cn"}

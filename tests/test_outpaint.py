@@ -9,9 +9,9 @@ from PIL import Image
 
 from aipaint import imageutil
 from aipaint.errors import InvalidParameter
-from aipaint.image_modes import Extension
+from aipaint.engine.modes import Extension
 from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
-from aipaint.params import OUTPAINT_SIDES, GenerationRequest
+from aipaint.api.request import OUTPAINT_SIDES, GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
 
@@ -131,7 +131,7 @@ def test_bad_extensions_are_refused(tiny_pipe, kwargs, message):
 
 
 def test_cli_outpaint(tiny_sd_path, tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     noise_image().save(tmp_path / "in.png")
     out = tmp_path / "out.png"

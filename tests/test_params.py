@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aipaint.errors import AipaintError, InvalidParameter
-from aipaint.params import GenerationRequest
+from aipaint.api.request import GenerationRequest
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_size_error_suggests_neighbours():
 
 
 def test_defaults_follow_the_model_and_seed_is_resolved():
-    from aipaint.model import ModelDefaults
+    from aipaint.models.latent import ModelDefaults
 
     request = GenerationRequest(prompt="x", steps=5).with_defaults(ModelDefaults(width=64, height=48, cfg_scale=4.0))
     assert (request.steps, request.width, request.height, request.cfg_scale) == (5, 64, 48, 4.0)
@@ -52,7 +52,7 @@ def test_defaults_follow_the_model_and_seed_is_resolved():
 
 
 def test_a1111_defaults():
-    from aipaint.model import ModelDefaults
+    from aipaint.models.latent import ModelDefaults
 
     request = GenerationRequest(prompt="x").with_defaults(ModelDefaults())
     assert (request.steps, request.cfg_scale, request.width, request.height) == (20, 7.0, 512, 512)

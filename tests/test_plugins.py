@@ -11,9 +11,9 @@ import pytest
 
 import aipaint
 from aipaint import hookimpl
-from aipaint.families import LoadOptions, ModelFamily, ModelSource
-from aipaint.plugins import create_plugin_host
-from aipaint.samplers import SamplerSpec
+from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
+from aipaint.plugin.host import create_plugin_host
+from aipaint.engine.samplers import SamplerSpec
 
 MARKER = "toy-family.json"
 
@@ -44,7 +44,7 @@ class ToyFamily(ModelFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from aipaint.model import LatentDiffusionModel, ModelDefaults
+        from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
 
         self.loaded += 1
         base = source.path / json.loads((source.path / MARKER).read_text())["weights"]
@@ -128,12 +128,12 @@ def test_wrong_registration_type_is_reported():
         def register_samplers(self, register):
             register("Euler b")
 
-    with pytest.warns(UserWarning, match="expected an instance of aipaint.samplers.SamplerSpec"):
+    with pytest.warns(UserWarning, match="expected an instance of aipaint.engine.samplers.SamplerSpec"):
         create_plugin_host(extra_plugins=(Wrong(),))
 
 
 def test_broken_entry_point_warns_with_its_name(monkeypatch):
-    import aipaint.plugins as plugins
+    import aipaint.plugin.host as plugins
 
     real = plugins.entry_points
 

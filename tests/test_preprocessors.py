@@ -16,7 +16,7 @@ SCALE = SIZE / 32
 
 @pytest.fixture(scope="module")
 def registry():
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     return create_plugin_host().registry.preprocessors
 
@@ -182,7 +182,7 @@ class DepthPlugin:
     @staticmethod
     @hookimpl
     def register_preprocessors(register):
-        from aipaint.preprocess import PreprocessorSpec, find_weights
+        from aipaint.plugin.preprocess import PreprocessorSpec, find_weights
 
         def depth(image, params, mask):
             weights = find_weights("preprocessor 'depth_test'", "depth_test_v1.onnx",
@@ -194,7 +194,7 @@ class DepthPlugin:
 
 
 def test_weight_needing_preprocessor_from_a_plugin_names_the_missing_file(tmp_path, monkeypatch):
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     monkeypatch.setenv("AIPAINT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("AIPAINT_PREPROCESSOR_DIR", str(tmp_path / "weights"))
@@ -211,8 +211,8 @@ def test_weight_needing_preprocessor_from_a_plugin_names_the_missing_file(tmp_pa
 
 def test_missing_preprocessor_weights_stop_a_generation_before_it_runs(tiny_pipe, tmp_path, monkeypatch):
     import aipaint
-    from aipaint.adapters import AdapterUnit
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.adapters import AdapterUnit
+    from aipaint.plugin.host import create_plugin_host
 
     monkeypatch.setenv("AIPAINT_HOME", str(tmp_path))
     monkeypatch.delenv("AIPAINT_PREPROCESSOR_DIR", raising=False)
@@ -223,7 +223,7 @@ def test_missing_preprocessor_weights_stop_a_generation_before_it_runs(tiny_pipe
 
 
 def test_find_weights_takes_bare_file_names_only():
-    from aipaint.preprocess import find_weights
+    from aipaint.plugin.preprocess import find_weights
 
     with pytest.raises(ValueError):
         find_weights("x", "../outside.onnx")
@@ -248,7 +248,7 @@ def test_resize_modes(mode, stripe_kept, padded):
 
 
 def test_preprocess_command(tmp_path, capsys, registry):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     source = tmp_path / "scene.png"
     render(square_scene(), SIZE).save(source)

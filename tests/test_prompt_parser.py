@@ -287,7 +287,7 @@ def test_midjourney_size_for_a_model_default(text, default, size):
 def test_no_midjourney_hint_names_a_parameter_that_does_not_exist():
     from dataclasses import fields
 
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
     from aipaint.prompt.midjourney import _UNSUPPORTED_HINTS
 
     parameters = {f.name for f in fields(GenerationRequest)}

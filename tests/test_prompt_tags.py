@@ -12,8 +12,8 @@ import pytest
 
 import aipaint
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterSpec
-from aipaint.plugins import create_plugin_host
+from aipaint.plugin.adapters import AdapterActivation, AdapterSpec
+from aipaint.plugin.host import create_plugin_host
 from aipaint.prompt import ExtraNetworkRef, PromptWarning
 
 GEN = dict(seed=3, width=32, height=32, steps=2, cfg_scale=5.0)
@@ -56,7 +56,7 @@ def test_a_plugin_that_declares_the_kind_receives_the_tag_and_nothing_warns(tiny
 
 
 def test_the_cli_says_an_ignored_tag_once_per_command_even_across_hires_passes(tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     out = tmp_path / "h.png"
     assert main(["generate", "a red circle <hypernet:x:1>", "--steps", "2", "--seed", "1",

@@ -163,7 +163,7 @@ def test_the_qr_controlnet_route_says_so_when_nothing_decodes(tiny_pipe, qr_cont
 
 
 def test_qr_command_records_the_controlnet_unit_in_the_png(tiny_sd_path, qr_controlnet_dir, tmp_path, monkeypatch):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import Infotext, read_png_parameters
 
     monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(qr_controlnet_dir))
@@ -177,9 +177,9 @@ def test_qr_command_records_the_controlnet_unit_in_the_png(tiny_sd_path, qr_cont
 
 
 def test_qr_command_carries_a_code_in_a_picture(tmp_path, astronaut):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import Infotext, read_png_parameters
-    from aipaint.result import save_png
+    from aipaint.api.result import save_png
 
     source, out = tmp_path / "photo.png", tmp_path / "qr.png"
     save_png(astronaut.resize((160, 160)), source, "an astronaut\nSteps: 2, Seed: 4, Size: 160x160, Version: v1")

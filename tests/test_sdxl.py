@@ -16,7 +16,7 @@ import torch
 
 import aipaint
 from aipaint.errors import InvalidParameter
-from aipaint.families import ModelSource
+from aipaint.models.family import ModelSource
 
 PROMPT = "a big red circle on the left"
 
@@ -180,7 +180,7 @@ def test_broken_single_file_raises_a_load_error_naming_the_config(tmp_path, plug
 
 
 def test_conditioning_concatenates_both_encoders_and_carries_pooled_and_time_ids(sdxl):
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     model = sdxl.model
     (cond,) = model.encode_texts([PROMPT])
@@ -203,7 +203,7 @@ def test_long_prompts_use_several_chunks_for_both_encoders(sdxl):
 
 
 def test_empty_negative_prompt_is_zeros_for_the_base_and_encoded_for_the_refiner(sdxl, refiner):
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     request = GenerationRequest(PROMPT, width=32, height=32)
     for pipe, zeroed in ((sdxl, True), (refiner, False)):
@@ -264,9 +264,11 @@ def test_prompt_syntax_changes_the_image_and_runs_through_the_loop(sdxl):
 
 def test_default_size_is_1024_and_infotext_records_it(sdxl):
     # Only the request is resolved here; a 1024 px run would be slow for a unit test.
-    prepared = sdxl.prepare(aipaint.GenerationRequest(PROMPT, seed=1))
-    assert (prepared.request.width, prepared.request.height) == (1024, 1024)
-    assert prepared.latent_shape == (4, 512, 512)  # the tiny VAE downsamples by 2
+    from aipaint.engine.run import settle
+
+    settled = settle(sdxl.model, aipaint.GenerationRequest(PROMPT, seed=1), host=sdxl.host)
+    assert (settled.width, settled.height) == (1024, 1024)
+    assert sdxl.model.vae_scale_factor == 2  # the tiny VAE: latents of 512 x 512
 
 
 # --- the refiner ------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_refiner_switch_at_is_validated(value):
 
 @pytest.mark.parametrize("card_id", ["sdxl-base-1.0", "sdxl-refiner-1.0"])
 def test_zoo_cards_point_at_the_published_single_files_and_offline_configs(card_id):
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     card = zoo.get(card_id)
     assert card.family == "sdxl" and card.source["kind"] == "hub"
@@ -334,7 +336,7 @@ def test_zoo_cards_point_at_the_published_single_files_and_offline_configs(card_
 def test_offline_configs_describe_the_published_architectures():
     from diffusers import UNet2DConditionModel
 
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     base = UNet2DConditionModel.load_config(zoo_root() / "configs" / "sdxl-base" / "unet")
     refiner = UNet2DConditionModel.load_config(zoo_root() / "configs" / "sdxl-refiner" / "unet")
@@ -358,7 +360,7 @@ def noise_picture(size: int = 32, seed: int = 0):
 def test_img2img_matches_diffusers_sdxl_img2img_pipeline(sdxl, sdxl_paths):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    from aipaint.image_modes import to_tensor
+    from aipaint.engine.modes import to_tensor
 
     image = noise_picture()
     ours = sdxl.img2img(image, PROMPT, denoising_strength=0.6, steps=5, sampler="Euler", seed=3, cfg_scale=5.0,
@@ -796,7 +798,7 @@ def sdxl_base_on_meta():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     config = zoo_root() / "configs" / "sdxl-base"
     with torch.device("meta"):

@@ -27,7 +27,7 @@ from ldm_checkpoint import (
 
 import aipaint
 from aipaint.errors import ModelLoadError, UnsafeFileError
-from aipaint.families import ModelSource
+from aipaint.models.family import ModelSource
 from aipaint.loading import identify_family, resolve_source
 
 ZOO_SD15 = Path(aipaint.__file__).resolve().parent.parent / "zoo" / "configs" / "sd15"

@@ -8,7 +8,7 @@ import pytest
 
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.params import GenerationRequest
+from aipaint.api.request import GenerationRequest
 
 KW = dict(width=32, height=32, steps=4, seed=3, cfg_scale=7.0, sampler="DPM++ 2M")
 
@@ -74,7 +74,7 @@ def test_out_of_range_is_refused(value):
 
 
 def test_cli_option(tiny_sd_path, tmp_path):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import read_png_parameters
 
     out = tmp_path / "a.png"

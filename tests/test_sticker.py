@@ -79,7 +79,7 @@ def test_bad_input_is_refused(red_circle):
 
 
 def test_sticker_post_processor_and_command_save_a_transparent_png(plugin_host, red_circle, tmp_path):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import read_png_parameters
 
     out = run_postprocessors(red_circle, ["sticker:outline_width=3,outline_colour=#00ff00"], host=plugin_host)

@@ -27,7 +27,7 @@ from aipaint_plugins.tensorrt_runtime.runtime import (
 )
 
 import aipaint
-from aipaint.cli import main as cli_main
+from aipaint.cli.main import main as cli_main
 from aipaint.errors import InvalidParameter, ModelLoadError
 
 HAS_TENSORRT = find_spec("tensorrt") is not None

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError, UnsupportedFeature
 from aipaint.infotext import Infotext
-from aipaint.params import GenerationRequest
+from aipaint.api.request import GenerationRequest
 
 GEN = dict(seed=5, width=32, height=32, steps=2, cfg_scale=5.0)
 
@@ -32,11 +32,14 @@ def folder(tmp_path: Path) -> Path:
 
 
 def conditioning(pipe, prompt: str, folder: Path | None, negative: str = "") -> tuple[torch.Tensor, torch.Tensor, dict]:
-    extra = {"embeddings_dir": str(folder)} if folder is not None else {"embeddings_dir": "/nonexistent-embeddings"}
-    request = GenerationRequest(prompt=prompt, negative_prompt=negative, extra=extra, **GEN)
-    with pipe.activate(request) as (prepared, _, info):
-        step = prepared.conditioning_at(0)
-        return step.positives[0][0].embeds.clone(), step.negative.embeds.clone(), info
+    from engine_support import record_job
+
+    options = {"embeddings": {"folder": str(folder) if folder is not None else "/nonexistent-embeddings"}}
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, options=options, **{**GEN, "steps": 1})
+    with record_job() as job:
+        pipe.generate(request)
+    step = job.conditioning_at(0)
+    return step.positives[0][0].embeds.clone(), step.negative.embeds.clone(), job.infotext
 
 
 def test_formats(folder, tmp_path):
@@ -129,7 +132,7 @@ def test_models_without_exactly_one_text_encoder_refuse_embeddings(tiny_pipe, fo
 
 
 def test_embeddings_command(folder, monkeypatch, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     monkeypatch.setenv("AIPAINT_EMBEDDINGS_DIR", str(folder))
     assert main(["embeddings"]) == 0

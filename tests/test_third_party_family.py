@@ -22,10 +22,10 @@ import torch
 import aipaint
 from aipaint import hookimpl
 from aipaint.errors import ModelLoadError
-from aipaint.families import LoadOptions, ModelFamily, ModelSource
-from aipaint.model import LatentDiffusionModel, ModelDefaults
-from aipaint.result import Result
-from aipaint.samplers import SamplerSpec
+from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
+from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
+from aipaint.api.result import Result
+from aipaint.engine.samplers import SamplerSpec
 
 MARKER = "TOY_PAINTER"
 PROMPT = "a big red circle on the left"
@@ -125,7 +125,7 @@ class ToyPlugin:
 
 @pytest.fixture(scope="module")
 def toy_host():
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     return create_plugin_host(extra_plugins=(ToyPlugin(),))
 

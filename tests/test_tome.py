@@ -9,7 +9,7 @@ import torch
 from aipaint_plugins import tome
 from aipaint_plugins.tome import TokenMerging, ToMeSettings, bipartite_soft_matching
 
-from aipaint.adapters import AdapterUnit
+from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import InvalidParameter
 
 GEN = dict(seed=5, steps=4, width=32, height=32, cfg_scale=5.0)
@@ -107,7 +107,7 @@ def test_bad_options_are_refused(tiny_pipe, options, message):
 def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_path, capsys):
     from PIL import Image
 
-    from aipaint.cli import main as cli_main
+    from aipaint.cli.main import main as cli_main
     from aipaint.infotext import read_png_parameters
 
     first, again = tmp_path / "first.png", tmp_path / "again.png"

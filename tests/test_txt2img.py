@@ -11,12 +11,12 @@ import pytest
 import torch
 from aipaint_plugins.samplers import builtin_samplers
 
-from aipaint.sampling_plans import _make_scheduler
+from aipaint.engine.plans import _make_scheduler
 
 CASES = [(s, sched) for s in builtin_samplers() if s.kind == "scheduler" for sched in s.schedules]
 
 # The parity reference, written out from diffusers' documentation rather than read from the
-# plugin or aipaint.samplers.SCHEDULES, so a wrong class or a dropped option shows up.
+# plugin or aipaint.engine.samplers.SCHEDULES, so a wrong class or a dropped option shows up.
 REFERENCE_SCHEDULERS = {
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
@@ -99,7 +99,7 @@ def test_matches_diffusers_pipeline(tiny_pipe, reference, spec, schedule):
 
 def test_scheduler_option_it_does_not_accept_is_an_error():
     from aipaint.errors import PluginError
-    from aipaint.samplers import SamplerSpec
+    from aipaint.engine.samplers import SamplerSpec
 
     spec = SamplerSpec(name="Euler a", kind="scheduler", scheduler_class="EulerAncestralDiscreteScheduler",
                        schedules=("Automatic", "Karras"))
@@ -113,7 +113,7 @@ def test_scheduler_option_it_does_not_accept_is_an_error():
 @pytest.mark.parametrize("sampler", ["DPM++ SDE", "LMS"])
 def test_a1111_infotext_with_karras_schedule_regenerates(tiny_pipe, sampler):
     from aipaint.infotext import Infotext, generation_kwargs
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     text = f"a red circle\nSteps: 3, Sampler: {sampler}, Schedule type: Karras, CFG scale: 7, Seed: 4, Size: 32x32"
     request = GenerationRequest(**generation_kwargs(Infotext.from_text(text)))
@@ -167,7 +167,7 @@ class FunctionSamplersPlugin:
 
     @hookimpl
     def register_samplers(self, register):
-        from aipaint.samplers import SamplerSpec
+        from aipaint.engine.samplers import SamplerSpec
 
         register(SamplerSpec(name="Test DPM2 fn", kind="function", function=sample_dpm_2, schedules=("Automatic", "Karras")))
         register(SamplerSpec(name="Test silent fn", kind="function", function=sample_without_callback, schedules=("Karras",)))
@@ -176,29 +176,29 @@ class FunctionSamplersPlugin:
 @pytest.fixture(scope="module")
 def test_samplers_pipe(tiny_pipe):
     from aipaint import Pipeline
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     return Pipeline(tiny_pipe.model, create_plugin_host(extra_plugins=(FunctionSamplersPlugin(),)))
 
 
 def conditioning_steps_asked(pipe, sampler: str, steps: int, denoising_start: int = 0) -> list[int]:
     """The step of every conditioning lookup the loop makes (one per model call)."""
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
+
+    from engine_support import record_job
+
+    from aipaint.engine.modes import LatentImg2Img
+    from aipaint.engine.run import generate
 
     request = GenerationRequest(prompt="a [cat:dog:0.5]", steps=steps, sampler=sampler, schedule="Karras",
                                 seed=1, width=32, height=32)
-    asked: list[int] = []
-    with pipe.activate(request) as (prepared, contributors, _):
-        lookup = prepared.conditioning_at
-
-        def recording(step):
-            asked.append(step)
-            return lookup(step)
-
-        prepared.conditioning_at = recording
-        latents = prepared.plan.initial_latents(pipe.noise(prepared))
-        pipe.run_loop(prepared, latents, contributors, start=denoising_start)
-    return asked
+    # A run that starts at step ``denoising_start``: img2img from latents at the strength that leaves it.
+    side = 32 // pipe.model.vae_scale_factor
+    start_latents = torch.zeros(1, pipe.model.latent_channels, side, side)
+    mode = LatentImg2Img(start_latents, (steps - denoising_start) / steps) if denoising_start else None
+    with record_job() as job:
+        generate(pipe.model, request, host=pipe.host, mode=mode)
+    return job.conditioning_steps
 
 
 def test_midpoint_model_calls_see_the_step_in_progress(tiny_pipe, test_samplers_pipe):
@@ -334,7 +334,7 @@ def test_lora_tag_without_lora_adapter_is_an_error(tiny_sd_path):
 
     import aipaint
     from aipaint.errors import UnsupportedFeature
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     old = os.environ.get("AIPAINT_LOAD_PLUGINS")
     os.environ["AIPAINT_LOAD_PLUGINS"] = "sd15,samplers,torch"

@@ -199,7 +199,7 @@ def test_blend_checks_its_inputs(unclip, images, weights, name):
 
 
 def test_zoo_cards_name_the_published_karlo_repos():
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     karlo = zoo.get("karlo-v1-alpha")
     assert karlo.family == "unclip" and karlo.source["repo"] == "kakaobrain/karlo-v1-alpha"
@@ -210,8 +210,8 @@ def test_zoo_cards_name_the_published_karlo_repos():
 def test_the_cards_image_encoder_is_fetched_through_the_zoo_download(monkeypatch, unclip_paths):
     from aipaint_plugins.unclip import UnCLIP
 
-    from aipaint import zoo
-    from aipaint.families import LoadOptions, ModelSource
+    from aipaint.models import zoo
+    from aipaint.models.family import LoadOptions, ModelSource
 
     fetched = []
 
@@ -495,7 +495,7 @@ def test_components_of_another_embedding_size_are_refused(tmp_path, stable_paths
 
 
 def test_zoo_cards_name_the_published_stable_unclip_repos():
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     big, small = zoo.get("stable-diffusion-2-1-unclip"), zoo.get("stable-diffusion-2-1-unclip-small")
     assert big.source["repo"] == "stabilityai/stable-diffusion-2-1-unclip" and "prior" not in big.data
@@ -510,8 +510,8 @@ def test_zoo_cards_name_the_published_stable_unclip_repos():
 def test_the_small_cards_prior_is_fetched_through_the_zoo_download(monkeypatch, stable_paths, unclip_paths):
     from aipaint_plugins.unclip import StableUnCLIP
 
-    from aipaint import zoo
-    from aipaint.families import LoadOptions, ModelSource
+    from aipaint.models import zoo
+    from aipaint.models.family import LoadOptions, ModelSource
 
     fetched = []
 

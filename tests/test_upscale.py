@@ -145,7 +145,7 @@ def test_upscaler_from_a_zoo_card(tmp_path, monkeypatch, photo):
 
     from safetensors.torch import save_file
 
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     weights = tmp_path / "weights" / "tiny-compact.safetensors"
     weights.parent.mkdir()
@@ -361,7 +361,7 @@ def test_merge_infotext_keeps_version_last():
 def test_hires_fix_doubles_the_size_and_records_a1111_parameters(tiny_pipe):
     from aipaint_plugins.upscale.hires import hires_fix
 
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     result = hires_fix(tiny_pipe, GenerationRequest("a red circle", width=32, height=32, steps=3, seed=5), hires_steps=0)
     assert result.image.size == (64, 64)
@@ -402,10 +402,12 @@ def test_latent_hires_fix_upscales_the_first_pass_latents(tiny_pipe, monkeypatch
     from aipaint_plugins.upscale.hires import hires_fix
     from aipaint_plugins.upscale.upscalers import Upscaler
 
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     loops, resized, encoded, decoded = [], [], [], []
-    _spy(monkeypatch, tiny_pipe, "run_loop", loops)
+    import aipaint.engine.run
+
+    _spy(monkeypatch, aipaint.engine.run, "denoise", loops)
     _spy(monkeypatch, Upscaler, "upscale_latents", resized)
     _spy(monkeypatch, tiny_pipe.model, "encode", encoded)
     _spy(monkeypatch, tiny_pipe.model, "decode", decoded)
@@ -447,7 +449,7 @@ def test_hires_post_processor_in_a_chain(tiny_pipe):
 def test_hires_settings_are_checked(tiny_pipe):
     from aipaint_plugins.upscale.hires import hires_fix
 
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     request = GenerationRequest("x", width=32, height=32, steps=2, seed=1)
     with pytest.raises(InvalidParameter, match="scale"):
@@ -473,7 +475,7 @@ def test_sd_upscale_redraws_tiles_into_a_larger_picture(tiny_pipe, photo):
 
 
 def test_upscale_command_writes_a_png_with_parameters(upscaler_folder, photo, tmp_path):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import read_png_parameters
 
     source = tmp_path / "in.png"

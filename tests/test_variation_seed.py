@@ -10,8 +10,8 @@ from PIL import Image
 
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.noise import initial_noise, slerp
-from aipaint.params import GenerationRequest
+from aipaint.engine.noise import initial_noise, slerp
+from aipaint.api.request import GenerationRequest
 
 KW = {"steps": 3, "width": 32, "height": 32, "sampler": "DPM++ 2M"}  # a deterministic sampler
 
@@ -142,7 +142,7 @@ def test_image_modes_use_the_variation_noise(tiny_pipe):
 
 
 def test_cli_generate_from_png_honours_the_seed_extras(tiny_sd_path, tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     args = ["-m", str(tiny_sd_path), "--no-progress", "-W", "32", "-H", "32"]

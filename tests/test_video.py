@@ -134,7 +134,7 @@ def test_temporal_starts_each_frame_from_the_previous_result_warped_onto_it(embe
 
 
 def test_video_command(tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
 
     source = write_clip(Clip([circle_at(8 + 2 * i) for i in range(6)], 10), tmp_path / "in.gif")
     assert main(["video", str(source), "a big blue circle on a white background", "--steps", "4", "--seed", "9",
@@ -188,7 +188,7 @@ def test_plugin_generation_options_reach_the_video_command():
     (LoRA folder, ControlNet, DeepCache, ToMe, textual inversion) are its options too."""
     import argparse
 
-    from aipaint.cli import build_parser
+    from aipaint.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     video = {opt for action in sub.choices["video"]._actions for opt in action.option_strings}
@@ -202,7 +202,7 @@ def test_a_controlnet_unit_on_the_frame_guides_each_frame_by_its_own_layout(embe
     each frame has it, where one seed alone paints the same picture every time."""
     from aipaint_plugins.video.stylize import FRAME
 
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
     from aipaint.world.evaluate import read_scene
 
     frames = [circle_at(cx) for cx in (8, 24, 8, 24)]  # left, right, left, right
@@ -219,7 +219,7 @@ def test_a_controlnet_unit_on_the_frame_guides_each_frame_by_its_own_layout(embe
 
 
 def test_video_command_takes_a_controlnet_on_the_frame(tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.infotext import Infotext, read_png_parameters
 
     source = write_clip(Clip([circle_at(cx) for cx in (8, 24)], 4), tmp_path / "in.gif")

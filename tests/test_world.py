@@ -153,7 +153,7 @@ def test_adherence_details_are_honest():
 
 
 def test_eval_command_reports_objects_and_adherence(tmp_path, capsys):
-    from aipaint.cli import main
+    from aipaint.cli.main import main
     from aipaint.world.render import render
     from aipaint.world.scene import Scene, SceneObject
 
@@ -219,7 +219,7 @@ def test_training_resumes_a_trained_model(tmp_path):
     from safetensors.torch import load_file
 
     from aipaint.world.train import main as train
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     source = tmp_path / "source"
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)
@@ -289,7 +289,7 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
     from aipaint.world.render import render_array
     from aipaint.world.scene import random_scene
     from aipaint.world.train import main as train
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     source = tmp_path / "source"
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)
@@ -333,7 +333,7 @@ def test_decoder_finetune_with_extrapolation_trains_only_the_decoder(tmp_path):
     from safetensors.torch import load_file
 
     from aipaint.world.finetune_decoder import main as finetune
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     model = tmp_path / "m"
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", model)
@@ -516,7 +516,7 @@ def test_training_with_phrasings_emphasis_and_moderate_schedule_continues_from_i
 
     from aipaint.world.train import MODERATE_SCHEDULE
     from aipaint.world.train import main as train
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     out, state = tmp_path / "g2", tmp_path / "g2.state.pt"
     args = ["--resume", str(zoo_root() / "models" / "shapes-tiny"), "--out", str(out), "--pool", "64", "--batch", "4",

@@ -1,6 +1,6 @@
 """ControlNet: steer generation with a control image (edges, scribbles, layout, a QR code, …).
 
->>> from aipaint.adapters import AdapterUnit
+>>> from aipaint.plugin.adapters import AdapterUnit
 >>> unit = AdapterUnit("controlnet", {"model": "shapes-tiny-controlnet-layout", "image": "layout.png",
 ...                                   "preprocessor": "canny", "weight": 1.0})
 >>> pipe.txt2img("a big red circle, on a white background", adapters=(unit,))  # doctest: +SKIP
@@ -20,13 +20,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterSpec
+from aipaint.plugin.adapters import AdapterSpec
 
 if TYPE_CHECKING:
     import argparse
 
-    from aipaint.adapters import AdapterActivation, AdapterContext
-    from aipaint.preprocess import PreprocessorSpec
+    from aipaint.plugin.adapters import AdapterActivation, AdapterContext
+    from aipaint.plugin.preprocess import PreprocessorSpec
 
 
 @contextmanager
@@ -67,7 +67,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def units_from_png(path: Any, images: list[Any]) -> tuple[Any, ...]:
     """The ControlNet units recorded in a PNG's parameters, with their control images given
     again (PNGs do not store them, as in A1111), ready for ``GenerationRequest(adapters=...)``."""
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
     from aipaint.errors import InvalidParameter
     from aipaint.infotext import Infotext, read_png_parameters
 

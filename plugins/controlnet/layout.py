@@ -67,7 +67,7 @@ def placed_right(scene: Scene, image: Image.Image) -> tuple[bool, tuple[str, ...
 def evaluate(pipe: Any, scenes: list[Scene], *, use_controlnet: bool, model: Any = MODEL_ID, seed: int = 0,
              weight: float = 1.0, **params: Any) -> list[CaseResult]:
     """Generate one image per scene (seed ``seed + i``) and check where its objects are."""
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
 
     results = []
     for i, scene in enumerate(scenes):

@@ -37,7 +37,7 @@ from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
 if TYPE_CHECKING:
     import torch
 
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -191,7 +191,7 @@ def folder_models(folder: Path | None = None) -> dict[str, Path]:
 
 
 def zoo_controlnets() -> dict[str, Any]:
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     return {card.id: card for card in zoo.cards() if card.family == "controlnet"}
 
@@ -212,7 +212,7 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
         _check_suffix(path, allow_pickle)
         return ControlNetRef(path.stem if path.is_file() else path.name, path)
     name, expected = split_hash(model)
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     card = zoo.find(name)
     if card is not None and card.family == "controlnet":

@@ -15,7 +15,7 @@ lines on a black background.
 * ``none``     — pass-through (the image already is a control map).
 
 Preprocessors that need weights (depth, pose, …) come from plugins through the
-``register_preprocessors`` hook; see :mod:`aipaint.preprocess`.
+``register_preprocessors`` hook; see :mod:`aipaint.plugin.preprocess`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aipaint.errors import ImageError
-from aipaint.preprocess import PreprocessorParam, PreprocessorSpec
+from aipaint.plugin.preprocess import PreprocessorParam, PreprocessorSpec
 
 if TYPE_CHECKING:
     from PIL import Image

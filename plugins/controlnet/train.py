@@ -77,7 +77,7 @@ def save_atomic(out: Path, controlnet: Any, record: dict[str, Any]) -> None:
 
 def write_card(path: Path, record: dict[str, Any], out: Path) -> None:
     """The zoo card, written atomically; keeps an ``evaluation`` a benchmark filled in."""
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     previous = json.loads(path.read_text()) if path.is_file() else {}
     try:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if schedule.config.prediction_type != "v_prediction":
         log(f"warning: the base model predicts {schedule.config.prediction_type}; training targets follow it")
     unet.set_attn_processor(AttnProcessor())
-    from aipaint.hashing import sha256_file
+    from aipaint.plugin.kit.hashing import sha256_file
 
     # The ControlNet is tied to these weights: a retrained base model needs a retrained ControlNet.
     record["base_unet_sha256"] = sha256_file(base / "unet" / "diffusion_pytorch_model.safetensors")
@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Held-out check: where do objects go, with and without the ControlNet?
     if a.eval_cases:
         import aipaint
-        from aipaint import zoo
-        from aipaint.plugins import create_plugin_host
+        from aipaint.models import zoo
+        from aipaint.plugin.host import create_plugin_host
 
         from .layout import layout_cases, position_accuracy
 

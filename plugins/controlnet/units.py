@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aipaint.denoise import LoopContributor
+from aipaint.engine.loop import LoopContributor
 from aipaint.errors import ImageError, InvalidParameter
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from aipaint.adapters import AdapterActivation, AdapterContext
-    from aipaint.preprocess import PreprocessorSpec
+    from aipaint.plugin.adapters import AdapterActivation, AdapterContext
+    from aipaint.plugin.preprocess import PreprocessorSpec
 
 BALANCED, PROMPT, CONTROL = "Balanced", "My prompt is more important", "ControlNet is more important"
 CONTROL_MODES: dict[str, str] = {
@@ -396,8 +396,8 @@ def units_from_params(params: Mapping[str, str]) -> list[dict[str, Any]]:
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     """Load each unit's model, make its control maps, and add one contributor per unit."""
-    from aipaint.adapters import AdapterActivation
-    from aipaint.plugins import default_host
+    from aipaint.plugin.adapters import AdapterActivation
+    from aipaint.plugin.host import default_host
 
     from . import models
 

@@ -12,7 +12,7 @@ first down layer's, and so on (12 in SD1.5); ``branch=0`` recomputes the least.
 
 Opt in per generation with an adapter unit::
 
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
     pipe.txt2img(prompt, adapters=(AdapterUnit("deepcache", {"interval": 4, "branch": 1}),))
 
 An adapter unit (rather than a request field) because that is aipaint's one seam for
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterSpec, AdapterUnit
+from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from aipaint.adapters import AdapterContext
+    from aipaint.plugin.adapters import AdapterContext
 
 OPTIONS = ("interval", "branch")
 
@@ -320,7 +320,7 @@ def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> lis
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import add_adapter_unit_builder, generation_parsers
+    from aipaint.cli.main import add_adapter_unit_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument("--deepcache", metavar="INTERVAL[:BRANCH]",

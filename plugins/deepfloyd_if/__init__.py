@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
 from aipaint.errors import ModelLoadError, UnsupportedFeature
-from aipaint.families import LoadOptions, ModelFamily, ModelSource
+from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
 if TYPE_CHECKING:
     from aipaint_plugins.deepfloyd_if.model import IFCascade
@@ -83,7 +83,7 @@ class DeepFloydIF(ModelFamily):
                 raise ModelLoadError(f"no such stage folder: {', '.join(missing)}")
             return paths
         if source.card and source.card.get("stages"):
-            from aipaint import zoo
+            from aipaint.models import zoo
 
             return [zoo.download_from_hub(stage["repo"], patterns=stage.get("allow_patterns")) for stage in source.card["stages"]]
         return []

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from aipaint.errors import ModelLoadError
-from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
-from aipaint.model import ModelDefaults
+from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
+from aipaint.models.latent import ModelDefaults
 
 STAGE_NAMES = ("stage I", "stage II", "stage III")
 

@@ -24,12 +24,12 @@ import torch
 from aipaint import __version__
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import Infotext, build_params
-from aipaint.result import Result
+from aipaint.api.result import Result
 
 if TYPE_CHECKING:
     from aipaint_plugins.deepfloyd_if.model import IFCascade, IFStage
 
-    from aipaint.plugins import PluginHost
+    from aipaint.plugin.host import PluginHost
 
 Progress = Callable[[int, int], None]
 MAX_SEED = 2**32 - 1

@@ -48,7 +48,7 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_model_options
+    from aipaint.cli.main import _add_model_options
 
     p = subparsers.add_parser("facefix", help="find faces and redraw them (ADetailer), or restore them with GFPGAN/CodeFormer")
     p.add_argument("image")
@@ -79,7 +79,7 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
     from aipaint.errors import AipaintError
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
     from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
-    from aipaint.result import save_png
+    from aipaint.api.result import save_png
 
     image = open_image(args.image)
     if args.detect_only:
@@ -111,7 +111,7 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
                 options[name] = value
         if args.restorer:
             options.update(restorer=args.restorer, restore_visibility=args.visibility)
-        from aipaint.cli import _load
+        from aipaint.cli.main import _load
 
         output = run_postprocessors(image, [PostStep("facefix", options)], _load(args))
     out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-facefix.png"))

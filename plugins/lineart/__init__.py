@@ -35,7 +35,7 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_model_options
+    from aipaint.cli.main import _add_model_options
 
     p = subparsers.add_parser("lineart", help="colour a line drawing while keeping its lines")
     p.add_argument("image", help="the line drawing (dark lines on light paper)")
@@ -57,9 +57,9 @@ def _cmd_lineart(args: argparse.Namespace) -> int:
     from aipaint_plugins.lineart.colour import colour_lineart
     from aipaint_plugins.upscale.common import open_image
 
-    from aipaint.cli import _load
+    from aipaint.cli.main import _load
     from aipaint.postprocess import merge_infotext
-    from aipaint.result import save_png
+    from aipaint.api.result import save_png
 
     params = {k: getattr(args, k) for k in ("seed", "steps") if getattr(args, k) is not None}
     images, info, result = colour_lineart(_load(args), open_image(args.image), args.prompt, args.negative_prompt,

@@ -73,7 +73,7 @@ def colour_lineart(
         drawing = drawing.resize((width, height), Image.Resampling.LANCZOS)
     params = {"width": width, "height": height, **params}
     if controlnet:
-        from aipaint.adapters import AdapterUnit
+        from aipaint.plugin.adapters import AdapterUnit
 
         if "controlnet" not in pipe.host.registry.adapters:
             raise UnsupportedFeature(f"controlnet={controlnet!r} needs the ControlNet adapter plugin, which is not installed")

@@ -3,9 +3,9 @@
 A generation uses LoRAs named by ``<lora:name:weight>`` / ``<lora:name:te_weight:unet_weight>``
 / ``<lyco:…>`` tags in its prompt, or by API units
 ``AdapterUnit("lora", {"name": "ink", "weight": 0.8, "te_weight": 0.5})``. Names resolve only
-inside the LoRA folder (``request.extra["lora_dir"]``, on the command line ``--lora-dir``, else
-``$AIPAINT_LORA_DIR``, else ``$AIPAINT_HOME/loras``); ``request.extra["allow_pickle"]`` (the
-command line's ``--allow-pickle``) opts in to ``.pt``/``.ckpt`` files.
+inside the LoRA folder (the request's ``lora.folder`` option, :class:`LoraOptions`; on the command
+line ``--lora-dir``; else ``$AIPAINT_LORA_DIR``, else ``$AIPAINT_HOME/loras``); the request's
+``allow_pickle`` (the command line's ``--allow-pickle``) opts in to ``.pt``/``.ckpt`` files.
 While the generation runs, the weights carry the patches; afterwards they are restored bit for
 bit, even when the generation fails. The infotext records ``Lora hashes`` as A1111 does, and
 the API units as A1111 tags in ``Lora units`` (the recorded prompt keeps only what the user
@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterContext, AdapterSpec, AdapterUnit
+from aipaint.api.options import OptionGroup
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import format_number
+from aipaint.plugin.adapters import AdapterActivation, AdapterContext, AdapterSpec, AdapterUnit
 
 if TYPE_CHECKING:
     from aipaint_plugins.lora.api import AppliedLoras, LoraUse
@@ -108,17 +111,24 @@ def uses_from_recorded_units(text: str) -> list[LoraUse]:
     return uses
 
 
+@dataclass(frozen=True)
+class LoraOptions(OptionGroup):
+    """Where this job's LoRA names resolve (``--lora-dir`` on the command line)."""
+
+    namespace: ClassVar[str] = "lora"
+    description: ClassVar[str] = "LoRA: the folder <lora:name> tags and units are looked up in"
+    folder: Path | None = None
+
+
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     """Patch the model for one generation; restore it on exit, error or not."""
     from aipaint_plugins.lora.api import LoraUse, apply_loaded, load_loras
 
-    extra = context.request.extra or {}
     tagged = [LoraUse(ref.name, ref.unet_weight, ref.te_weight) for ref in context.prompt_refs]
     from_units = uses_from_units(context.units)
-    loaded = load_loras(
-        context.model, tagged + from_units, folder=extra.get("lora_dir"), allow_pickle=extra.get("allow_pickle") is True
-    )
+    folder = context.request.option(LoraOptions).folder
+    loaded = load_loras(context.model, tagged + from_units, folder=folder, allow_pickle=context.request.allow_pickle)
     applied: AppliedLoras = apply_loaded(context.model, loaded)
     info = applied.infotext()
     if from_units:  # the tags are in the recorded prompt already; the units would be lost without this
@@ -127,6 +137,11 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
         yield AdapterActivation(infotext=info)
     finally:
         applied.unload()
+
+
+@hookimpl
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    register(LoraOptions)
 
 
 @hookimpl

@@ -50,20 +50,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hashes", action="store_true", help="also print the A1111 short hash (reads every file)")
     p.set_defaults(func=cmd_lora_list)
 
-    from aipaint.cli import add_adapter_unit_builder, add_request_extra_builder, generation_parsers
+    from aipaint.cli.main import add_adapter_unit_builder, add_request_options_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument_group("LoRA").add_argument(
             "--lora-dir", metavar="DIR",
             help="the LoRA folder <lora:NAME> tags are looked up in (default: $AIPAINT_LORA_DIR or $AIPAINT_HOME/loras)")
         add_adapter_unit_builder(parser, recorded_units)
-        add_request_extra_builder(parser, lora_dir_extra)
+        add_request_options_builder(parser, lora_dir_option)
 
 
-def lora_dir_extra(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, Any]:
-    """``--lora-dir DIR`` as the request's ``lora_dir``."""
+def lora_dir_option(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, Any]:
+    """``--lora-dir DIR`` as the request's ``lora.folder`` option."""
     folder = getattr(args, "lora_dir", None)
-    return {"lora_dir": folder} if folder else {}
+    return {"lora": {"folder": folder}} if folder else {}
 
 
 def recorded_units(args: argparse.Namespace, png_params: dict[str, str]) -> list[Any]:
@@ -71,7 +71,7 @@ def recorded_units(args: argparse.Namespace, png_params: dict[str, str]) -> list
     they come back with the prompt)."""
     from aipaint_plugins.lora import RECORDED_UNITS, uses_from_recorded_units
 
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
 
     text = png_params.get(RECORDED_UNITS)
     if not text:

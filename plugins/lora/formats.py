@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-# Component names are those of aipaint.model.LatentDiffusionModel.modules() (text_encoder_2: SDXL's).
+# Component names are those of aipaint.models.latent.LatentDiffusionModel.modules() (text_encoder_2: SDXL's).
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIXES: dict[str, str] = {
     "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.runtimes import RuntimeSpec
+from aipaint.plugin.runtimes import RuntimeSpec
 
 if TYPE_CHECKING:
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 EXPORT_COMPONENTS = ("unet", "text_encoder", "vae_decoder", "vae_encoder")
 
@@ -95,7 +95,7 @@ def _controlnet_argument(text: str) -> str | Path:
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import command_group
+    from aipaint.cli.main import command_group
 
     group = command_group(subparsers, "export", "export a model for another runtime (onnx, tensorrt)")
     p = group.add_parser("onnx", help="export the UNet, VAE, text encoder(s) and ControlNets to ONNX, with a manifest")

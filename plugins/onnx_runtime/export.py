@@ -61,8 +61,8 @@ from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, Unsup
 if TYPE_CHECKING:
     import torch
 
-    from aipaint.model import LatentDiffusionModel
-    from aipaint.plugins import PluginHost
+    from aipaint.models.latent import LatentDiffusionModel
+    from aipaint.plugin.host import PluginHost
 
 OPSET = 17
 TRACE_BATCH = 2
@@ -223,7 +223,7 @@ def _trace_latent_size(unet: torch.nn.Module) -> int:
 
 def _example_conditioning(model: LatentDiffusionModel) -> Any:
     """A conditioning as the loop hands it to the UNet, extras included (SDXL adds time ids per request)."""
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     size = model.vae_scale_factor * 8
     request = GenerationRequest(prompt="a", width=size, height=size)
@@ -524,18 +524,25 @@ def _loras_active(
     if not loras:
         yield {}
         return
-    from aipaint.params import GenerationRequest
-    from aipaint.pipeline import Pipeline
+    from aipaint.api.request import GenerationRequest
+    from aipaint.engine.activation import activate_adapters
+    from aipaint.engine.conditioning import parse_prompts
+    from aipaint.engine.run import job_scope
+    from aipaint.plugin.host import default_host
 
-    pipe = Pipeline(model, host)
+    host = host or default_host()
     prompt = " ".join(lora.prompt_tag() for lora in loras)
     size = model.vae_scale_factor * 8
-    extra = {"lora_dir": str(lora_dir)} if lora_dir else {}
-    request = GenerationRequest(prompt=prompt, steps=1, seed=0, width=size, height=size, extra=extra)
+    options = {"lora": {"folder": str(lora_dir)}} if lora_dir else {}
+    request = GenerationRequest(prompt=prompt, steps=1, seed=0, width=size, height=size, options=options)
+    request = request.with_typed_options(host.registry.options)
     stack = contextlib.ExitStack()
     try:
-        _, contributors, infotext = stack.enter_context(pipe.activate(request))
+        scope = stack.enter_context(job_scope(model))
+        active = activate_adapters(model, request, parse_prompts(request)[0], host, scope)
+        contributors, infotext = active.contributors, active.infotext
     except UnsupportedFeature as exc:
+        stack.close()
         raise UnsupportedFeature(f"cannot fuse LoRA into the export: {exc}") from exc
     with stack:
         if contributors:

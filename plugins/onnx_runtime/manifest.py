@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
     from aipaint_plugins.controlnet.models import ControlNetRef
 
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "aipaint-onnx"
@@ -215,7 +215,7 @@ def controlnet_config_file(ref: ControlNetRef, config: Path | None) -> Path | No
 
 def controlnet_source(ref: ControlNetRef, config: Path | None = None) -> dict[str, Any]:
     """What a manifest records about a ControlNet's origin (see :data:`CONTROLNET_SOURCE_KEYS`)."""
-    from aipaint.hashing import sha256_file
+    from aipaint.plugin.kit.hashing import sha256_file
 
     weights = ref.weights_file
     if weights is None:
@@ -234,7 +234,7 @@ def controlnet_source_matches(source: Mapping[str, Any], ref: ControlNetRef, con
     """Whether the ControlNet a unit names (``ref`` and its ``config`` option) is the one ``source``
     records: the same weights file and config, compared by size first, then sha256 (cached for big files).
     A ``ControlNetModel`` passed as an object has no file and never matches."""
-    from aipaint.hashing import sha256_file
+    from aipaint.plugin.kit.hashing import sha256_file
 
     weights = ref.weights_file
     if weights is None or weights.stat().st_size != source["size"]:
@@ -251,7 +251,7 @@ def controlnet_source_matches(source: Mapping[str, Any], ref: ControlNetRef, con
 
 
 def file_record(path: Path) -> dict[str, Any]:
-    from aipaint.hashing import sha256_file
+    from aipaint.plugin.kit.hashing import sha256_file
 
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -312,7 +312,7 @@ class Manifest:
 
     def check_files(self, *, verify: str = "sha256") -> None:
         """Every listed file is present with its recorded size (and sha256 with ``verify="sha256"``)."""
-        from aipaint.hashing import sha256_file
+        from aipaint.plugin.kit.hashing import sha256_file
 
         if verify not in ("sha256", "size"):
             raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")

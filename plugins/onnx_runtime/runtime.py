@@ -45,7 +45,7 @@ from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
 if TYPE_CHECKING:
     from aipaint_plugins.controlnet.models import ControlNetRef
 
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -188,7 +188,7 @@ class OrtSession:
             opts["device_id"] = self.device.index or 0
             opts["user_compute_stream"] = str(torch.cuda.current_stream(self.device).cuda_stream)
         if provider == "TensorrtExecutionProvider":
-            from aipaint.hashing import cache_dir
+            from aipaint.plugin.kit.hashing import cache_dir
 
             cache = cache_dir() / "ort-tensorrt" / manifest.model["structure_hash"][:16]
             cache.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_model_options
+    from aipaint.cli.main import _add_model_options
 
     p = subparsers.add_parser("qr", help="QR-code art: a picture that scans (verified with real decoders)")
     p.add_argument("payload", help="the text or URL to encode")
@@ -86,7 +86,7 @@ def _cmd_qr(args: argparse.Namespace) -> int:
     from aipaint_plugins.upscale.common import open_image
 
     from aipaint.errors import AipaintError
-    from aipaint.result import save_png
+    from aipaint.api.result import save_png
 
     settings = RepairSettings(safety=args.safety)
     decoders = _decoders(args.decoders)
@@ -101,7 +101,7 @@ def _cmd_qr(args: argparse.Namespace) -> int:
     else:
         if not args.prompt:
             raise AipaintError("give --prompt to generate art, or --image to carry the code in a picture")
-        from aipaint.cli import _load
+        from aipaint.cli.main import _load
 
         params = {k: getattr(args, k) for k in ("seed", "steps", "batch_size") if getattr(args, k) is not None}
         results = qr_art(_load(args), args.payload, args.prompt, args.negative_prompt, size=args.size, version=args.version,

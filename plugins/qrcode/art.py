@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from aipaint.pipeline import Pipeline
-    from aipaint.result import Result
+    from aipaint.api.result import Result
 
 CENTRE_FRACTION = 0.5
 
@@ -187,7 +187,7 @@ def generate_art(
 
     code_image = Image.fromarray(np.round(np.repeat(code.render(size)[..., None], 3, axis=2) * 255).astype(np.uint8))
     if controlnet:
-        from aipaint.adapters import AdapterUnit
+        from aipaint.plugin.adapters import AdapterUnit
 
         if "controlnet" not in pipe.host.registry.adapters:
             raise UnsupportedFeature(f"controlnet={controlnet!r} needs the ControlNet adapter plugin, which is not installed")

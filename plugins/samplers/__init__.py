@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aipaint_plugins.samplers.functions import sample_dpmpp_2s_ancestral
 
 from aipaint import hookimpl
-from aipaint.samplers import SamplerSpec
+from aipaint.engine.samplers import SamplerSpec
 
 ALL = ("Automatic", "Karras", "Exponential")
 AUTO = ("Automatic",)

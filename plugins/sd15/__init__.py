@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from aipaint import hookimpl
 from aipaint.errors import ModelLoadError
-from aipaint.families import LoadOptions, ModelFamily, ModelSource
+from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
 if TYPE_CHECKING:
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
@@ -105,7 +105,7 @@ class StableDiffusion15(ModelFamily):
         )
 
     def _assemble(self, source, options, unet, vae, text_encoder, tokenizer, scheduler_config, hash_path: Path):
-        from aipaint.model import LatentDiffusionModel, ModelDefaults
+        from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
 
         model = LatentDiffusionModel(
             family=self.name,
@@ -146,7 +146,7 @@ def _raise_pickle_problem(source: ModelSource) -> None:
 
 
 def _default_config() -> Path:
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     return zoo_root() / "configs" / "sd15"
 

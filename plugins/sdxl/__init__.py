@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
+from aipaint.api.options import OptionGroup
 from aipaint.errors import ModelLoadError
-from aipaint.families import LoadOptions, ModelFamily, ModelSource
+from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +127,7 @@ class StableDiffusionXL(ModelFamily):
     ) -> SDXLModel:
         from aipaint_plugins.sdxl.model import SDXLModel
 
-        from aipaint.model import ModelDefaults
+        from aipaint.models.latent import ModelDefaults
 
         def place(module: Any) -> Any:
             return module.to(options.device) if module is not None else None
@@ -155,9 +156,16 @@ class StableDiffusionXL(ModelFamily):
 
 
 def default_config(name: str) -> Path:
-    from aipaint.zoo import zoo_root
+    from aipaint.models.zoo import zoo_root
 
     return zoo_root() / "configs" / name
+
+
+@hookimpl
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    from aipaint_plugins.sdxl.options import SDXLOptions
+
+    register(SDXLOptions)
 
 
 @hookimpl

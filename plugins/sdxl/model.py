@@ -8,11 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from aipaint_plugins.sdxl.options import SDXLOptions
 
-from aipaint.model import Conditioning, LatentDiffusionModel
-
-AESTHETIC_SCORE = 6.0  # diffusers' and A1111's defaults for the refiner
-NEGATIVE_AESTHETIC_SCORE = 2.5
+from aipaint.models.latent import Conditioning, LatentDiffusionModel
 
 
 class SDXLModel(LatentDiffusionModel):
@@ -88,12 +86,10 @@ class SDXLModel(LatentDiffusionModel):
         if negative and text == "" and self.force_zeros_for_empty_prompt:
             cond = Conditioning(torch.zeros_like(cond.embeds), {k: torch.zeros_like(v) for k, v in cond.extras.items()})
         size = [float(request.height), float(request.width)]
-        crop = [float(request.extra.get("crop_top", 0)), float(request.extra.get("crop_left", 0))]
+        options = request.option(SDXLOptions)
+        crop = [float(options.crop_top), float(options.crop_left)]
         if self.requires_aesthetics_score:
-            if negative:
-                score = float(request.extra.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE))
-            else:
-                score = float(request.extra.get("aesthetic_score", AESTHETIC_SCORE))
+            score = options.negative_aesthetic_score if negative else options.aesthetic_score
             ids = size + crop + [score]
         else:
             ids = size + crop + size

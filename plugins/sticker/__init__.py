@@ -66,7 +66,7 @@ def _cmd_sticker(args: argparse.Namespace) -> int:
 
     from aipaint.infotext import read_png_parameters
     from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
-    from aipaint.result import save_png
+    from aipaint.api.result import save_png
 
     options = {"method": args.method, "tolerance": args.tolerance, "outline_width": args.outline_width,
                "outline_colour": args.outline_colour}

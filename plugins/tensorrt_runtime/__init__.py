@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.runtimes import RuntimeSpec
+from aipaint.plugin.runtimes import RuntimeSpec
 
 if TYPE_CHECKING:
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 
 def _unavailable() -> str | None:
@@ -76,7 +76,7 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import command_group
+    from aipaint.cli.main import command_group
 
     group = command_group(subparsers, "export", "export a model for another runtime (onnx, tensorrt)")
     p = group.add_parser("tensorrt", help="build TensorRT engines from an `aipaint export onnx` folder (NVIDIA GPU)")

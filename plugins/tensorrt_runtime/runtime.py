@@ -26,7 +26,7 @@ from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
 if TYPE_CHECKING:
     import torch
 
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 OPTIONS = ("engine_dir", "cuda_graphs", "verify")
 

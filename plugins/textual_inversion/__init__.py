@@ -1,6 +1,6 @@
 """Textual inversion: embeddings used by name in prompts and negative prompts, as in A1111.
 
-Embeddings live in ``request.extra["embeddings_dir"]``, else ``$AIPAINT_EMBEDDINGS_DIR``,
+Embeddings live in the request's ``embeddings.folder`` option (:class:`EmbeddingOptions`), else ``$AIPAINT_EMBEDDINGS_DIR``,
 else ``$AIPAINT_HOME/embeddings``; a file ``EasyNegative.safetensors`` is used wherever a
 prompt says ``EasyNegative`` (case-insensitive, as a whole word). The adapter joins a
 generation on its own when a prompt names one of them (``AdapterSpec.wants``), adds their
@@ -14,12 +14,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterContext, AdapterSpec
+from aipaint.api.options import OptionGroup
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.adapters import AdapterActivation, AdapterContext, AdapterSpec
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions(OptionGroup):
+    """Where this job's embeddings are looked up (``--embeddings-dir`` on the command line)."""
+
+    namespace: ClassVar[str] = "embeddings"
+    description: ClassVar[str] = "textual-inversion embeddings: the folder they are read from"
+    folder: Path | None = None
 
 
 def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = False) -> Any:
@@ -32,8 +43,8 @@ def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = 
 
 
 def _folder_for(context: AdapterContext) -> Any:
-    extra = context.request.extra or {}
-    return embeddings_folder(extra.get("embeddings_dir"), allow_pickle=extra.get("allow_pickle") is True)
+    options = context.request.option(EmbeddingOptions)
+    return embeddings_folder(options.folder, allow_pickle=context.request.allow_pickle)
 
 
 def used_embedding_files(context: AdapterContext) -> dict[str, Path]:
@@ -65,7 +76,7 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     from aipaint_plugins.lora.library import short_hash
     from aipaint_plugins.textual_inversion.embeddings import added_tokens, name_pattern, read_embedding
 
-    allow_pickle = (context.request.extra or {}).get("allow_pickle") is True
+    allow_pickle = context.request.allow_pickle
     files = used_embedding_files(context)
     model = context.model
     if getattr(model, "text_encoder_2", None) is not None or model.text_encoder is None:
@@ -89,6 +100,11 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
 
 
 @hookimpl
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    register(EmbeddingOptions)
+
+
+@hookimpl
 def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     register(
         AdapterSpec(
@@ -109,19 +125,19 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", help="embeddings folder (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
     p.set_defaults(func=_cmd_list)
 
-    from aipaint.cli import add_request_extra_builder, generation_parsers
+    from aipaint.cli.main import add_request_options_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument_group("textual inversion").add_argument(
             "--embeddings-dir", metavar="DIR",
             help="the folder of the embeddings prompts name (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
-        add_request_extra_builder(parser, embeddings_dir_extra)
+        add_request_options_builder(parser, embeddings_dir_option)
 
 
-def embeddings_dir_extra(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, Any]:
-    """``--embeddings-dir DIR`` as the request's ``embeddings_dir``."""
+def embeddings_dir_option(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, Any]:
+    """``--embeddings-dir DIR`` as the request's ``embeddings.folder`` option."""
     folder = getattr(args, "embeddings_dir", None)
-    return {"embeddings_dir": folder} if folder else {}
+    return {EmbeddingOptions.namespace: {"folder": folder}} if folder else {}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.adapters import AdapterActivation, AdapterSpec, AdapterUnit
+from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from aipaint.adapters import AdapterContext
+    from aipaint.plugin.adapters import AdapterContext
 
 OPTIONS = ("ratio", "max_downsample", "stride", "random")
 Merge = Callable[["torch.Tensor"], "torch.Tensor"]
@@ -249,7 +249,7 @@ def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> lis
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import add_adapter_unit_builder, generation_parsers
+    from aipaint.cli.main import add_adapter_unit_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument("--tome", metavar="RATIO[:MAX_DOWNSAMPLE]",

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
 from aipaint.errors import InvalidParameter
-from aipaint.runtimes import RuntimeSpec
+from aipaint.plugin.runtimes import RuntimeSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 OPTIONS = ("compile", "compile_components", "compile_mode", "compile_backend", "compile_fullgraph", "compile_dynamic")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
 from aipaint.errors import ModelLoadError, UnsupportedFeature
-from aipaint.families import LoadOptions, ModelFamily, ModelSource
+from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
 if TYPE_CHECKING:
     from aipaint_plugins.unclip.model import UnCLIPModel
@@ -47,7 +47,7 @@ def companion_folder(source: ModelSource, options: LoadOptions, key: str) -> Pat
         return path
     entry = (source.card or {}).get(key)
     if entry:
-        from aipaint import zoo
+        from aipaint.models import zoo
 
         return zoo.download_from_hub(entry["repo"], patterns=entry.get("patterns"))
     return None

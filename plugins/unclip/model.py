@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from aipaint.errors import ModelLoadError
-from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
-from aipaint.model import ModelDefaults
+from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
+from aipaint.models.latent import ModelDefaults
 
 TEXT_PIPELINE = "UnCLIPPipeline"
 VARIATION_PIPELINE = "UnCLIPImageVariationPipeline"

@@ -38,12 +38,12 @@ from aipaint_plugins.unclip.shared import (
 from aipaint import __version__
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.infotext import Infotext, build_params
-from aipaint.result import Result
+from aipaint.api.result import Result
 
 if TYPE_CHECKING:
     from aipaint_plugins.unclip.model import UnCLIPModel
 
-    from aipaint.plugins import PluginHost
+    from aipaint.plugin.host import PluginHost
 
 Progress = Callable[[int, int], None]
 MAX_SEED = 2**32 - 1

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from aipaint.errors import ModelLoadError
-from aipaint.families import read_model_index, read_scheduler_config, require_subfolders
-from aipaint.model import LatentDiffusionModel, ModelDefaults
+from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
+from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
 
 IMAGE_PIPELINE = "StableUnCLIPImg2ImgPipeline"
 TEXT_PIPELINE = "StableUnCLIPPipeline"

@@ -39,11 +39,11 @@ from aipaint_plugins.unclip.stable_model import (
     StableUnCLIPModel,
 )
 
-from aipaint.denoise import LoopContributor
+from aipaint.engine.loop import LoopContributor
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.params import GenerationRequest
+from aipaint.api.request import GenerationRequest
 from aipaint.pipeline import Pipeline, PreparedRun, Progress
-from aipaint.result import Result
+from aipaint.api.result import Result
 
 if TYPE_CHECKING:
     from aipaint.prompt import ParsedPrompt

@@ -10,7 +10,7 @@ from aipaint.errors import AipaintError
 
 
 def add_upscale_command(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_model_options, add_overwrite_option
+    from aipaint.cli.main import _add_model_options, add_overwrite_option
 
     p = subparsers.add_parser("upscale", help="upscale an image (Lanczos, Real-ESRGAN/SwinIR/… weights, or SD upscale)")
     p.add_argument("image", nargs="?", help="input image")
@@ -48,7 +48,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
     from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
-    from aipaint.result import output_path, save_png
+    from aipaint.api.result import output_path, save_png
 
     default = Path(args.image).with_name(Path(args.image).stem + "-upscaled.png")
     out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))
@@ -70,7 +70,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 value = stored.get(name)
             if value is not None:
                 options[name] = value
-        from aipaint.cli import _load
+        from aipaint.cli.main import _load
 
         pipe = _load(args)
         output = run_postprocessors(image, [PostStep("sd-upscale", options)], pipe)

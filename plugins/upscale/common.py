@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from aipaint.pipeline import Pipeline
-    from aipaint.result import Result
+    from aipaint.api.result import Result
 
 GENERATION_OPTIONS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip")
 REQUEST_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip", "guidance_rescale", "emphasis")

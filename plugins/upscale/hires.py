@@ -4,7 +4,7 @@ The second pass is an img2img over the upscaled picture with its own steps and
 denoising strength. When :func:`hires_fix` runs the generation itself (it is given a
 txt2img request), a latent upscaler resizes the first pass's own latents, which are never
 decoded (A1111's way: no decode/encode round trip). On a finished picture (a
-:class:`~aipaint.result.Result`, or the ``hires`` post-processor in a chain) only the
+:class:`~aipaint.api.result.Result`, or the ``hires`` post-processor in a chain) only the
 pixels are left, so a latent upscaler resizes the picture's latents as encoded again by
 the VAE. A pixel or model upscaler works on the decoded picture, which img2img encodes. As
 in A1111, the PNG parameters keep the *base* size and add
@@ -30,15 +30,15 @@ from aipaint_plugins.upscale.common import (
 )
 from aipaint_plugins.upscale.upscalers import DEFAULT_TILE, UpscaleSettings, get_upscaler
 
+from aipaint.api.request import GenerationRequest
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.params import GenerationRequest
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from aipaint.api.result import Result
     from aipaint.pipeline import Pipeline
-    from aipaint.result import Result
 
 Progress = Callable[[int, int], None]
 
@@ -117,7 +117,7 @@ class HiresSettings:
 
 
 def _check_model(pipe: Pipeline) -> None:
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
     model = pipe.model
     if not isinstance(model, LatentDiffusionModel):
@@ -131,24 +131,14 @@ def _check_model(pipe: Pipeline) -> None:
 
 def _latent_pass(pipe: Pipeline, request: GenerationRequest, upscaled: torch.Tensor, strength: float,
                  progress: Progress | None) -> tuple[list[Image.Image], dict[str, str]]:
-    """img2img from latents (the latent upscalers' second pass): noise them to the level of
-    the first step the strength leaves, then run the remaining steps."""
-    from aipaint.pipeline import initial_noise
+    """img2img from latents (the latent upscalers' second pass): the core's engine noises them
+    to the level of the first step the strength leaves and runs the remaining steps."""
+    from aipaint.engine.modes import LatentImg2Img
+    from aipaint.engine.run import generate
 
-    model = pipe.model
-    with pipe.activate(request) as (prepared, contributors, info):
-        plan = prepared.plan
-        start = plan.start_index(strength)
-        if start >= plan.total_steps:
-            raise InvalidParameter("denoising_strength", strength, f"runs no step of {plan.total_steps} hires steps",
-                                   "raise the strength or the hires steps")
-        if hasattr(pipe, "noise"):  # the seed's noise with A1111's variation seed, where the core has it
-            noise = pipe.noise(prepared)
-        else:
-            noise = initial_noise(prepared.request.seeds, prepared.latent_shape, prepared.generators)
-        noised = plan.noised_latents(upscaled.to(model.device, model.dtype), noise.to(model.device, model.dtype), start)
-        latents = pipe.run_loop(prepared, noised, contributors, start=start, progress=progress)
-    return pipe.decode(latents), info
+    result = generate(pipe.model, pipe.check(request), host=pipe.host, progress=progress,
+                      mode=LatentImg2Img(upscaled, strength))
+    return list(result.images), dict(result.added_parameters)
 
 
 def hires_pass(
@@ -241,16 +231,12 @@ def _is_set(request: GenerationRequest, name: str) -> bool:
 
 def _txt2img_keeping_latents(pipe: Pipeline, request: GenerationRequest,
                              progress: Progress | None) -> tuple[Result, torch.Tensor]:
-    """The first pass as ``Pipeline.generate`` runs txt2img, but it returns the final latents
-    instead of decoding them: the result carries the seeds and infotexts, and no images.
-    (``generate``'s extra contributors serve inpainting models only, which hires fix refuses.)"""
-    started = time.perf_counter()
-    with pipe.activate(request) as (prepared, contributors, info):
-        noise = pipe.noise(prepared)
-        latents = prepared.plan.initial_latents(noise).to(pipe.model.device, pipe.model.dtype)
-        latents = pipe.run_loop(prepared, latents, contributors, progress=progress)
-    elapsed = time.perf_counter() - started
-    return pipe.make_result(prepared.request, [], info, {"denoise": elapsed, "total": elapsed}), latents
+    """The first pass as ``Pipeline.generate`` runs txt2img, but it keeps the final latents
+    instead of decoding them: the result carries the seeds and infotexts, and no images."""
+    from aipaint.engine.run import generate
+
+    result = generate(pipe.model, pipe.check(request), host=pipe.host, progress=progress, decode=False)
+    return result, result.latents
 
 
 def hires_fix(
@@ -266,8 +252,8 @@ def hires_fix(
     ``hires_steps=0``, ``denoising_strength=0.6``, ``resize_to=(w, h)``, …). The result keeps
     the base request and records the hires settings in its PNG parameters.
     """
+    from aipaint.api.result import Result
     from aipaint.postprocess import merge_infotext
-    from aipaint.result import Result
 
     hires = HiresSettings(**settings)
     started = time.perf_counter()

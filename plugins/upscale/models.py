@@ -74,7 +74,7 @@ def resolve_weights(name: str | os.PathLike[str], folder: Path | None = None, *,
     except InvalidParameter:
         if library.files():  # an ambiguous or malformed name; only an empty folder may defer to the zoo
             raise
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     card = zoo.find(name)
     if card is not None and card.family in ZOO_FAMILIES:

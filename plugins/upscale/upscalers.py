@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aipaint_plugins.upscale.models import load_image_model, resolve_weights, upscaler_dir, weight_files
 
 from aipaint.errors import InvalidParameter, UnknownName, UnsupportedFeature
-from aipaint.registry import Catalogue
+from aipaint.plugin.registry import Catalogue
 
 if TYPE_CHECKING:
     import torch

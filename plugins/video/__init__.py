@@ -10,7 +10,7 @@ from aipaint import hookimpl
 
 @hookimpl(tryfirst=True)  # before the plugins that add their generation options to it
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli import _add_generation_options, _add_model_options, mark_generation_command
+    from aipaint.cli.main import _add_generation_options, _add_model_options, mark_generation_command
 
     p = subparsers.add_parser(
         "video", help="stylise a video (or GIF, or frame folder) frame by frame with img2img",
@@ -41,7 +41,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
     from aipaint_plugins.video.stylize import FrameSink, check_settings, open_frames, stylize_file
 
-    from aipaint.cli import _generation_request, _load, _progress_bar
+    from aipaint.cli.main import _generation_request, _load, _progress_bar
 
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_name(f"{source.stem}-styled{source.suffix or ''}")

@@ -209,7 +209,7 @@ class FrameSink:
         elif frame.size != self._size:
             frame = frame.resize(self._size)
         if self.suffix == "":
-            from aipaint.result import save_png
+            from aipaint.api.result import save_png
 
             save_png(frame, self.path / f"frame-{self.count:05d}.png", parameters or None)
         elif self.suffix == ".gif":
@@ -326,12 +326,12 @@ def stylize_frames(
 
     ``temporal`` (0 to <1): how much of each frame's starting image is the previous stylised
     frame, warped onto it along the input's optical flow. ``request``: a
-    :class:`aipaint.params.GenerationRequest` to take every other setting from (the CLI's);
+    :class:`aipaint.api.request.GenerationRequest` to take every other setting from (the CLI's);
     ``params`` are its fields otherwise (``steps``, ``cfg_scale``, ``seed``, ``width``, …).
     One seed serves every frame (a random one when none is given); ``seed_step=1`` gives frame
     ``i`` the seed ``seed + i`` instead (a livelier, "boiling" look). ``total`` (the number of
     frames, when known) goes into each frame's ``Video frame: i/total`` entry."""
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     check_settings(denoising_strength, temporal)
     base = request if request is not None else GenerationRequest(prompt=prompt)
@@ -345,7 +345,7 @@ def stylize_frames(
 
 def _paint(pipe: Pipeline, frames: Iterable[Image.Image], base: Any, temporal: float, seed_step: int,
            total: int | None) -> Iterator[StyledFrame]:
-    from aipaint.params import MAX_SEED
+    from aipaint.api.request import MAX_SEED
 
     factor = pipe.model.vae_scale_factor
     previous_in: Image.Image | None = None
@@ -368,7 +368,7 @@ def _paint(pipe: Pipeline, frames: Iterable[Image.Image], base: Any, temporal: f
 
 def _frame_units(units: Sequence[Any], frame: Image.Image) -> tuple[Any, ...]:
     """``units`` with every ``image`` that is :data:`FRAME` replaced by ``frame``."""
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
 
     return tuple(AdapterUnit(unit.kind, {**unit.options, "image": frame})
                  if isinstance(unit.options.get("image"), str) and unit.options["image"] == FRAME else unit

@@ -16,7 +16,7 @@ Command = Callable[[argparse.Namespace], int]
 
 # Core command groups that live in their own modules; each has register_commands(subparsers).
 # Plugins add theirs through the register_commands hook.
-CORE_COMMAND_MODULES: tuple[str, ...] = ("aipaint.cli_image",)
+CORE_COMMAND_MODULES: tuple[str, ...] = ("aipaint.cli.images",)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -183,26 +183,27 @@ ADAPTER_UNIT_BUILDERS = "adapter_unit_builders"
 
 def add_adapter_unit_builder(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, dict[str, str]], list[Any]]) -> None:
     """Let a plugin that added options to a generation command (e.g. ``--controlnet``) turn them into
-    adapter units: ``build(args, png_params)`` returns :class:`aipaint.adapters.AdapterUnit` objects;
+    adapter units: ``build(args, png_params)`` returns :class:`aipaint.plugin.adapters.AdapterUnit` objects;
     ``png_params`` are the parameters recorded in ``--from-png``'s PNG (empty without it)."""
     parser.set_defaults(**{ADAPTER_UNIT_BUILDERS: [*(parser.get_default(ADAPTER_UNIT_BUILDERS) or []), build]})
 
 
-REQUEST_EXTRA_BUILDERS = "request_extra_builders"
+REQUEST_OPTIONS_BUILDERS = "request_options_builders"
 
 
-def add_request_extra_builder(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, dict[str, str]], dict[str, Any]]) -> None:
+def add_request_options_builder(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace, dict[str, str]], dict[str, Any]]) -> None:
     """Let a plugin that added options to a generation command (e.g. ``--lora-dir``) pass them to its
-    adapter: ``build(args, png_params)`` returns entries for :attr:`aipaint.params.GenerationRequest.extra`
-    (empty when its options were not given); ``png_params`` as for :func:`add_adapter_unit_builder`."""
-    parser.set_defaults(**{REQUEST_EXTRA_BUILDERS: [*(parser.get_default(REQUEST_EXTRA_BUILDERS) or []), build]})
+    typed option group: ``build(args, png_params)`` returns ``{namespace: {field: value}}`` for
+    :attr:`aipaint.api.request.GenerationRequest.options` (empty when its options were not given);
+    ``png_params`` as for :func:`add_adapter_unit_builder`."""
+    parser.set_defaults(**{REQUEST_OPTIONS_BUILDERS: [*(parser.get_default(REQUEST_OPTIONS_BUILDERS) or []), build]})
 
 
 def _available_here(card: Any) -> str | None:
     """Why the zoo model ``card`` cannot be loaded here without a download, or None when it can."""
     from pathlib import Path
 
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     if card.family not in _host().registry.families:
         return f"it needs the model family {card.family!r}, which no installed plugin provides"
@@ -231,7 +232,7 @@ def _available_here(card: Any) -> str | None:
 def _model_from_png(args: argparse.Namespace, params: dict[str, str]) -> None:
     """``--from-png`` without ``-m``: use the model the PNG names when it is a zoo model available here,
     else keep the default and say on stderr which model the PNG names."""
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     name = params.get("Model", "").strip()
     digest = params.get("Model hash", "").strip().lower()
@@ -304,18 +305,21 @@ def _generation_request(args: argparse.Namespace) -> Any:
     if units:
         kwargs["adapters"] = (*kwargs.get("adapters", ()), *units)
     # --allow-pickle is the user's opt-in for every file of this run, so it reaches the adapters too.
-    extra: dict[str, Any] = {"allow_pickle": True} if args.allow_pickle else {}
-    for build in getattr(args, REQUEST_EXTRA_BUILDERS, None) or ():
-        extra.update(build(args, png_params))
-    if extra:
-        kwargs["extra"] = {**kwargs.get("extra", {}), **extra}
+    if args.allow_pickle:
+        kwargs["allow_pickle"] = True
+    options: dict[str, dict[str, Any]] = {}
+    for build in getattr(args, REQUEST_OPTIONS_BUILDERS, None) or ():
+        for namespace, values in build(args, png_params).items():
+            options.setdefault(namespace, {}).update(values)
+    if options:
+        kwargs["options"] = options
     return _checked_request(kwargs)
 
 
 def _checked_request(kwargs: dict[str, Any]) -> Any:
     """The request, validated, with its sampler and schedule names checked against the installed
     samplers too: all that can be checked before the model loads (its defaults fill the rest)."""
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
     request = GenerationRequest(**kwargs)
     samplers = _host().registry.samplers
@@ -356,7 +360,7 @@ def run_and_save(args: argparse.Namespace, generate: Callable[[Any, Any], Any], 
     then the ``--post`` chain, then the files, one path a line. The chain and, for ``images``
     files, the output path (``-o``, ``--overwrite``) are checked before the model loads;
     ``images=None`` leaves the output to be checked when the files are written."""
-    from aipaint.result import output_path
+    from aipaint.api.result import output_path
 
     post = _post_chain(getattr(args, "post", None) or [], args.allow_pickle)
     if images is not None:
@@ -407,7 +411,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _host():
-    from aipaint.plugins import default_host
+    from aipaint.plugin.host import default_host
 
     return default_host()
 
@@ -437,7 +441,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from aipaint import zoo
+    from aipaint.models import zoo
 
     for card in zoo.cards():
         marker = " (default)" if card.id == zoo.DEFAULT_MODEL else ""
@@ -446,8 +450,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:
+    from aipaint.api.request import MAX_PROMPT_CHARS, STEPS_RANGE
     from aipaint.errors import InvalidParameter
-    from aipaint.params import MAX_PROMPT_CHARS, STEPS_RANGE
     from aipaint.prompt import describe, parse_midjourney, parse_prompt
 
     text = args.prompt
@@ -474,8 +478,8 @@ def cmd_prompt(args: argparse.Namespace) -> int:
             steps = mj.steps
     tokenizer = None
     if not args.no_tokens:
-        from aipaint import zoo
         from aipaint.loading import resolve_source
+        from aipaint.models import zoo
 
         source = resolve_source(args.model or zoo.DEFAULT_MODEL, allow_pickle=args.allow_pickle)
         from transformers import CLIPTokenizer
@@ -552,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module_name in CORE_COMMAND_MODULES:
         importlib.import_module(module_name).register_commands(sub)
-    from aipaint.plugins import create_plugin_host
+    from aipaint.plugin.host import create_plugin_host
 
     create_plugin_host(run_registration=False).hook.register_commands(subparsers=sub)
     return parser

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aipaint.families import GenerativeModel
+from aipaint.models.family import GenerativeModel
 
 if TYPE_CHECKING:
-    from aipaint.denoise import LoopContributor
-    from aipaint.params import GenerationRequest
-    from aipaint.plugins import PluginHost
+    from aipaint.engine.loop import LoopContributor
+    from aipaint.api.request import GenerationRequest
+    from aipaint.plugin.host import PluginHost
     from aipaint.prompt import ParsedPrompt
-    from aipaint.result import Result
+    from aipaint.api.result import Result
 
 
 @dataclass
@@ -151,7 +151,7 @@ class LatentDiffusionModel(GenerativeModel):
     def model_hash(self) -> str:
         """A1111's short hash ("AutoV2"): the first 10 hex digits of the weights' sha256."""
         if self._hash is None:
-            from aipaint.hashing import sha256_file
+            from aipaint.plugin.kit.hashing import sha256_file
 
             path = self.hash_path or self.source_path
             self._hash = sha256_file(path)[:10] if path is not None and path.is_file() else ""

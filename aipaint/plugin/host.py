@@ -17,9 +17,9 @@ from typing import Any
 
 import pluggy
 
-from aipaint import hookspecs
+from aipaint.plugin import hookspecs
 from aipaint.errors import AipaintWarning
-from aipaint.registry import Registry
+from aipaint.plugin.registry import Registry
 
 ENTRY_POINT_GROUP = "aipaint"
 BUILTIN_PREFIX = "aipaint_plugins."
@@ -103,13 +103,13 @@ def create_plugin_host(
 
 
 def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None:
-    from aipaint.adapters import AdapterSpec
-    from aipaint.families import ModelFamily
-    from aipaint.options import OptionGroup
+    from aipaint.plugin.adapters import AdapterSpec
+    from aipaint.models.family import ModelFamily
+    from aipaint.api.options import OptionGroup
     from aipaint.postprocess import PostProcessorSpec
-    from aipaint.preprocess import PreprocessorSpec
-    from aipaint.runtimes import RuntimeSpec
-    from aipaint.samplers import SamplerSpec
+    from aipaint.plugin.preprocess import PreprocessorSpec
+    from aipaint.plugin.runtimes import RuntimeSpec
+    from aipaint.engine.samplers import SamplerSpec
 
     phases = [
         ("register_models", registry.families, ModelFamily),

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aipaint.params import MAX_SEED
+from aipaint.api.request import MAX_SEED
 
 if TYPE_CHECKING:
-    from aipaint.params import GenerationRequest
+    from aipaint.api.request import GenerationRequest
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ match the hooks below. Built-in plugins (``plugins/`` in the source tree, instal
 third-party package declares its own.
 
 Registration hooks receive a ``register`` callback. Validation, aliases and duplicate
-checks live in that one callback (see :mod:`aipaint.registry`), so plugins stay small.
+checks live in that one callback (see :mod:`aipaint.plugin.registry`), so plugins stay small.
 Hooks may gain arguments in later versions; none is ever renamed or removed.
 """
 
@@ -20,13 +20,13 @@ import pluggy
 if TYPE_CHECKING:
     import argparse
 
-    from aipaint.adapters import AdapterSpec
-    from aipaint.families import ModelFamily, ModelSource
-    from aipaint.options import OptionGroup
+    from aipaint.plugin.adapters import AdapterSpec
+    from aipaint.models.family import ModelFamily, ModelSource
+    from aipaint.api.options import OptionGroup
     from aipaint.postprocess import PostProcessorSpec
-    from aipaint.preprocess import PreprocessorSpec
-    from aipaint.runtimes import RuntimeSpec
-    from aipaint.samplers import SamplerSpec
+    from aipaint.plugin.preprocess import PreprocessorSpec
+    from aipaint.plugin.runtimes import RuntimeSpec
+    from aipaint.engine.samplers import SamplerSpec
 
 PROJECT_NAME = "aipaint"
 
@@ -41,8 +41,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def register_models(register: Callable[[ModelFamily], None]) -> None:
     """Register model families (Stable Diffusion 1.5, SDXL, …).
 
-    Call ``register(family)`` once per :class:`aipaint.families.ModelFamily`. A family
-    loads weights into a :class:`aipaint.model.LatentDiffusionModel` (or another model
+    Call ``register(family)`` once per :class:`aipaint.models.family.ModelFamily`. A family
+    loads weights into a :class:`aipaint.models.latent.LatentDiffusionModel` (or another model
     object its own pipeline understands) and says which inputs it can load.
     """
 
@@ -51,7 +51,7 @@ def register_models(register: Callable[[ModelFamily], None]) -> None:
 def register_samplers(register: Callable[[SamplerSpec], None]) -> None:
     """Register samplers under their user-facing names (``"Euler a"``, ``"DPM++ 2M"``).
 
-    Call ``register(spec)`` with a :class:`aipaint.samplers.SamplerSpec`: either a
+    Call ``register(spec)`` with a :class:`aipaint.engine.samplers.SamplerSpec`: either a
     scheduler factory (a diffusers scheduler class and config overrides) or a
     function-style sampler ``fn(denoiser, x, sigmas, *, noise_sampler, callback)`` in the
     manner of k-diffusion. The core adapts both kinds to one interface.
@@ -62,7 +62,7 @@ def register_samplers(register: Callable[[SamplerSpec], None]) -> None:
 def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     """Register adapters (LoRA, ControlNet, textual inversion, …).
 
-    Call ``register(spec)`` with an :class:`aipaint.adapters.AdapterSpec`. Adapters
+    Call ``register(spec)`` with an :class:`aipaint.plugin.adapters.AdapterSpec`. Adapters
     contribute to generation only through the narrow seams of the denoise loop
     (conditioning, extra UNet inputs, reversible weight patches).
     """
@@ -80,11 +80,11 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 def register_preprocessors(register: Callable[[PreprocessorSpec], None]) -> None:
     """Register image preprocessors for control adapters (``canny``, ``depth``, ``openpose``, …).
 
-    Call ``register(spec)`` with an :class:`aipaint.preprocess.PreprocessorSpec`. A
+    Call ``register(spec)`` with an :class:`aipaint.plugin.preprocess.PreprocessorSpec`. A
     preprocessor turns a user's image into the map a ControlNet (or a similar adapter)
     was trained on. One that needs weights should check for them when it runs and raise
     :class:`aipaint.errors.MissingWeights` naming the file (see
-    :func:`aipaint.preprocess.find_weights`), never fall back to another algorithm.
+    :func:`aipaint.plugin.preprocess.find_weights`), never fall back to another algorithm.
     """
 
 
@@ -92,7 +92,7 @@ def register_preprocessors(register: Callable[[PreprocessorSpec], None]) -> None
 def register_runtimes(register: Callable[[RuntimeSpec], None]) -> None:
     """Register runtimes that execute the heavy networks (torch, ONNX Runtime, TensorRT).
 
-    Call ``register(spec)`` with an :class:`aipaint.runtimes.RuntimeSpec`.
+    Call ``register(spec)`` with an :class:`aipaint.plugin.runtimes.RuntimeSpec`.
     """
 
 
@@ -101,7 +101,7 @@ def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
     """Register the typed option groups a plugin reads from generation requests.
 
     Call ``register(cls)`` with a frozen dataclass subclassing
-    :class:`aipaint.options.OptionGroup` whose ``namespace`` is unique (usually the plugin's
+    :class:`aipaint.api.options.OptionGroup` whose ``namespace`` is unique (usually the plugin's
     name). Users set them as ``options={"<namespace>": {...}}`` in Python and the HTTP API, or
     ``--option <namespace>.<field>=<value>`` on the command line; the core converts and checks
     them once, and an unknown namespace or field is an error naming the close matches. Read
@@ -120,7 +120,7 @@ def identify_model_family(source: ModelSource) -> str | None:
     you are sure of (e.g. a diffusers folder whose ``model_index.json`` names your
     pipeline class, or a single-file checkpoint whose keys you recognise). Families that
     want a say without a hook implementation can instead implement
-    :meth:`aipaint.families.ModelFamily.identify`.
+    :meth:`aipaint.models.family.ModelFamily.identify`.
     """
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aipaint.engine.samplers import SCHEDULES, SamplerSpec
 from aipaint.errors import PluginError
-from aipaint.samplers import SCHEDULES, SamplerSpec
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 """``model_fn(scaled_latents, timestep, step_index) -> raw model output`` (eps or v)."""

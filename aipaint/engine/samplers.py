@@ -11,7 +11,7 @@ A plugin registers a :class:`SamplerSpec` of one of two kinds:
   noise schedule; eps/v-prediction differences are handled by the denoiser wrapper here,
   never inside the sampler.
 
-Both become a :class:`aipaint.sampling_plans.SamplingPlan` with the same methods.
+Both become a :class:`aipaint.engine.plans.SamplingPlan` with the same methods.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from aipaint.errors import InvalidParameter
 if TYPE_CHECKING:
     import torch
 
-    from aipaint.sampling_plans import SamplingPlan
+    from aipaint.engine.plans import SamplingPlan
 
 SCHEDULES: dict[str, dict[str, Any]] = {
     "Automatic": {},
@@ -76,7 +76,7 @@ class SamplerSpec:
         seeds: Sequence[int] = (),
     ) -> SamplingPlan:
         """A plan for ``steps`` steps over the model's noise schedule (``scheduler_config``)."""
-        from aipaint.sampling_plans import FunctionPlan, SchedulerPlan
+        from aipaint.engine.plans import FunctionPlan, SchedulerPlan
 
         schedule = self.check_schedule(schedule)
         if self.kind == "scheduler":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from aipaint.api.options import G, normalise_options, option_group, resolve_options
 from aipaint.errors import InvalidParameter
 
 MAX_SEED = 2**32 - 1
@@ -19,6 +20,7 @@ SIZE_RANGE = (16, 4096)
 STEPS_RANGE = (1, 1000)
 CFG_RANGE = (1.0, 30.0)
 BATCH_RANGE = (1, 64)
+MAX_IMAGE_PROMPTS = 5
 CLIP_SKIP_RANGE = (1, 12)
 MAX_PROMPT_CHARS = 20_000  # emphasis parsing is quadratic in unclosed brackets (as in A1111)
 NORMALIZATIONS = ("a1111", "none")
@@ -70,12 +72,21 @@ class GenerationRequest:
     skip_early_cfg: float = 0.0  # A1111's "Ignore negative prompt during early sampling" (0-1)
     emphasis: str | None = None  # "a1111" (A1111's "Original") or "none" ("No norm"); None: the model's
     adapters: tuple[Any, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Plugins' typed option groups (see aipaint.api.options): option groups, or mappings by
+    # namespace that Pipeline.generate turns into them ({"sdxl": {"aesthetic_score": 6}}).
+    options: Any = None
+    # The one security opt-in: load pickle-based files (.ckpt/.pt/.bin) that this job names
+    # (LoRAs, embeddings, ControlNets, upscalers), through torch.load(weights_only=True) only.
+    allow_pickle: bool = False
+    # Image prompts (unCLIP): one image asks for variations of it, 2-5 for a blend, mixed by
+    # ``image_prompt_weights`` (equal when empty). Stored loaded, as RGB images.
+    image_prompts: tuple[Any, ...] = ()
+    image_prompt_weights: tuple[float, ...] = ()
     # A1111's refiner: a second loaded model (Pipeline or model) that takes over the loop at
     # the first step past ``refiner_switch_at`` of the noise schedule.
     refiner: Any = None
     refiner_switch_at: float = 0.8
-    # Image-conditioned modes (A1111's img2img tab; see aipaint.image_modes). ``init_image``
+    # Image-conditioned modes (A1111's img2img tab; see aipaint.engine.modes). ``init_image``
     # and ``mask`` accept a PIL image, numpy array or path and are stored loaded: the image
     # as RGB, the mask as a binary ``L`` image (see aipaint.imageutil for the threshold).
     # ``None`` strength and blur take the mode's default (0.75 and 4; outpainting 1.0 and 8).
@@ -89,7 +100,7 @@ class GenerationRequest:
     inpainting_fill: str = "original"
     inpaint_full_res: bool = False  # "Inpaint area: Only masked"
     inpaint_full_res_padding: int = 32
-    # Outpainting (see aipaint.image_modes.outpaint): with an ``init_image``, any side above 0
+    # Outpainting (see aipaint.engine.modes.outpaint): with an ``init_image``, any side above 0
     # makes the request an outpainting one; the image is extended by these pixels and
     # ``outpaint_fill`` starts the new area.
     outpaint_left: int = 0
@@ -97,7 +108,7 @@ class GenerationRequest:
     outpaint_right: int = 0
     outpaint_bottom: int = 0
     outpaint_fill: str = "edge"
-    # A1111's seed extras (see aipaint.noise): variation seed (-1 = random) and strength,
+    # A1111's seed extras (see aipaint.engine.noise): variation seed (-1 = random) and strength,
     # and "resize seed from" width/height (0 = off).
     subseed: int = -1
     subseed_strength: float = 0.0
@@ -141,8 +152,10 @@ class GenerationRequest:
             raise InvalidParameter("refiner_switch_at", self.refiner_switch_at, "must be a number above 0 and at most 1",
                                    "the fraction of the noise schedule the main model runs before the refiner")
         self._check_image_fields()
-        if not isinstance((self.extra or {}).get("allow_pickle", False), bool):  # "no" must never read as yes
-            raise InvalidParameter("extra['allow_pickle']", self.extra["allow_pickle"], "must be True or False")
+        self._check_image_prompts()
+        object.__setattr__(self, "options", normalise_options(self.options))
+        if not isinstance(self.allow_pickle, bool):
+            raise InvalidParameter("allow_pickle", self.allow_pickle, "must be True or False")
         if self.emphasis is not None and self.emphasis not in NORMALIZATIONS:
             raise InvalidParameter("emphasis", self.emphasis, f"must be one of {', '.join(NORMALIZATIONS)}")
         for name in ("sampler", "schedule"):
@@ -183,8 +196,61 @@ class GenerationRequest:
             imageutil.check_mask(imageutil.invert_mask(mask) if self.inpainting_mask_invert else mask, self.init_image.size)
             object.__setattr__(self, "mask", mask)
 
+    def _check_image_prompts(self) -> None:
+        if not isinstance(self.image_prompts, (tuple, list)):
+            raise InvalidParameter("image_prompts", self.image_prompts, "must be a list of images")
+        if not isinstance(self.image_prompt_weights, (tuple, list)):
+            raise InvalidParameter("image_prompt_weights", self.image_prompt_weights, "must be a list of numbers")
+        if not self.image_prompts:
+            if self.image_prompt_weights:
+                raise InvalidParameter("image_prompt_weights", self.image_prompt_weights, "needs image_prompts to weigh")
+            return
+        if len(self.image_prompts) > MAX_IMAGE_PROMPTS:
+            raise InvalidParameter("image_prompts", f"<{len(self.image_prompts)} images>",
+                                   f"must be 1 (variations) to {MAX_IMAGE_PROMPTS} (a blend) images")
+        if self.init_image is not None:
+            raise InvalidParameter("image_prompts", f"<{len(self.image_prompts)} images>",
+                                   "cannot be combined with init_image (img2img/inpaint)")
+        from aipaint import imageutil
+
+        images = tuple(imageutil.load_image(image, what="image prompt") for image in self.image_prompts)
+        object.__setattr__(self, "image_prompts", images)
+        weights = tuple(self.image_prompt_weights)
+        if weights:
+            if len(weights) != len(images):
+                raise InvalidParameter("image_prompt_weights", weights, f"must give one weight per image ({len(images)})")
+            for weight in weights:
+                _check_range("image_prompt_weights", weight, 0.0, 1e6, float)
+            if not sum(weights) > 0:
+                raise InvalidParameter("image_prompt_weights", weights, "must not all be 0")
+        object.__setattr__(self, "image_prompt_weights", tuple(float(w) for w in weights))
+
+    @property
+    def mode(self) -> str:
+        """What the request asks for: ``outpaint``, ``inpaint``, ``img2img``, ``variations``,
+        ``blend`` or ``txt2img`` (the capability a model needs for it)."""
+        if self.outpaints:
+            return "outpaint"
+        if self.init_image is not None:
+            return "inpaint" if self.mask is not None else "img2img"
+        if self.image_prompts:
+            return "blend" if len(self.image_prompts) > 1 else "variations"
+        return "txt2img"
+
+    def option(self, cls: type[G]) -> G:
+        """The option group ``cls`` of this request: the one given, or its defaults."""
+        return option_group(self.options, cls)
+
+    def with_typed_options(self, known: Any) -> GenerationRequest:
+        """This request with every option group typed against ``known`` (the registry's option
+        catalogue, or a mapping of namespace to class): unknown ones are errors."""
+        if not self.options:
+            return self
+        catalogue = {name: known.get(name) for name in known.names()} if hasattr(known, "names") else dict(known)
+        return dataclasses.replace(self, options=resolve_options(self.options, catalogue))
+
     def with_defaults(self, defaults: Any) -> GenerationRequest:
-        """Fill ``None`` fields from a :class:`aipaint.model.ModelDefaults`."""
+        """Fill ``None`` fields from a :class:`aipaint.models.latent.ModelDefaults`."""
         fill = {
             name: getattr(defaults, name)
             for name in ("steps", "cfg_scale", "sampler", "schedule", "width", "height", "guidance_rescale", "emphasis")

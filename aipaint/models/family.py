@@ -19,9 +19,9 @@ from aipaint.errors import ModelLoadError, UnsupportedFeature
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from aipaint.params import GenerationRequest
-    from aipaint.plugins import PluginHost
-    from aipaint.result import Result
+    from aipaint.api.request import GenerationRequest
+    from aipaint.plugin.host import PluginHost
+    from aipaint.api.result import Result
 
 CAPABILITIES: dict[str, str] = {
     "txt2img": "text to image",
@@ -39,10 +39,10 @@ CAPABILITIES: dict[str, str] = {
 class GenerativeModel:
     """What :meth:`ModelFamily.load` returns: a loaded model that runs generation requests.
 
-    Subclasses set ``family``, ``name``, ``defaults`` (an :class:`aipaint.model.ModelDefaults`)
+    Subclasses set ``family``, ``name``, ``defaults`` (an :class:`aipaint.models.latent.ModelDefaults`)
     and ``capabilities`` (names from :data:`CAPABILITIES`), and implement :meth:`generate`.
     Latent diffusion models (SD 1.5, SDXL, Stable unCLIP) subclass
-    :class:`aipaint.model.LatentDiffusionModel`, whose ``generate`` is the core's engine.
+    :class:`aipaint.models.latent.LatentDiffusionModel`, whose ``generate`` is the core's engine.
     """
 
     family: str = ""

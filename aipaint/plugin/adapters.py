@@ -3,7 +3,7 @@
 An adapter joins a generation when the prompt carries one of its tags (``<lora:…>``)
 or the request lists a unit for it (``AdapterUnit("controlnet", {...})``). While
 active it may patch weights (reversibly: restore them when the context exits) and add
-:class:`aipaint.denoise.LoopContributor` objects to the loop.
+:class:`aipaint.engine.loop.LoopContributor` objects to the loop.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aipaint.denoise import LoopContributor
-    from aipaint.model import LatentDiffusionModel
-    from aipaint.params import GenerationRequest
+    from aipaint.engine.loop import LoopContributor
+    from aipaint.models.latent import LatentDiffusionModel
+    from aipaint.api.request import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class AdapterContext:
     height: int = 0
     width: int = 0
     options: dict[str, Any] = field(default_factory=dict)
-    host: Any = None  # the aipaint.plugins.PluginHost of the pipeline (its registry: preprocessors, …)
+    host: Any = None  # the aipaint.plugin.host.PluginHost of the pipeline (its registry: preprocessors, …)
 
 
 @dataclass

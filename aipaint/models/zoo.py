@@ -107,7 +107,7 @@ def get(model_id: str) -> ModelCard:
 def _verify(path: Path, sha256: str | None) -> None:
     if not sha256:
         return
-    from aipaint.hashing import sha256_bytes
+    from aipaint.plugin.kit.hashing import sha256_bytes
 
     actual = sha256_bytes(path)  # every byte: the cached hash would miss an edit that kept the mtime
     if actual.lower() != sha256.lower():

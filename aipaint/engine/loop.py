@@ -1,7 +1,7 @@
 """The denoise loop for CLIP-conditioned latent models, and the seams adapters use.
 
 One function, read as numbered steps. Samplers decide *how* to step (see
-:mod:`aipaint.samplers`); this module decides *what* the model is asked at each step:
+:mod:`aipaint.engine.samplers`); this module decides *what* the model is asked at each step:
 which conditioning is in force (prompt editing, alternation, ``AND``), classifier-free
 guidance, and what adapters add (:class:`LoopContributor`).
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from aipaint.model import Conditioning, LatentDiffusionModel
-from aipaint.sampling_plans import SamplingPlan
+from aipaint.engine.plans import SamplingPlan
+from aipaint.models.latent import Conditioning, LatentDiffusionModel
 
 
 @dataclass

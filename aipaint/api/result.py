@@ -134,6 +134,12 @@ class Result:
     infotexts: list[str]
     request: Any
     timings: dict[str, float] = field(default_factory=dict)
+    # The final latents (N × C × h × w) before decoding, where the model has them: what a
+    # second pass (hires fix) continues from without a VAE round trip.
+    latents: Any = field(default=None, repr=False, compare=False)
+    # The PNG parameters that adapters, the family and the mode added to the core ones
+    # (e.g. "Lora hashes", "Denoising strength"), as one mapping for all images.
+    added_parameters: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image(self) -> Image.Image:

@@ -1,7 +1,7 @@
 """Runtimes: what executes the UNet, the VAE and the text encoder.
 
 A runtime's ``prepare(model, options)`` swaps the callables a
-:class:`aipaint.model.LatentDiffusionModel` exposes (``unet_call``, ``vae_decode_call``,
+:class:`aipaint.models.latent.LatentDiffusionModel` exposes (``unet_call``, ``vae_decode_call``,
 ``vae_encode_call``) for its own, so the denoise loop never knows what runs beneath it.
 ``unavailable()`` returns ``None`` when the runtime can run here, or a sentence saying
 what is missing (e.g. "the tensorrt package is not installed").
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aipaint.model import LatentDiffusionModel
+    from aipaint.models.latent import LatentDiffusionModel
 
 
 def _always_available() -> str | None:

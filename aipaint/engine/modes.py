@@ -1,6 +1,6 @@
-"""img2img, inpainting and outpainting, on top of the txt2img loop.
+"""The modes of a generation: how each starts the loop and finishes the picture.
 
-What the modes add to txt2img, following A1111 (modules/processing.py,
+txt2img starts from pure noise and runs every step. What the image modes add to it, following A1111 (modules/processing.py,
 ``StableDiffusionProcessingImg2Img``) and diffusers (``StableDiffusionImg2ImgPipeline``,
 ``StableDiffusionInpaintPipeline``):
 
@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,15 +38,13 @@ import torch
 from PIL import Image
 
 from aipaint import imageutil
-from aipaint.denoise import LoopContributor
+from aipaint.api.request import OUTPAINT_SIDES, SIZE_RANGE, STEPS_RANGE, GenerationRequest
+from aipaint.engine.loop import LoopContributor
+from aipaint.engine.plans import SamplingPlan
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.params import OUTPAINT_SIDES, SIZE_RANGE, STEPS_RANGE, GenerationRequest
-from aipaint.sampling_plans import SamplingPlan
 
 if TYPE_CHECKING:
-    from aipaint.model import LatentDiffusionModel
-    from aipaint.pipeline import Pipeline, PreparedRun, Progress
-    from aipaint.result import Result
+    from aipaint.models.latent import LatentDiffusionModel
 
 DEFAULT_STRENGTH, DEFAULT_MASK_BLUR = 0.75, 4  # A1111's img2img tab
 OUTPAINT_STRENGTH, OUTPAINT_MASK_BLUR = 1.0, 8
@@ -102,14 +99,6 @@ def needs_inpaint_channels(model: LatentDiffusionModel) -> bool:
             f"{model.latent_channels} (ordinary) and {2 * model.latent_channels + 1} (inpainting) models"
         )
     return extra > 0
-
-
-def txt2img_contributors(model: LatentDiffusionModel, prepared: PreparedRun) -> list[LoopContributor]:
-    """An inpainting model asked for txt2img repaints everything (A1111's dummy conditioning)."""
-    if not needs_inpaint_channels(model):
-        return []
-    request = prepared.request
-    return [repaint_everything(model, request.height, request.width, request.batch_size)]
 
 
 def repaint_everything(model: LatentDiffusionModel, height: int, width: int, batch: int) -> InpaintChannels:
@@ -236,73 +225,6 @@ class InpaintLayout:
         return final.crop(self.result_box) if self.result_box else final
 
 
-# --- the run ---------------------------------------------------------------------------------
-def generate_from_image(
-    pipe: Pipeline,
-    request: GenerationRequest,
-    progress: Progress | None = None,
-    *,
-    layout: InpaintLayout | None = None,
-    mode_infotext: Mapping[str, Any] | None = None,
-) -> Result:
-    """Run an img2img or inpainting request (``request.init_image`` set, ``request.mask`` optional).
-
-    ``layout`` replaces the one the request's mask options describe, and ``mode_infotext``
-    adds to its PNG parameters (both outpainting's own).
-    """
-    started = time.perf_counter()
-    model = pipe.model
-    # 1. Sizes, defaults and seeds (fixed here, so the result records them); the plan may
-    #    be longer than the steps asked for.
-    request = with_mode_defaults(request, DEFAULT_STRENGTH, DEFAULT_MASK_BLUR)
-    request = with_image_size(request, size_grid(model)).with_defaults(model.defaults).with_seed()
-    total = img2img_schedule(request.steps, request.denoising_strength, request.img2img_exact_steps)
-    run_request = dataclasses.replace(request, steps=total) if total != request.steps else request
-    # 2. What is generated where: the working image and mask, and how the result goes back.
-    if layout is None and request.mask is not None:
-        layout = InpaintLayout.from_request(request)
-    if layout is not None:
-        work_image = layout.work_image
-    else:
-        work_image = imageutil.resize_image(request.init_image, request.width, request.height, request.resize_mode)
-    if layout and request.inpainting_fill != "original":
-        work_image = imageutil.fill_masked(work_image, layout.work_mask)  # A1111 fills for every non-original mode
-    pixels = to_tensor(work_image)
-    batch = request.batch_size
-    with torch.inference_mode():
-        clean = model.encode(pixels).expand(batch, -1, -1, -1)
-    mask = latent_mask(layout.work_mask, tuple(clean.shape[-2:])) if layout else None
-    with pipe.activate(run_request) as (prepared, contributors, adapter_info):
-        plan = prepared.plan
-        start = first_step(plan, request)
-        # 3. The seed's noise; "latent noise"/"latent nothing" replace the masked latents first.
-        noise = pipe.noise(prepared).to(model.device, clean.dtype)
-        if mask is not None and request.inpainting_fill in ("latent noise", "latent nothing"):
-            replacement = noise if request.inpainting_fill == "latent noise" else torch.zeros_like(clean)
-            clean = torch.lerp(clean, replacement, mask.to(clean))
-        # 4. How the input steers the loop: extra UNet channels, or latent blending.
-        if needs_inpaint_channels(model):
-            if mask is None:
-                contributors.append(repaint_everything(model, request.height, request.width, batch))
-            else:
-                contributors.append(inpaint_channels(model, pixels, mask_tensor(layout.work_mask), mask, batch))
-        elif mask is not None:
-            contributors.append(LatentBlend(plan, clean, noise, mask.to(model.device), start))
-        # 5. Noise the input to the first step's level (pure noise at strength 1) and denoise.
-        latents = plan.initial_latents(noise) if start == 0 else plan.noised_latents(clean, noise, start)
-        timings = {"prepare": time.perf_counter() - started}
-        if start < plan.total_steps:
-            latents = pipe.run_loop(prepared, latents.to(model.device, model.dtype), contributors, start=start, progress=progress)
-        timings["denoise"] = time.perf_counter() - started - timings["prepare"]
-    # 6. Decode, put the result back over the original, record what was done.
-    images = pipe.decode(latents)
-    if layout is not None:
-        images = [layout.paste(image) for image in images]
-    timings["decode"] = time.perf_counter() - started - timings["prepare"] - timings["denoise"]
-    timings["total"] = time.perf_counter() - started
-    return pipe.make_result(request, images, {**adapter_info, **image_infotext(request), **(mode_infotext or {})}, timings)
-
-
 def image_infotext(request: GenerationRequest) -> dict[str, Any]:
     """A1111's infotext entries for an img2img/inpainting request."""
     values: dict[str, Any] = {"Denoising strength": request.denoising_strength}
@@ -357,23 +279,8 @@ class Extension:
         return size[0] + self.left + self.right, size[1] + self.top + self.bottom
 
 
-def outpaint(pipe: Pipeline, request: GenerationRequest, progress: Progress | None = None) -> Result:
-    """Extend ``request.init_image`` by the request's ``outpaint_*`` sides and generate the new area.
-
-    The request's ``mask_blur`` is the width of the feather inside the new area; width and
-    height are the canvas's and cannot be chosen, nor can a mask (the new area is the mask).
-    """
-    if request.init_image is None:
-        raise InvalidParameter("init_image", None, "outpainting needs the image to extend")
-    if request.mask is not None:
-        raise InvalidParameter("mask", "<mask>", "is made by outpainting (the new area)", "leave the mask out, or inpaint instead")
-    if request.width is not None or request.height is not None:
-        raise InvalidParameter("width/height", f"{request.width}x{request.height}", "are set by outpainting: the image plus the extension")
-    extension = Extension(*(getattr(request, name) for name in OUTPAINT_SIDES))
-    image = request.init_image
-    grid = size_grid(pipe.model)
-    padded = extension.padded_to(image.size, grid)
-    width, height = padded.canvas_size(image.size)
+def check_canvas(extension: Extension, width: int, height: int) -> None:
+    """The extended canvas must fit the size limits before anything is allocated."""
     if max(width, height) > SIZE_RANGE[1]:
         raise InvalidParameter(
             "left/top/right/bottom",
@@ -382,36 +289,6 @@ def outpaint(pipe: Pipeline, request: GenerationRequest, progress: Progress | No
             "extend by less, or downscale the image first",
         )
     imageutil.check_pixels("outpainted image", width, height)
-    # The seed is fixed here because the "noise" fill is drawn from it.
-    request = with_mode_defaults(request, OUTPAINT_STRENGTH, OUTPAINT_MASK_BLUR).with_seed()
-    canvas = imageutil.extend_canvas(image, padded.left, padded.top, padded.right, padded.bottom, request.outpaint_fill,
-                                     seed=request.seed)
-    mask = imageutil.outpaint_mask(image.size, padded.left, padded.top, padded.right, padded.bottom)
-    x, y = padded.left - extension.left, padded.top - extension.top
-    out_width, out_height = extension.canvas_size(image.size)
-    layout = InpaintLayout(
-        original=canvas,
-        work_image=canvas,
-        work_mask=mask,
-        overlay=imageutil.feather_inside(mask, request.mask_blur),
-        result_box=(x, y, x + out_width, y + out_height),
-    )
-    # The canvas is inpainted by an ordinary inpainting request (the result's request), so
-    # a post-processor that reuses it redraws the picture rather than extending it again.
-    inpaint_request = dataclasses.replace(
-        request,
-        init_image=canvas,
-        mask=mask,
-        width=width,
-        height=height,
-        resize_mode="just resize",
-        inpainting_fill="original",
-        inpainting_mask_invert=False,
-        inpaint_full_res=False,
-        outpaint_fill="edge",
-        **dict.fromkeys(OUTPAINT_SIDES, 0),
-    )
-    return generate_from_image(pipe, inpaint_request, progress, layout=layout, mode_infotext=outpaint_infotext(request))
 
 
 def outpaint_infotext(request: GenerationRequest) -> dict[str, Any]:
@@ -420,3 +297,214 @@ def outpaint_infotext(request: GenerationRequest) -> dict[str, Any]:
     sides = {"Outpaint left": request.outpaint_left, "Outpaint top": request.outpaint_top,
              "Outpaint right": request.outpaint_right, "Outpaint bottom": request.outpaint_bottom}
     return {**{key: pixels for key, pixels in sides.items() if pixels}, "Outpaint fill": request.outpaint_fill}
+
+
+# --- the modes ---------------------------------------------------------------------------------
+@dataclass
+class ModeStart:
+    """How a mode starts the loop: the latents, the first step of the plan to run, and what it adds to the loop."""
+
+    latents: torch.Tensor
+    first_step: int = 0
+    contributors: list[LoopContributor] = field(default_factory=list)
+
+
+class Mode:
+    """One way of starting and finishing a generation. :func:`aipaint.engine.run.generate` calls,
+    in order: :meth:`settle` (before the model's defaults fill the request), :meth:`run_request`,
+    :meth:`begin` (inside the job, after the adapters are active) and :meth:`finish`.
+
+    A mode never calls back into the pipeline: it gets what it needs as arguments.
+    """
+
+    def capability(self, request: GenerationRequest) -> str:
+        """The capability (see :mod:`aipaint.models.family`) a model needs for this mode."""
+        raise NotImplementedError
+
+    def settle(self, request: GenerationRequest, model: LatentDiffusionModel) -> GenerationRequest:
+        """The request with this mode's own defaults filled in (sizes, strength)."""
+        return request
+
+    def run_request(self, request: GenerationRequest) -> GenerationRequest:
+        """The request the loop runs: the same, or with a longer plan (img2img's exact steps)."""
+        return request
+
+    def begin(self, model: LatentDiffusionModel, request: GenerationRequest, plan: SamplingPlan,
+              noise: torch.Tensor) -> ModeStart:
+        raise NotImplementedError
+
+    def finish(self, images: list[Image.Image]) -> list[Image.Image]:
+        return images
+
+    def infotext(self, request: GenerationRequest) -> dict[str, Any]:
+        return {}
+
+    def recorded(self, request: GenerationRequest) -> GenerationRequest:
+        """The request the result records (and ``--from-png`` repeats)."""
+        return request
+
+
+class Txt2Img(Mode):
+    """Pure noise in, every step run. An inpainting model repaints everything (A1111's dummy conditioning)."""
+
+    def capability(self, request: GenerationRequest) -> str:
+        return request.mode
+
+    def begin(self, model, request, plan, noise):
+        contributors = []
+        if needs_inpaint_channels(model):
+            contributors.append(repaint_everything(model, request.height, request.width, request.batch_size))
+        return ModeStart(plan.initial_latents(noise).to(model.device, model.dtype), 0, contributors)
+
+
+class Img2Img(Mode):
+    """img2img, and inpainting when the request has a mask (see the module's docstring).
+
+    ``layout`` replaces the one the request's mask options describe and ``extra_infotext``
+    adds to the PNG parameters (both outpainting's own).
+    """
+
+    def __init__(self, layout: InpaintLayout | None = None, extra_infotext: Mapping[str, Any] | None = None) -> None:
+        self.layout = layout
+        self.extra_infotext = dict(extra_infotext or {})
+
+    def capability(self, request: GenerationRequest) -> str:
+        return "inpaint" if request.mask is not None else "img2img"
+
+    def settle(self, request, model):
+        request = with_mode_defaults(request, DEFAULT_STRENGTH, DEFAULT_MASK_BLUR)
+        return with_image_size(request, size_grid(model))
+
+    def run_request(self, request):
+        self.asked = request
+        total = img2img_schedule(request.steps, request.denoising_strength, request.img2img_exact_steps)
+        return dataclasses.replace(request, steps=total) if total != request.steps else request
+
+    def begin(self, model, request, plan, noise):
+        # 1. What is generated where: the working image and mask, and how the result goes back.
+        if self.layout is None and request.mask is not None:
+            self.layout = InpaintLayout.from_request(request)
+        layout = self.layout
+        if layout is not None:
+            work_image = layout.work_image
+        else:
+            work_image = imageutil.resize_image(request.init_image, request.width, request.height, request.resize_mode)
+        if layout and request.inpainting_fill != "original":
+            work_image = imageutil.fill_masked(work_image, layout.work_mask)  # A1111 fills for every non-original mode
+        pixels = to_tensor(work_image)
+        batch = request.batch_size
+        with torch.inference_mode():
+            clean = model.encode(pixels).expand(batch, -1, -1, -1)
+        mask = latent_mask(layout.work_mask, tuple(clean.shape[-2:])) if layout else None
+        start = first_step(plan, self.asked)
+        # 2. "latent noise"/"latent nothing" replace the masked latents with the seed's noise or zeros.
+        noise = noise.to(model.device, clean.dtype)
+        if mask is not None and request.inpainting_fill in ("latent noise", "latent nothing"):
+            replacement = noise if request.inpainting_fill == "latent noise" else torch.zeros_like(clean)
+            clean = torch.lerp(clean, replacement, mask.to(clean))
+        # 3. How the input steers the loop: extra UNet channels, or latent blending.
+        contributors: list[LoopContributor] = []
+        if needs_inpaint_channels(model):
+            if mask is None:
+                contributors.append(repaint_everything(model, request.height, request.width, batch))
+            else:
+                contributors.append(inpaint_channels(model, pixels, mask_tensor(layout.work_mask), mask, batch))
+        elif mask is not None:
+            contributors.append(LatentBlend(plan, clean, noise, mask.to(model.device), start))
+        # 4. The input noised to the first step's level (pure noise at strength 1).
+        latents = plan.initial_latents(noise) if start == 0 else plan.noised_latents(clean, noise, start)
+        return ModeStart(latents.to(model.device, model.dtype), start, contributors)
+
+    def finish(self, images):
+        if self.layout is None:
+            return images
+        return [self.layout.paste(image) for image in images]
+
+    def infotext(self, request):
+        return {**image_infotext(request), **self.extra_infotext}
+
+
+class Outpaint(Img2Img):
+    """Extend ``request.init_image`` by the request's ``outpaint_*`` sides and paint the new area.
+
+    The request's ``mask_blur`` is the width of the feather inside the new area; width and
+    height are the canvas's and cannot be chosen, nor can a mask (the new area is the mask).
+    The canvas is inpainted by an ordinary inpainting request, which the result records, so a
+    post-processor that reuses it redraws the picture rather than extending it again.
+    """
+
+    def capability(self, request: GenerationRequest) -> str:
+        return "outpaint"
+
+    def settle(self, request, model):
+        if request.init_image is None:
+            raise InvalidParameter("init_image", None, "outpainting needs the image to extend")
+        if request.mask is not None:
+            raise InvalidParameter("mask", "<mask>", "is made by outpainting (the new area)", "leave the mask out, or inpaint instead")
+        if request.width is not None or request.height is not None:
+            raise InvalidParameter("width/height", f"{request.width}x{request.height}", "are set by outpainting: the image plus the extension")
+        extension = Extension(*(getattr(request, name) for name in OUTPAINT_SIDES))
+        image = request.init_image
+        padded = extension.padded_to(image.size, size_grid(model))
+        width, height = padded.canvas_size(image.size)
+        check_canvas(extension, width, height)
+        # The seed is fixed here because the "noise" fill is drawn from it.
+        request = with_mode_defaults(request, OUTPAINT_STRENGTH, OUTPAINT_MASK_BLUR).with_seed()
+        canvas = imageutil.extend_canvas(image, padded.left, padded.top, padded.right, padded.bottom, request.outpaint_fill,
+                                         seed=request.seed)
+        mask = imageutil.outpaint_mask(image.size, padded.left, padded.top, padded.right, padded.bottom)
+        x, y = padded.left - extension.left, padded.top - extension.top
+        out_width, out_height = extension.canvas_size(image.size)
+        self.layout = InpaintLayout(
+            original=canvas,
+            work_image=canvas,
+            work_mask=mask,
+            overlay=imageutil.feather_inside(mask, request.mask_blur),
+            result_box=(x, y, x + out_width, y + out_height),
+        )
+        self.extra_infotext = outpaint_infotext(request)
+        inpaint_request = dataclasses.replace(
+            request,
+            init_image=canvas,
+            mask=mask,
+            width=width,
+            height=height,
+            resize_mode="just resize",
+            inpainting_fill="original",
+            inpainting_mask_invert=False,
+            inpaint_full_res=False,
+            outpaint_fill="edge",
+            **dict.fromkeys(OUTPAINT_SIDES, 0),
+        )
+        return super().settle(inpaint_request, model)
+
+
+class LatentImg2Img(Mode):
+    """img2img from latents the caller already has (hires fix's latent upscalers): they are
+    noised to the level of the first step ``strength`` leaves, and the remaining steps run."""
+
+    def __init__(self, latents: torch.Tensor, strength: float) -> None:
+        self.latents = latents
+        self.strength = strength
+
+    def capability(self, request: GenerationRequest) -> str:
+        return "img2img"
+
+    def begin(self, model, request, plan, noise):
+        start = plan.start_index(self.strength)
+        if start >= plan.total_steps:
+            raise InvalidParameter("denoising_strength", self.strength, f"runs no step of {plan.total_steps} steps",
+                                   "raise the strength or the steps")
+        latents = self.latents.to(model.device, model.dtype)
+        noised = plan.noised_latents(latents, noise.to(model.device, model.dtype), start)
+        return ModeStart(noised, start, [])
+
+
+def mode_for(request: GenerationRequest) -> Mode:
+    """The mode a request asks for: outpaint (an image and a side to extend), img2img or
+    inpaint (an image, with or without a mask), else text to image."""
+    if request.outpaints:
+        return Outpaint()
+    if request.init_image is not None:
+        return Img2Img()
+    return Txt2Img()

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from aipaint.cli import (
+from aipaint.cli.main import (
     _add_generation_options,
     _add_model_options,
     _generation_request,
@@ -21,7 +21,7 @@ from aipaint.cli import (
     run_and_save,
 )
 from aipaint.errors import AipaintError
-from aipaint.params import INPAINT_FILLS, OUTPAINT_FILLS, OUTPAINT_SIDES, RESIZE_MODES
+from aipaint.api.request import INPAINT_FILLS, OUTPAINT_FILLS, OUTPAINT_SIDES, RESIZE_MODES
 
 
 def _add_common(p: argparse.ArgumentParser, strength_default: str) -> None:
@@ -83,7 +83,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
-    from aipaint.image_modes import outpaint
+    from aipaint.engine.modes import outpaint
 
     if args.width or args.height:
         raise AipaintError("outpaint sets the size itself (the image plus the extension): leave out -W/-H")

@@ -1,0 +1,1 @@
+"""The ``aipaint`` command line."""

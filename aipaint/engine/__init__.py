@@ -1,0 +1,1 @@
+"""The generation engine of latent diffusion models: one run, its modes, the loop, sampling, noise, preview."""

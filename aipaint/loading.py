@@ -124,10 +124,11 @@ def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> 
     if card is not None:
         path = zoo.fetch(card)
         return ModelSource(path, "folder" if path.is_dir() else "file", card.id, card.data, allow_pickle)
-    path = Path(text).expanduser()
+    path = Path(text)
     try:
+        path = path.expanduser()
         is_dir, is_file = path.is_dir(), path.is_file()
-    except OSError:  # a name too long to be a path (ENAMETOOLONG) names no file
+    except (OSError, RuntimeError):  # too long to be a path (ENAMETOOLONG), "~nobody/…" (no such user): no file
         is_dir = is_file = False
     if is_dir:
         return ModelSource(path, "folder", path.name, None, allow_pickle)

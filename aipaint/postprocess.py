@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from aipaint.pipeline import Pipeline
-    from aipaint.plugins import PluginHost
-    from aipaint.result import Result
+    from aipaint.plugin.host import PluginHost
+    from aipaint.api.result import Result
 
 RESERVED_OPTIONS = ("request",)
 """Options the chain itself may pass: ``request`` is the image's own
@@ -101,7 +101,7 @@ def _parse_value(key: str, text: str) -> Any:
     except ValueError:
         return text
     if not math.isfinite(value):
-        raise InvalidParameter(f"post option {key}", text, "must be a finite number")
+        raise InvalidParameter(f"post option {key}", text, "must be a finite number (this one is infinite, NaN or too large for a float)")
     return value
 
 
@@ -147,7 +147,7 @@ def run_postprocessors(
     pairs. Infotext entries are merged (a later step overwrites an earlier one's key).
     """
     from aipaint.errors import UnsupportedFeature
-    from aipaint.plugins import default_host
+    from aipaint.plugin.host import default_host
 
     host = host or (pipeline.host if pipeline is not None else default_host())
     resolved = check_chain(_as_steps(steps), host)  # the whole chain, before running any of it

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from aipaint.cli import main
+from aipaint import loading
+from aipaint.cli.main import main
 from aipaint.errors import AipaintError, DownloadError, InvalidParameter, ModelLoadError
 from aipaint.infotext import Infotext, _entries, _entries_only, generation_kwargs
 from aipaint.loading import resolve_source
@@ -204,7 +205,7 @@ def test_option_text_fails_typed(text):
 @given(text=TEXT)
 def test_model_ids_fail_typed(text):
     offline = DownloadError("offline")
-    with mock.patch("aipaint.zoo.download_from_hub", side_effect=offline):
+    with mock.patch.object(loading.zoo, "download_from_hub", side_effect=offline):
         returns_or_raises_typed(resolve_source, text)
 
 

@@ -168,7 +168,7 @@ def _attention_items(text: str, split_breaks: bool) -> tuple[list, list[float]]:
     square_brackets: list[int] = []
 
     def add_plain(piece: str) -> None:
-        if not split_breaks:
+        if not split_breaks or "BREAK" not in piece:
             items.append(piece)
             return
         for i, part in enumerate(_split_breaks(piece)):
@@ -252,14 +252,9 @@ def parse_attention_segments(text: str) -> list[list[WeightedText]]:
     Emphasis spans a BREAK (``(a BREAK b)`` weights both ``a`` and ``b``); a segment may be empty.
     """
     items, weights = _attention_items(text, split_breaks=True)
-    segments: list[tuple[list[str], list[float]]] = [([], [])]
-    for item, weight in zip(items, weights):
-        if item is _BREAK:
-            segments.append(([], []))
-        else:
-            segments[-1][0].append(item)
-            segments[-1][1].append(weight)
-    return [_merge(*segment) for segment in segments]
+    ends = [index for index, item in enumerate(items) if item is _BREAK] + [len(items)]
+    starts = [0] + [end + 1 for end in ends[:-1]]
+    return [_merge(items[start:end], weights[start:end]) for start, end in zip(starts, ends)]
 
 
 # --- whole prompt ----------------------------------------------------------------------------

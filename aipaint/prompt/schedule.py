@@ -75,35 +75,15 @@ class _Tree:
     alternates: bool  # whether it holds an alternation
 
 
-# An open bracket is a tuple: its kind ("(" or "["), where it starts, its state ("" in the first
-# part, ":" after a colon, "|" in an alternation), where its current part starts, the parts
-# before it, the (start, end, node) of each edit or alternation completed inside it (None
-# until there is one), and where the current part's begin among them. Tuples of plain values
-# are left alone by the cycle collector, which otherwise walks a million open brackets again
-# and again (it tripled the time of a megabyte of "[").
+# An open bracket is a tuple of plain values, which the cycle collector leaves alone (walking a
+# million open brackets again and again tripled the time of a megabyte of "["): its kind ("("
+# or "["), where it starts, its state ("" in the first part, ":" after a colon, "|" in an
+# alternation), where its current part starts, and where its parts, its children and its
+# current part's children begin in the reader's two stacks. Those hold the parts read so far
+# and the (start, end, node) of each edit or alternation completed inside an open bracket;
+# only the innermost bracket adds to them, so each bracket's are at their top.
 _KIND, _START, _STATE, _PART_START, _PARTS, _CHILDREN, _PART_CHILDREN = range(7)
-_Frame = tuple[str, int, str, int, "list[tuple[_Node, ...]] | None", "list[tuple[int, int, _Node]] | None", int]
-
-
-def _part(frame: _Frame, end: int) -> tuple[_Node, ...]:
-    """The current part of ``frame``: spans between the edits and alternations in it, up to ``end``."""
-    position = frame[_PART_START]
-    if frame[_CHILDREN] is None:  # text used as written: one span (the usual case, made fast)
-        return ((position, end),) if position < end else ()
-    nodes: list[_Node] = []
-    for start, stop, node in frame[_CHILDREN][frame[_PART_CHILDREN] :]:
-        if position < start:
-            nodes.append((position, start))
-        nodes.append(node)
-        position = stop
-    if position < end:
-        nodes.append((position, end))
-    return tuple(nodes)
-
-
-def _next_part(frame: _Frame, separator: int, state: str) -> _Frame:
-    parts = [*(frame[_PARTS] or ()), _part(frame, separator)]
-    return frame[_KIND], frame[_START], state, separator + 1, parts, frame[_CHILDREN], len(frame[_CHILDREN] or ())
+_Frame = tuple[str, int, str, int, int, int, int]
 
 
 def _read(text: str) -> _Tree | None:
@@ -119,29 +99,44 @@ def _read(text: str) -> _Tree | None:
     whens: list[float] = []
     alternates = False
     stack: list[_Frame] = []
+    parts: list[tuple[_Node, ...]] = []
+    children: list[tuple[int, int, _Node]] = []
     skip_to = 0
 
-    def complete(end: int, node: _Node | None) -> None:
-        """The open bracket on top made ``node`` (None: text used as written), ending at ``end``."""
-        frame = stack.pop()
-        if node is None:
-            return
-        child = (frame[_START], end, node)
-        if not stack:
-            top.append(child)
-        elif stack[-1][_CHILDREN] is None:
-            parent = stack[-1]
-            stack[-1] = (*parent[:_CHILDREN], [child], parent[_PART_CHILDREN])
-        else:
-            stack[-1][_CHILDREN].append(child)
+    def part(frame: _Frame, end: int) -> tuple[_Node, ...]:
+        """The current part of the innermost bracket: spans between its children, up to ``end``."""
+        position = frame[_PART_START]
+        if len(children) == frame[_PART_CHILDREN]:  # text used as written: one span (the usual case, made fast)
+            return ((position, end),) if position < end else ()
+        nodes: list[_Node] = []
+        for start, stop, node in children[frame[_PART_CHILDREN] :]:
+            if position < start:
+                nodes.append((position, start))
+            nodes.append(node)
+            position = stop
+        if position < end:
+            nodes.append((position, end))
+        return tuple(nodes)
+
+    def next_part(frame: _Frame, separator: int, state: str) -> None:
+        parts.append(part(frame, separator))
+        stack[-1] = (*frame[:_STATE], state, separator + 1, frame[_PARTS], frame[_CHILDREN], len(children))
+
+    def complete(frame: _Frame, end: int, node: _Node | None) -> None:
+        """The innermost bracket made ``node`` (None: text used as written), ending at ``end``."""
+        stack.pop()
+        del parts[frame[_PARTS] :], children[frame[_CHILDREN] :]
+        if node is not None:
+            (children if stack else top).append((frame[_START], end, node))
 
     def fail() -> bool:
         """Every open bracket fails; False when that leaves a ``|`` at the top level."""
-        for frame in stack:
-            if frame[_STATE] == "|":
-                return False
-            top.extend(frame[_CHILDREN] or ())
+        if any(frame[_STATE] == "|" for frame in stack):
+            return False
+        top.extend(children)
         stack.clear()
+        parts.clear()
+        children.clear()
         return True
 
     for token in _RE_SPECIAL.finditer(text):
@@ -149,7 +144,7 @@ def _read(text: str) -> _Tree | None:
         if position < skip_to:
             continue
         if char == "(" or char == "[":
-            stack.append((char, position, "", position + 1, None, None, 0))
+            stack.append((char, position, "", position + 1, len(parts), len(children), len(children)))
             continue
         if len(char) == 2:  # an escaped character
             continue
@@ -161,44 +156,46 @@ def _read(text: str) -> _Tree | None:
             continue  # ")", "]" or ":" at the top level is text
         frame = stack[-1]
         state = frame[_STATE]
+        plain = len(children) == frame[_CHILDREN]  # nothing inside changes per step
         if frame[_KIND] == "(":
             if char == ")":
-                if not frame[_CHILDREN]:
-                    complete(position + 1, None)
+                if plain:
+                    complete(frame, position + 1, None)
                     continue
-                parts = [*(frame[_PARTS] or ()), _part(frame, position)]
-                nodes: list[_Node] = [(frame[_START], frame[_START] + 1), *parts[0]]
-                if len(parts) == 2:
-                    nodes += [(frame[_PART_START] - 1, frame[_PART_START]), *parts[1]]
-                complete(position + 1, _Group((*nodes, (position, position + 1))))
+                body = (*parts[frame[_PARTS] :], part(frame, position))  # one part, or two around a colon
+                nodes: list[_Node] = [(frame[_START], frame[_START] + 1), *body[0]]
+                if len(body) == 2:
+                    colon = frame[_PART_START] - 1
+                    nodes += [(colon, colon + 1), *body[1]]
+                complete(frame, position + 1, _Group((*nodes, (position, position + 1))))
                 continue
             if char == ":" and not state:
-                stack[-1] = _next_part(frame, position, ":")
+                next_part(frame, position, ":")
                 continue
         elif char == "]" and state != ":":
             if state == "|":
                 alternates = True
-                complete(position + 1, _Alternate((*frame[_PARTS], _part(frame, position))))
-            elif not frame[_CHILDREN]:
-                complete(position + 1, None)
+                complete(frame, position + 1, _Alternate((*parts[frame[_PARTS] :], part(frame, position))))
+            elif plain:
+                complete(frame, position + 1, None)
             else:
-                nodes = [(frame[_START], frame[_START] + 1), *_part(frame, position), (position, position + 1)]
-                complete(position + 1, _Group(tuple(nodes)))
+                nodes = [(frame[_START], frame[_START] + 1), *part(frame, position), (position, position + 1)]
+                complete(frame, position + 1, _Group(tuple(nodes)))
             continue
         elif char == "|" and state != ":":
-            stack[-1] = _next_part(frame, position, "|")
+            next_part(frame, position, "|")
             continue
         elif char == ":" and state != "|":
             when = _RE_WHEN.match(text, position + 1)
             if when:  # [to:when] or [from:to:when]
-                parts = [*(frame[_PARTS] or ()), _part(frame, position)]
-                before, after = ((), parts[0]) if len(parts) == 1 else parts
+                before_and_after = (*parts[frame[_PARTS] :], part(frame, position))
+                before, after = ((), *before_and_after) if len(before_and_after) == 1 else before_and_after
                 whens.append(float(when.group(1)))
-                complete(when.end(), _Edit(before, after, whens[-1]))
+                complete(frame, when.end(), _Edit(before, after, whens[-1]))
                 skip_to = when.end()
                 continue
             if not state:
-                stack[-1] = _next_part(frame, position, ":")
+                next_part(frame, position, ":")
                 continue
         if char == "|" or not fail():  # the token ends every open bracket; a "|" would be at the top level
             return None
@@ -288,7 +285,7 @@ def prompt_at_step(parsed: ParsedPrompt, step: int, steps: int) -> StepPrompt:
 def _step_count(steps: int) -> int:
     """``steps`` as a number of steps to go through: below 1 counts as 1, and above the
     generation limit is an error (the work and the output grow with it)."""
-    from aipaint.params import STEPS_RANGE
+    from aipaint.api.request import STEPS_RANGE
 
     steps = max(int(steps), 1)
     if steps > STEPS_RANGE[1]:

@@ -57,7 +57,7 @@ def _model_argument(text: str) -> Any:
     looks_like_path = os.sep in text or "/" in text or text.lower().endswith((".safetensors", ".pth", ".ckpt"))
     try:
         exists = looks_like_path and Path(text).expanduser().exists()
-    except OSError:  # a name too long for a path (ENAMETOOLONG) names no file
+    except (OSError, RuntimeError):  # too long to be a path (ENAMETOOLONG), "~nobody/…" (no such user): no file
         exists = False
     return Path(text) if exists else text
 

@@ -33,7 +33,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from aipaint.errors import ImageError, InvalidParameter
-from aipaint.api.request import OUTPAINT_FILLS
+
+OUTPAINT_FILLS = ("edge", "blur", "noise")
+"""How outpainting starts the new area: edge colours, blurred surroundings, or noise."""
 
 BACKGROUND = (255, 255, 255)  # what transparent input pixels are flattened onto (A1111's default)
 MAX_PIXELS_VARIABLE = "AIPAINT_MAX_PIXELS"

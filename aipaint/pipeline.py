@@ -5,6 +5,7 @@ Every mode builds one :class:`aipaint.api.request.GenerationRequest` and hands i
 capabilities) and asks the model to run it. Latent models run through
 :func:`aipaint.engine.run.generate`; families with another loop (DeepFloyd IF's pixel
 cascade, Karlo's unCLIP) implement :meth:`aipaint.models.family.GenerativeModel.generate`.
+Importing this module imports torch (through the engine); ``import aipaint`` does not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from aipaint.api.request import GenerationRequest
 from aipaint.api.result import Result
+from aipaint.engine import run as engine
 from aipaint.models.family import GenerativeModel, require_capabilities
+from aipaint.models.latent import LatentDiffusionModel
 from aipaint.plugin.host import PluginHost, default_host
 
 Progress = Callable[[int, int], None]
@@ -124,7 +127,10 @@ class Pipeline:
                  preview: Callable[[Any], None] | None = None) -> Result:
         """Run ``request``: ``progress(done, total)`` after each step, ``preview(step)`` with a
         :class:`aipaint.engine.preview.StepPreview` where the family supports it."""
-        return self.model.generate(self.check(request), host=self.host, progress=progress, preview=preview)
+        request = self.check(request)
+        if isinstance(self.model, LatentDiffusionModel):
+            return engine.generate(self.model, request, host=self.host, progress=progress, preview=preview)
+        return self.model.generate(request, host=self.host, progress=progress, preview=preview)
 
     def __repr__(self) -> str:
         return f"<aipaint.Pipeline {self.model!r}>"

@@ -14,6 +14,7 @@ from typing import Any
 
 from aipaint.api.options import G, normalise_options, option_group, resolve_options
 from aipaint.errors import InvalidParameter
+from aipaint.imageutil import OUTPAINT_FILLS
 
 MAX_SEED = 2**32 - 1
 SIZE_RANGE = (16, 4096)
@@ -30,8 +31,6 @@ INPAINT_FILLS = ("fill", "original", "latent noise", "latent nothing")
 """A1111's "Masked content" choices, in its order (``inpainting_fill`` 0–3)."""
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 """A1111's img2img resize modes, in its order (``resize_mode`` 0–2)."""
-OUTPAINT_FILLS = ("edge", "blur", "noise")
-"""How outpainting starts the new area: edge colours, blurred surroundings, or noise."""
 OUTPAINT_SIDES = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom")
 """The request fields that say how far outpainting extends the image on each side."""
 
@@ -42,6 +41,12 @@ def _check_range(name: str, value: Any, lo: float, hi: float, kind: type) -> Non
         raise InvalidParameter(name, value, f"must be {'an integer' if kind is int else 'a number'} from {lo} to {hi}")
     if not lo <= value <= hi:
         raise InvalidParameter(name, value, f"must be from {lo} to {hi}")
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
+    """:class:`InvalidParameter` naming ``name`` unless ``value`` is an integer (``kind=int``) or a
+    number (``kind=float``) from ``lo`` to ``hi``: the core's range check, for plugins' options."""
+    _check_range(name, value, lo, hi, kind)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -21,7 +21,8 @@ from aipaint.cli.main import (
     run_and_save,
 )
 from aipaint.errors import AipaintError
-from aipaint.api.request import INPAINT_FILLS, OUTPAINT_FILLS, OUTPAINT_SIDES, RESIZE_MODES
+from aipaint.api.request import INPAINT_FILLS, OUTPAINT_SIDES, RESIZE_MODES
+from aipaint.imageutil import OUTPAINT_FILLS
 
 
 def _add_common(p: argparse.ArgumentParser, strength_default: str) -> None:
@@ -83,7 +84,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
-    from aipaint.engine.modes import outpaint
+    from aipaint.engine.modes import Extension
 
     if args.width or args.height:
         raise AipaintError("outpaint sets the size itself (the image plus the extension): leave out -W/-H")
@@ -96,7 +97,13 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     request = _image_request(args, init_image=args.image, width=None, height=None, **options)
     # Without a side to extend, outpaint() refuses the request: that is the error to report, not the output's.
     images = request.batch_size if request.outpaints else None
-    return run_and_save(args, lambda pipe, progress: outpaint(pipe, request, progress), images=images)
+
+    def outpaint(pipe: Any, progress: Any) -> Any:
+        if not request.outpaints:
+            Extension()  # says that outpainting needs a side to extend
+        return pipe.generate(request, progress=progress)
+
+    return run_and_save(args, outpaint, images=images)
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from aipaint.engine.samplers import SCHEDULES, SamplerSpec
+from aipaint.engine.schedules import SCHEDULES
+
+if TYPE_CHECKING:
+    from aipaint.engine.samplers import SamplerSpec
 from aipaint.errors import PluginError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -45,6 +45,12 @@ def make_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+def scheduler_generator(generators: list[torch.Generator]) -> torch.Generator | list[torch.Generator]:
+    """The ``generator`` argument of a diffusers scheduler's ``step`` for a batch: a single
+    image's generator alone (as diffusers' own pipelines pass it), else one per image."""
+    return generators if len(generators) > 1 else generators[0]
+
+
 def generate(
     model: LatentDiffusionModel,
     request: GenerationRequest,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aipaint.engine.schedules import SCHEDULES
 from aipaint.errors import InvalidParameter
 
 if TYPE_CHECKING:
@@ -27,12 +28,7 @@ if TYPE_CHECKING:
 
     from aipaint.engine.plans import SamplingPlan
 
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "Automatic": {},
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
-}
-"""Schedule types as A1111 names them, with the scheduler options that select them."""
+
 
 
 

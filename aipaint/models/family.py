@@ -9,6 +9,7 @@ the feature, raised before any work (:func:`require_capabilities`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from aipaint.api.request import GenerationRequest
-    from aipaint.plugin.host import PluginHost
     from aipaint.api.result import Result
+    from aipaint.plugin.host import PluginHost
 
 CAPABILITIES: dict[str, str] = {
     "txt2img": "text to image",
@@ -51,6 +52,11 @@ class GenerativeModel:
     capabilities: frozenset[str] = frozenset({"txt2img"})
     runtime: str = "torch"
 
+    def missing_hint(self, feature: str) -> str:
+        """What would give this model ``feature`` (e.g. "load it with prior=…"), for the error
+        that says it lacks it; empty when nothing would."""
+        return ""
+
     def generate(
         self,
         request: GenerationRequest,
@@ -79,9 +85,22 @@ def require_capabilities(model: GenerativeModel, request: GenerationRequest) -> 
     for feature in request_features(request):
         if feature not in model.capabilities:
             can = ", ".join(CAPABILITIES.get(c, c) for c in CAPABILITIES if c in model.capabilities)
+            hint = model.missing_hint(feature)
             raise UnsupportedFeature(
                 f"{model.family} model {model.name!r} cannot do {CAPABILITIES.get(feature, feature)} ({feature}); "
-                f"it can do: {can}"
+                f"it can do: {can or 'nothing with what is loaded'}" + (f". {hint}" if hint else "")
+            )
+
+
+def refuse_unused(model: GenerativeModel, request: GenerationRequest, fields: tuple[str, ...]) -> None:
+    """:class:`UnsupportedFeature` naming the first of ``fields`` that ``request`` sets away from its
+    default although ``model``'s family has no use for it, so no setting is silently ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(request)}
+    for name in fields:
+        value = getattr(request, name)
+        if value != defaults[name]:
+            raise UnsupportedFeature(
+                f"{model.family} model {model.name!r} does not use {name} (given {value!r}); leave it unset"
             )
 
 
@@ -152,6 +171,18 @@ def read_scheduler_config(path: Path, sub: str) -> dict[str, Any]:
         return json.loads(config.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"{config} is not readable ({exc}); repair or re-download the model folder") from exc
+
+
+def make_scheduler(config: dict[str, Any]) -> Any:
+    """The diffusers scheduler ``config`` names (its ``_class_name``), exactly as configured: for
+    families that run their own loop (the latent loop builds its samplers in engine/plans.py)."""
+    import diffusers
+
+    name = config.get("_class_name", "")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ModelLoadError(f"the scheduler config names {name!r}, which is not a diffusers scheduler")
+    return cls.from_config(config)
 
 
 @dataclass(frozen=True)

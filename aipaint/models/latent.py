@@ -17,11 +17,9 @@ import torch
 from aipaint.models.family import GenerativeModel
 
 if TYPE_CHECKING:
-    from aipaint.engine.loop import LoopContributor
     from aipaint.api.request import GenerationRequest
-    from aipaint.plugin.host import PluginHost
+    from aipaint.engine.loop import LoopContributor
     from aipaint.prompt import ParsedPrompt
-    from aipaint.api.result import Result
 
 
 @dataclass
@@ -101,19 +99,6 @@ class LatentDiffusionModel(GenerativeModel):
         self.vae_encode_call: Callable[[torch.Tensor], torch.Tensor] = self._torch_vae_encode
         self._hash: str | None = None
         self._encoders: dict[tuple[int, str], Any] = {}
-
-    def generate(
-        self,
-        request: GenerationRequest,
-        *,
-        host: PluginHost,
-        progress: Callable[[int, int], None] | None = None,
-        preview: Callable[[Any], None] | None = None,
-    ) -> Result:
-        """Run ``request`` through the core's engine (:func:`aipaint.engine.run.generate`)."""
-        from aipaint.engine.run import generate
-
-        return generate(self, request, host=host, progress=progress, preview=preview)
 
     def job_contributors(
         self, request: GenerationRequest, *, prompt: ParsedPrompt, generators: list[torch.Generator]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aipaint_plugins.deepfloyd_if.options import IFOptions
 
 import aipaint
 from aipaint.errors import InvalidParameter, ModelLoadError
@@ -131,10 +132,14 @@ def quantised(reference: np.ndarray) -> np.ndarray:
     return np.round(np.clip(reference, 0, 1) * 255.0) / 255.0
 
 
-def test_loads_as_an_if_cascade_with_its_own_pipeline(cascade, if_paths, plugin_host):
-    from aipaint_plugins.deepfloyd_if.pipeline import IFPipeline
+def test_loads_as_an_if_cascade_behind_the_one_pipeline(cascade, if_paths, plugin_host):
+    from aipaint_plugins.deepfloyd_if.model import IFCascade
 
-    assert isinstance(cascade, IFPipeline)
+    from aipaint.models.family import GenerativeModel
+
+    assert type(cascade) is aipaint.Pipeline
+    assert isinstance(cascade.model, IFCascade) and isinstance(cascade.model, GenerativeModel)
+    assert cascade.model.capabilities == {"txt2img"}
     assert [s.kind for s in cascade.model.stages] == ["base", "super_resolution", "upscaler"]
     assert type(cascade.model.text_encoder).__name__ == "T5EncoderModel"
     stage1_only = aipaint.load(if_paths["stage1"], host=plugin_host)
@@ -159,7 +164,7 @@ def _reference_stage1(if_paths, generator, steps, cfg, negative=None):
 
 
 def test_stage_one_matches_diffusers_if_pipeline(cascade, if_paths):
-    result = cascade.txt2img(PROMPT, "blue", seed=5, stages=1, steps=3, cfg_scale=6.0)
+    result = cascade.txt2img(PROMPT, "blue", seed=5, steps=3, cfg_scale=6.0, options={"if": {"stages": 1}})
     expected = _reference_stage1(if_paths, torch.Generator().manual_seed(5), 3, 6.0, negative="blue")
     expected = (expected / 2 + 0.5).permute(0, 2, 3, 1).numpy()[0]
     ours = as_array(result.image)
@@ -171,8 +176,9 @@ def test_stage_one_matches_diffusers_if_pipeline(cascade, if_paths):
 def test_three_stages_match_diffusers_cascade_with_one_generator(cascade, if_paths):
     from diffusers import IFSuperResolutionPipeline, StableDiffusionUpscalePipeline
 
-    result = cascade.txt2img(PROMPT, seed=11, steps=2, cfg_scale=5.0, stage2_steps=2, stage2_cfg_scale=4.0,
-                             stage2_noise_level=200, stage3_steps=2, stage3_cfg_scale=6.0, stage3_noise_level=50)
+    result = cascade.txt2img(PROMPT, seed=11, steps=2, cfg_scale=5.0, options=[IFOptions(
+        stage2_steps=2, stage2_cfg_scale=4.0, stage2_noise_level=200, stage3_steps=2, stage3_cfg_scale=6.0,
+        stage3_noise_level=50)])
     generator = torch.Generator().manual_seed(11)  # one stream through the stages, as aipaint does
     low = _reference_stage1(if_paths, generator, 2, 5.0)
     stage2 = IFSuperResolutionPipeline.from_pretrained(if_paths["stage2"], local_files_only=True)
@@ -188,33 +194,64 @@ def test_three_stages_match_diffusers_cascade_with_one_generator(cascade, if_pat
 
 
 def test_each_stage_has_its_own_steps_and_guidance(cascade):
-    base = dict(seed=3, stages=2, steps=2, stage2_steps=2)
-    reference = as_array(cascade.txt2img(PROMPT, **base).image)
+    base = dict(stages=2, stage2_steps=2)
+
+    def run(**options):
+        return as_array(cascade.txt2img(PROMPT, seed=3, steps=2, options={"if": {**base, **options}}).image)
+
+    reference = run()
     assert reference.shape == (32, 32, 3)
-    changed_cfg = as_array(cascade.txt2img(PROMPT, stage2_cfg_scale=9.0, **base).image)
-    changed_steps = as_array(cascade.txt2img(PROMPT, **{**base, "stage2_steps": 3}).image)
-    again = as_array(cascade.txt2img(PROMPT, **base).image)
+    changed_cfg = run(stage2_cfg_scale=9.0)
+    changed_steps = run(stage2_steps=3)
+    again = run()
     np.testing.assert_array_equal(reference, again)  # a seed fixes the cascade
     assert np.abs(reference - changed_cfg).mean() > 1e-4
     assert np.abs(reference - changed_steps).mean() > 1e-4
 
 
 def test_batch_items_use_consecutive_seeds(cascade):
-    batch = cascade.txt2img(PROMPT, seed=20, batch_size=2, stages=1, steps=2)
-    single = cascade.txt2img(PROMPT, seed=21, stages=1, steps=2)
+    one_stage = {"if": {"stages": 1}}
+    batch = cascade.txt2img(PROMPT, seed=20, batch_size=2, steps=2, options=one_stage)
+    single = cascade.txt2img(PROMPT, seed=21, steps=2, options=one_stage)
     assert batch.seeds == [20, 21]
     np.testing.assert_allclose(as_array(batch.images[1]), as_array(single.image), atol=1.5 / 255)
 
 
 @pytest.mark.parametrize(
     ("params", "name"),
-    [({"stages": 4}, "stages"), ({"steps": 0}, "steps"), ({"stage2_cfg_scale": 50.0}, "stage2_cfg_scale"),
-     ({"stage3_noise_level": 400}, "stage3_noise_level"), ({"width": 12}, "width")],
+    [({"steps": 0}, "steps"), ({"width": 12}, "width"), ({"options": {"if": {"stages": 4}}}, "if.stages"),
+     ({"options": {"if": {"stage2_cfg_scale": 50.0}}}, "if.stage2_cfg_scale"),
+     ({"options": {"if": {"stage3_noise_level": 400}}}, "if.stage3_noise_level")],
 )
 def test_bad_settings_raise_typed_errors(cascade, params, name):
     with pytest.raises(InvalidParameter) as info:
         cascade.txt2img(PROMPT, seed=1, **params)
     assert info.value.name == name
+
+
+def test_more_stages_than_loaded_is_refused_before_any_work(if_paths, plugin_host, monkeypatch):
+    from aipaint_plugins.deepfloyd_if import loop
+
+    stage1_only = aipaint.load(if_paths["stage1"], host=plugin_host)
+    monkeypatch.setattr(loop, "t5_embeddings", lambda *a: pytest.fail("the cascade started"))
+    with pytest.raises(InvalidParameter, match="1 stage") as info:
+        stage1_only.txt2img(PROMPT, seed=1, options={"if": {"stages": 2}})
+    assert info.value.name == "if.stages"
+
+
+def test_settings_of_the_latent_loop_are_refused_not_ignored(cascade):
+    from aipaint.errors import UnsupportedFeature
+
+    with pytest.raises(UnsupportedFeature, match="deepfloyd-if model .* does not use sampler"):
+        cascade.txt2img(PROMPT, seed=1, sampler="Euler", options={"if": {"stages": 1}})
+
+
+def test_variation_seed_moves_stage_one_noise(cascade):
+    base = dict(seed=4, steps=2, options={"if": {"stages": 1}})
+    plain = cascade.txt2img(PROMPT, **base)
+    varied = cascade.txt2img(PROMPT, subseed=9, subseed_strength=0.5, **base)
+    assert np.abs(as_array(plain.image) - as_array(varied.image)).mean() > 1e-3
+    assert "Variation seed: 9" in varied.parameters
 
 
 def test_zoo_cards_chain_the_three_published_stages():
@@ -254,5 +291,6 @@ def test_card_stages_are_fetched_through_the_zoo_download(monkeypatch, if_paths,
 
 def test_progress_counts_the_steps_of_every_stage(cascade):
     calls = []
-    cascade.txt2img(PROMPT, seed=1, stages=2, steps=2, stage2_steps=3, progress=lambda done, total: calls.append((done, total)))
+    cascade.txt2img(PROMPT, seed=1, steps=2, options={"if": {"stages": 2, "stage2_steps": 3}},
+                    progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, 5) for i in range(1, 6)]

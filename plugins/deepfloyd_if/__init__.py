@@ -1,12 +1,15 @@
 """The DeepFloyd IF family: a pixel-space cascade conditioned on T5 text embeddings.
 
-IF does not fit the latent loop, so its models name their own pipeline class
-(:class:`aipaint_plugins.deepfloyd_if.pipeline.IFPipeline`), which the core's
-``Pipeline.load`` returns for them. A cascade is loaded from its stage I folder; stages II
-and III come from the zoo card's ``stages`` (downloaded like any model) or from the
-``stage2=`` / ``stage3=`` load options (local folders)::
+IF does not fit the latent loop: its model (:class:`aipaint_plugins.deepfloyd_if.model.IFCascade`)
+runs its own loop (:mod:`aipaint_plugins.deepfloyd_if.loop`) from the core's request, driven
+by the same :class:`aipaint.Pipeline` as every family; it can do ``txt2img``. A cascade is
+loaded from its stage I folder; stages II and III come from the zoo card's ``stages``
+(downloaded like any model) or from the ``stage2=`` / ``stage3=`` load options (local folders)::
 
     pipe = aipaint.load("path/IF-I-XL-v1.0", stage2="path/IF-II-L-v1.0", stage3="path/sd-x4-upscaler")
+    pipe.txt2img("a corgi", steps=50, options={"if": {"stage2_steps": 30}})
+
+The later stages' settings are the ``if`` options (:mod:`aipaint_plugins.deepfloyd_if.options`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
+from aipaint.api.options import OptionGroup
 from aipaint.errors import ModelLoadError, UnsupportedFeature
 from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
@@ -97,6 +101,13 @@ def _apply_card_defaults(model: IFCascade, card: dict[str, Any] | None) -> None:
         for key in ("steps", "cfg_scale", "noise_level"):
             if key in values:
                 setattr(stage.defaults, key, values[key])
+
+
+@hookimpl
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    from aipaint_plugins.deepfloyd_if.options import IFOptions
+
+    register(IFOptions)
 
 
 @hookimpl

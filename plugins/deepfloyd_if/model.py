@@ -1,20 +1,27 @@
 """The loaded DeepFloyd IF cascade: stage I, and optionally stage II and the stage III upscaler.
 
 Each stage is a diffusers folder, loaded from diffusers *models* and *schedulers* (and the
-T5 encoder through transformers); the loop that runs them is in :mod:`.pipeline`.
+T5 encoder through transformers); the loop that runs them is in :mod:`.loop`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aipaint.errors import ModelLoadError
-from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
+from aipaint.models.family import GenerativeModel, read_model_index, read_scheduler_config, require_subfolders
 from aipaint.models.latent import ModelDefaults
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from aipaint.api.request import GenerationRequest
+    from aipaint.api.result import Result
+    from aipaint.plugin.host import PluginHost
 
 STAGE_NAMES = ("stage I", "stage II", "stage III")
 
@@ -60,8 +67,13 @@ class IFStage:
         return {f"{prefix}.{k}": v for k, v in parts.items() if v is not None}
 
 
-class IFCascade:
-    """DeepFloyd IF as loaded: the T5 encoder and tokenizer plus one to three stages."""
+class IFCascade(GenerativeModel):
+    """DeepFloyd IF as loaded: the T5 encoder and tokenizer plus one to three stages.
+
+    It paints from text only: no init image, mask, image prompt or adapter units.
+    """
+
+    capabilities = frozenset({"txt2img"})
 
     def __init__(
         self,
@@ -75,8 +87,6 @@ class IFCascade:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from aipaint_plugins.deepfloyd_if.pipeline import IFPipeline
-
         self.family = family
         self.name = name
         self.text_encoder = text_encoder
@@ -86,9 +96,22 @@ class IFCascade:
         self.device = torch.device(device)
         self.dtype = dtype
         self.runtime = "torch"
-        self.pipeline_class = IFPipeline
         base = stages[0].sample_size
         self.defaults = ModelDefaults(width=base, height=base, steps=stages[0].defaults.steps, cfg_scale=stages[0].defaults.cfg_scale)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        host: PluginHost,
+        progress: Callable[[int, int], None] | None = None,
+        preview: Callable[[Any], None] | None = None,
+    ) -> Result:
+        """Run the cascade (:func:`aipaint_plugins.deepfloyd_if.loop.run_cascade`); the stages are
+        read in pixels, so there is no latent preview to give."""
+        from aipaint_plugins.deepfloyd_if.loop import run_cascade
+
+        return run_cascade(self, request, progress=progress)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         found: dict[str, torch.nn.Module] = {"text_encoder": self.text_encoder}

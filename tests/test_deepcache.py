@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from aipaint_plugins import deepcache
-from aipaint_plugins.deepcache import DeepCacheSettings, DeepCacheUNet, check_patchable_unet, skip_layout
+from aipaint_plugins.deepcache import DeepCacheSettings, DeepCacheUNet, skip_layout
 from aipaint_plugins.onnx_runtime.export import residual_layout
 
-from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.adapters import AdapterUnit
+from aipaint.plugin.kit.patches import check_patchable_unet
 
 GEN = dict(seed=5, steps=6, width=32, height=32, cfg_scale=5.0)
 

@@ -147,8 +147,8 @@ def test_face_fix_without_faces_returns_the_image_and_never_diffuses():
 
 def test_face_fix_in_a_chain_after_generation_reuses_the_prompt(tiny_pipe, small_astronaut):
     _needs_inpaint(tiny_pipe)
-    from aipaint.infotext import Infotext
     from aipaint.api.request import GenerationRequest
+    from aipaint.infotext import Infotext
     from aipaint.postprocess import merge_infotext
 
     request = GenerationRequest("an astronaut", width=64, height=64, steps=2, seed=4)
@@ -209,8 +209,9 @@ def test_a_super_resolution_model_is_refused_as_face_restorer(tmp_path, monkeypa
 def test_restorer_names_never_leave_the_upscaler_folder(plugin_host, tmp_path, monkeypatch, small_astronaut):
     """Weights just outside the folder (and the folder as working directory, so a path
     relative to it would reach them) are refused, from Python and through the chain."""
-    from aipaint_plugins.lora.library import NameOutsideFolder
     from safetensors.torch import save_file
+
+    from aipaint.plugin.kit.folders import NameOutsideFolder
 
     folder = tmp_path / "upscalers"
     folder.mkdir()

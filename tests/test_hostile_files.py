@@ -136,9 +136,8 @@ def test_request_allow_pickle_must_be_a_bool(value):
 
 
 def test_pickle_opt_ins_of_the_python_api_must_be_bools(tmp_path):
-    from aipaint_plugins.lora.library import ModelFolder
-
     from aipaint.loading import load_state_dict, resolve_source
+    from aipaint.plugin.kit.folders import ModelFolder
 
     (tmp_path / "style.pt").write_bytes(b"not loaded")
     with pytest.raises(InvalidParameter, match="allow_pickle"):
@@ -235,7 +234,7 @@ def test_an_image_just_over_the_limit_is_refused_too(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ names too long
 def test_lora_name_too_long(tmp_path, capsys, fake_pipe):
-    from aipaint_plugins.lora.library import ModelFolder
+    from aipaint.plugin.kit.folders import ModelFolder
 
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")

@@ -12,12 +12,12 @@ import pytest
 import torch
 from aipaint_plugins.lora.api import LoraUse, UnmatchedLoraKeys, apply_loras, lora_patches
 from aipaint_plugins.lora.formats import canonical_path, kohya_key, patchable_modules
-from aipaint_plugins.lora.library import ModelFolder, NameOutsideFolder
 from safetensors.torch import save_file
 
-from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError
 from aipaint.infotext import Infotext, read_png_parameters
+from aipaint.plugin.adapters import AdapterUnit
+from aipaint.plugin.kit.folders import ModelFolder, NameOutsideFolder
 
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 64 -> 64
 V2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"  # Linear 32 -> 64 (reads the text)
@@ -199,7 +199,7 @@ def test_unmatched_keys_are_reported_not_dropped(tiny_pipe, folder):
     assert "does not fit" in patches.unmatched[f"{kohya_key('unet', V2)}.lora_up.weight"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnmatchedLoraKeys)
-        result = tiny_pipe.txt2img("a cat <lora:partial:1>", extra={"lora_dir": str(folder)}, **GEN)
+        result = tiny_pipe.txt2img("a cat <lora:partial:1>", options={"lora": {"folder": str(folder)}}, **GEN)
     assert "Lora unmatched keys: \"partial: 5\"" in result.infotexts[0]
 
 
@@ -223,7 +223,7 @@ def test_names_cannot_leave_the_folder(tiny_pipe, folder, outside_lora, monkeypa
     monkeypatch.setattr("aipaint_plugins.lora.api.read_lora_file", lambda *a, **k: reads.append(a))
     before = snapshot(tiny_pipe)
     with pytest.raises(NameOutsideFolder):
-        tiny_pipe.txt2img(f"a cat <lora:{name}:1>", extra={"lora_dir": str(folder)}, **GEN)
+        tiny_pipe.txt2img(f"a cat <lora:{name}:1>", options={"lora": {"folder": str(folder)}}, **GEN)
     assert reads == []
     assert_bit_identical(tiny_pipe, before)
 
@@ -276,29 +276,29 @@ def text_lora(folder: Path) -> Path:
 
 
 def test_prompt_tag_changes_the_image_and_weight_zero_does_not(tiny_pipe, text_lora):
-    extra = {"lora_dir": str(text_lora)}
-    plain = pixels(tiny_pipe.txt2img("a cat", extra=extra, **GEN))
-    half = pixels(tiny_pipe.txt2img("a cat <lora:strong:0.5>", extra=extra, **GEN))
-    zero = pixels(tiny_pipe.txt2img("a cat <lora:strong:0>", extra=extra, **GEN))
+    options = {"lora": {"folder": str(text_lora)}}
+    plain = pixels(tiny_pipe.txt2img("a cat", options=options, **GEN))
+    half = pixels(tiny_pipe.txt2img("a cat <lora:strong:0.5>", options=options, **GEN))
+    zero = pixels(tiny_pipe.txt2img("a cat <lora:strong:0>", options=options, **GEN))
     assert np.abs(half - plain).mean() > 1.0
     assert np.array_equal(zero, plain)
     # The API unit is the same LoRA at the same weight as the tag.
     unit = pixels(tiny_pipe.txt2img("a cat", adapters=(AdapterUnit("lora", {"name": "strong", "weight": 0.5}),),
-                                    extra=extra, **GEN))
+                                    options=options, **GEN))
     assert np.array_equal(unit, half)
-    again = pixels(tiny_pipe.txt2img("a cat", extra=extra, **GEN))  # switched off without any reload
+    again = pixels(tiny_pipe.txt2img("a cat", options=options, **GEN))  # switched off without any reload
     assert np.array_equal(again, plain)
 
 
 def test_text_encoder_weight_is_separate(tiny_pipe, folder):
     tup, tdown = lowrank(32, 32, 4, 71)
     save_file(kohya_group("text_encoder", TE_Q, tup * 2, tdown * 2, 4.0), str(folder / "te.safetensors"))
-    extra = {"lora_dir": str(folder)}
-    plain = pixels(tiny_pipe.txt2img("a cat", extra=extra, **GEN))
+    options = {"lora": {"folder": str(folder)}}
+    plain = pixels(tiny_pipe.txt2img("a cat", options=options, **GEN))
     # A1111 order: <lora:name:te:unet>. A text-encoder-only LoRA does nothing at te weight 0 …
-    assert np.array_equal(pixels(tiny_pipe.txt2img("a cat <lora:te:0:1>", extra=extra, **GEN)), plain)
+    assert np.array_equal(pixels(tiny_pipe.txt2img("a cat <lora:te:0:1>", options=options, **GEN)), plain)
     # … and changes the conditioning (so the image) otherwise: the prompt is encoded after patching.
-    assert np.abs(pixels(tiny_pipe.txt2img("a cat <lora:te:1:0>", extra=extra, **GEN)) - plain).mean() > 0.5
+    assert np.abs(pixels(tiny_pipe.txt2img("a cat <lora:te:1:0>", options=options, **GEN)) - plain).mean() > 0.5
 
 
 def test_weights_restored_after_generation_and_after_an_error_mid_generation(tiny_pipe, text_lora):
@@ -310,10 +310,10 @@ def test_weights_restored_after_generation_and_after_an_error_mid_generation(tin
         raise KeyboardInterrupt("stop at the first step")
 
     with pytest.raises(KeyboardInterrupt):
-        tiny_pipe.txt2img("a cat <lora:strong:1>", extra={"lora_dir": str(text_lora)}, progress=progress, **GEN)
+        tiny_pipe.txt2img("a cat <lora:strong:1>", options={"lora": {"folder": str(text_lora)}}, progress=progress, **GEN)
     assert seen == [False]  # patched while running …
     assert_bit_identical(tiny_pipe, before)  # … restored after the error
-    tiny_pipe.txt2img("a cat <lora:strong:1>", extra={"lora_dir": str(text_lora)}, **GEN)
+    tiny_pipe.txt2img("a cat <lora:strong:1>", options={"lora": {"folder": str(text_lora)}}, **GEN)
     assert_bit_identical(tiny_pipe, before)
 
 
@@ -324,9 +324,9 @@ def test_switching_loras_reads_each_file_once(tiny_pipe, text_lora, kohya_file, 
     real = api.read_lora_file
     monkeypatch.setattr(api, "read_lora_file", lambda path, **k: calls.append(Path(path).name) or real(path, **k))
     api._patch_cache.pop(tiny_pipe.model, None)
-    extra = {"lora_dir": str(text_lora)}
+    options = {"lora": {"folder": str(text_lora)}}
     for prompt in ("a <lora:strong:1>", "a <lora:style:1>", "a <lora:strong:0.3>", "a <lora:style:1> <lora:strong:1>"):
-        tiny_pipe.txt2img(prompt, extra=extra, **GEN)
+        tiny_pipe.txt2img(prompt, options=options, **GEN)
     assert sorted(calls) == ["strong.safetensors", "style.safetensors"]
 
 
@@ -340,8 +340,8 @@ def test_infotext_records_lora_hashes_and_from_png_reproduces(tiny_pipe, tiny_sd
                                                               monkeypatch):
     from aipaint.cli.main import main
 
-    extra = {"lora_dir": str(text_lora)}
-    result = tiny_pipe.txt2img("a cat <lora:strong:0.8> <lora:style:0.4>", extra=extra, **GEN)
+    options = {"lora": {"folder": str(text_lora)}}
+    result = tiny_pipe.txt2img("a cat <lora:strong:0.8> <lora:style:0.4>", options=options, **GEN)
     info = Infotext.from_text(result.infotexts[0])
     strong, style = addnet_hash(text_lora / "strong.safetensors"), addnet_hash(text_lora / "style.safetensors")
     assert info.params["Lora hashes"] == f"strong: {strong}, style: {style}"
@@ -364,14 +364,14 @@ def test_api_units_are_recorded_as_tags_and_from_png_reproduces_them(tiny_pipe, 
 
     from aipaint.cli.main import main
 
-    extra = {"lora_dir": str(text_lora)}
+    options = {"lora": {"folder": str(text_lora)}}
     units = (AdapterUnit("lora", {"name": "strong", "weight": 0.8}),
              AdapterUnit("lora", {"name": "style", "unet_weight": 0.4, "te_weight": -0.3}))
-    result = tiny_pipe.txt2img("a cat <lora:style:0.25>", adapters=units, extra=extra, **GEN)
+    result = tiny_pipe.txt2img("a cat <lora:style:0.25>", adapters=units, options=options, **GEN)
     info = Infotext.from_text(result.infotexts[0])
     assert info.prompt == "a cat <lora:style:0.25>"  # the prompt as the user wrote it
     assert info.params["Lora units"] == "<lora:strong:0.8> <lora:style:-0.3:0.4>"  # A1111 order: te, then unet
-    plain = pixels(tiny_pipe.txt2img("a cat <lora:style:0.25>", extra=extra, **GEN))
+    plain = pixels(tiny_pipe.txt2img("a cat <lora:style:0.25>", options=options, **GEN))
     assert np.abs(pixels(result) - plain).mean() > 1.0  # so an image without the units cannot pass below
     png = tmp_path / "units.png"
     result.save(png)
@@ -385,10 +385,10 @@ def test_api_units_are_recorded_as_tags_and_from_png_reproduces_them(tiny_pipe, 
 def test_units_the_infotext_cannot_record_and_malformed_records_are_typed_errors(tiny_pipe, text_lora):
     from aipaint_plugins.lora import uses_from_recorded_units
 
-    extra = {"lora_dir": str(text_lora)}
+    options = {"lora": {"folder": str(text_lora)}}
     for name in ("in:k", "a>b", " strong"):
         with pytest.raises(InvalidParameter, match="tag can spell"):
-            tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": name}),), extra=extra, **GEN)
+            tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": name}),), options=options, **GEN)
     assert [(u.name, u.unet_weight, u.te_weight) for u in uses_from_recorded_units("<lora:a:1> <lora:b:0.5:-2>")] == [
         ("a", 1.0, None), ("b", -2.0, 0.5)]
     for text in ("<lora:a:lots>", "<lora:a:1> and text", "<hypernet:a:1>"):
@@ -397,11 +397,11 @@ def test_units_the_infotext_cannot_record_and_malformed_records_are_typed_errors
 
 
 def test_bad_units_are_typed_errors(tiny_pipe, text_lora):
-    extra = {"lora_dir": str(text_lora)}
+    options = {"lora": {"folder": str(text_lora)}}
     with pytest.raises(InvalidParameter, match="options are"):
-        tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": "strong", "strength": 1}),), extra=extra, **GEN)
+        tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": "strong", "strength": 1}),), options=options, **GEN)
     with pytest.raises(InvalidParameter, match="finite"):
-        tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": "strong", "weight": "lots"}),), extra=extra, **GEN)
+        tiny_pipe.txt2img("a", adapters=(AdapterUnit("lora", {"name": "strong", "weight": "lots"}),), options=options, **GEN)
 
 
 def test_lora_list_command(text_lora, kohya_file, monkeypatch, capsys):
@@ -414,9 +414,9 @@ def test_lora_list_command(text_lora, kohya_file, monkeypatch, capsys):
 
 
 def test_lyco_tags_are_lora_tags(tiny_pipe, text_lora):
-    extra = {"lora_dir": str(text_lora)}
-    lora = tiny_pipe.txt2img("a cat <lora:strong:0.5>", extra=extra, **GEN)
-    lyco = tiny_pipe.txt2img("a cat <lyco:strong:0.5>", extra=extra, **GEN)
+    options = {"lora": {"folder": str(text_lora)}}
+    lora = tiny_pipe.txt2img("a cat <lora:strong:0.5>", options=options, **GEN)
+    lyco = tiny_pipe.txt2img("a cat <lyco:strong:0.5>", options=options, **GEN)
     assert np.array_equal(pixels(lyco), pixels(lora))
     assert Infotext.from_text(lyco.infotexts[0]).params["Lora hashes"] == Infotext.from_text(lora.infotexts[0]).params["Lora hashes"]
 

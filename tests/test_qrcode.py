@@ -93,7 +93,7 @@ def test_qr_post_processor_on_a_photograph(plugin_host, astronaut):
 
 
 def test_an_installed_qr_controlnet_is_found_by_name(tiny_pipe, tmp_path, monkeypatch):
-    from aipaint_plugins.upscale.common import choose_controlnet, installed_controlnet
+    from aipaint.plugin.kit.diffusion import choose_controlnet, installed_controlnet
 
     if "controlnet" not in tiny_pipe.host.registry.adapters:
         pytest.skip("the ControlNet adapter plugin is not installed")
@@ -177,9 +177,9 @@ def test_qr_command_records_the_controlnet_unit_in_the_png(tiny_sd_path, qr_cont
 
 
 def test_qr_command_carries_a_code_in_a_picture(tmp_path, astronaut):
+    from aipaint.api.result import save_png
     from aipaint.cli.main import main
     from aipaint.infotext import Infotext, read_png_parameters
-    from aipaint.api.result import save_png
 
     source, out = tmp_path / "photo.png", tmp_path / "qr.png"
     save_png(astronaut.resize((160, 160)), source, "an astronaut\nSteps: 2, Seed: 4, Size: 160x160, Version: v1")

@@ -11,9 +11,9 @@ import torch
 from aipaint_plugins.textual_inversion.embeddings import Embedding, added_tokens, read_embedding
 from safetensors.torch import save_file
 
+from aipaint.api.request import GenerationRequest
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError, UnsupportedFeature
 from aipaint.infotext import Infotext
-from aipaint.api.request import GenerationRequest
 
 GEN = dict(seed=5, width=32, height=32, steps=2, cfg_scale=5.0)
 
@@ -103,9 +103,9 @@ def test_negative_prompt_and_emphasis(tiny_pipe, folder):
 
 
 def test_generation_uses_embeddings_and_records_them(tiny_pipe, folder):
-    extra = {"embeddings_dir": str(folder)}
-    plain = np.asarray(tiny_pipe.txt2img("a mystyle cat", extra={"embeddings_dir": "/nonexistent"}, **GEN).images[0])
-    result = tiny_pipe.txt2img("a mystyle cat", extra=extra, **GEN)
+    options = {"embeddings": {"folder": str(folder)}}
+    plain = np.asarray(tiny_pipe.txt2img("a mystyle cat", options={"embeddings": {"folder": "/nonexistent"}}, **GEN).images[0])
+    result = tiny_pipe.txt2img("a mystyle cat", options=options, **GEN)
     assert not np.array_equal(np.asarray(result.images[0]), plain)
     assert "TI hashes" in Infotext.from_text(result.infotexts[0]).params
     assert "a mystyle cat" in result.infotexts[0]  # the prompt is recorded as written
@@ -116,7 +116,7 @@ def test_wrong_size_is_a_clear_error(tiny_pipe, tmp_path):
     root.mkdir()
     save_file({"emb_params": vectors(1, 9, hidden=768)}, str(root / "big.safetensors"))
     with pytest.raises(InvalidParameter, match="768"):
-        tiny_pipe.txt2img("a big cat", extra={"embeddings_dir": str(root)}, **GEN)
+        tiny_pipe.txt2img("a big cat", options={"embeddings": {"folder": str(root)}}, **GEN)
     assert len(tiny_pipe.model.tokenizer) == 49408
 
 
@@ -128,7 +128,7 @@ def test_models_without_exactly_one_text_encoder_refuse_embeddings(tiny_pipe, fo
     else:
         monkeypatch.setattr(tiny_pipe.model, "text_encoder", None)
     with pytest.raises(UnsupportedFeature, match="MyStyle.*one text encoder"):
-        tiny_pipe.txt2img("a mystyle cat", extra={"embeddings_dir": str(folder)}, **GEN)
+        tiny_pipe.txt2img("a mystyle cat", options={"embeddings": {"folder": str(folder)}}, **GEN)
 
 
 def test_embeddings_command(folder, monkeypatch, capsys):
@@ -141,8 +141,9 @@ def test_embeddings_command(folder, monkeypatch, capsys):
 
 
 def test_a_refused_embedding_name_is_explained_as_an_embedding_not_a_lora(folder, tmp_path):
-    from aipaint_plugins.lora.library import NameOutsideFolder
     from aipaint_plugins.textual_inversion import embeddings_folder
+
+    from aipaint.plugin.kit.folders import NameOutsideFolder
 
     (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
     save_file({"emb_params": vectors(1, 7)}, str(tmp_path / "outside.safetensors"))

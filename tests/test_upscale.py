@@ -7,14 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aipaint_plugins.lora.library import NameOutsideFolder
-from aipaint_plugins.upscale.models import load_image_model, resolve_weights, weight_files
-from aipaint_plugins.upscale.tiling import (
-    check_tiling,
-    pil_to_tensor,
-    process_tiled,
-    tile_starts,
-)
+from aipaint_plugins.upscale.tiling import check_tiling, process_tiled, tile_starts
 from aipaint_plugins.upscale.upscalers import UpscaleSettings, get_upscaler, upscaler_catalogue
 from PIL import Image
 
@@ -27,6 +20,8 @@ from aipaint.errors import (
     UnsupportedFeature,
 )
 from aipaint.infotext import Infotext
+from aipaint.plugin.kit.folders import NameOutsideFolder
+from aipaint.plugin.kit.image_models import load_image_model, pil_to_tensor, resolve_weights, weight_files
 from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
 
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny"
@@ -272,17 +267,17 @@ def test_post_step_parses_typed_values():
 @pytest.mark.parametrize("value,expected", [("no", False), ("false", False), ("0", False), ("No", False), (0, False),
                                             (False, False), (None, False), ("yes", True), ("TRUE", True), (1, True), (True, True)])
 def test_flag_reads_yes_and_no(value, expected):
-    from aipaint_plugins.upscale.common import flag
+    from aipaint.plugin.kit.options import option_bool
 
-    assert flag({"allow_pickle": value}, "allow_pickle") is expected
+    assert option_bool({"allow_pickle": value}, "allow_pickle") is expected
 
 
 @pytest.mark.parametrize("value", ["nope", "off-ish", "", 2, 0.5, [True]])
 def test_flag_refuses_anything_else(value):
-    from aipaint_plugins.upscale.common import flag
+    from aipaint.plugin.kit.options import option_bool
 
     with pytest.raises(InvalidParameter, match="allow_pickle.*true or false"):
-        flag({"allow_pickle": value}, "allow_pickle")
+        option_bool({"allow_pickle": value}, "allow_pickle")
 
 
 @pytest.fixture()

@@ -21,9 +21,7 @@ from the file. Pickle files (``.pth``, ``.ckpt``) load only with ``allow_pickle`
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import re
 import weakref
 from collections import OrderedDict
@@ -33,29 +31,26 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
+from aipaint.plugin.kit.folders import (
+    NAME_MAX_BYTES,
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
+    controlnet_dir,
+    is_inside,
+    is_model_folder,
+    model_entries,
+    path_is,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from aipaint.models.latent import LatentDiffusionModel
 
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"
 _HASH_SUFFIX = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{6,64})\]$")
 CACHE_SIZE = 2
-NAME_MAX_BYTES = 255  # the longest file name (one path part) common file systems store
-
-
-def aipaint_home() -> Path:
-    return Path(os.environ.get("AIPAINT_HOME") or Path.home() / ".aipaint").expanduser()
-
-
-def controlnet_dir() -> Path:
-    """``$AIPAINT_CONTROLNET_DIR``, else ``$AIPAINT_HOME/controlnet``."""
-    explicit = os.environ.get("AIPAINT_CONTROLNET_DIR")
-    return Path(explicit).expanduser() if explicit else aipaint_home() / "controlnet"
 
 
 class ControlNetNotFound(UnknownName):
@@ -142,52 +137,9 @@ def _check_name(name: str, folder: Path) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-def _path_is(test: Callable[[Path], bool], path: Path) -> bool:
-    """``test(path)`` (``Path.exists``, ``Path.is_dir``), where a path the file system cannot hold
-    (a name too long once a suffix is added, a folder path past the length limit) is simply not
-    there rather than an ``OSError``."""
-    try:
-        return test(path)
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
-            raise
-        return False
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _is_model_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 def folder_models(folder: Path | None = None) -> dict[str, Path]:
     """Every model below the folder by name (relative path, no suffix); safetensors before pickles."""
-    root = folder or controlnet_dir()
-    found: dict[str, Path] = {}
-    if not _path_is(Path.is_dir, root):
-        return found
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        dirnames.sort()
-        for sub in list(dirnames):
-            if _is_model_folder(here / sub) and _inside(here / sub, root):
-                found.setdefault((here / sub).relative_to(root).as_posix(), here / sub)
-                dirnames.remove(sub)  # a model folder's files are not models themselves
-        for filename in sorted(filenames):
-            path = here / filename
-            suffix = path.suffix.lower()
-            if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES or not _inside(path, root):
-                continue
-            name = path.relative_to(root).with_suffix("").as_posix()
-            if name not in found or (found[name].suffix.lower() in PICKLE_SUFFIXES and suffix in SAFE_SUFFIXES):
-                found[name] = path
-    return found
+    return model_entries(folder or controlnet_dir())
 
 
 def zoo_controlnets() -> dict[str, Any]:
@@ -220,9 +172,9 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
     root = folder or controlnet_dir()
     relative = _check_name(name, root)
     direct = [root / relative] if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES else []
-    direct += [root / relative] if _path_is(_is_model_folder, root / relative) else []
+    direct += [root / relative] if path_is(is_model_folder, root / relative) else []
     direct += [(root / relative).with_name(relative.name + s) for s in SAFE_SUFFIXES + PICKLE_SUFFIXES]
-    candidates = [p for p in direct if _path_is(Path.exists, p)]
+    candidates = [p for p in direct if path_is(Path.exists, p)]
     if not candidates:
         wanted = relative.as_posix().lower()
         models = folder_models(root)
@@ -230,7 +182,7 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
     if not candidates:
         raise ControlNetNotFound(name, sorted(zoo_controlnets()) + sorted(folder_models(root)), root)
     path = candidates[0]
-    if not _inside(path, root):
+    if not is_inside(path, root):
         raise NameOutsideFolder(name, root, "it is a link that leads out of the folder")
     _check_suffix(path, allow_pickle)
     return ControlNetRef(relative.name if path.is_dir() else path.stem, path, expected_hash=expected)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aipaint.api.options import parse_bool
 from aipaint.engine.loop import LoopContributor
 from aipaint.errors import ImageError, InvalidParameter
 
@@ -76,21 +77,6 @@ def _choice(name: str, value: Any, table: dict[str, str], index: int) -> str:
     if key not in table:
         raise InvalidParameter(f"ControlNet {index} {name}", value, "must be one of " + ", ".join(repr(v) for v in dict.fromkeys(table.values())))
     return table[key]
-
-
-FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-def _flag(name: str, value: Any, index: int) -> bool:
-    """A yes/no option: a bool, 1 or 0, or one of :data:`FLAG_WORDS` (unit options typed on the
-    command line arrive as text or numbers). Never truthiness: ``bool("false")`` is True."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
-        return FLAG_WORDS[value.strip().lower()]
-    raise InvalidParameter(f"ControlNet {index} {name}", value, "must be true or false", "also accepted: yes/no, on/off, 1/0")
 
 
 def load_image(value: Any, what: str) -> Image.Image:
@@ -168,7 +154,7 @@ class UnitOptions:
         unit.config = Path(config).expanduser() if config is not None else None
         # The request's opt-in (--allow-pickle) covers every file of the run; a unit may still set its own.
         run_opt_in = (getattr(request, "extra", None) or {}).get("allow_pickle") is True
-        unit.allow_pickle = _flag("allow_pickle", options.pop("allow_pickle", run_opt_in), index)
+        unit.allow_pickle = parse_bool(f"ControlNet {index} allow_pickle", options.pop("allow_pickle", run_opt_in))
         expected = options.pop("model_hash", "")
         if expected and isinstance(unit.model, str) and "[" not in unit.model:
             unit.model = f"{unit.model} [{expected}]"

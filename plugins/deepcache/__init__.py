@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
+from aipaint.plugin.kit.patches import check_patchable_unet
 
 if TYPE_CHECKING:
     import argparse
@@ -261,19 +262,6 @@ def max_branch(unet: Any) -> int:
     return len(skip_layout(unet)) - 1
 
 
-def check_patchable_unet(model: Any, feature: str) -> None:
-    """Speed features patch the torch UNet: refuse runtimes and compiled UNets they cannot reach."""
-    if getattr(model, "runtime", "torch") != "torch":
-        raise UnsupportedFeature(
-            f"{feature} patches the torch UNet, but this model runs on the {model.runtime!r} runtime; "
-            "load it with runtime='torch' to use it"
-        )
-    if getattr(model.unet, "_compiled_call_impl", None) is not None:
-        raise UnsupportedFeature(f"{feature} cannot patch a torch.compile'd UNet; load without compile=True to use it")
-    if not hasattr(model.unet, "up_blocks"):
-        raise UnsupportedFeature(f"{feature} needs a diffusers UNet2DConditionModel, not {type(model.unet).__name__}")
-
-
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     if len(context.units) > 1:
@@ -320,7 +308,7 @@ def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> lis
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import add_adapter_unit_builder, generation_parsers
+    from aipaint.cli.api import add_adapter_unit_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument("--deepcache", metavar="INTERVAL[:BRANCH]",

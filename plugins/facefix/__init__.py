@@ -48,7 +48,7 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import _add_model_options
+    from aipaint.cli.api import add_model_options
 
     p = subparsers.add_parser("facefix", help="find faces and redraw them (ADetailer), or restore them with GFPGAN/CodeFormer")
     p.add_argument("image")
@@ -66,7 +66,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--visibility", type=float, default=1.0, help="blend strength of the restored faces (0-1)")
     p.add_argument("--restore-only", action="store_true", help="only restore faces (no diffusion model needed)")
     p.add_argument("--detect-only", action="store_true", help="print the faces found and exit")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_facefix)
 
 
@@ -74,12 +74,12 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from aipaint_plugins.facefix.fix import detect_faces
-    from aipaint_plugins.upscale.common import open_image
 
+    from aipaint.api.result import save_png
     from aipaint.errors import AipaintError
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
+    from aipaint.plugin.kit.diffusion import open_image
     from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
-    from aipaint.api.result import save_png
 
     image = open_image(args.image)
     if args.detect_only:
@@ -111,9 +111,9 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
                 options[name] = value
         if args.restorer:
             options.update(restorer=args.restorer, restore_visibility=args.visibility)
-        from aipaint.cli.main import _load
+        from aipaint.cli.api import load_pipeline
 
-        output = run_postprocessors(image, [PostStep("facefix", options)], _load(args))
+        output = run_postprocessors(image, [PostStep("facefix", options)], load_pipeline(args))
     out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-facefix.png"))
     text = merge_infotext(parameters, output.infotext)
     print(save_png(output.image, out_path, text))

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aipaint_plugins.facefix.detect import DEFAULT_DETECTOR, Detection, detector_name, get_detector
 from aipaint_plugins.facefix.masks import box_mask, crop_region, feather, mask_bbox, paste
-from aipaint_plugins.upscale.common import flag, generation_settings, inpaint, number
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.diffusion import generation_settings, inpaint
+from aipaint.plugin.kit.options import number, option_bool
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -159,7 +160,7 @@ Restorer = Callable[[Any], Any]  # NCHW [0, 1] tensor at restore_size -> same
 def load_restorer(name: str | Path, *, allow_pickle: bool = False, device: str = "cpu") -> tuple[Restorer, str]:
     """A face-restoration model by name (a file inside the upscaler folder, or a zoo id; never
     outside the folder), or an explicit weights file given as a :class:`~pathlib.Path`."""
-    from aipaint_plugins.upscale.models import load_image_model, resolve_weights
+    from aipaint.plugin.kit.image_models import load_image_model, resolve_weights
 
     path = resolve_weights(name, kind="face restorer")
     model = load_image_model(path, allow_pickle=allow_pickle, device=device)
@@ -187,8 +188,9 @@ def restore_faces(
 ) -> tuple[Image.Image, dict[str, str], FaceFixReport]:
     """Restore every detected face with a model and blend it in at ``visibility`` (0–1)."""
     import torch
-    from aipaint_plugins.upscale.tiling import pil_to_tensor, tensor_to_pil
     from PIL import Image
+
+    from aipaint.plugin.kit.image_models import pil_to_tensor, tensor_to_pil
 
     visibility = number({"visibility": visibility}, "visibility", 1.0, 0.0, 1.0)
     if isinstance(restorer, (str, Path)):
@@ -238,7 +240,7 @@ def run_facefix(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
             out, _restorer_option(options["restorer"]), visibility=number(options, "restore_visibility", 1.0, 0.0, 1.0),
             detector=settings.detector, confidence=settings.confidence, max_faces=settings.max_faces,
             mask_dilation=settings.mask_dilation, mask_blur=settings.mask_blur, padding=settings.padding,
-            allow_pickle=flag(options, "allow_pickle"),
+            allow_pickle=option_bool(options, "allow_pickle"),
         )
         info.update(extra)
     return PostProcessOutput(out, info)
@@ -249,7 +251,7 @@ def run_restore(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
     from aipaint.postprocess import PostProcessOutput
 
     if not options.get("restorer"):
-        from aipaint_plugins.upscale.models import upscaler_dir
+        from aipaint.plugin.kit.image_models import upscaler_dir
 
         raise InvalidParameter("restorer", None, "face restoration needs weights",
                                f"put GFPGAN/CodeFormer/RestoreFormer weights in {upscaler_dir()} and pass restorer=NAME")
@@ -258,7 +260,7 @@ def run_restore(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
         image, _restorer_option(options["restorer"]),
         visibility=number(options, "visibility", 1.0, 0.0, 1.0), detector=settings.detector,
         confidence=settings.confidence, max_faces=settings.max_faces, mask_dilation=settings.mask_dilation,
-        mask_blur=settings.mask_blur, padding=settings.padding, allow_pickle=flag(options, "allow_pickle"),
+        mask_blur=settings.mask_blur, padding=settings.padding, allow_pickle=option_bool(options, "allow_pickle"),
     )
     return PostProcessOutput(out, info)
 

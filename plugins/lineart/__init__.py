@@ -35,7 +35,7 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import _add_model_options
+    from aipaint.cli.api import add_model_options
 
     p = subparsers.add_parser("lineart", help="colour a line drawing while keeping its lines")
     p.add_argument("image", help="the line drawing (dark lines on light paper)")
@@ -47,7 +47,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="lineart ControlNet: auto (an installed one with 'lineart' in its name, else img2img), none, or a name")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_lineart)
 
 
@@ -55,14 +55,14 @@ def _cmd_lineart(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from aipaint_plugins.lineart.colour import colour_lineart
-    from aipaint_plugins.upscale.common import open_image
 
-    from aipaint.cli.main import _load
-    from aipaint.postprocess import merge_infotext
     from aipaint.api.result import save_png
+    from aipaint.cli.api import load_pipeline
+    from aipaint.plugin.kit.diffusion import open_image
+    from aipaint.postprocess import merge_infotext
 
     params = {k: getattr(args, k) for k in ("seed", "steps") if getattr(args, k) is not None}
-    images, info, result = colour_lineart(_load(args), open_image(args.image), args.prompt, args.negative_prompt,
+    images, info, result = colour_lineart(load_pipeline(args), open_image(args.image), args.prompt, args.negative_prompt,
                                           denoising_strength=args.denoising_strength, controlnet=args.controlnet, **params)
     out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-coloured.png"))
     print(save_png(images[0], out_path, merge_infotext(result.infotexts[0], info)))

@@ -63,8 +63,9 @@ def colour_lineart(
     "lineart" and img2img when there is none (``Lineart`` in the PNG says which);
     ``None`` forces img2img; a name forces that ControlNet.
     """
-    from aipaint_plugins.upscale.common import choose_controlnet, img2img
     from PIL import Image, ImageOps
+
+    from aipaint.plugin.kit.diffusion import choose_controlnet, img2img
 
     controlnet = choose_controlnet(pipe, controlnet, ("lineart", "line_art", "line-art"))
     drawing = drawing.convert("RGB")
@@ -103,9 +104,9 @@ def run_lineart(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
     generation's ControlNet unit, recorded in that generation's parameters, is carried over
     under :data:`LINEART_CONTROLNET_KEY`.
     """
-    from aipaint_plugins.upscale.common import generation_settings, number
-
     from aipaint.infotext import Infotext
+    from aipaint.plugin.kit.diffusion import generation_settings
+    from aipaint.plugin.kit.options import number
     from aipaint.postprocess import PostProcessOutput
 
     if pipe is None:

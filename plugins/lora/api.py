@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from aipaint_plugins.lora.formats import LoraPatches, ModuleTable, match_patches
-from aipaint_plugins.lora.library import ModelFolder, NamedFile, default_folder, short_hash
-from aipaint_plugins.lora.patcher import AppliedPatches, apply_patches
+from aipaint_plugins.lora.library import lora_folder
+from aipaint_plugins.lora.patcher import apply_patches
 
 from aipaint.errors import AipaintWarning, InvalidParameter, ModelLoadError, UnsupportedFeature
+from aipaint.plugin.kit.folders import NamedFile
+from aipaint.plugin.kit.hashing import short_hash
+from aipaint.plugin.kit.patches import AppliedPatches
 
 CACHE_SIZE = 8
 PATCHED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -69,12 +72,6 @@ class LoadedLora:
     @property
     def hash(self) -> str:
         return short_hash(self.file.path)
-
-
-def lora_folder(folder: Path | str | None = None, *, allow_pickle: bool = False) -> ModelFolder:
-    """The LoRA folder: ``folder`` if given, else ``$AIPAINT_LORA_DIR``, else ``$AIPAINT_HOME/loras``."""
-    root = Path(folder) if folder is not None else default_folder("AIPAINT_LORA_DIR", "loras")
-    return ModelFolder(root, "lora", allow_pickle=allow_pickle, name_example="<lora:my_style:0.8> for my_style.safetensors")
 
 
 def read_lora_file(path: Path | str, *, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:

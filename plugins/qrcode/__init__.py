@@ -56,7 +56,7 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import _add_model_options
+    from aipaint.cli.api import add_model_options
 
     p = subparsers.add_parser("qr", help="QR-code art: a picture that scans (verified with real decoders)")
     p.add_argument("payload", help="the text or URL to encode")
@@ -74,7 +74,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, default=1)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_qr)
 
 
@@ -83,10 +83,10 @@ def _cmd_qr(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from aipaint_plugins.qrcode.art import RepairSettings, carry_code, qr_art
-    from aipaint_plugins.upscale.common import open_image
 
-    from aipaint.errors import AipaintError
     from aipaint.api.result import save_png
+    from aipaint.errors import AipaintError
+    from aipaint.plugin.kit.diffusion import open_image
 
     settings = RepairSettings(safety=args.safety)
     decoders = _decoders(args.decoders)
@@ -101,10 +101,10 @@ def _cmd_qr(args: argparse.Namespace) -> int:
     else:
         if not args.prompt:
             raise AipaintError("give --prompt to generate art, or --image to carry the code in a picture")
-        from aipaint.cli.main import _load
+        from aipaint.cli.api import load_pipeline
 
         params = {k: getattr(args, k) for k in ("seed", "steps", "batch_size") if getattr(args, k) is not None}
-        results = qr_art(_load(args), args.payload, args.prompt, args.negative_prompt, size=args.size, version=args.version,
+        results = qr_art(load_pipeline(args), args.payload, args.prompt, args.negative_prompt, size=args.size, version=args.version,
                          denoising_strength=args.denoising_strength, controlnet=args.controlnet, repair_settings=settings,
                          decoders=decoders, **params)
     for index, (art, text) in enumerate(results):

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aipaint_plugins.qrcode.code import QRCode, QRUnreadable, check_decoders, decodes_to, make_code
-from aipaint_plugins.upscale.common import number
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.options import number
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from aipaint.pipeline import Pipeline
     from aipaint.api.result import Result
+    from aipaint.pipeline import Pipeline
 
 CENTRE_FRACTION = 0.5
 
@@ -194,7 +194,7 @@ def generate_art(
         unit = AdapterUnit("controlnet", {"model": controlnet, "image": code_image, "weight": controlnet_weight})
         result = pipe.txt2img(prompt, negative_prompt, width=size, height=size, adapters=(unit,), **params)
         return result, f"controlnet {controlnet}"
-    from aipaint_plugins.upscale.common import img2img
+    from aipaint.plugin.kit.diffusion import img2img
 
     result = img2img(pipe, code_init_image(code, size), prompt, negative_prompt, what="QR-code art",
                      denoising_strength=denoising_strength, width=size, height=size, **params)
@@ -225,8 +225,7 @@ def qr_art(
     generation's own (with its ``ControlNet 0`` unit, or img2img's ``Denoising strength``)
     plus the ``QR …`` entries.
     """
-    from aipaint_plugins.upscale.common import choose_controlnet
-
+    from aipaint.plugin.kit.diffusion import choose_controlnet
     from aipaint.postprocess import merge_infotext
 
     controlnet = choose_controlnet(pipe, controlnet, ("qr",))

@@ -22,8 +22,8 @@ STICKER_OPTIONS = ("method", "tolerance", "outline_width", "outline_colour", "ke
 
 def run_sticker(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
     from aipaint_plugins.sticker.cutout import make_sticker
-    from aipaint_plugins.upscale.common import flag, number
 
+    from aipaint.plugin.kit.options import number, option_bool
     from aipaint.postprocess import PostProcessOutput
 
     method = options.get("method") or "floodfill"
@@ -34,7 +34,7 @@ def run_sticker(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
         tolerance=number(options, "tolerance", 40.0, 0.0, 442.0),
         outline_width=width,
         outline_colour=options.get("outline_colour") or "white",
-        keep_largest=flag(options, "keep_largest", True),
+        keep_largest=option_bool(options, "keep_largest", True),
         padding=None if options.get("padding") is None else number(options, "padding", 0, 0, 4096, integer=True),
     )
     name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
@@ -62,11 +62,10 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_sticker(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aipaint_plugins.upscale.common import open_image
-
-    from aipaint.infotext import read_png_parameters
-    from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
     from aipaint.api.result import save_png
+    from aipaint.infotext import read_png_parameters
+    from aipaint.plugin.kit.diffusion import open_image
+    from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
 
     options = {"method": args.method, "tolerance": args.tolerance, "outline_width": args.outline_width,
                "outline_colour": args.outline_colour}

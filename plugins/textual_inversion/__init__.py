@@ -35,7 +35,7 @@ class EmbeddingOptions(OptionGroup):
 
 def embeddings_folder(folder: Path | str | None = None, *, allow_pickle: bool = False) -> Any:
     """The embeddings folder: ``folder``, else ``$AIPAINT_EMBEDDINGS_DIR``, else ``$AIPAINT_HOME/embeddings``."""
-    from aipaint_plugins.lora.library import ModelFolder, default_folder
+    from aipaint.plugin.kit.folders import ModelFolder, default_folder
 
     root = Path(folder) if folder is not None else default_folder("AIPAINT_EMBEDDINGS_DIR", "embeddings")
     return ModelFolder(root, "embedding", allow_pickle=allow_pickle,
@@ -73,8 +73,9 @@ def wants(context: AdapterContext) -> bool:
 
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
-    from aipaint_plugins.lora.library import short_hash
     from aipaint_plugins.textual_inversion.embeddings import added_tokens, name_pattern, read_embedding
+
+    from aipaint.plugin.kit.hashing import short_hash
 
     allow_pickle = context.request.allow_pickle
     files = used_embedding_files(context)
@@ -125,7 +126,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", help="embeddings folder (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
     p.set_defaults(func=_cmd_list)
 
-    from aipaint.cli.main import add_request_options_builder, generation_parsers
+    from aipaint.cli.api import add_request_options_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument_group("textual inversion").add_argument(

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 from aipaint.errors import InvalidParameter
+from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
 
 if TYPE_CHECKING:
     import argparse
@@ -205,7 +205,7 @@ class TokenMerging:
 
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
-    from aipaint_plugins.deepcache import check_patchable_unet
+    from aipaint.plugin.kit.patches import check_patchable_unet
 
     if len(context.units) > 1:
         raise InvalidParameter("tome", len(context.units), "at most one token-merging unit per generation")
@@ -249,7 +249,7 @@ def units_from_args(args: argparse.Namespace, png_params: dict[str, str]) -> lis
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import add_adapter_unit_builder, generation_parsers
+    from aipaint.cli.api import add_adapter_unit_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument("--tome", metavar="RATIO[:MAX_DOWNSAMPLE]",

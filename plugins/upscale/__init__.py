@@ -23,9 +23,9 @@ UPSCALE_OPTIONS = ("upscaler", "scale", "resize_to", "tile", "overlap", "allow_p
 
 def run_upscale(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
     """The ``upscale`` post-processor (A1111's Extras tab): any image, no diffusion."""
-    from aipaint_plugins.upscale.common import flag, number, parse_size
     from aipaint_plugins.upscale.upscalers import DEFAULT_TILE, UpscaleSettings, get_upscaler
 
+    from aipaint.plugin.kit.options import number, option_bool, parse_size
     from aipaint.postprocess import PostProcessOutput
 
     upscaler = get_upscaler(str(options.get("upscaler") or "Lanczos"))
@@ -35,7 +35,7 @@ def run_upscale(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
         tile=number(options, "tile", DEFAULT_TILE, 0, 1 << 16, integer=True),
         overlap=None if options.get("overlap") is None else number(options, "overlap", 0, 0, 1 << 15, integer=True),
         device=str(options.get("device") or "cpu"),
-        allow_pickle=flag(options, "allow_pickle"),
+        allow_pickle=option_bool(options, "allow_pickle"),
     )
     out = upscaler.upscale(image, size, settings)
     info = {"Postprocess upscaler": upscaler.name}

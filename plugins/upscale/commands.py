@@ -10,7 +10,7 @@ from aipaint.errors import AipaintError
 
 
 def add_upscale_command(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import _add_model_options, add_overwrite_option
+    from aipaint.cli.api import add_model_options, add_overwrite_option
 
     p = subparsers.add_parser("upscale", help="upscale an image (Lanczos, Real-ESRGAN/SwinIR/… weights, or SD upscale)")
     p.add_argument("image", nargs="?", help="input image")
@@ -29,13 +29,14 @@ def add_upscale_command(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--denoising-strength", type=float, default=0.3)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--steps", type=int, default=None)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=cmd_upscale)
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from aipaint_plugins.upscale.models import upscaler_dir
     from aipaint_plugins.upscale.upscalers import upscaler_catalogue
+
+    from aipaint.plugin.kit.image_models import upscaler_dir
 
     if args.list:
         for item in upscaler_catalogue():
@@ -44,11 +45,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         return 0
     if not args.image:
         raise AipaintError("give an image to upscale (or --list)")
-    from aipaint_plugins.upscale.common import open_image
-
-    from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
-    from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
     from aipaint.api.result import output_path, save_png
+    from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
+    from aipaint.plugin.kit.diffusion import open_image
+    from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
 
     default = Path(args.image).with_name(Path(args.image).stem + "-upscaled.png")
     out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))
@@ -70,9 +70,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 value = stored.get(name)
             if value is not None:
                 options[name] = value
-        from aipaint.cli.main import _load
+        from aipaint.cli.api import load_pipeline
 
-        pipe = _load(args)
+        pipe = load_pipeline(args)
         output = run_postprocessors(image, [PostStep("sd-upscale", options)], pipe)
     else:
         options = dict(common, tile=args.tile, device=args.device)

@@ -20,18 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aipaint_plugins.upscale.common import (
-    GENERATION_OPTIONS,
-    flag,
-    generation_settings,
-    number,
-    parse_size,
-    require_mode,
-)
 from aipaint_plugins.upscale.upscalers import DEFAULT_TILE, UpscaleSettings, get_upscaler
 
 from aipaint.api.request import GenerationRequest
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.diffusion import GENERATION_OPTIONS, generation_settings, require_mode
+from aipaint.plugin.kit.options import number, option_bool, parse_size
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +75,7 @@ class HiresSettings:
             hires_sampler=options.get("hires_sampler"),
             tile=number(options, "tile", DEFAULT_TILE, 0, 1 << 16, integer=True),
             overlap=None if options.get("overlap") is None else number(options, "overlap", 0, 0, 1 << 15, integer=True),
-            allow_pickle=flag(options, "allow_pickle"),
+            allow_pickle=option_bool(options, "allow_pickle"),
         )
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
@@ -157,7 +151,8 @@ def hires_pass(
     upscaler resizes the latents (given, or encoded from the picture) and denoises them here.
     """
     import torch
-    from aipaint_plugins.upscale.tiling import pil_to_tensor
+
+    from aipaint.plugin.kit.image_models import pil_to_tensor
 
     _check_model(pipe)
     model = pipe.model

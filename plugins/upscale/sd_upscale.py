@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aipaint_plugins.upscale.common import (
-    flag,
-    generation_settings,
-    img2img,
-    number,
-    require_mode,
-)
-from aipaint_plugins.upscale.tiling import pil_to_tensor, process_tiled, tensor_to_pil
+from aipaint_plugins.upscale.tiling import process_tiled
 from aipaint_plugins.upscale.upscalers import UpscaleSettings, get_upscaler
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.diffusion import generation_settings, img2img, require_mode
+from aipaint.plugin.kit.image_models import pil_to_tensor, tensor_to_pil
+from aipaint.plugin.kit.options import number, option_bool
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -95,6 +91,6 @@ def run_sd_upscale_postprocessor(image: Image.Image, options: dict[str, Any], pi
     from aipaint_plugins.upscale import SD_UPSCALE_OPTION_NAMES
 
     kwargs = {k: v for k, v in options.items() if k in SD_UPSCALE_OPTION_NAMES or k == "request"}
-    kwargs["allow_pickle"] = flag(options, "allow_pickle")
+    kwargs["allow_pickle"] = option_bool(options, "allow_pickle")
     out, info = sd_upscale(pipe, image, **kwargs)
     return PostProcessOutput(out, info)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from aipaint.errors import ImageError, InvalidParameter
@@ -123,17 +122,3 @@ def process_tiled(
     return out / weight_sum
 
 
-def pil_to_tensor(image) -> torch.Tensor:
-    """PIL RGB → NCHW float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def tensor_to_pil(tensor: torch.Tensor):
-    """NCHW (first item) or CHW float in [0, 1] → PIL RGB."""
-    from PIL import Image
-
-    if tensor.dim() == 4:
-        tensor = tensor[0]
-    array = (tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aipaint_plugins.upscale.models import load_image_model, resolve_weights, upscaler_dir, weight_files
-
 from aipaint.errors import InvalidParameter, UnknownName, UnsupportedFeature
+from aipaint.plugin.kit.image_models import load_image_model, resolve_weights, upscaler_dir, weight_files
 from aipaint.plugin.registry import Catalogue
 
 if TYPE_CHECKING:
@@ -94,10 +93,11 @@ class Upscaler:
         return self._upscale_with_model(image, size, settings)
 
     def _upscale_with_model(self, image: Image.Image, size: tuple[int, int], settings: UpscaleSettings) -> Image.Image:
-        from aipaint_plugins.upscale.tiling import pil_to_tensor, process_tiled, tensor_to_pil
+        from aipaint_plugins.upscale.tiling import process_tiled
         from PIL import Image
 
         from aipaint.imageutil import check_pixels
+        from aipaint.plugin.kit.image_models import pil_to_tensor, tensor_to_pil
 
         assert self.path is not None
         model = load_image_model(self.path, allow_pickle=settings.allow_pickle, device=settings.device)

@@ -10,7 +10,7 @@ state dict itself, so the safety rule is the project's: safetensors always; ``.p
 Where weights live: a folder (``$AIPAINT_UPSCALER_DIR``, else ``$AIPAINT_HOME/upscalers``,
 else ``~/.aipaint/upscalers``) or a zoo card whose ``family`` is ``upscaler`` or
 ``face-restoration``. A name (a string: it may come from a user, over the network) only
-ever resolves inside the folder, through the LoRA plugin's :class:`ModelFolder`:
+ever resolves inside the folder, through the kit's :class:`~aipaint.plugin.kit.folders.ModelFolder`:
 ``sub/4x-model`` is fine, ``../x``, absolute paths and symbolic links that lead out of the
 folder are :class:`NameOutsideFolder` errors. Python code that means a file elsewhere passes
 a :class:`pathlib.Path`, which is used as it is.
@@ -24,9 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from aipaint_plugins.lora.library import ModelFolder, NameOutsideFolder, default_folder
-
 from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
+from aipaint.plugin.kit.folders import ModelFolder, NameOutsideFolder, default_folder
 
 ZOO_FAMILIES = ("upscaler", "face-restoration")
 
@@ -149,3 +148,23 @@ def _load_cached(path: Path, mtime: int, allow_pickle: bool, device: str) -> Loa
         purpose=descriptor.purpose,
         scale=int(descriptor.scale),
     )
+
+
+def pil_to_tensor(image: Any) -> Any:
+    """PIL RGB → NCHW float32 torch tensor in [0, 1]."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(tensor: Any) -> Any:
+    """NCHW (first item) or CHW float torch tensor in [0, 1] → PIL RGB."""
+    import numpy as np
+    from PIL import Image
+
+    if tensor.dim() == 4:
+        tensor = tensor[0]
+    array = (tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

@@ -1,5 +1,6 @@
-"""Helpers shared by the post-processing plugins: generation settings taken from a
-request and from options, and the image modes they diffuse with.
+"""What post-processors that diffuse an image again share (face fix, hires fix, SD upscale,
+QR-code art, line-art colouring): generation settings taken from a request and from
+options, the image modes they diffuse with, input images, and an installed ControlNet.
 
 The image modes (``Pipeline.img2img`` / ``Pipeline.inpaint``) belong to the core; a
 pipeline without them gets a clear :class:`~aipaint.errors.UnsupportedFeature` rather than
@@ -12,12 +13,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.folders import controlnet_dir, model_entries
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from aipaint.pipeline import Pipeline
     from aipaint.api.result import Result
+    from aipaint.pipeline import Pipeline
 
 GENERATION_OPTIONS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip")
 REQUEST_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip", "guidance_rescale", "emphasis")
@@ -63,70 +65,6 @@ def inpaint(pipe: Pipeline, image: Image.Image, mask: Image.Image, prompt: str, 
     return require_mode(pipe, "inpaint", what)(image, mask, prompt, negative_prompt, denoising_strength=denoising_strength, **params)
 
 
-def number(options: Mapping[str, Any], name: str, default: float, lo: float, hi: float, *, integer: bool = False,
-           low_open: bool = False) -> Any:
-    """Read a numeric option and check its range; the error names the option and the range."""
-    value = options.get(name, default)
-    if value is None:
-        value = default
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise InvalidParameter(name, value, f"must be a number from {lo} to {hi}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameter(name, value, f"must be a number from {lo} to {hi}")
-    if integer:
-        if not float(value).is_integer():
-            raise InvalidParameter(name, value, f"must be a whole number from {lo} to {hi}")
-        value = int(value)
-    if (value <= lo if low_open else value < lo) or value > hi:
-        bound = f"above {lo}" if low_open else f"from {lo}"
-        raise InvalidParameter(name, value, f"must be {bound} to {hi}")
-    return value
-
-
-FLAG_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-def flag(options: Mapping[str, Any], name: str, default: bool = False) -> bool:
-    """Read a yes/no option: a bool, the number 1 or 0, or one of :data:`FLAG_WORDS` (any case).
-
-    Anything else is an error rather than Python truthiness, so ``allow_pickle=no`` or a typo
-    such as ``allow_pickle=nope`` can never switch a safety option on.
-    """
-    value = options.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
-        return FLAG_WORDS[value.strip().lower()]
-    raise InvalidParameter(name, value, "must be true or false", "write true/false, yes/no or 1/0")
-
-
-def parse_size(value: Any, name: str) -> tuple[int, int] | None:
-    """``"1024x768"`` or ``(1024, 768)`` → (width, height); ``None``/empty → None."""
-    if value in (None, "", 0):
-        return None
-    if isinstance(value, str):
-        parts = value.lower().split("x")
-        try:
-            width, height = (int(p) for p in parts)
-        except ValueError:
-            raise InvalidParameter(name, value, "must be WIDTHxHEIGHT, e.g. 1024x768") from None
-    else:
-        try:
-            width, height = (int(v) for v in value)
-        except (TypeError, ValueError):
-            raise InvalidParameter(name, value, "must be WIDTHxHEIGHT, e.g. 1024x768") from None
-    if width < 8 or height < 8:
-        raise InvalidParameter(name, value, "must be at least 8x8")
-    return width, height
-
-
 def open_image(path: str) -> Image.Image:
     """Open an image file as RGB, with an error that names the file (also for a decompression bomb)."""
     from aipaint.imageutil import read_image_file
@@ -144,12 +82,10 @@ def installed_controlnet(pipe: Pipeline, keywords: tuple[str, ...]) -> str | Non
     registry = getattr(getattr(pipe, "host", None), "registry", None)
     if registry is None or "controlnet" not in registry.adapters:
         return None
-    try:
-        from aipaint_plugins.controlnet.models import folder_models, zoo_controlnets
-    except ImportError:
-        return None
-    local = [cid for cid, card in zoo_controlnets().items() if card.source.get("kind") in ("embedded", "local")]
-    for name in sorted(local) + sorted(folder_models()):
+    from aipaint.models import zoo
+
+    local = [card.id for card in zoo.cards() if card.family == "controlnet" and card.source.get("kind") in ("embedded", "local")]
+    for name in sorted(local) + sorted(model_entries(controlnet_dir())):
         if any(keyword in name.lower() for keyword in keywords):
             return name
     return None

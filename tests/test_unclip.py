@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aipaint_plugins.unclip.options import UnCLIPOptions
 from PIL import Image
 
 import aipaint
@@ -109,26 +110,34 @@ def quantised(reference: np.ndarray) -> np.ndarray:
     return np.round(np.clip(reference, 0, 1) * 255.0) / 255.0
 
 
-STEPS = dict(prior_steps=2, steps=2, super_res_steps=2)
+def unclip_options(**values) -> dict:
+    return {"unclip": values}
+
+
+STEPS = dict(steps=2, options=unclip_options(prior_steps=2, super_res_steps=2))
+IMAGE_STEPS = dict(steps=2, options=unclip_options(super_res_steps=2))  # variations and blends run no prior
 REFERENCE_STEPS = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
 
 
-def test_loads_as_unclip_with_its_own_pipeline(unclip, unclip_paths, plugin_host):
-    from aipaint_plugins.unclip.pipeline import UnCLIPPipeline
+def test_loads_as_unclip_behind_the_one_pipeline(unclip, unclip_paths, plugin_host):
+    from aipaint_plugins.unclip.model import UnCLIPModel
 
-    assert isinstance(unclip, UnCLIPPipeline)
+    assert type(unclip) is aipaint.Pipeline and isinstance(unclip.model, UnCLIPModel)
     assert unclip.model.prior is not None and unclip.model.image_encoder is not None
+    assert unclip.model.capabilities == {"txt2img", "variations", "blend"}
     text_only = aipaint.load(unclip_paths["text"], host=plugin_host)
-    with pytest.raises(UnsupportedFeature, match="image encoder"):
-        text_only.variations(picture(0), seed=1, **STEPS)
+    assert text_only.model.capabilities == {"txt2img"}
+    with pytest.raises(UnsupportedFeature, match="cannot do image variations.*image encoder"):
+        text_only.variations(picture(0), seed=1, **IMAGE_STEPS)
     variations_only = aipaint.load(unclip_paths["variations"], host=plugin_host)
-    assert variations_only.model.prior is None
-    with pytest.raises(UnsupportedFeature, match="no prior"):
+    assert variations_only.model.prior is None and variations_only.model.capabilities == {"variations", "blend"}
+    with pytest.raises(UnsupportedFeature, match="cannot do text to image.*no prior"):
         variations_only.txt2img(PROMPT, seed=1, **STEPS)
 
 
 def test_txt2img_matches_diffusers_unclip_pipeline(unclip, references):
-    result = unclip.txt2img(PROMPT, seed=4, prior_cfg_scale=3.0, cfg_scale=6.0, **STEPS)
+    result = unclip.txt2img(PROMPT, seed=4, cfg_scale=6.0, steps=2,
+                            options=[UnCLIPOptions(prior_steps=2, super_res_steps=2, prior_cfg_scale=3.0)])
     reference = references["text"]
     expected = reference(PROMPT, generator=torch.Generator().manual_seed(4), prior_guidance_scale=3.0,
                          decoder_guidance_scale=6.0, output_type="np", **REFERENCE_STEPS).images[0]
@@ -141,7 +150,7 @@ def test_txt2img_matches_diffusers_unclip_pipeline(unclip, references):
 
 def test_variations_match_diffusers_image_variation_pipeline(unclip, references):
     source = picture(1)
-    result = unclip.variations(source, n=2, seed=9, cfg_scale=5.0, steps=2, super_res_steps=2)
+    result = unclip.variations(source, batch_size=2, seed=9, cfg_scale=5.0, **IMAGE_STEPS)
     reference = references["variations"]
     generators = [torch.Generator().manual_seed(9), torch.Generator().manual_seed(10)]  # aipaint: seed + i per image
     expected = reference(image=source, num_images_per_prompt=2, generator=generators, decoder_guidance_scale=5.0,
@@ -153,15 +162,15 @@ def test_variations_match_diffusers_image_variation_pipeline(unclip, references)
 
 def test_variations_follow_the_input_image(unclip):
     """Same seed, different inputs: the image embedding is what the decoder follows."""
-    a = as_array(unclip.variations(picture(1), seed=5, steps=2, super_res_steps=2).image)
-    b = as_array(unclip.variations(picture(2), seed=5, steps=2, super_res_steps=2).image)
-    again = as_array(unclip.variations(picture(1), seed=5, steps=2, super_res_steps=2).image)
+    a = as_array(unclip.variations(picture(1), seed=5, **IMAGE_STEPS).image)
+    b = as_array(unclip.variations(picture(2), seed=5, **IMAGE_STEPS).image)
+    again = as_array(unclip.variations(picture(1), seed=5, **IMAGE_STEPS).image)
     np.testing.assert_array_equal(a, again)
     assert np.abs(a - b).mean() > 1e-4
 
 
 def test_blend_with_all_weight_on_one_image_is_that_images_variation(unclip):
-    kwargs = dict(seed=6, steps=2, super_res_steps=2)
+    kwargs = dict(seed=6, **IMAGE_STEPS)
     single = as_array(unclip.variations(picture(3), **kwargs).image)
     blended = as_array(unclip.blend([picture(3), picture(4), picture(5)], [1.0, 0.0, 0.0], **kwargs).image)
     np.testing.assert_allclose(blended, single, atol=2 / 255)
@@ -189,12 +198,12 @@ def test_blend_embeddings_interpolate_on_the_sphere():
 
 @pytest.mark.parametrize(
     ("images", "weights", "name"),
-    [([1], [1.0], "images"), ([1, 2, 3, 4, 5, 6], [1.0] * 6, "images"), ([1, 2], [1.0], "weights"),
-     ([1, 2], [0.0, 0.0], "weights"), ([1, 2], [-1.0, 2.0], "weights")],
+    [([1, 2, 3, 4, 5, 6], [1.0] * 6, "image_prompts"), ([1, 2], [1.0], "image_prompt_weights"),
+     ([1, 2], [0.0, 0.0], "image_prompt_weights"), ([1, 2], [-1.0, 2.0], "image_prompt_weights")],
 )
 def test_blend_checks_its_inputs(unclip, images, weights, name):
     with pytest.raises(InvalidParameter) as info:
-        unclip.blend([picture(i) for i in images], weights, seed=1, **{k: v for k, v in STEPS.items() if k != "prior_steps"})
+        unclip.blend([picture(i) for i in images], weights, seed=1, **IMAGE_STEPS)
     assert info.value.name == name
 
 
@@ -233,11 +242,35 @@ def test_image_encoder_option_must_be_a_variations_folder(unclip_paths, plugin_h
         aipaint.load(unclip_paths["text"], host=plugin_host, image_encoder=unclip_paths["text"])
 
 
-@pytest.mark.parametrize("name", ["prior_steps", "steps", "super_res_steps"])
-def test_one_step_is_refused_with_a_typed_error(unclip, name):
+@pytest.mark.parametrize(("params", "name"), [({"options": unclip_options(prior_steps=1)}, "unclip.prior_steps"),
+                                              ({"steps": 1}, "steps"),
+                                              ({"options": unclip_options(super_res_steps=1)}, "unclip.super_res_steps")])
+def test_one_step_is_refused_with_a_typed_error(unclip, params, name):
     with pytest.raises(InvalidParameter) as info:
-        unclip.txt2img(PROMPT, seed=1, **{**STEPS, name: 1})
+        unclip.txt2img(PROMPT, seed=1, **{**STEPS, **params})
     assert info.value.name == name and "from 2" in str(info.value)
+
+
+@pytest.mark.parametrize(("params", "match"), [({"sampler": "Euler"}, "does not use sampler"),
+                                               ({"subseed_strength": 0.5}, "does not use subseed_strength")])
+def test_latent_loop_settings_are_refused_by_karlo_not_ignored(unclip, params, match):
+    with pytest.raises(UnsupportedFeature, match=match):
+        unclip.txt2img(PROMPT, seed=1, **STEPS, **params)
+
+
+def test_each_unclip_family_refuses_the_others_option(unclip, stable):
+    with pytest.raises(InvalidParameter, match="Stable unCLIP option") as info:
+        unclip.txt2img(PROMPT, seed=1, steps=2, options=unclip_options(noise_level=10))
+    assert info.value.name == "unclip.noise_level"
+    with pytest.raises(InvalidParameter, match="Karlo option") as info:
+        stable.variations(picture(0), seed=1, options=unclip_options(super_res_steps=3), **DDIM_STEPS)
+    assert info.value.name == "unclip.super_res_steps"
+
+
+def test_karlo_paints_its_own_size_only(unclip):
+    with pytest.raises(InvalidParameter, match="64x64 only") as info:
+        unclip.txt2img(PROMPT, seed=1, width=128, **STEPS)
+    assert info.value.name == "width"
 
 
 # --- Stable unCLIP ------------------------------------------------------------------------------
@@ -331,16 +364,20 @@ DDIM_STEPS = dict(steps=3, sampler="DDIM")
 
 
 def test_stable_unclip_folders_are_their_own_family(stable_paths, unclip_paths, plugin_host):
-    from aipaint_plugins.unclip.stable_pipeline import StableUnCLIPPipeline
+    from aipaint_plugins.unclip.stable_model import StableUnCLIPModel
 
-    from aipaint.loading import identify_family, resolve_source
+    from aipaint.models.loading import identify_family, resolve_source
 
     for name in ("image", "text"):
         assert identify_family(resolve_source(stable_paths[name]), plugin_host).name == "stable-unclip"
     assert identify_family(resolve_source(unclip_paths["text"]), plugin_host).name == "unclip"
     image_only = aipaint.load(stable_paths["image"], host=plugin_host)
-    assert isinstance(image_only, StableUnCLIPPipeline) and image_only.model.family == "stable-unclip"
+    assert type(image_only) is aipaint.Pipeline and isinstance(image_only.model, StableUnCLIPModel)
+    assert image_only.model.family == "stable-unclip"
     assert image_only.model.prior is None and image_only.model.image_encoder is not None
+    assert image_only.model.capabilities == {"variations", "blend", "adapters"}
+    with_prior = aipaint.load(stable_paths["text"], host=plugin_host)  # a StableUnCLIPPipeline folder: its own prior
+    assert with_prior.model.prior is not None and with_prior.model.capabilities == {"txt2img", "adapters"}
     # diffusers' defaults: the UNet's native size (16 latents x VAE factor 2), 20 DDIM steps, guidance 10.
     defaults = image_only.model.defaults
     assert (defaults.width, defaults.height, defaults.steps, defaults.cfg_scale, defaults.sampler) == (32, 32, 20, 10.0, "DDIM")
@@ -349,7 +386,8 @@ def test_stable_unclip_folders_are_their_own_family(stable_paths, unclip_paths, 
 def test_stable_variations_match_diffusers_per_seed(stable, stable_references):
     """n images with seeds s, s+1, … are diffusers' images for generators seeded s, s+1, …"""
     source = picture(1)
-    result = stable.variations(source, n=2, seed=9, cfg_scale=5.0, noise_level=100, **DDIM_STEPS)
+    result = stable.variations(source, batch_size=2, seed=9, cfg_scale=5.0, options=unclip_options(noise_level=100),
+                               **DDIM_STEPS)
     assert result.seeds == [9, 10]
     for ours, seed in zip(result.images, result.seeds, strict=True):
         expected = reference_images(stable_references["image"], image=source, generator=torch.Generator().manual_seed(seed),
@@ -365,14 +403,15 @@ def test_stable_variations_follow_the_input_image_and_the_noise_level(stable):
     a = as_array(stable.variations(picture(1), **kwargs).image)
     np.testing.assert_array_equal(a, as_array(stable.variations(picture(1), **kwargs).image))
     assert np.abs(a - as_array(stable.variations(picture(2), **kwargs).image)).mean() > 1e-4
-    assert np.abs(a - as_array(stable.variations(picture(1), noise_level=900, **kwargs).image)).mean() > 1e-4
+    noisier = stable.variations(picture(1), options=unclip_options(noise_level=900), **kwargs)
+    assert np.abs(a - as_array(noisier.image)).mean() > 1e-4
 
 
 def test_stable_blend_matches_diffusers_given_the_blended_embedding(stable, stable_references):
     from aipaint_plugins.unclip.shared import blend_embeddings
 
     images, weights = [picture(3), picture(4), picture(5)], [0.5, 0.3, 0.2]
-    result = stable.blend(images, weights, seed=6, cfg_scale=4.0, noise_level=50, **DDIM_STEPS)
+    result = stable.blend(images, weights, seed=6, cfg_scale=4.0, options=unclip_options(noise_level=50), **DDIM_STEPS)
     reference = stable_references["image"]
     with torch.no_grad():
         pixels = reference.feature_extractor(images=images, return_tensors="pt").pixel_values
@@ -392,8 +431,8 @@ def test_stable_blend_with_all_weight_on_one_image_is_that_images_variation(stab
 
 
 def test_stable_txt2img_matches_diffusers_stable_unclip_pipeline(stable, stable_references):
-    result = stable.txt2img(PROMPT, "blue", seed=4, batch_size=2, cfg_scale=6.0, prior_steps=3, prior_cfg_scale=3.0,
-                            noise_level=20, **DDIM_STEPS)
+    result = stable.txt2img(PROMPT, "blue", seed=4, batch_size=2, cfg_scale=6.0, **DDIM_STEPS,
+                            options=unclip_options(prior_steps=3, prior_cfg_scale=3.0, noise_level=20))
     generators = [torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)]
     expected = reference_images(stable_references["text"], prompt=PROMPT, negative_prompt="blue", generator=generators,
                                 num_images_per_prompt=2, num_inference_steps=3, guidance_scale=6.0,
@@ -404,7 +443,7 @@ def test_stable_txt2img_matches_diffusers_stable_unclip_pipeline(stable, stable_
 
 
 def test_the_prior_reads_the_prompt_without_its_syntax():
-    from aipaint_plugins.unclip.stable_pipeline import prior_text
+    from aipaint_plugins.unclip.stable_labels import prior_text
 
     from aipaint.prompt import parse_prompt
 
@@ -415,8 +454,8 @@ def test_the_prior_reads_the_prompt_without_its_syntax():
 
 @pytest.mark.parametrize(
     ("images", "weights", "name"),
-    [([1], [1.0], "images"), ([1, 2, 3, 4, 5, 6], [1.0] * 6, "images"), ([1, 2], [-1.0, 2.0], "weights"),
-     ([1, 2], [1.0], "weights"), ([1, 2], [0.0, 0.0], "weights")],
+    [([1, 2, 3, 4, 5, 6], [1.0] * 6, "image_prompts"), ([1, 2], [-1.0, 2.0], "image_prompt_weights"),
+     ([1, 2], [1.0], "image_prompt_weights"), ([1, 2], [0.0, 0.0], "image_prompt_weights")],
 )
 def test_stable_blend_checks_its_inputs(stable, images, weights, name):
     with pytest.raises(InvalidParameter) as info:
@@ -428,18 +467,25 @@ def test_stable_blend_checks_its_inputs(stable, images, weights, name):
                                              ("prior_cfg_scale", 0.5)])
 def test_stable_unclip_settings_are_checked(stable, name, value):
     with pytest.raises(InvalidParameter) as info:
-        stable.txt2img(PROMPT, seed=1, **{name: value}, **DDIM_STEPS)
-    assert info.value.name == name
+        stable.txt2img(PROMPT, seed=1, options=unclip_options(**{name: value}), **DDIM_STEPS)
+    assert info.value.name == f"unclip.{name}"
+
+
+def test_stable_noise_level_is_checked_against_the_models_own_schedule(stable, monkeypatch):
+    monkeypatch.setitem(stable.model.noising_scheduler_config, "num_train_timesteps", 100)
+    with pytest.raises(InvalidParameter, match="from 0 to 99") as info:
+        stable.variations(picture(0), seed=1, options=unclip_options(noise_level=500), **DDIM_STEPS)
+    assert info.value.name == "unclip.noise_level"
 
 
 def test_each_stable_mode_needs_its_component(stable, stable_paths, plugin_host):
     image_only = aipaint.load(stable_paths["image"], host=plugin_host)
-    with pytest.raises(UnsupportedFeature, match="no prior"):
+    with pytest.raises(UnsupportedFeature, match="stable-unclip model 'image' cannot do text to image.*no prior"):
         image_only.txt2img(PROMPT, seed=1, **DDIM_STEPS)
     text_only = aipaint.load(stable_paths["text"], host=plugin_host)
-    with pytest.raises(UnsupportedFeature, match="image encoder"):
-        text_only.variations(picture(0), seed=1, **DDIM_STEPS)
-    with pytest.raises(UnsupportedFeature, match="CLIP image embedding"):
+    with pytest.raises(UnsupportedFeature, match="cannot do image blends.*image encoder"):
+        text_only.blend([picture(0), picture(1)], seed=1, **DDIM_STEPS)
+    with pytest.raises(UnsupportedFeature, match="cannot do image to image.*CLIP image embedding"):
         stable.img2img(picture(0), PROMPT, seed=1, **DDIM_STEPS)
 
 
@@ -463,8 +509,9 @@ def test_karlos_prior_drives_stable_unclip_txt2img(stable_paths, unclip_paths, u
     assert pipe.model.prior_scheduler_config["_class_name"] == "UnCLIPScheduler"
     replaced = aipaint.load(stable_paths["text"], host=plugin_host, prior=unclip_paths["text"])  # the option wins
     torch.testing.assert_close(replaced.model.prior.state_dict(), karlo.prior.state_dict())
-    result = pipe.txt2img(PROMPT, seed=2, prior_steps=3, **DDIM_STEPS)
-    other = pipe.txt2img("a small blue square", seed=2, prior_steps=3, **DDIM_STEPS)
+    prior = unclip_options(prior_steps=3)
+    result = pipe.txt2img(PROMPT, seed=2, options=prior, **DDIM_STEPS)
+    other = pipe.txt2img("a small blue square", seed=2, options=prior, **DDIM_STEPS)
     assert np.abs(as_array(result.image) - as_array(other.image)).mean() > 1e-4
 
 
@@ -529,7 +576,7 @@ def test_the_small_cards_prior_is_fetched_through_the_zoo_download(monkeypatch, 
 
 def test_stable_variations_skip_early_cfg_give_the_image_embedding_to_unguided_calls(stable):
     """With every step unguided there are no negative rows, so no zero labels: CFG 1's image."""
-    kwargs = dict(seed=5, noise_level=100, **DDIM_STEPS)
+    kwargs = dict(seed=5, options=unclip_options(noise_level=100), **DDIM_STEPS)
     unguided = as_array(stable.variations(picture(1), cfg_scale=1.0, **kwargs).image)
     skipped = as_array(stable.variations(picture(1), cfg_scale=5.0, skip_early_cfg=1.0, **kwargs).image)
     np.testing.assert_array_equal(skipped, unguided)

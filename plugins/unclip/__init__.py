@@ -1,21 +1,26 @@
 """The unCLIP families: models conditioned on CLIP *image* embeddings, with ``txt2img``,
 ``variations`` and ``blend`` (Midjourney's ``/blend``).
 
+Both are driven by the same :class:`aipaint.Pipeline` as every family (``txt2img``,
+``variations(image)``, ``blend(images, weights)``), and read the ``unclip`` options
+(:class:`aipaint_plugins.unclip.options.UnCLIPOptions`: prior steps and CFG scale, Karlo's
+super-resolution steps, Stable unCLIP's noise level).
+
 * ``unclip`` (DALL·E 2 style; diffusers' UnCLIP / Karlo): a prior from text to a CLIP image
   embedding, a pixel decoder conditioned on it, and ×4 super-resolution. It does not fit the
-  latent loop, so its models name their own pipeline class
-  (:class:`aipaint_plugins.unclip.pipeline.UnCLIPPipeline`). The text model and the
-  image-variations model share the decoder; the image encoder comes from the variations
-  folder (``image_encoder=`` load option, or the zoo card's ``image_encoder``)::
+  latent loop, so its model runs its own (:mod:`aipaint_plugins.unclip.loop`). The text model
+  and the image-variations model share the decoder; the image encoder comes from the
+  variations folder (``image_encoder=`` load option, or the zoo card's ``image_encoder``)::
 
       pipe = aipaint.load("path/karlo-v1-alpha", image_encoder="path/karlo-v1-alpha-image-variations")
 
 * ``stable-unclip`` (``stabilityai/stable-diffusion-2-1-unclip``, ``-unclip-small``): SD 2.1
   with a noise-augmented CLIP image embedding as the UNet's class label, in the core's latent
-  loop (:class:`aipaint_plugins.unclip.stable_pipeline.StableUnCLIPPipeline`). Text-to-image
-  needs a prior (``prior=`` load option, or the card's ``prior``: Karlo's, for the ViT-L model)::
+  loop (:mod:`aipaint_plugins.unclip.stable_labels`). Text-to-image needs a prior (``prior=``
+  load option, the folder's own, or the card's ``prior``: Karlo's, for the ViT-L model)::
 
       pipe = aipaint.load("path/stable-diffusion-2-1-unclip-small", prior="path/karlo-v1-alpha")
+      pipe.variations("fox.png", batch_size=4, options={"unclip": {"noise_level": 100}})
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
+from aipaint.api.options import OptionGroup
 from aipaint.errors import ModelLoadError, UnsupportedFeature
 from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
@@ -148,6 +154,13 @@ def _check_dim(what: str, size: int, model: str, expected: int, hint: str) -> No
         raise ModelLoadError(
             f"{what} works with {size}-dimensional CLIP embeddings, but {model} takes {expected}-dimensional ones; {hint}"
         )
+
+
+@hookimpl
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    from aipaint_plugins.unclip.options import UnCLIPOptions
+
+    register(UnCLIPOptions)
 
 
 @hookimpl

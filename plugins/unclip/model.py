@@ -4,20 +4,27 @@ Built from diffusers *models* (``PriorTransformer``, ``UnCLIPTextProjModel``,
 ``UNet2DConditionModel``, ``UNet2DModel``) and schedulers, and transformers' CLIP text and
 vision encoders. The text folder (``UnCLIPPipeline``, e.g. ``kakaobrain/karlo-v1-alpha``)
 gives text-to-image; an image-variations folder (``UnCLIPImageVariationPipeline``) adds
-the CLIP image encoder that variations and blends need.
+the CLIP image encoder that variations and blends need. The loop is in :mod:`.loop`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aipaint.errors import ModelLoadError
-from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
+from aipaint.models.family import GenerativeModel, read_model_index, read_scheduler_config, require_subfolders
 from aipaint.models.latent import ModelDefaults
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from aipaint.api.request import GenerationRequest
+    from aipaint.api.result import Result
+    from aipaint.plugin.host import PluginHost
 
 TEXT_PIPELINE = "UnCLIPPipeline"
 VARIATION_PIPELINE = "UnCLIPImageVariationPipeline"
@@ -34,9 +41,10 @@ class UnCLIPDefaults:
     decoder_cfg_scale: float = 8.0
 
 
-class UnCLIPModel:
+class UnCLIPModel(GenerativeModel):
     """The components of an unCLIP model; ``prior`` is None when only variations are loaded,
-    ``image_encoder`` is None when only text-to-image is."""
+    ``image_encoder`` is None when only text-to-image is. Its capabilities follow: ``txt2img``
+    with a prior, ``variations`` and ``blend`` with an image encoder."""
 
     def __init__(
         self,
@@ -57,8 +65,6 @@ class UnCLIPModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from aipaint_plugins.unclip.pipeline import UnCLIPPipeline
-
         self.family = family
         self.name = name
         self.text_encoder = text_encoder
@@ -75,11 +81,34 @@ class UnCLIPModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.runtime = "torch"
-        self.pipeline_class = UnCLIPPipeline
+        self.capabilities = frozenset(
+            ({"txt2img"} if prior is not None else set()) | ({"variations", "blend"} if image_encoder is not None else set())
+        )
         self.unclip_defaults = UnCLIPDefaults()
         size = int(super_res_first.config.sample_size)
         self.defaults = ModelDefaults(width=size, height=size, steps=self.unclip_defaults.decoder_steps,
                                       cfg_scale=self.unclip_defaults.decoder_cfg_scale)
+
+    def missing_hint(self, feature: str) -> str:
+        if feature == "txt2img" and self.prior is None:
+            return "It has no prior (an image-variations folder): use variations() or blend(), or load the text folder"
+        if feature in ("variations", "blend") and self.image_encoder is None:
+            return "It has no CLIP image encoder: load it with image_encoder=<an UnCLIPImageVariationPipeline folder>"
+        return ""
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        host: PluginHost,
+        progress: Callable[[int, int], None] | None = None,
+        preview: Callable[[Any], None] | None = None,
+    ) -> Result:
+        """Prior (or image prompts) → decoder → super-resolution (:func:`aipaint_plugins.unclip.loop.run_unclip`);
+        the stages are pixels and embeddings, with no latent preview to give."""
+        from aipaint_plugins.unclip.loop import run_unclip
+
+        return run_unclip(self, request, progress=progress)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         parts = {

@@ -1,62 +1,31 @@
-"""What both unCLIP families (Karlo; Stable unCLIP) do the same way: check parameters, encode
-text for a prior, run the prior, encode input images with CLIP, and blend 2-5 images'
-embeddings (Midjourney's ``/blend``).
+"""What both unCLIP families (Karlo; Stable unCLIP) do the same way: encode text for a prior,
+run the prior, encode image prompts with CLIP, and blend 2-5 images' embeddings
+(Midjourney's ``/blend``).
 
-Randomness comes from one CPU generator per image (seed + i), drawn in diffusers' order, so
-the numbers match diffusers' pipelines given the same generators.
+Randomness comes from the core's generators, one per image (seed + i), drawn in diffusers'
+order, so the numbers match diffusers' pipelines given the same generators.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aipaint.errors import ImageError, InvalidParameter
+from aipaint.engine.noise import initial_noise
+from aipaint.engine.run import scheduler_generator
+from aipaint.models.family import make_scheduler
 
-BLEND_RANGE = (2, 5)  # Midjourney's /blend takes 2 to 5 images
-MIN_UNCLIP_STEPS = 2  # unCLIP's scheduler spaces its timesteps over steps - 1 intervals: one step is undefined
+if TYPE_CHECKING:
+    from aipaint.api.request import GenerationRequest
+
 Tick = Callable[[], None]
 
 
-def check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidParameter(name, value, f"must be a whole number from {lo} to {hi}")
-
-
-def check_number(name: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise InvalidParameter(name, value, f"must be a number from {lo} to {hi}")
-
-
-def check_blend(images: Sequence[Any], weights: Sequence[Any]) -> None:
-    """A blend takes 2 to 5 images and one non-negative weight per image, not all zero."""
-    lo, hi = BLEND_RANGE
-    if not lo <= len(images) <= hi:
-        raise InvalidParameter("images", f"{len(images)} images", f"a blend takes {lo} to {hi} images")
-    if len(weights) != len(images):
-        raise InvalidParameter("weights", list(weights), f"must give one weight per image ({len(images)})")
-    for w in weights:
-        check_number("weights", w, 0.0, 1e6)
-    if sum(weights) <= 0:
-        raise InvalidParameter("weights", list(weights), "must not all be zero")
-
-
-# --- randomness and schedulers ------------------------------------------------------------------
-def draw_noise(shape: Sequence[int], generators: list[torch.Generator]) -> torch.Tensor:
-    """One ``shape`` draw per image, each from that image's generator."""
-    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-
-
-def make_scheduler(config: dict[str, Any]) -> Any:
-    import diffusers
-
-    return getattr(diffusers, config["_class_name"]).from_config(config)
-
-
-def generator_arg(generators: list[torch.Generator]) -> Any:
-    return generators if len(generators) > 1 else generators[0]
+def blend_weights(request: GenerationRequest) -> tuple[float, ...]:
+    """The weights of a request's image prompts: its own, else equal."""
+    return request.image_prompt_weights or tuple(1.0 for _ in request.image_prompts)
 
 
 # --- embedding interpolation ----------------------------------------------------------------
@@ -89,18 +58,14 @@ def blend_embeddings(embeddings: torch.Tensor, weights: Sequence[float]) -> torc
 
 
 # --- CLIP encoders and the prior --------------------------------------------------------------
-def image_embedding(feature_extractor: Any, image_encoder: torch.nn.Module, images: Sequence[Any],
-                    weights: Sequence[float] | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The CLIP image embedding (``[1, dim]``) of one image, or the blend of several with ``weights``."""
-    from aipaint.imageutil import load_image
-
-    pictures = [load_image(image, what=f"image {i + 1}") for i, image in enumerate(images)]
-    if any(min(p.size) < 1 for p in pictures):
-        raise ImageError("an input image is empty")
-    pixels = feature_extractor(images=pictures, return_tensors="pt").pixel_values
+def image_embedding(feature_extractor: Any, image_encoder: torch.nn.Module, request: GenerationRequest,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The CLIP image embedding (``[1, dim]``) of a variations request's image, or the blend of a
+    blend request's images by their weights."""
+    pixels = feature_extractor(images=list(request.image_prompts), return_tensors="pt").pixel_values
     embeddings = image_encoder(pixels.to(device, dtype)).image_embeds
-    if weights is not None:
-        return blend_embeddings(embeddings, weights)[None]
+    if request.mode == "blend":
+        return blend_embeddings(embeddings, blend_weights(request))[None]
     return embeddings[:1]
 
 
@@ -123,7 +88,8 @@ def encode_prior_text(tokenizer: Any, text_encoder: torch.nn.Module, texts: list
 
 
 def run_prior(prior: torch.nn.Module, scheduler_config: dict[str, Any], text: dict[str, torch.Tensor], *, steps: int,
-              cfg_scale: float, guided: bool, generators: list[torch.Generator], tick: Tick) -> torch.Tensor:
+              cfg_scale: float, guided: bool, seeds: list[int], generators: list[torch.Generator], tick: Tick
+              ) -> torch.Tensor:
     """Denoise one CLIP image embedding per image from text features (``[batch, dim]``)."""
     from diffusers import UnCLIPScheduler
 
@@ -133,7 +99,8 @@ def run_prior(prior: torch.nn.Module, scheduler_config: dict[str, Any], text: di
     timesteps = scheduler.timesteps
     # unCLIP's own scheduler must be told the previous timestep (Karlo's pipeline does so); others know it.
     spaced = isinstance(scheduler, UnCLIPScheduler)
-    latents = (draw_noise((prior.config.embedding_dim,), generators) * scheduler.init_noise_sigma).to(device, prior.dtype)
+    noise = initial_noise(seeds, (prior.config.embedding_dim,), generators)
+    latents = (noise * scheduler.init_noise_sigma).to(device, prior.dtype)
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
         predicted = prior(model_input, timestep=t, proj_embedding=text["embeds"], encoder_hidden_states=text["hidden"],
@@ -142,7 +109,7 @@ def run_prior(prior: torch.nn.Module, scheduler_config: dict[str, Any], text: di
             uncond, cond = predicted.chunk(2)
             predicted = uncond + cfg_scale * (cond - uncond)
         options = {"prev_timestep": timesteps[i + 1] if i + 1 < len(timesteps) else None} if spaced else {}
-        latents = scheduler.step(predicted, timestep=t, sample=latents, generator=generator_arg(generators),
+        latents = scheduler.step(predicted, timestep=t, sample=latents, generator=scheduler_generator(generators),
                                  **options).prev_sample
         tick()
     return prior.post_process_latents(latents)

@@ -8,18 +8,27 @@ embedding as its class label, so it runs in the core's latent loop. Around it:
 * the CLIP image encoder (``StableUnCLIPImg2ImgPipeline`` folders): variations and blends;
 * a prior (``StableUnCLIPPipeline`` folders, or Karlo's prior for the ViT-L ``-small``
   model): text-to-image.
+
+Its capabilities follow what is loaded (``txt2img`` with a prior, ``variations`` and ``blend``
+with an image encoder, adapters always); the UNet's class labels join each job through
+:meth:`StableUnCLIPModel.job_contributors` (see :mod:`.stable_labels`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aipaint.errors import ModelLoadError
 from aipaint.models.family import read_model_index, read_scheduler_config, require_subfolders
 from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
+
+if TYPE_CHECKING:
+    from aipaint.api.request import GenerationRequest
+    from aipaint.engine.loop import LoopContributor
+    from aipaint.prompt import ParsedPrompt
 
 IMAGE_PIPELINE = "StableUnCLIPImg2ImgPipeline"
 TEXT_PIPELINE = "StableUnCLIPPipeline"
@@ -49,8 +58,6 @@ class StableUnCLIPModel(LatentDiffusionModel):
         prior_scheduler_config: dict[str, Any] | None = None,
         **latent_parts: Any,
     ) -> None:
-        from aipaint_plugins.unclip.stable_pipeline import StableUnCLIPPipeline
-
         super().__init__(**latent_parts)
         self.image_normalizer = image_normalizer
         self.noising_scheduler_config = noising_scheduler_config
@@ -60,7 +67,29 @@ class StableUnCLIPModel(LatentDiffusionModel):
         self.prior_text_encoder = prior_text_encoder
         self.prior_tokenizer = prior_tokenizer
         self.prior_scheduler_config = prior_scheduler_config
-        self.pipeline_class = StableUnCLIPPipeline
+        # No img2img, inpainting or refiner: the UNet needs an image embedding the image modes would not give it.
+        self.capabilities = frozenset(
+            {"adapters"} | ({"txt2img"} if prior is not None else set())
+            | ({"variations", "blend"} if image_encoder is not None else set())
+        )
+
+    def missing_hint(self, feature: str) -> str:
+        if feature == "txt2img" and self.prior is None:
+            return ("It has no prior, so no text-to-image: use variations() or blend(), or load it with "
+                    "prior=<a Karlo UnCLIPPipeline or StableUnCLIPPipeline folder> (Karlo's prior fits the ViT-L -small model)")
+        if feature in ("variations", "blend") and self.image_encoder is None:
+            return "It has no CLIP image encoder: load it with image_encoder=<a StableUnCLIPImg2ImgPipeline folder>"
+        if feature in ("img2img", "inpaint", "outpaint", "refiner"):
+            return "Its UNet needs a CLIP image embedding: use txt2img (with a prior), variations(image) or blend(images)"
+        return ""
+
+    def job_contributors(
+        self, request: GenerationRequest, *, prompt: ParsedPrompt, generators: list[torch.Generator]
+    ) -> tuple[list[LoopContributor], dict[str, str]]:
+        """The noise-augmented image embedding of the prior or of the image prompts, as the UNet's class labels."""
+        from aipaint_plugins.unclip.stable_labels import image_embedding_labels
+
+        return image_embedding_labels(self, request, prompt, generators)
 
     @property
     def embedding_dim(self) -> int:

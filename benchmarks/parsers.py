@@ -21,28 +21,23 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from aipaint_plugins.controlnet.cli import parse_controlnet_option
+from aipaint_plugins.controlnet.units import units_from_params
 
-from aipaint_plugins.controlnet.cli import parse_controlnet_option  # noqa: E402
-from aipaint_plugins.controlnet.units import units_from_params  # noqa: E402
-
-from aipaint.errors import AipaintError  # noqa: E402
-from aipaint.infotext import Infotext, generation_kwargs  # noqa: E402
-from aipaint.loading import resolve_source  # noqa: E402
-from aipaint.postprocess import PostStep  # noqa: E402
-from aipaint.prompt import (  # noqa: E402
+from aipaint.errors import AipaintError
+from aipaint.infotext import Infotext, generation_kwargs
+from aipaint.models.loading import resolve_source
+from aipaint.plugin.postprocess import PostStep
+from aipaint.prompt import (
     distinct_schedule,
     parse_attention_segments,
     parse_midjourney,
     parse_prompt,
     prompt_at_step,
-    schedule,  # noqa: E402
+    schedule,
 )
 
 # --- the code each parser replaced (A1111's patterns and algorithm), for the reference column ---

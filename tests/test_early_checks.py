@@ -11,7 +11,7 @@ import time
 import pytest
 
 import aipaint
-from aipaint import loading
+from aipaint.models import loading
 from aipaint.models import zoo
 from aipaint.cli.main import main
 from aipaint.errors import DownloadError, UnknownName

@@ -13,7 +13,7 @@ from aipaint_plugins.facefix.masks import box_mask, crop_region, feather, paste
 from PIL import Image
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError, UnsupportedFeature
-from aipaint.postprocess import run_postprocessors
+from aipaint.engine.postprocessing import run_postprocessors
 
 ASTRONAUT_FACE = (177, 66, 272, 161)  # where Eileen Collins' face is in skimage.data.astronaut() (512 px)
 
@@ -149,7 +149,7 @@ def test_face_fix_in_a_chain_after_generation_reuses_the_prompt(tiny_pipe, small
     _needs_inpaint(tiny_pipe)
     from aipaint.api.request import GenerationRequest
     from aipaint.infotext import Infotext
-    from aipaint.postprocess import merge_infotext
+    from aipaint.plugin.postprocess import merge_infotext
 
     request = GenerationRequest("an astronaut", width=64, height=64, steps=2, seed=4)
     out = run_postprocessors(small_astronaut, ["facefix:inpaint_width=64,inpaint_height=64"], tiny_pipe, request=request)

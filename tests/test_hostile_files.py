@@ -136,7 +136,8 @@ def test_request_allow_pickle_must_be_a_bool(value):
 
 
 def test_pickle_opt_ins_of_the_python_api_must_be_bools(tmp_path):
-    from aipaint.loading import load_state_dict, resolve_source
+    from aipaint.models.loading import resolve_source
+    from aipaint.models.weights import load_state_dict
     from aipaint.plugin.kit.folders import ModelFolder
 
     (tmp_path / "style.pt").write_bytes(b"not loaded")

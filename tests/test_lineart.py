@@ -105,7 +105,7 @@ def test_colouring_with_a_lineart_controlnet_keeps_every_line(tiny_pipe, drawing
 
 
 def test_lineart_post_processor_needs_a_model(plugin_host, drawing):
-    from aipaint.postprocess import run_postprocessors
+    from aipaint.engine.postprocessing import run_postprocessors
 
     with pytest.raises(UnsupportedFeature):
         run_postprocessors(drawing, ["lineart:prompt=x"], host=plugin_host)
@@ -121,7 +121,8 @@ def test_lineart_post_processor_records_its_controlnet_unit(tiny_pipe, drawing, 
     from test_controlnet import _tiny_controlnet
 
     from aipaint.infotext import Infotext
-    from aipaint.postprocess import merge_infotext, run_postprocessors
+    from aipaint.plugin.postprocess import merge_infotext
+    from aipaint.engine.postprocessing import run_postprocessors
 
     _tiny_controlnet(tiny_pipe.model.unet, 2).save_pretrained(tmp_path / "control_lineart_tiny")
     monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
@@ -140,7 +141,8 @@ def test_lineart_post_processor_by_img2img_records_no_controlnet(tiny_pipe, draw
     from aipaint_plugins.lineart.colour import LINEART_CONTROLNET_KEY
 
     from aipaint.infotext import Infotext
-    from aipaint.postprocess import merge_infotext, run_postprocessors
+    from aipaint.plugin.postprocess import merge_infotext
+    from aipaint.engine.postprocessing import run_postprocessors
 
     monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))  # none installed: img2img
     out = run_postprocessors(drawing, [("lineart", {"prompt": "a red circle", "steps": 2, "seed": 1})], tiny_pipe)

@@ -11,7 +11,8 @@ import torch
 import aipaint
 from aipaint.errors import DownloadError, ModelLoadError, UnknownName, UnsafeFileError
 from aipaint.models.family import ModelFamily
-from aipaint.loading import identify_family, load_state_dict, resolve_source
+from aipaint.models.loading import identify_family, resolve_source
+from aipaint.models.weights import load_state_dict
 
 
 class Exploit:

@@ -17,7 +17,7 @@ from aipaint_plugins.qrcode.code import (
 from PIL import Image
 
 from aipaint.errors import InvalidParameter, UnknownName
-from aipaint.postprocess import run_postprocessors
+from aipaint.engine.postprocessing import run_postprocessors
 
 URL = "https://example.com"
 

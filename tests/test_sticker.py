@@ -8,7 +8,7 @@ from aipaint_plugins.sticker.cutout import make_sticker, subject_mask
 from PIL import Image
 
 from aipaint.errors import ImageError, InvalidParameter, UnknownName
-from aipaint.postprocess import run_postprocessors
+from aipaint.engine.postprocessing import run_postprocessors
 
 
 @pytest.fixture(scope="module")

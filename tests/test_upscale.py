@@ -22,7 +22,8 @@ from aipaint.errors import (
 from aipaint.infotext import Infotext
 from aipaint.plugin.kit.folders import NameOutsideFolder
 from aipaint.plugin.kit.image_models import load_image_model, pil_to_tensor, resolve_weights, weight_files
-from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
+from aipaint.plugin.postprocess import PostStep, merge_infotext
+from aipaint.engine.postprocessing import run_postprocessors
 
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny"
 
@@ -432,7 +433,7 @@ def test_latent_hires_fix_on_a_finished_picture_encodes_it(tiny_pipe, monkeypatc
 
 
 def test_hires_post_processor_in_a_chain(tiny_pipe):
-    from aipaint.postprocess import postprocess_result
+    from aipaint.engine.postprocessing import postprocess_result
 
     base = tiny_pipe.txt2img("a green cross", width=32, height=32, steps=2, seed=3)
     out = postprocess_result(base, ["hires:scale=1.5,upscaler=Latent (nearest),hires_steps=2"], tiny_pipe)

@@ -136,7 +136,7 @@ class ModelSource:
                     return list(f.keys())
             except Exception as exc:  # safetensors raises its own error types
                 raise ModelLoadError(f"{self.path} is not a readable safetensors file: {exc}") from exc
-        from aipaint.loading import load_state_dict
+        from aipaint.models.weights import load_state_dict
 
         return list(load_state_dict(self.path, allow_pickle=self.allow_pickle))
 

@@ -195,7 +195,7 @@ def _check_suffix(path: Path, allow_pickle: bool) -> None:
         return
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        from aipaint.loading import pickle_refused
+        from aipaint.models.weights import pickle_refused
 
         raise pickle_refused(path)
     if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
@@ -284,7 +284,7 @@ def _load_uncached(path: Path, model: LatentDiffusionModel, *, config: Path | No
 
 
 def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    from aipaint.loading import load_state_dict
+    from aipaint.models.weights import load_state_dict
 
     return load_state_dict(path, allow_pickle=allow_pickle)
 

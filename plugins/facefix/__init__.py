@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.postprocess import PostProcessorSpec
+from aipaint.plugin.postprocess import PostProcessorSpec
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -79,7 +79,8 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
     from aipaint.errors import AipaintError
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
     from aipaint.plugin.kit.diffusion import open_image
-    from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
+    from aipaint.plugin.postprocess import PostStep, merge_infotext
+    from aipaint.engine.postprocessing import run_postprocessors
 
     image = open_image(args.image)
     if args.detect_only:

@@ -26,11 +26,14 @@ from aipaint_plugins.lora.library import lora_folder
 from aipaint_plugins.lora.patcher import apply_patches
 
 from aipaint.errors import AipaintWarning, InvalidParameter, ModelLoadError, UnsupportedFeature
+from aipaint.plugin.kit.codecs import MappingCodec
 from aipaint.plugin.kit.folders import NamedFile
 from aipaint.plugin.kit.hashing import short_hash
 from aipaint.plugin.kit.patches import AppliedPatches
 
 CACHE_SIZE = 8
+HASHES = MappingCodec("Lora hashes")
+UNMATCHED_KEYS = MappingCodec("Lora unmatched keys")
 PATCHED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -77,7 +80,7 @@ class LoadedLora:
 def read_lora_file(path: Path | str, *, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """A LoRA file's tensors and (safetensors) metadata. Pickles only with ``allow_pickle``,
     through ``torch.load(weights_only=True)``."""
-    from aipaint.loading import load_state_dict
+    from aipaint.models.weights import load_state_dict
 
     path = Path(path)
     metadata: dict[str, str] = {}
@@ -159,16 +162,13 @@ class AppliedLoras:
     def infotext(self) -> dict[str, str]:
         """A1111's ``Lora hashes`` entry (``"name: 0123456789ab, …"``), plus unmatched-key counts."""
         hashes: dict[str, str] = {}
-        unmatched: dict[str, int] = {}
+        unmatched: dict[str, str] = {}
         for lora, _ in self.loras:
-            alias = lora.name.replace(":", "").replace(",", "")
+            alias = HASHES.alias(lora.name)
             hashes.setdefault(alias, lora.hash)
             if lora.patches.unmatched:
-                unmatched[alias] = len(lora.patches.unmatched)
-        info = {"Lora hashes": ", ".join(f"{alias}: {h}" for alias, h in hashes.items())} if hashes else {}
-        if unmatched:
-            info["Lora unmatched keys"] = ", ".join(f"{alias}: {n}" for alias, n in unmatched.items())
-        return info
+                unmatched[alias] = str(len(lora.patches.unmatched))
+        return {**HASHES.write(hashes), **UNMATCHED_KEYS.write(unmatched)}
 
 
 def load_loras(

@@ -95,7 +95,7 @@ class StableDiffusion15(ModelFamily):
         except Exception as exc:
             _raise_pickle_problem(source)
             raise ModelLoadError(f"could not load {source.path.name} as a Stable Diffusion 1.x checkpoint: {exc}") from exc
-        from aipaint.loading import refuse_missing_weights
+        from aipaint.models.loading import refuse_missing_weights
 
         refuse_missing_weights(source.path, config, {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder},
                                "Stable Diffusion 1.x")
@@ -126,10 +126,10 @@ class StableDiffusion15(ModelFamily):
 
 def _trusted_pickle(source: ModelSource) -> bool:
     """A ``.ckpt``-style file the user opted into (``allow_pickle``): many SD1.x models are
-    shared only that way. Its keys are read through ``aipaint.loading.load_state_dict``
+    shared only that way. Its keys are read through ``aipaint.models.weights.load_state_dict``
     (``torch.load(weights_only=True)``), and diffusers' ``from_single_file`` reads it with
     ``weights_only=True`` too (tests/test_single_file.py checks both)."""
-    from aipaint.loading import PICKLE_SUFFIXES
+    from aipaint.models.weights import PICKLE_SUFFIXES
 
     return source.allow_pickle and source.path.suffix in PICKLE_SUFFIXES
 
@@ -140,7 +140,7 @@ def _raise_pickle_problem(source: ModelSource) -> None:
     (e.g. the forbidden global a smuggled object needs). Costs nothing on success."""
     if not _trusted_pickle(source):
         return
-    from aipaint.loading import load_state_dict
+    from aipaint.models.weights import load_state_dict
 
     load_state_dict(source.path, allow_pickle=True)  # raises ModelLoadError naming the cause, if any
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.postprocess import PostProcessorSpec
+from aipaint.plugin.postprocess import PostProcessorSpec
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -24,7 +24,7 @@ def run_sticker(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
     from aipaint_plugins.sticker.cutout import make_sticker
 
     from aipaint.plugin.kit.options import number, option_bool
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     method = options.get("method") or "floodfill"
     width = number(options, "outline_width", 8, 0, 512, integer=True)
@@ -65,7 +65,8 @@ def _cmd_sticker(args: argparse.Namespace) -> int:
     from aipaint.api.result import save_png
     from aipaint.infotext import read_png_parameters
     from aipaint.plugin.kit.diffusion import open_image
-    from aipaint.postprocess import PostStep, merge_infotext, run_postprocessors
+    from aipaint.plugin.postprocess import PostStep, merge_infotext
+    from aipaint.engine.postprocessing import run_postprocessors
 
     options = {"method": args.method, "tolerance": args.tolerance, "outline_width": args.outline_width,
                "outline_colour": args.outline_colour}

@@ -80,7 +80,7 @@ def _vectors_from(data: Any, path: Path) -> torch.Tensor:
 
 
 def read_embedding(path: Path, name: str, *, allow_pickle: bool = False) -> Embedding:
-    from aipaint.loading import load_state_dict
+    from aipaint.models.weights import load_state_dict
 
     if path.suffix.lower() == ".safetensors":
         data: Any = load_state_dict(path)

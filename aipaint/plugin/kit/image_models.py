@@ -122,7 +122,7 @@ def load_image_model(path: Path, *, allow_pickle: bool = False, device: str = "c
 
 @lru_cache(maxsize=4)
 def _load_cached(path: Path, mtime: int, allow_pickle: bool, device: str) -> LoadedImageModel:
-    from aipaint.loading import load_state_dict
+    from aipaint.models.weights import load_state_dict
 
     spandrel = _spandrel()
     state_dict = load_state_dict(path, allow_pickle=allow_pickle)

@@ -1,5 +1,5 @@
-"""Post-processors (upscalers, face fix, QR-code art, …): the registration record, and the
-chain that runs them in a chosen order after a generation or on any image.
+"""Post-processors (upscalers, face fix, QR-code art, …): the registration record, the
+steps of a chain and how a chain is checked (:mod:`aipaint.engine.postprocessing` runs it).
 
 A processor records what it did as A1111 infotext entries (``Hires upscale``,
 ``ADetailer model``, …); the chain merges those into the image's PNG parameters.
@@ -7,7 +7,6 @@ A processor records what it did as A1111 infotext entries (``Hires upscale``,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +17,10 @@ if TYPE_CHECKING:
 
     from aipaint.pipeline import Pipeline
     from aipaint.plugin.host import PluginHost
-    from aipaint.api.result import Result
 
 RESERVED_OPTIONS = ("request",)
 """Options the chain itself may pass: ``request`` is the image's own
-:class:`aipaint.params.GenerationRequest` (batch of one, that image's seed) when the chain
+:class:`aipaint.api.request.GenerationRequest` (batch of one, that image's seed) when the chain
 runs after a generation, so a processor that diffuses again (hires fix, face fix) reuses
 its prompt, seed and settings."""
 
@@ -105,7 +103,7 @@ def _parse_value(key: str, text: str) -> Any:
     return value
 
 
-def _as_steps(steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]]) -> list[PostStep]:
+def as_steps(steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]]) -> list[PostStep]:
     out = []
     for step in steps:
         if isinstance(step, PostStep):
@@ -133,38 +131,6 @@ def check_chain(steps: Sequence[PostStep], host: PluginHost) -> list[tuple[Any, 
     return resolved
 
 
-def run_postprocessors(
-    image: Image.Image,
-    steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]],
-    pipeline: Pipeline | None = None,
-    *,
-    host: PluginHost | None = None,
-    request: Any = None,
-) -> PostProcessOutput:
-    """Run post-processors on one image, in order; each sees the previous one's output.
-
-    Steps are :class:`PostStep` objects, ``"name:k=v"`` strings or ``(name, options)``
-    pairs. Infotext entries are merged (a later step overwrites an earlier one's key).
-    """
-    from aipaint.errors import UnsupportedFeature
-    from aipaint.plugin.host import default_host
-
-    host = host or (pipeline.host if pipeline is not None else default_host())
-    resolved = check_chain(_as_steps(steps), host)  # the whole chain, before running any of it
-    for spec, _ in resolved:
-        if spec.needs_model and pipeline is None:
-            raise UnsupportedFeature(f"post-processor {spec.name!r} diffuses with a model: load one (-m/--model) first")
-    info: dict[str, str] = {}
-    for spec, step in resolved:
-        options = dict(step.options)
-        if request is not None:
-            options.setdefault("request", request)
-        output = spec.run(image, options, pipeline)
-        image = output.image
-        info.update(output.infotext)
-    return PostProcessOutput(image, info)
-
-
 def merge_infotext(text: str, entries: dict[str, str]) -> str:
     """Add ``entries`` to an A1111 parameters text, before its closing ``Version`` entry.
 
@@ -184,22 +150,3 @@ def merge_infotext(text: str, entries: dict[str, str]) -> str:
     elif entries and not parsed.params:
         params["Version"] = f"aipaint {__version__}"
     return Infotext(parsed.prompt, parsed.negative_prompt, params).to_text()
-
-
-def postprocess_result(
-    result: Result,
-    steps: Sequence[PostStep | str | tuple[str, dict[str, Any]]],
-    pipeline: Pipeline | None = None,
-    *,
-    host: PluginHost | None = None,
-) -> Result:
-    """Run a chain on every image of a generation; each image keeps its own seed and infotext."""
-    images, infotexts = [], []
-    for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        request = result.request
-        if request is not None and dataclasses.is_dataclass(request):
-            request = dataclasses.replace(request, seed=seed, batch_size=1)
-        output = run_postprocessors(image, steps, pipeline, host=host, request=request)
-        images.append(output.image)
-        infotexts.append(merge_infotext(result.infotexts[index], output.infotext))
-    return dataclasses.replace(result, images=images, infotexts=infotexts)

@@ -45,7 +45,7 @@ class Pipeline:
         ``dtype``, ``runtime``, ``allow_pickle`` (default False), ``config``, and the family's
         own (e.g. IF's ``stage2``, unCLIP's ``prior``).
         """
-        from aipaint.loading import load_model
+        from aipaint.models.loading import load_model
 
         host = host or default_host()
         return cls(load_model(source, host=host, **options), host)

@@ -63,7 +63,7 @@ def test_never_raises_on_garbage():
 def test_post_processing_entries_on_an_image_without_parameters_read_back_as_parameters():
     """An image aipaint did not generate gets A1111's layout: an empty prompt line, then one
     parameters line ending with Version, so even one or two entries are read as parameters."""
-    from aipaint.postprocess import merge_infotext
+    from aipaint.plugin.postprocess import merge_infotext
 
     two = {"Face restoration": "RestoreFormer", "Face restoration visibility": "0"}
     text = merge_infotext("", two)

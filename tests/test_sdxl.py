@@ -734,7 +734,7 @@ def test_the_open_clip_part_is_what_open_clip_itself_loads_and_computes(sgm_mode
 
 @pytest.mark.parametrize("kind", ["base", "refiner"])
 def test_sgm_file_is_identified_and_every_tensor_equals_the_diffusers_models(offline, sgm_models, plugin_host, kind):
-    from aipaint.loading import identify_family, resolve_source
+    from aipaint.models.loading import identify_family, resolve_source
 
     model = sgm_models[kind]
     assert identify_family(resolve_source(model["file"]), plugin_host).name == "sdxl"
@@ -821,7 +821,7 @@ def test_full_size_sgm_layout_matches_real_sdxl_files_and_diffusers_reads_it_bac
     )
     from sgm_checkpoint import to_sgm_state_dict
 
-    from aipaint.loading import identify_family, resolve_source
+    from aipaint.models.loading import identify_family, resolve_source
 
     models = sdxl_base_on_meta
     state = to_sgm_state_dict(models["unet"], models["vae"], models["text_encoder"], models["text_encoder_2"])

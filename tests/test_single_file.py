@@ -28,7 +28,7 @@ from ldm_checkpoint import (
 import aipaint
 from aipaint.errors import ModelLoadError, UnsafeFileError
 from aipaint.models.family import ModelSource
-from aipaint.loading import identify_family, resolve_source
+from aipaint.models.loading import identify_family, resolve_source
 
 ZOO_SD15 = Path(aipaint.__file__).resolve().parent.parent / "zoo" / "configs" / "sd15"
 PROMPT = "a big red circle on the left, on a white background"

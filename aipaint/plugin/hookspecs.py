@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from aipaint.plugin.adapters import AdapterSpec
     from aipaint.models.family import ModelFamily, ModelSource
     from aipaint.api.options import OptionGroup
-    from aipaint.postprocess import PostProcessorSpec
+    from aipaint.plugin.postprocess import PostProcessorSpec
     from aipaint.plugin.preprocess import PreprocessorSpec
     from aipaint.plugin.runtimes import RuntimeSpec
     from aipaint.engine.samplers import SamplerSpec
@@ -72,7 +72,7 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
 def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> None:
     """Register post-processors (upscalers, face fix, QR-code art, stickers, …).
 
-    Call ``register(spec)`` with an :class:`aipaint.postprocess.PostProcessorSpec`.
+    Call ``register(spec)`` with an :class:`aipaint.plugin.postprocess.PostProcessorSpec`.
     """
 
 

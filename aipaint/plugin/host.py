@@ -106,7 +106,7 @@ def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None
     from aipaint.plugin.adapters import AdapterSpec
     from aipaint.models.family import ModelFamily
     from aipaint.api.options import OptionGroup
-    from aipaint.postprocess import PostProcessorSpec
+    from aipaint.plugin.postprocess import PostProcessorSpec
     from aipaint.plugin.preprocess import PreprocessorSpec
     from aipaint.plugin.runtimes import RuntimeSpec
     from aipaint.engine.samplers import SamplerSpec

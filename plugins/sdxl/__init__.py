@@ -109,7 +109,7 @@ class StableDiffusionXL(ModelFamily):
             raise ModelLoadError(f"could not load {source.path.name} as an SDXL checkpoint with the config {config}: {exc}") from exc
         components = {name: getattr(pipe, name, None) for name in
                       ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
-        from aipaint.loading import refuse_missing_weights
+        from aipaint.models.loading import refuse_missing_weights
 
         refuse_missing_weights(source.path, config, {name: components[name] for name in
                                ("unet", "vae", "text_encoder", "text_encoder_2")}, "SDXL")

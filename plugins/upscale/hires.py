@@ -248,7 +248,7 @@ def hires_fix(
     the base request and records the hires settings in its PNG parameters.
     """
     from aipaint.api.result import Result
-    from aipaint.postprocess import merge_infotext
+    from aipaint.plugin.postprocess import merge_infotext
 
     hires = HiresSettings(**settings)
     started = time.perf_counter()
@@ -275,7 +275,7 @@ def hires_fix(
 
 def run_hires_postprocessor(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
     """The ``hires`` post-processor: a second pass over one image."""
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     if pipe is None:
         raise UnsupportedFeature("hires fix diffuses with a model: load one first")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from aipaint.api.options import parse_bool
 from aipaint.engine.loop import LoopContributor
 from aipaint.errors import ImageError, InvalidParameter
+from aipaint.plugin.kit.codecs import Field, FieldsCodec
 
 if TYPE_CHECKING:
     import torch
@@ -305,77 +306,49 @@ class ControlNetContributor(LoopContributor):
 
 
 # --------------------------------------------------------------------------- infotext
-INFOTEXT_KEY = "ControlNet {index}"
+# sd-webui-controlnet's entry, declared once for writing and for --from-png.
+INFOTEXT = FieldsCodec(
+    "ControlNet {index}",
+    (
+        Field("Module", "preprocessor"),
+        Field("Model", "model"),
+        Field("Weight", "weight", float),
+        Field("Resize Mode", "resize_mode"),
+        Field("Processor Res", None, write=str),
+        Field("Threshold A", "threshold_a", float),
+        Field("Threshold B", "threshold_b", float),
+        Field("Guidance Start", "guidance_start", float),
+        Field("Guidance End", "guidance_end", float),
+        Field("Pixel Perfect", None),
+        Field("Control Mode", "control_mode"),
+    ),
+    required=("model",),
+)
 
 
-def _a1111_value(value: Any) -> str:
-    return str(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
-
-
-def infotext_entry(unit: UnitOptions, spec: PreprocessorSpec, model_display: str, width: int, height: int) -> str:
-    """One unit as sd-webui-controlnet writes it into PNG parameters."""
+def infotext_entry(unit: UnitOptions, spec: PreprocessorSpec, model_display: str, width: int, height: int) -> dict[str, str]:
+    """One unit as sd-webui-controlnet writes it into PNG parameters: ``{"ControlNet <index>": text}``."""
     params = spec.resolve_params(unit.preprocessor_params)
     thresholds = [params[p.name] for p in spec.params] + [-1, -1]
-    fields = {
-        "Module": spec.name,
-        "Model": model_display,
-        "Weight": unit.weight,
-        "Resize Mode": unit.resize_mode,
+    return INFOTEXT.write({
+        "preprocessor": spec.name,
+        "model": model_display,
+        "weight": unit.weight,
+        "resize_mode": unit.resize_mode,
         "Processor Res": min(width, height),
-        "Threshold A": thresholds[0],
-        "Threshold B": thresholds[1],
-        "Guidance Start": unit.guidance_start,
-        "Guidance End": unit.guidance_end,
+        "threshold_a": thresholds[0],
+        "threshold_b": thresholds[1],
+        "guidance_start": unit.guidance_start,
+        "guidance_end": unit.guidance_end,
         "Pixel Perfect": True,
-        "Control Mode": unit.control_mode,
-    }
-    for key, value in fields.items():
-        if "," in str(value) or ": " in str(value):
-            raise InvalidParameter(f"ControlNet {unit.index} {key.lower()}", value, "must not contain ',' or ': ' (PNG parameters)")
-    return ", ".join(f"{k}: {v if k in ('Processor Res',) else _a1111_value(v)}" for k, v in fields.items())
-
-
-_FIELD_TO_OPTION = {
-    "Module": "preprocessor",
-    "Model": "model",
-    "Weight": "weight",
-    "Resize Mode": "resize_mode",
-    "Threshold A": "threshold_a",
-    "Threshold B": "threshold_b",
-    "Guidance Start": "guidance_start",
-    "Guidance End": "guidance_end",
-    "Control Mode": "control_mode",
-}
+        "control_mode": unit.control_mode,
+    }, index=unit.index)
 
 
 def units_from_params(params: Mapping[str, str]) -> list[dict[str, Any]]:
     """The ControlNet units recorded in PNG parameters, as unit options without images,
     in unit order. Accepts what sd-webui-controlnet writes (extra fields are ignored)."""
-    import re
-
-    found: list[tuple[int, dict[str, Any]]] = []
-    for key, text in params.items():
-        match = re.fullmatch(r"ControlNet (\d{1,4})", key.strip())  # int() refuses thousands of digits
-        if not match:
-            continue
-        options: dict[str, Any] = {}
-        for part in str(text).split(", "):
-            name, sep, value = part.partition(": ")
-            option = _FIELD_TO_OPTION.get(name.strip())
-            if not sep or option is None:
-                continue
-            value = value.strip()
-            if option in ("weight", "guidance_start", "guidance_end", "threshold_a", "threshold_b"):
-                try:
-                    options[option] = float(value)
-                except ValueError as exc:
-                    raise InvalidParameter(f"{key} {name}", value, "is not a number") from exc
-            else:
-                options[option] = value
-        if "model" not in options:
-            raise InvalidParameter(key, text, "records no Model")
-        found.append((int(match[1]), options))
-    return [options for _, options in sorted(found, key=lambda item: item[0])]
+    return INFOTEXT.read(params)
 
 
 # --------------------------------------------------------------------------- activation
@@ -400,7 +373,7 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
         ref = models.resolve(unit.model, allow_pickle=unit.allow_pickle)
         controlnet = models.load(ref, context.model, config=unit.config, allow_pickle=unit.allow_pickle)
         control = control_tensor(maps).to(context.model.device, context.model.dtype)
-        infotext[INFOTEXT_KEY.format(index=index)] = infotext_entry(unit, spec, ref.display_name, width, height)
+        infotext.update(infotext_entry(unit, spec, ref.display_name, width, height))
         contributors.append(
             ControlNetContributor(
                 controlnet,

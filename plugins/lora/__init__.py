@@ -29,6 +29,7 @@ from aipaint.api.options import OptionGroup
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import format_number
 from aipaint.plugin.adapters import AdapterActivation, AdapterContext, AdapterSpec, AdapterUnit
+from aipaint.plugin.kit.codecs import TextCodec
 
 if TYPE_CHECKING:
     from aipaint_plugins.lora.api import AppliedLoras, LoraUse
@@ -111,6 +112,12 @@ def uses_from_recorded_units(text: str) -> list[LoraUse]:
     return uses
 
 
+# The API units, recorded as A1111 tags and read back by --from-png.
+UNITS_ENTRY: TextCodec[list[LoraUse]] = TextCodec(
+    RECORDED_UNITS, lambda uses: " ".join(lora_tag(use) for use in uses), uses_from_recorded_units
+)
+
+
 @dataclass(frozen=True)
 class LoraOptions(OptionGroup):
     """Where this job's LoRA names resolve (``--lora-dir`` on the command line)."""
@@ -132,7 +139,7 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
     applied: AppliedLoras = apply_loaded(context.model, loaded)
     info = applied.infotext()
     if from_units:  # the tags are in the recorded prompt already; the units would be lost without this
-        info[RECORDED_UNITS] = " ".join(lora_tag(use) for use in from_units)
+        info.update(UNITS_ENTRY.write(from_units))
     try:
         yield AdapterActivation(infotext=info)
     finally:

@@ -22,6 +22,9 @@ from aipaint import hookimpl
 from aipaint.api.options import OptionGroup
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.plugin.adapters import AdapterActivation, AdapterContext, AdapterSpec
+from aipaint.plugin.kit.codecs import MappingCodec
+
+HASHES = MappingCodec("TI hashes")  # A1111's entry: "name: 0123456789ab, …"
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,8 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
                 text = pattern.sub(tokens, text)
             return text
 
-        hashes = ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {short_hash(e.path, addnet=False)}" for e in embeddings)
-        yield AdapterActivation(infotext={"TI hashes": hashes}, rewrite_text=rewrite)
+        hashes = {e.name: short_hash(e.path, addnet=False) for e in embeddings}
+        yield AdapterActivation(infotext=HASHES.write(hashes), rewrite_text=rewrite)
 
 
 @hookimpl

@@ -105,7 +105,7 @@ class ParsedPrompt:
 
 # --- emphasis ----------------------------------------------------------------------------
 # A1111's parse_prompt_attention reads the text as tokens: escapes, brackets, ":weight)" closers,
-# runs of plain text and lone ":"s. Only the first four kinds do anything, so they are found
+# runs of plain text and lone ":"s. Only the first three kinds do anything, so they are found
 # here by one split and everything between them is plain text (the same pieces A1111 makes,
 # joined where it splits plain text at a ":"; equal weights are merged at the end either way).
 _RE_ATTENTION = re.compile(r"(\\[()\[\]\\]?|[()\[\]]|:\s*([+-]?[.\d]+)\s*\))")

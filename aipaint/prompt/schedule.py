@@ -120,7 +120,7 @@ def _read(text: str) -> _Tree | None:
 
     def next_part(frame: _Frame, separator: int, state: str) -> None:
         parts.append(part(frame, separator))
-        stack[-1] = (*frame[:_STATE], state, separator + 1, frame[_PARTS], frame[_CHILDREN], len(children))
+        stack[-1] = (frame[_KIND], frame[_START], state, separator + 1, frame[_PARTS], frame[_CHILDREN], len(children))
 
     def complete(frame: _Frame, end: int, node: _Node | None) -> None:
         """The innermost bracket made ``node`` (None: text used as written), ending at ``end``."""
@@ -140,26 +140,27 @@ def _read(text: str) -> _Tree | None:
         return True
 
     for token in _RE_SPECIAL.finditer(text):
-        position, char = token.start(), token.group()
+        position = token.start()
         if position < skip_to:
             continue
+        char = text[position]
         if char == "(" or char == "[":
-            stack.append((char, position, "", position + 1, len(parts), len(children), len(children)))
+            count = len(children)
+            stack.append((char, position, "", position + 1, len(parts), count, count))
             continue
-        if len(char) == 2:  # an escaped character
-            continue
-        if char == "\\":  # before a newline or at the end: nowhere valid
-            return None
+        if char == "\\":
+            if token.end() > position + 1:  # an escaped character
+                continue
+            return None  # before a newline or at the end: nowhere valid
         if not stack:
             if char == "|":
                 return None
             continue  # ")", "]" or ":" at the top level is text
         frame = stack[-1]
         state = frame[_STATE]
-        plain = len(children) == frame[_CHILDREN]  # nothing inside changes per step
         if frame[_KIND] == "(":
             if char == ")":
-                if plain:
+                if len(children) == frame[_CHILDREN]:  # nothing inside changes per step
                     complete(frame, position + 1, None)
                     continue
                 body = (*parts[frame[_PARTS] :], part(frame, position))  # one part, or two around a colon
@@ -176,7 +177,7 @@ def _read(text: str) -> _Tree | None:
             if state == "|":
                 alternates = True
                 complete(frame, position + 1, _Alternate((*parts[frame[_PARTS] :], part(frame, position))))
-            elif plain:
+            elif len(children) == frame[_CHILDREN]:  # nothing inside changes per step
                 complete(frame, position + 1, None)
             else:
                 nodes = [(frame[_START], frame[_START] + 1), *part(frame, position), (position, position + 1)]

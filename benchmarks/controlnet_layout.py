@@ -6,7 +6,7 @@ On the embedded model ``shapes-tiny`` with ``shapes-tiny-controlnet-layout``: ra
 held-out scenes (one object; ``--pairs`` two-object scenes too), each generated from a
 prompt *without* positions ("a big red circle, on a white background") with the
 ControlNet fed the scene's render through the ``canny`` preprocessor, and again without
-the ControlNet (same seed). ``aipaint.world.evaluate.read_scene`` reads where the objects
+the ControlNet (same seed). ``aipaint_plugins.shapes_world.evaluate.read_scene`` reads where the objects
 ended up. Prints the accuracy per position with Wilson 95% intervals, the time per image
 with and without, and (``--record``) writes the numbers into the zoo card.
 """
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from aipaint_plugins.controlnet.layout import MODEL_ID, evaluate, layout_cases
+    from aipaint_plugins.shapes_world.controlnet_layout import MODEL_ID, evaluate, layout_cases
 
     import aipaint
 

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from aipaint.world.evaluate import read_scene
-    from aipaint.world.scene import COLOURS, parse_caption
+    from aipaint_plugins.shapes_world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.scene import COLOURS, parse_caption
 
     pipe = embedded_pipe(a.model)
     palette = [np.asarray(v, np.float32) for v in COLOURS.values()]

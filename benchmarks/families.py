@@ -193,7 +193,7 @@ def bench_unclip(size: int) -> dict[str, Any]:
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     text_encoder = build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(
         hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,

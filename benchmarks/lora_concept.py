@@ -4,7 +4,7 @@ The embedded model ``shapes-tiny`` never saw the word "orange" in a caption. Thi
 renders orange shapes with their canonical captions, trains a LoRA on them with
 ``aipaint_plugins.lora.train_lora`` on this CPU (timed; the budget is 10 minutes), then
 generates orange prompts at LoRA weights 0, 0.5 and 1 and reads the images back with
-``aipaint.world.evaluate``. **Orange adherence** = the fraction of images whose requested
+``aipaint_plugins.shapes_world.evaluate``. **Orange adherence** = the fraction of images whose requested
 orange object is found and reads as orange (the nearest palette colour).
 
 Reference row: the VAE ceiling. Neither the UNet nor the text encoder can show a colour
@@ -39,8 +39,8 @@ PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the 
 
 def render_dataset(folder: Path, n: int, seed: int) -> list[str]:
     """``n`` one-object scenes, recoloured orange, with canonical captions; returns the captions."""
-    from aipaint.world.render import render
-    from aipaint.world.scene import random_scene
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import random_scene
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def eval_prompts() -> list[tuple[str, str]]:
 
 
 def is_orange(image, prompt: str) -> bool:
-    from aipaint.world.evaluate import adherence
+    from aipaint_plugins.shapes_world.evaluate import adherence
 
     objects = adherence(image, prompt).details["objects"]
     return bool(objects and objects[0]["colour"])

@@ -42,8 +42,8 @@ VARIANTS: dict[str, tuple[AdapterUnit, ...]] = {
 
 def embedded(report: Report, prompts: int, seed: int) -> None:
     import aipaint
-    from aipaint.world.evaluate import adherence
-    from aipaint.world.scene import random_scene
+    from aipaint_plugins.shapes_world.evaluate import adherence
+    from aipaint_plugins.shapes_world.scene import random_scene
 
     pipe = aipaint.load()
     defaults = pipe.model.defaults

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     import aipaint
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     pipe = aipaint.load()
     rng = np.random.default_rng(0)

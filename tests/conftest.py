@@ -17,7 +17,7 @@ def build_tiny_sd_components(seed: int = 0, *, in_channels: int = 4, prediction_
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -19,8 +19,8 @@ KW = dict(width=32, height=32, steps=3, seed=7, cfg_scale=5.0)
 
 
 def _control_image() -> Image.Image:
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     return render(Scene("white", (SceneObject("square", "red", "big", "left", 8.0, 16.0, 13.0),)))
 
@@ -416,7 +416,7 @@ def _embedded_models():
 def test_objects_appear_where_the_control_image_puts_them(plugin_host):
     """On the embedded model, the layout ControlNet decides where the object goes: ≥ 90% of
     20 placements right (prompt without a position), against about chance without it."""
-    from aipaint_plugins.controlnet.layout import layout_cases, position_accuracy
+    from aipaint_plugins.shapes_world.controlnet_layout import layout_cases, position_accuracy
 
     import aipaint
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import aipaint
-from aipaint.world.evaluate import adherence
-from aipaint.world.scene import random_scene
+from aipaint_plugins.shapes_world.evaluate import adherence
+from aipaint_plugins.shapes_world.scene import random_scene
 
 N_CAPTIONS = 16
 

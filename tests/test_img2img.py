@@ -228,8 +228,8 @@ def test_cli_img2img_and_from_png_reproduce(tiny_sd_path, tmp_path, capsys):
 # --- behaviour on the embedded model ---------------------------------------------------------------
 def test_embedded_lower_strength_keeps_the_output_closer(shapes_pipe):
     """Mean pixel distance to the input, over 4 seeds, grows with the strength."""
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     source = render(Scene("white", (SceneObject("circle", "red", "big", "center", 16, 16, 14),)))
     prompt = "a big blue square on the left, on a black background"

@@ -289,7 +289,7 @@ def test_cli_inpaint(tiny_sd_path, tmp_path, capsys):
 # --- behaviour on the embedded model ----------------------------------------------------------------------
 def foreground_colour(image: Image.Image, box: tuple[int, int, int, int]) -> str | None:
     """The palette colour nearest to the mean of the non-white pixels in ``box`` (None: all white)."""
-    from aipaint.world.scene import COLOURS, HELDOUT_COLOUR
+    from aipaint_plugins.shapes_world.scene import COLOURS, HELDOUT_COLOUR
 
     x1, y1, x2, y2 = box
     region = pixels(image)[y1:y2, x1:x2].reshape(-1, 3).astype(float)
@@ -313,8 +313,8 @@ def test_embedded_inpainting_paints_the_prompt_inside_and_nothing_outside(shapes
     does worse (blue 2 (1), magenta 3 (2), green 1 (2), yellow 1 (2)): the model repaints the
     red it sees beside the mask.
     """
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     source = render(Scene("white", (SceneObject("circle", "red", "big", "left", 8, 16, 14),)))
     mask = box_mask((16, 0, 32, 32))

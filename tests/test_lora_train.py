@@ -23,8 +23,8 @@ def write_dataset(folder: Path, n: int, *, colour: str | None = None, seed: int 
     """Shapes-world renders with their canonical captions (``colour`` forces the first object's colour)."""
     import dataclasses
 
-    from aipaint.world.render import render
-    from aipaint.world.scene import random_scene
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import random_scene
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ ORANGE_PROMPTS = [
 
 def orange_adherence(pipe, prompt_suffix: str, *, images_per_prompt: int, lora_dir: Path, steps: int | None = None) -> float:
     """Fraction of generated images whose requested orange object reads as orange (``steps``: the model's default)."""
-    from aipaint.world.evaluate import adherence
+    from aipaint_plugins.shapes_world.evaluate import adherence
 
     hits = total = 0
     for i, prompt in enumerate(ORANGE_PROMPTS):

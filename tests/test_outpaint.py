@@ -167,8 +167,8 @@ def test_embedded_outpainting_paints_the_new_area_from_the_prompt(shapes_pipe):
     four seeds the strips' outer halves (away from the seam) follow the background the prompt
     asks for: black stays black, gray is lighter, white far lighter, for every seed; the
     fill alone, or a model blind to the prompt there, would give the same strips every time."""
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     source = render(Scene("black", (SceneObject("square", "yellow", "big", "center", 16, 16, 14),)))
     fill = pixels(imageutil.extend_canvas(source, 16, 0, 16, 0, "edge"))

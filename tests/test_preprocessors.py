@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from aipaint.errors import ImageError, InvalidParameter, MissingWeights, UnknownName
-from aipaint.world.render import render
-from aipaint.world.scene import Scene, SceneObject
+from aipaint_plugins.shapes_world.render import render
+from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
 SIZE = 128  # render at 4x the world's 32 px: edges are then placed to within a pixel
 SCALE = SIZE / 32

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import aipaint
-from aipaint.world.evaluate import read_scene
-from aipaint.world.scene import BACKGROUNDS, COLOURS
+from aipaint_plugins.shapes_world.evaluate import read_scene
+from aipaint_plugins.shapes_world.scene import BACKGROUNDS, COLOURS
 
 SEEDS = range(12)
 PALETTE = {**COLOURS, **BACKGROUNDS}

@@ -26,7 +26,7 @@ def build_tiny_sdxl_components(seed: int = 0, *, refiner: bool = False, tokenize
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     text_config = dict(
@@ -81,7 +81,7 @@ def build_tiny_sdxl_components(seed: int = 0, *, refiner: bool = False, tokenize
 
 @pytest.fixture(scope="module")
 def clip_tokenizer():
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     return build_clip_tokenizer()
 

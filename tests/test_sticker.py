@@ -14,8 +14,8 @@ from aipaint.engine.postprocessing import run_postprocessors
 @pytest.fixture(scope="module")
 def red_circle() -> Image.Image:
     """A shapes-world picture: a big red circle in the centre of a white background, 128 px."""
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     return render(Scene("white", (SceneObject("circle", "red", "big", "center", 16.0, 16.0, 15.0),)), size=128)
 
@@ -99,7 +99,7 @@ def test_sticker_of_a_picture_from_the_embedded_model(plugin_host):
     if not (Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny" / "unet").is_dir():
         pytest.skip("the embedded shapes-tiny model is not trained yet (zoo/models/shapes-tiny)")
     import aipaint
-    from aipaint.world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     pipe = aipaint.load(host=plugin_host)
     picture = pipe.txt2img("a big blue square in the center, on a white background", seed=2, steps=12).image

@@ -28,7 +28,7 @@ def build_tiny_unclip(seed: int = 0) -> dict:
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
@@ -287,7 +287,7 @@ def build_tiny_stable_unclip(seed: int = 10) -> dict:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     def text_config() -> CLIPTextConfig:
         return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=EMBED_DIM,

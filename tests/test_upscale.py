@@ -515,7 +515,7 @@ def embedded_hires(shapes_pipe):
 def test_hires_fix_keeps_the_composition_on_the_embedded_model(embedded_hires, upscaler):
     """Downscaled back to the base size, each hires picture is much closer to its own base
     than to the other scenes' bases, and keeps the base's background."""
-    from aipaint.world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     bases, hires = embedded_hires
     for index, (base, big) in enumerate(zip(bases, hires[upscaler])):
@@ -534,7 +534,7 @@ def test_hires_fix_keeps_the_composition_on_the_embedded_model(embedded_hires, u
     "(plain img2img at 64 px does so even at strength 0.1), as SD 1.5 repeats subjects far above its "
     "training size; hires fix cannot keep the object count on this model"))
 def test_hires_fix_keeps_the_objects_on_the_embedded_model(embedded_hires):
-    from aipaint.world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     bases, hires = embedded_hires
     base, big = bases[0], hires["Lanczos"][0]

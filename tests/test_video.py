@@ -9,8 +9,8 @@ from aipaint_plugins.video.stylize import Clip, blend, flow_between, read_clip, 
 from PIL import Image
 
 from aipaint.errors import ImageError, InvalidParameter
-from aipaint.world.render import render
-from aipaint.world.scene import Scene, SceneObject
+from aipaint_plugins.shapes_world.render import render
+from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_stylised_frames_take_the_prompt_and_keep_the_motion(embedded_pipe):
     frames = [circle_at(cx) for cx in (8, 13, 19, 24)]  # a red circle crossing the picture
     out = stylize_clip(embedded_pipe, Clip(frames), "a big blue circle on a white background",
                        denoising_strength=0.1, seed=1).frames
-    from aipaint.world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     readings = [read_scene(f).objects for f in out]
     assert all(len(r) == 1 and r[0].colour != "red" and r[0].shape == "circle" for r in readings)
@@ -203,7 +203,7 @@ def test_a_controlnet_unit_on_the_frame_guides_each_frame_by_its_own_layout(embe
     from aipaint_plugins.video.stylize import FRAME
 
     from aipaint.plugin.adapters import AdapterUnit
-    from aipaint.world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     frames = [circle_at(cx) for cx in (8, 24, 8, 24)]  # left, right, left, right
     prompt = "a big red circle, on a white background"  # no position: the frames must give it

@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from aipaint.world.evaluate import adherence, read_scene, summarize
-from aipaint.world.render import render
-from aipaint.world.scene import (
+from aipaint_plugins.shapes_world.evaluate import adherence, read_scene, summarize
+from aipaint_plugins.shapes_world.render import render
+from aipaint_plugins.shapes_world.scene import (
     COLOURS,
     HELDOUT_COLOUR,
     HELDOUT_COMBOS,
@@ -154,8 +154,8 @@ def test_adherence_details_are_honest():
 
 def test_eval_command_reports_objects_and_adherence(tmp_path, capsys):
     from aipaint.cli.main import main
-    from aipaint.world.render import render
-    from aipaint.world.scene import Scene, SceneObject
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     path = tmp_path / "scene.png"
     render(Scene("black", (SceneObject("square", "green", "big", "left", 8, 16, 14),))).save(path)
@@ -218,7 +218,7 @@ def test_training_resumes_a_trained_model(tmp_path):
 
     from safetensors.torch import load_file
 
-    from aipaint.world.train import main as train
+    from aipaint_plugins.shapes_world.train import main as train
     from aipaint.models.zoo import zoo_root
 
     source = tmp_path / "source"
@@ -251,7 +251,7 @@ def test_channel_normalization_is_folded_into_the_vae_exactly():
     import torch
     from diffusers import AutoencoderKL
 
-    from aipaint.world.train import fold_channel_normalization
+    from aipaint_plugins.shapes_world.train import fold_channel_normalization
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -286,9 +286,9 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
     import torch
 
     import aipaint
-    from aipaint.world.render import render_array
-    from aipaint.world.scene import random_scene
-    from aipaint.world.train import main as train
+    from aipaint_plugins.shapes_world.render import render_array
+    from aipaint_plugins.shapes_world.scene import random_scene
+    from aipaint_plugins.shapes_world.train import main as train
     from aipaint.models.zoo import zoo_root
 
     source = tmp_path / "source"
@@ -314,7 +314,7 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
 
 
 def test_recoloured_twins_keep_everything_but_the_colours():
-    from aipaint.world.finetune_decoder import render_twins
+    from aipaint_plugins.shapes_world.finetune_decoder import render_twins
 
     images, twins = render_twins(4, "train", 12)
     for image, twin in zip(images, twins):
@@ -332,7 +332,7 @@ def test_decoder_finetune_with_extrapolation_trains_only_the_decoder(tmp_path):
 
     from safetensors.torch import load_file
 
-    from aipaint.world.finetune_decoder import main as finetune
+    from aipaint_plugins.shapes_world.finetune_decoder import main as finetune
     from aipaint.models.zoo import zoo_root
 
     model = tmp_path / "m"
@@ -354,7 +354,7 @@ def test_latent_rgb_r2_measures_a_linear_read_of_the_patch_colour():
     import torch
     import torch.nn.functional as F
 
-    from aipaint.world.train import latent_rgb_r2
+    from aipaint_plugins.shapes_world.train import latent_rgb_r2
 
     torch.manual_seed(0)
     x = torch.rand(16, 3, 32, 32) * 2 - 1
@@ -372,7 +372,7 @@ def test_training_from_scratch_records_the_vae_rgb_probe(tmp_path):
     import json
 
     import aipaint
-    from aipaint.world.train import main as train
+    from aipaint_plugins.shapes_world.train import main as train
 
     out = tmp_path / "scratch"
     assert train(["--out", str(out), "--pool", "64", "--vae-pool-extra", "8", "--vae-steps", "2", "--vae-batch",
@@ -389,7 +389,7 @@ def test_training_from_scratch_records_the_vae_rgb_probe(tmp_path):
     (["--resume", "somewhere", "--vae-rgb-probe", "1"], "--resume keeps the model's VAE"),
 ])
 def test_training_options_that_cannot_work_fail_at_once(args, said, capsys):
-    from aipaint.world.train import main as train
+    from aipaint_plugins.shapes_world.train import main as train
 
     with pytest.raises(SystemExit) as exit_:
         train(args)
@@ -405,7 +405,7 @@ def _arrangements(text: str) -> set[tuple[str, str]]:
     """Every (object form, background form) that could have written ``text``."""
     import re
 
-    from aipaint.world.scene import BACKGROUND_FORMS
+    from aipaint_plugins.shapes_world.scene import BACKGROUND_FORMS
 
     objs = set()
     if re.search(rf"\b({_SHAPES_RE}) in ({_COLOURS_RE})\b", text):
@@ -427,7 +427,7 @@ def _arrangements(text: str) -> set[tuple[str, str]]:
 
 
 def test_free_captions_parse_back_to_the_attributes_they_ask_for():
-    from aipaint.world.scene import PHRASING_MODES, free_caption
+    from aipaint_plugins.shapes_world.scene import PHRASING_MODES, free_caption
 
     rng = np.random.default_rng(21)
     dropped = {"size": 0, "position": 0, "background": 0}
@@ -457,7 +457,7 @@ def test_free_captions_parse_back_to_the_attributes_they_ask_for():
 
 
 def test_heldout_phrasings_are_never_produced_for_training():
-    from aipaint.world.scene import HELDOUT_PHRASINGS, free_caption
+    from aipaint_plugins.shapes_world.scene import HELDOUT_PHRASINGS, free_caption
 
     rng = np.random.default_rng(22)
     train_texts, heldout_texts = set(), set()
@@ -493,7 +493,7 @@ def test_adherence_scores_only_what_a_phrasing_asks_for():
 def test_emphasis_augmentation_weights_one_whole_word():
     import torch
 
-    from aipaint.world.train import EMPHASIS_WEIGHTS, emphasis_multipliers
+    from aipaint_plugins.shapes_world.train import EMPHASIS_WEIGHTS, emphasis_multipliers
 
     # token ids as the CLIP tokenizer writes "<bos> a big cyan circle <eos> <pad>...": "cyan" is two tokens
     words = [[1470, 550], [7117]]
@@ -514,8 +514,8 @@ def test_training_with_phrasings_emphasis_and_moderate_schedule_continues_from_i
     lets a rerun continue the step count where the last checkpoint left it."""
     import json
 
-    from aipaint.world.train import MODERATE_SCHEDULE
-    from aipaint.world.train import main as train
+    from aipaint_plugins.shapes_world.train import MODERATE_SCHEDULE
+    from aipaint_plugins.shapes_world.train import main as train
     from aipaint.models.zoo import zoo_root
 
     out, state = tmp_path / "g2", tmp_path / "g2.state.pt"

@@ -165,7 +165,7 @@ def fetch(card: ModelCard) -> Path:
         if not path.exists():
             raise ModelLoadError(
                 f"the embedded model {card.id!r} is missing from {path}; reinstall aipaint or "
-                "recreate it with `python -m aipaint.world.train`"
+                "recreate it with `python -m aipaint_plugins.shapes_world.train`"
             )
         return path
     if kind == "hub":

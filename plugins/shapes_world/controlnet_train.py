@@ -1,6 +1,6 @@
 """Train the embedded model's layout ControlNet ``shapes-tiny-controlnet-layout``.
 
-    python -m aipaint_plugins.controlnet.train --base zoo/models/shapes-tiny \\
+    python -m aipaint_plugins.shapes_world.controlnet_train --base zoo/models/shapes-tiny \\
         --out zoo/models/shapes-tiny-controlnet-layout --cpu-minutes 13 --threads 1
 
 Recipe: a ``ControlNetModel.from_unet`` copy of the frozen base UNet's encoder (small
@@ -8,7 +8,7 @@ conditioning embedding, ``(16, 32, 64)``: control images at the 32-pixel image s
 the latent size) learns to predict, together with the frozen UNet and text encoder, the
 v-prediction target of the base model's own zero-terminal-SNR schedule
 (``DDPMScheduler.from_config`` + ``get_velocity``). Control image: the Canny edges of the
-ground-truth render (:func:`aipaint_plugins.controlnet.layout.layout_map`). Captions: half
+ground-truth render (:func:`aipaint_plugins.shapes_world.controlnet_layout.layout_map`). Captions: half
 of them without positions (so the control image alone must say where), 10% empty, the
 rest full. Timesteps are drawn with density ∝ t, because the layout of an image is
 decided at high noise. Only the ControlNet's weights change.
@@ -42,8 +42,8 @@ def log(message: str) -> None:
 
 def build_pool(n: int, seed: int) -> dict[str, Any]:
     """Scenes (one or two objects), their renders, Canny maps and both kinds of caption."""
-    from aipaint.world.render import render_array
-    from aipaint.world.scene import random_scene
+    from aipaint_plugins.shapes_world.render import render_array
+    from aipaint_plugins.shapes_world.scene import random_scene
 
     from .layout import layout_map, prompt_without_position
 
@@ -137,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from aipaint.world.train import ThreadTuner, lr_at
+    from aipaint_plugins.shapes_world.train import ThreadTuner, lr_at
 
     base, out = Path(a.base), Path(a.out)
     started = time.time()
     record: dict[str, Any] = {
         "model": "shapes-tiny-controlnet-layout",
         "status": "in-progress",
-        "command": "python -m aipaint_plugins.controlnet.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m aipaint_plugins.shapes_world.controlnet_train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "base": str(base),
         "args": vars(a),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__},

@@ -225,7 +225,7 @@ def noisy_caption(text: str, rng: np.random.Generator, p: float, attributes=NOIS
 
     A model trained on them is less sure of a caption than the caption deserves, so
     classifier-free guidance is what makes it adhere, as it is for Stable Diffusion
-    (``python -m aipaint.world.train --caption-noise``). The noise never writes the held-out
+    (``python -m aipaint_plugins.shapes_world.train --caption-noise``). The noise never writes the held-out
     colour or a held-out colour×shape pair, so the splits stay held out of every caption.
     Captions that do not parse are returned unchanged.
     """

@@ -14,7 +14,7 @@ to the blur and colour drift of a small generative model:
 ``adherence(image, caption)`` matches detected objects to the objects the caption
 asks for by the best assignment and reports the fraction of requested attributes
 (per object: shape, colour, size, position; plus the background) that are present.
-A free phrasing (:func:`aipaint.world.scene.free_caption`) is scored only on the
+A free phrasing (:func:`aipaint_plugins.shapes_world.scene.free_caption`) is scored only on the
 attributes it asks for.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from aipaint.world.render import CROSS_THICKNESS
-from aipaint.world.scene import (
+from aipaint_plugins.shapes_world.render import CROSS_THICKNESS
+from aipaint_plugins.shapes_world.scene import (
     BACKGROUNDS,
     COLOURS,
     IMAGE_SIZE,
@@ -290,7 +290,7 @@ def evaluate_pipeline(pipe, n: int = 40, split: str = "train", seed: int = 0, ba
     ``torch.Generator().manual_seed(seed + i)``, so results are reproducible."""
     import torch
 
-    from aipaint.world.scene import random_scene
+    from aipaint_plugins.shapes_world.scene import random_scene
 
     rng = np.random.default_rng(seed)
     captions = [random_scene(rng, split).caption for _ in range(n)]

@@ -5,7 +5,7 @@ world uses a few dozen rows. Storing that one table in float16 halves the text e
 file; loaders up-cast it to the model's dtype (aipaint always loads with an explicit
 dtype). Every number the evaluation reports is measured on the packed model.
 
-Usage: python -m aipaint.world.pack zoo/models/shapes-tiny
+Usage: python -m aipaint_plugins.shapes_world.pack zoo/models/shapes-tiny
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 pipeline (AutoencoderKL + CLIPTextModel + UNet2DConditionModel) at toy size,
 trained from scratch on the shapes world.
 
-    python -m aipaint.world.train --out zoo/models/shapes-tiny
+    python -m aipaint_plugins.shapes_world.train --out zoo/models/shapes-tiny
 
 Phases: render a caption/image pool -> train the VAE -> encode the pool to latents
 -> train UNet + text encoder together (v-prediction, zero-terminal-SNR schedule)
@@ -15,7 +15,7 @@ fixed, bit-reproducible number of steps instead.
 with its own learning rate and caption dropout; each such run is appended to the
 model's ``training.json`` under ``unet_finetunes``:
 
-    python -m aipaint.world.train --resume zoo/models/shapes-tiny --minutes 40 --lr 5e-4 --drop-text 0.2
+    python -m aipaint_plugins.shapes_world.train --resume zoo/models/shapes-tiny --minutes 40 --lr 5e-4 --drop-text 0.2
 
 ``--normalize-channels`` gives every latent channel zero mean and unit std before the UNet
 phase, folded exactly into the VAE's 1x1 quant convs (the decoder draws the same pictures;
@@ -26,7 +26,7 @@ does not use it: its channels' stds are 0.42 / 0.51 / 0.15 / 1.82, and a 30-minu
 
 ``--caption-noise P`` trains on captions that are sometimes wrong, as web alt text is: each
 object's shape, colour and size is swapped for a random other value with probability P
-(:func:`aipaint.world.scene.noisy_caption`; never to the held-out colour or pairs). A model so
+(:func:`aipaint_plugins.shapes_world.scene.noisy_caption`; never to the held-out colour or pairs). A model so
 trained is less sure of a caption than the caption deserves, so classifier-free guidance is
 what makes it adhere, as for Stable Diffusion: the CFG peak moves up with P, at a cost in
 adherence at low CFG (``benchmarks/results/embedded_cfg_peak.txt``). ``--caption-noise-on shape``
@@ -39,7 +39,7 @@ Without it the tiny VAE hides colour in a few hundredths of the latent's range a
 (the shipped latent's linear R^2 is 0.53, ``latent_rgb_r2``); the VAE records the R^2 it reached.
 
 ``--phrasings P`` replaces each training caption, with probability P, by a free phrasing of its
-scene (:func:`aipaint.world.scene.free_caption`: size, position and background left out at random,
+scene (:func:`aipaint_plugins.shapes_world.scene.free_caption`: size, position and background left out at random,
 words reordered and paraphrased; the held-out arrangements ``HELDOUT_PHRASINGS`` never appear), so
 the model follows how people write prompts, not only the canonical template.
 
@@ -75,8 +75,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aipaint.world.render import render_array
-from aipaint.world.scene import (
+from aipaint_plugins.shapes_world.render import render_array
+from aipaint_plugins.shapes_world.scene import (
     IMAGE_SIZE,
     NOISY_ATTRIBUTES,
     SHAPES,
@@ -275,7 +275,7 @@ def save_atomic(out: Path, pipe, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
-    from aipaint.world.pack import pack_text_encoder
+    from aipaint_plugins.shapes_world.pack import pack_text_encoder
 
     pack_text_encoder(tmp)  # ship-size: the token table in float16
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--drop-text", type=float, default=0.1)
     ap.add_argument("--caption-noise", type=float, default=0.0,
                     help="swap each object's shape, colour and size in a training caption for a random other "
-                         "value, each with this probability (see aipaint.world.scene.noisy_caption)")
+                         "value, each with this probability (see aipaint_plugins.shapes_world.scene.noisy_caption)")
     ap.add_argument("--caption-noise-on", default="shape,colour,size",
                     help="comma-separated attributes that --caption-noise swaps (default: all three)")
     ap.add_argument("--vae-rgb-probe", type=float, default=0.0,
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                          "colour, as Stable Diffusion's latents roughly are (0: off, the shipped recipe)")
     ap.add_argument("--phrasings", type=float, default=0.0,
                     help="replace a training caption by a free phrasing of its scene with this probability "
-                         "(aipaint.world.scene.free_caption; never a held-out arrangement)")
+                         "(aipaint_plugins.shapes_world.scene.free_caption; never a held-out arrangement)")
     ap.add_argument("--emphasis", type=float, default=0.0,
                     help="scale the encoder output at one colour or shape word of a caption by a weight in "
                          f"{list(EMPHASIS_WEIGHTS)} with this probability, as (word:w) does")
@@ -358,12 +358,12 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL
     from diffusers.models.attention_processor import AttnProcessor
 
-    from aipaint.world.clip_tokenizer import build_clip_tokenizer
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     record: dict = {
         "model": MODEL_NAME,
         "status": "in-progress",
-        "command": "python -m aipaint.world.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m aipaint_plugins.shapes_world.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": a.seed,
         "args": vars(a),
         "versions": {

@@ -1,6 +1,6 @@
 """Second training stage of the embedded model: fine-tune the VAE *decoder* only.
 
-The first stage (``aipaint.world.train``) trains the VAE for a capped time before the
+The first stage (``aipaint_plugins.shapes_world.train``) trains the VAE for a capped time before the
 UNet; on a busy 2-core machine that cap can leave the decoder under-trained, which then
 limits every picture (colours drift, small shapes blur). The UNet was trained on the
 *encoder's* latents, so the encoder must stay fixed: this stage freezes it (and
@@ -8,7 +8,7 @@ limits every picture (colours drift, small shapes blur). The UNet was trained on
 renders from those same latents, with a little latent noise so it also decodes the
 UNet's imperfect latents well. The UNet and text encoder are untouched.
 
-Usage: python -m aipaint.world.finetune_decoder zoo/models/shapes-tiny --minutes 10
+Usage: python -m aipaint_plugins.shapes_world.finetune_decoder zoo/models/shapes-tiny --minutes 10
 
 ``--extrapolate L`` also teaches the decoder the latents that classifier-free guidance makes.
 CFG pushes a sample past the conditional prediction, away from what the unconditional model
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aipaint.world.train import log, render_pool, to_tensor
+from aipaint_plugins.shapes_world.train import log, render_pool, to_tensor
 
 
 def render_twins(seed: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +46,8 @@ def render_twins(seed: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]
     colour of the split (same shape, size, place and background), rendered."""
     from dataclasses import replace
 
-    from aipaint.world.render import render_array
-    from aipaint.world.scene import IMAGE_SIZE, TRAIN_COLOURS, random_scene
+    from aipaint_plugins.shapes_world.render import render_array
+    from aipaint_plugins.shapes_world.scene import IMAGE_SIZE, TRAIN_COLOURS, random_scene
 
     rng = np.random.default_rng(seed)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = record.pop("decoder_finetunes", None) or ([record.pop("decoder_finetune")] if "decoder_finetune" in record else [])
     record["decoder_finetunes"] = runs
     runs.append({
-        "command": f"python -m aipaint.world.finetune_decoder {a.model} --minutes {a.minutes} --steps {a.steps} "
+        "command": f"python -m aipaint_plugins.shapes_world.finetune_decoder {a.model} --minutes {a.minutes} --steps {a.steps} "
                    f"--seed {a.seed} --threads {a.threads}" + (f" --extrapolate {a.extrapolate}" if a.extrapolate else ""),
         "args": vars(a),
         "steps": step,

@@ -1,4 +1,4 @@
-"""Render a :class:`~aipaint.world.scene.Scene` to a 32×32 antialiased RGB image.
+"""Render a :class:`~aipaint_plugins.shapes_world.scene.Scene` to a 32×32 antialiased RGB image.
 
 Shapes are drawn with PIL at 4× (128 px) and box-filtered down, so edges are
 antialiased like a camera would see them.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from aipaint.world.scene import BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene
+from aipaint_plugins.shapes_world.scene import BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene
 
 SUPERSAMPLE = 4
 CROSS_THICKNESS = 0.36  # arm thickness as a fraction of the extent

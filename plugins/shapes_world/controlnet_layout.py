@@ -5,7 +5,7 @@ the **Canny edges of the ground-truth render** of a scene (the built-in ``canny`
 preprocessor, default thresholds): the control image says where each object is and its
 outline; the prompt says what it is. ``position_accuracy`` generates one image per scene
 from a prompt *without* positions and reads the result back with
-:func:`aipaint.world.evaluate.read_scene`: a case counts when every object of the scene is
+:func:`aipaint_plugins.shapes_world.evaluate.read_scene`: a case counts when every object of the scene is
 found at its position (left/right/top/bottom/center).
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from aipaint.world.render import render
-from aipaint.world.scene import Scene, random_scene
+from aipaint_plugins.shapes_world.render import render
+from aipaint_plugins.shapes_world.scene import Scene, random_scene
 
 MODEL_ID = "shapes-tiny-controlnet-layout"
 PREPROCESSOR = "canny"
@@ -55,7 +55,7 @@ class CaseResult:
 def placed_right(scene: Scene, image: Image.Image) -> tuple[bool, tuple[str, ...]]:
     """Every object of ``scene`` has a detected object at its position (the largest
     detections first, as many as the scene has objects)."""
-    from aipaint.world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     reading = read_scene(image)
     largest = sorted(reading.objects, key=lambda o: -o.area)[: len(scene.objects)]

@@ -20,24 +20,24 @@ from typing import Any, Generic, TypeVar
 
 from aipaint.errors import InvalidParameter
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 INDEX = "{index}"  # where a numbered entry's key holds its number, e.g. "ControlNet {index}"
 
 
 @dataclass(frozen=True)
-class TextCodec(Generic[T]):
+class TextCodec(Generic[_T]):
     """One entry ``key`` whose value ``encode`` writes and ``decode`` reads back (raising a typed
     error for a malformed value)."""
 
     key: str
-    encode: Callable[[T], str]
-    decode: Callable[[str], T]
+    encode: Callable[[_T], str]
+    decode: Callable[[str], _T]
 
-    def write(self, value: T) -> dict[str, str]:
+    def write(self, value: _T) -> dict[str, str]:
         """``{key: encode(value)}``."""
         return {self.key: self.encode(value)}
 
-    def read(self, params: Mapping[str, str]) -> T | None:
+    def read(self, params: Mapping[str, str]) -> _T | None:
         """The decoded entry of ``params``, or None when it is absent or empty."""
         text = params.get(self.key)
         return self.decode(text) if text else None

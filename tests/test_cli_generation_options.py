@@ -13,9 +13,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
-from aipaint.models import zoo
-from aipaint.cli.main import _generation_request, build_parser, main
+from aipaint.cli.api import build_request
+from aipaint.cli.main import build_parser, main
 from aipaint.infotext import Infotext, read_png_parameters
+from aipaint.models import zoo
 
 SMALL = ["--steps", "2", "-W", "32", "-H", "32", "--seed", "3", "--sampler", "Euler", "--no-progress"]
 V2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"  # Linear 32 -> 64 (reads the text)
@@ -85,8 +86,12 @@ def test_allow_pickle_reaches_lora_and_embedding_loading(tiny_sd_path, folders, 
                                      ["outpaint", "in.png"]])
 def test_every_generation_command_puts_the_folders_and_pickle_opt_in_into_the_request(command):
     args = build_parser().parse_args([*command, "x", "--lora-dir", "my/loras", "--embeddings-dir", "my/emb", "--allow-pickle"])
-    assert _generation_request(args).extra == {"lora_dir": "my/loras", "embeddings_dir": "my/emb", "allow_pickle": True}
-    assert _generation_request(build_parser().parse_args([*command, "x"])).extra == {}
+    request = build_request(args)
+    assert {name: group.folder for name, group in request.options.items()} == {"lora": Path("my/loras"),
+                                                                                "embeddings": Path("my/emb")}
+    assert request.allow_pickle is True
+    plain = build_request(build_parser().parse_args([*command, "x"]))
+    assert plain.options == {} and plain.allow_pickle is False
 
 
 def test_the_folder_options_come_from_the_plugins_not_the_core(monkeypatch, capsys):

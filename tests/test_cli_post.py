@@ -55,14 +55,14 @@ def test_a_valid_chain_goes_on_to_load_the_model(no_model, post):
 def test_allow_pickle_reaches_the_steps_that_load_weight_files():
     """``--allow-pickle`` is the run's opt-in: the chain's steps that take ``allow_pickle`` get it,
     a step's own value wins, and without the flag nothing is switched on."""
-    from aipaint.cli.main import _post_chain
+    from aipaint.cli.api import check_post_chain
 
     chain = ["upscale:upscaler=x.pth", "sticker", "face-restore:restorer=y,allow_pickle=no"]
-    upscale, sticker, restore = _post_chain(chain, allow_pickle=True)
+    upscale, sticker, restore = check_post_chain(chain, allow_pickle=True)
     assert upscale.options["allow_pickle"] is True
     assert "allow_pickle" not in sticker.options
     assert restore.options["allow_pickle"] == "no"
-    assert all("allow_pickle" not in step.options for step in _post_chain(chain[:2]))
+    assert all("allow_pickle" not in step.options for step in check_post_chain(chain[:2]))
 
 
 @pytest.mark.parametrize("command", ["img2img", "inpaint", "outpaint"])
@@ -72,10 +72,11 @@ def test_the_image_commands_check_their_post_chain_first_too(no_model, tmp_path,
     image = tmp_path / "in.png"
     Image.new("RGB", (32, 32), "white").save(image)
     extra = [str(image)] if command == "inpaint" else []  # the image doubles as the mask
-    assert main([command, str(image), *extra, "x", "--post", "facefx", "-o", str(tmp_path / "o.png")]) == 2
+    sides = ["--right", "8"] if command == "outpaint" else []
+    assert main([command, str(image), *extra, "x", *sides, "--post", "facefx", "-o", str(tmp_path / "o.png")]) == 2
     assert "'facefx'" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
     with pytest.raises(ModelLoaded):
-        main([command, str(image), *extra, "x", "--post", "upscale:upscaler=Nearest,scale=2"])
+        main([command, str(image), *extra, "x", *sides, "--post", "upscale:upscaler=Nearest,scale=2"])
 
 
 def test_img2img_runs_the_post_chain_on_its_result(tmp_path, capsys):

@@ -34,7 +34,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("controlnets", help="list the ControlNet models found (zoo and ControlNet folder)")
     p.set_defaults(func=cmd_controlnets)
 
-    from aipaint.cli import add_adapter_unit_builder, generation_parsers
+    from aipaint.cli.api import add_adapter_unit_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         group = parser.add_argument_group("ControlNet")
@@ -84,7 +84,7 @@ def parse_controlnet_option(text: str) -> dict[str, Any]:
 
 
 def build_units(args: argparse.Namespace, png_params: dict[str, str]) -> list[Any]:
-    from aipaint.adapters import AdapterUnit
+    from aipaint.plugin.adapters import AdapterUnit
 
     from .units import units_from_params
 
@@ -111,8 +111,8 @@ def build_units(args: argparse.Namespace, png_params: dict[str, str]) -> list[An
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from aipaint.cli import parse_key_values
-    from aipaint.plugins import default_host
+    from aipaint.cli.api import parse_key_values
+    from aipaint.plugin.host import default_host
 
     registry = default_host().registry.preprocessors
     if args.list:

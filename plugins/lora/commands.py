@@ -8,21 +8,15 @@ import sys
 from typing import Any
 
 
-def _subcommands(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
-    """The sub-command group ``name`` (``train``), shared with other plugins that add to it."""
-    parser = subparsers.choices.get(name)
-    if parser is None:
-        parser = subparsers.add_parser(name, help=help_text)
-        parser.set_defaults(func=lambda args, p=parser: (p.print_help(), 0)[1])
-        return parser.add_subparsers(dest=f"{name}_command", metavar="KIND")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest=f"{name}_command", metavar="KIND")
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    train = _subcommands(subparsers, "train", "train adapters (LoRA, …) on your images")
+    from aipaint.cli.api import (
+        add_adapter_unit_builder,
+        add_request_options_builder,
+        command_group,
+        generation_parsers,
+    )
+
+    train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
         "lora",
         help="train a LoRA from a folder of images and same-name .txt captions",
@@ -44,13 +38,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train_lora)
 
-    group = _subcommands(subparsers, "lora", "LoRA files: list the LoRA folder")
+    group = command_group(subparsers, "lora", "LoRA files: list the LoRA folder")
     p = group.add_parser("list", help="list LoRAs in the LoRA folder")
     p.add_argument("--dir", help="LoRA folder (default: $AIPAINT_LORA_DIR or $AIPAINT_HOME/loras)")
     p.add_argument("--hashes", action="store_true", help="also print the A1111 short hash (reads every file)")
     p.set_defaults(func=cmd_lora_list)
-
-    from aipaint.cli.main import add_adapter_unit_builder, add_request_options_builder, generation_parsers
 
     for parser in generation_parsers(subparsers):
         parser.add_argument_group("LoRA").add_argument(

@@ -95,7 +95,7 @@ def _controlnet_argument(text: str) -> str | Path:
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import command_group
+    from aipaint.cli.api import command_group
 
     group = command_group(subparsers, "export", "export a model for another runtime (onnx, tensorrt)")
     p = group.add_parser("onnx", help="export the UNet, VAE, text encoder(s) and ControlNets to ONNX, with a manifest")

@@ -76,7 +76,7 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import command_group
+    from aipaint.cli.api import command_group
 
     group = command_group(subparsers, "export", "export a model for another runtime (onnx, tensorrt)")
     p = group.add_parser("tensorrt", help="build TensorRT engines from an `aipaint export onnx` folder (NVIDIA GPU)")

@@ -10,7 +10,7 @@ from aipaint import hookimpl
 
 @hookimpl(tryfirst=True)  # before the plugins that add their generation options to it
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.main import _add_generation_options, _add_model_options, mark_generation_command
+    from aipaint.cli.api import add_generation_options, add_model_options, mark_generation_command
 
     p = subparsers.add_parser(
         "video", help="stylise a video (or GIF, or frame folder) frame by frame with img2img",
@@ -30,8 +30,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                         "what keeps a video from flickering)")
     g.add_argument("--every", type=int, default=1, metavar="N", help="keep one input frame in N (default 1)")
     g.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
-    _add_generation_options(p)
-    _add_model_options(p)
+    add_generation_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_video, output=None)
     mark_generation_command(p)  # --lora-dir, --controlnet MODEL:frame:…, --deepcache, … work per frame
 
@@ -41,7 +41,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
     from aipaint_plugins.video.stylize import FrameSink, check_settings, open_frames, stylize_file
 
-    from aipaint.cli.main import _generation_request, _load, _progress_bar
+    from aipaint.cli.api import build_request, load_pipeline, progress_bar
 
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_name(f"{source.stem}-styled{source.suffix or ''}")
@@ -49,9 +49,9 @@ def _cmd_video(args: argparse.Namespace) -> int:
     frames = open_frames(source, max_frames=args.max_frames, every=args.every)
     FrameSink(output, frames.fps)
     check_settings(args.denoising_strength, args.temporal)
-    request = _generation_request(args)
-    pipe = _load(args)
-    update, close = _progress_bar(not args.no_progress and sys.stderr.isatty(), unit="frame")
+    request = build_request(args)
+    pipe = load_pipeline(args)
+    update, close = progress_bar(not args.no_progress and sys.stderr.isatty(), unit="frame")
     progress = None if update is None else (lambda done, total: update(done, total or None))
     try:
         written, count, fps, seed = stylize_file(

@@ -27,12 +27,15 @@ def picture(seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8))
 
 
-def generate(tmp_path, capsys, *args: str) -> tuple[int, str, str]:
-    """``aipaint generate PROMPT ARGS… -o tmp/out.png``: exit code, PNG parameters (or ""), stderr."""
+def run_cli(tmp_path, capsys, *args: str) -> tuple[int, str, str]:
+    """``aipaint ARGS… --seed 3 -o tmp/out.png``: exit code, PNG parameters (or ""), stderr."""
     out = tmp_path / "out.png"
-    code = main(["generate", PROMPT, "--seed", "3", "-o", str(out), *args])
-    err = capsys.readouterr().err
-    return code, (read_png_parameters(out) or "") if out.exists() else "", err
+    code = main([*args, "--seed", "3", "-o", str(out)])
+    return code, (read_png_parameters(out) or "") if out.exists() else "", capsys.readouterr().err
+
+
+def generate(tmp_path, capsys, *args: str) -> tuple[int, str, str]:
+    return run_cli(tmp_path, capsys, "generate", PROMPT, *args)
 
 
 # --- the command line, end to end ----------------------------------------------------------------
@@ -73,6 +76,33 @@ def test_cli_a_mode_the_family_lacks_is_one_error_line(if_paths, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and not (tmp_path / "out.png").exists()
     assert "aipaint: error: deepfloyd-if model" in err and "(img2img)" in err
+
+
+def test_cli_variations_with_a_karlo_variations_folder(unclip_paths, tmp_path, capsys):  # noqa: F811
+    source = tmp_path / "in.png"
+    picture(1).save(source)
+    code, params, err = run_cli(tmp_path, capsys, "variations", str(source), "-m", str(unclip_paths["variations"]),
+                                "--steps", "2", "--option", "unclip.super_res_steps=2")
+    assert code == 0, err
+    assert "unCLIP mode: variations" in params and "Seed: 3" in params
+
+
+def test_cli_blend_with_a_stable_unclip_image_folder(stable_paths, tmp_path, capsys):  # noqa: F811
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, path in enumerate(images):
+        picture(seed).save(path)
+    code, params, err = run_cli(tmp_path, capsys, "blend", *map(str, images), "--weights", "2,1",
+                                "-m", str(stable_paths["image"]), "--steps", "2", "--option", "unclip.noise_level=5")
+    assert code == 0, err
+    assert "unCLIP mode: blend" in params and "Blend weights: 2 1" in params and "Noise level: 5" in params
+
+
+def test_cli_variations_on_a_text_only_family_is_one_error_line(if_paths, tmp_path, capsys):  # noqa: F811
+    source = tmp_path / "in.png"
+    picture(1).save(source)
+    code, params, err = run_cli(tmp_path, capsys, "variations", str(source), "-m", str(if_paths["stage1"]))
+    assert code == 2 and not params
+    assert "aipaint: error: deepfloyd-if model" in err and "(variations)" in err
 
 
 # --- capabilities: a missing mode is a typed error before any work --------------------------------

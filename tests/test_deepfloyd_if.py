@@ -72,10 +72,9 @@ def _if_scheduler():
 
 def build_tiny_upscaler(seed: int = 2) -> dict:
     """diffusers' test-sized Stable Diffusion x4 upscaler (latent factor 4, 7 UNet input channels)."""
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

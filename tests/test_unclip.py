@@ -24,11 +24,10 @@ PROMPT = "a big red circle on the left"
 
 def build_tiny_unclip(seed: int = 0) -> dict:
     """diffusers' test-sized UnCLIPPipeline components (with the real CLIP tokenizer)."""
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
@@ -281,13 +280,12 @@ EMBED_DIM = 32
 def build_tiny_stable_unclip(seed: int = 10) -> dict:
     """diffusers' test-sized Stable unCLIP components (both pipelines' shared part plus each one's own),
     with the real CLIP tokenizer, a non-trivial image normaliser and SD 2.1's DDIM v-prediction schedule."""
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PriorTransformer, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     def text_config() -> CLIPTextConfig:
         return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=EMBED_DIM,

@@ -6,8 +6,9 @@ the (guided) model output with the model's own noise schedule, so it works for e
 sampler. :meth:`StepPreview.image` turns it into pictures:
 
 * ``"cheap"`` (A1111's "Approx cheap"): a linear map from latent channels to RGB. It is
-  fitted once per model from the model's own VAE (a handful of flat colours encoded), so
-  it needs no table per family, and costs a matrix product per step.
+  fitted once per model from the model's own VAE (random flat patches encoded), so it
+  needs no table per family, and costs a matrix product per step. Where a VAE's latents
+  are not linear in colour (the embedded toy model's are not), ``"auto"`` uses the VAE.
 * ``"full"``: the model's VAE decoder (exact, and as slow as the final decode).
 * a tiny autoencoder (TAESD and friends, diffusers' ``AutoencoderTiny``) when the caller
   loads one: ``preview.image(decoder=tiny)``.
@@ -26,10 +27,9 @@ if TYPE_CHECKING:
 
     from aipaint.models.latent import LatentDiffusionModel
 
-# Flat colours whose VAE latents fit the cheap preview: the corners of the RGB cube and grey.
-_FIT_COLOURS = [(r, g, b) for r in (0.0, 1.0) for g in (0.0, 1.0) for b in (0.0, 1.0)] + [(0.5, 0.5, 0.5)]
-_fits: dict[int, torch.Tensor] = {}
-_fits_lock = threading.Lock()
+CHEAP_MAX_ERROR = 0.08
+"""The most mean error (in [0, 1] colour) at which "auto" trusts the linear preview of a model."""
+_fit_lock = threading.Lock()
 
 
 class X0Estimator:
@@ -65,24 +65,43 @@ class X0Estimator:
         return (x - s * out) / max(a, 1e-4)
 
 
-def latent_rgb_map(model: LatentDiffusionModel) -> torch.Tensor:
-    """The (channels + 1) × 3 least-squares map from a latent pixel (and 1) to its RGB in [0, 1],
-    fitted once per loaded model from its VAE's latents of flat colours."""
-    key = id(model)
-    with _fits_lock:
-        if key in _fits:
-            return _fits[key]
-    size = 8 * model.vae_scale_factor
-    images = torch.tensor(_FIT_COLOURS, dtype=torch.float32)[:, :, None, None].expand(-1, -1, size, size)
-    with torch.inference_mode():
-        latents = model.encode(images.contiguous()).float().cpu()  # N × C × 8 × 8
-    features = latents.mean(dim=(2, 3))
-    features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
-    targets = torch.tensor(_FIT_COLOURS, dtype=torch.float32)
-    solution = torch.linalg.lstsq(features, targets).solution
-    with _fits_lock:
-        _fits[key] = solution
-    return solution
+@dataclass(frozen=True)
+class LatentColourMap:
+    """A linear map from a latent pixel (and 1) to the mean colour of the pixels it covers,
+    and its mean error on held-out patches (how far a cheap preview can be trusted)."""
+
+    matrix: torch.Tensor  # (channels + 1) × 3
+    error: float
+
+
+def latent_colour_map(model: LatentDiffusionModel) -> LatentColourMap:
+    """The model's :class:`LatentColourMap`, fitted once per loaded model from its own VAE:
+    images of random flat patches, one patch per latent pixel, are encoded, and each latent
+    pixel is matched to its patch's colour by least squares (A1111 ships such tables for SD's
+    VAEs; fitting makes one for any VAE). Deterministic: the patches come from a fixed seed."""
+    with _fit_lock:
+        found = getattr(model, "_latent_colour_map", None)
+        if found is not None:
+            return found
+        factor = model.vae_scale_factor
+        generator = torch.Generator().manual_seed(0)
+        colours = torch.rand(20, 3, 8, 8, generator=generator)
+        colours[:4] = (colours[:4] > 0.5).float()  # the corners of the colour cube, as flat patches
+        images = colours.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+        with torch.inference_mode():
+            latents = model.encode(images).float().cpu()
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+        features = torch.cat([rows(latents), torch.ones(latents.shape[0] * 64, 1)], dim=1)
+        targets = rows(colours)
+        fit, held = slice(0, 16 * 64), slice(16 * 64, None)
+        matrix = torch.linalg.lstsq(features[fit], targets[fit]).solution
+        error = float((features[held] @ matrix - targets[held]).abs().mean())
+        found = LatentColourMap(matrix, error)
+        model._latent_colour_map = found
+        return found
 
 
 def cheap_rgb(latents: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
@@ -110,10 +129,11 @@ class StepPreview:
     x0: torch.Tensor  # the model's current estimate of the finished latents
     model: LatentDiffusionModel
 
-    def image(self, method: str = "cheap", *, decoder: Any = None, index: int = 0) -> Image.Image:
+    def image(self, method: str = "auto", *, decoder: Any = None, index: int = 0) -> Image.Image:
         """The ``index``-th picture of the estimate: ``"cheap"`` (a linear latent→RGB map at latent
-        resolution, scaled up), ``"full"`` (the VAE), or ``decoder`` (e.g. a tiny autoencoder
-        taking unscaled latents and returning [-1, 1] images)."""
+        resolution, scaled up), ``"full"`` (the VAE), ``"auto"`` (cheap where the model's linear
+        map reads its latents within :data:`CHEAP_MAX_ERROR`, else full), or ``decoder`` (e.g. a
+        tiny autoencoder taking unscaled latents and returning [-1, 1] images)."""
         from PIL import Image
 
         x0 = self.x0[index : index + 1]
@@ -121,13 +141,15 @@ class StepPreview:
             with torch.inference_mode():
                 out = decoder.decode(x0.to(decoder.device, decoder.dtype) / self.model.scaling_factor, return_dict=False)[0]
             return to_pictures((out.float() / 2 + 0.5).clamp(0, 1).cpu())[0]
+        if method == "auto":
+            method = "cheap" if latent_colour_map(self.model).error <= CHEAP_MAX_ERROR else "full"
         if method == "full":
             with torch.inference_mode():
                 return to_pictures(self.model.decode(x0.to(self.model.device, self.model.dtype)))[0]
         if method != "cheap":
             from aipaint.errors import InvalidParameter
 
-            raise InvalidParameter("preview method", method, "must be 'cheap' or 'full' (or pass decoder=)")
-        picture = to_pictures(cheap_rgb(x0, latent_rgb_map(self.model)))[0]
+            raise InvalidParameter("preview method", method, "must be 'auto', 'cheap' or 'full' (or pass decoder=)")
+        picture = to_pictures(cheap_rgb(x0, latent_colour_map(self.model).matrix))[0]
         factor = self.model.vae_scale_factor
         return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.BILINEAR)

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from PIL import Image
 
 import aipaint
 from aipaint import hookimpl
-from aipaint.errors import ModelLoadError
-from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
-from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
 from aipaint.api.result import Result
 from aipaint.engine.samplers import SamplerSpec
+from aipaint.errors import ModelLoadError, UnsupportedFeature
+from aipaint.models.family import GenerativeModel, LoadOptions, ModelFamily, ModelSource
+from aipaint.models.latent import LatentDiffusionModel, ModelDefaults
 
 MARKER = "TOY_PAINTER"
 PROMPT = "a big red circle on the left"
@@ -73,31 +73,23 @@ class ToyPainter(ModelFamily):
         )
 
 
-class SolidColourModel:
-    """A 'model' that needs a loop of its own: it names its pipeline class."""
+class SolidColourModel(GenerativeModel):
+    """A model with a loop of its own: it implements the family protocol's ``generate``."""
+
+    capabilities = frozenset({"txt2img"})
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.family = "solid-colour"
         self.defaults = ModelDefaults(width=16, height=16)
-        self.runtime = "torch"
-        self.device = torch.device("cpu")
-        self.pipeline_class = SolidColourPipeline
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {}
-
-
-class SolidColourPipeline:
-    def __init__(self, model: SolidColourModel, host=None) -> None:
-        self.model = model
-        self.host = host
-
-    def txt2img(self, prompt: str, **params) -> Result:
+    def generate(self, request, *, host, progress=None, preview=None) -> Result:
         from PIL import Image
 
-        colour = (255, 0, 0) if "red" in prompt else (0, 0, 255)
-        return Result(images=[Image.new("RGB", (16, 16), colour)], seeds=[0], infotexts=[prompt], request=None)
+        colour = (255, 0, 0) if "red" in request.prompt else (0, 0, 255)
+        if progress is not None:
+            progress(1, 1)
+        return Result(images=[Image.new("RGB", (16, 16), colour)], seeds=[0], infotexts=[request.prompt], request=request)
 
 
 class SolidColour(ModelFamily):
@@ -160,13 +152,17 @@ def test_a_third_party_family_and_sampler_generate_through_the_public_api(toy_fo
     assert ours.std() > 1.0
 
 
-def test_a_third_party_family_can_bring_its_own_pipeline(tmp_path, toy_host):
+def test_a_third_party_family_can_bring_its_own_loop(tmp_path, toy_host):
     folder = tmp_path / "solid"
     folder.mkdir()
     (folder / "SOLID_COLOUR").write_text("")
     pipe = aipaint.load(folder, host=toy_host)
-    assert isinstance(pipe, SolidColourPipeline)
-    assert pipe.txt2img("a red square").image.getpixel((0, 0)) == (255, 0, 0)
+    assert isinstance(pipe.model, SolidColourModel)
+    steps = []
+    assert pipe.txt2img("a red square", progress=lambda done, total: steps.append(done)).image.getpixel((0, 0)) == (255, 0, 0)
+    assert steps == [1]
+    with pytest.raises(UnsupportedFeature, match="solid-colour model 'solid' cannot do image to image"):
+        pipe.img2img(Image.new("RGB", (16, 16)), "a red square")
 
 
 BUILT_IN_FAMILIES = ("sd15", "sdxl", "deepfloyd", "unclip", "karlo", "IFPipeline", "stable_diffusion_xl", "refiner-1.0")

@@ -155,12 +155,12 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--mask-blur", type=int, metavar="PX", help="feather of the seam inside the new area, pixels (default 8)")
     p.set_defaults(func=cmd_outpaint)
 
-    p = subparsers.add_parser("variations", help="pictures like an image (families with image prompts, e.g. unCLIP)")
+    p = subparsers.add_parser("variations", help="pictures like an image (families that take image prompts; `aipaint plugins` lists them)")
     p.add_argument("image_prompt", metavar="IMAGE", help="the image to make variations of")
     _add_shared(p, prompt_help="an optional prompt to steer the variations")
     p.set_defaults(func=cmd_variations)
 
-    p = subparsers.add_parser("blend", help="a picture mixing 2-5 images (families with image prompts, e.g. unCLIP)")
+    p = subparsers.add_parser("blend", help="a picture mixing 2-5 images (families that take image prompts; `aipaint plugins` lists them)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="the images to mix")
     p.add_argument("--prompt", help="an optional prompt to steer the mix")
     p.add_argument("--weights", metavar="W1,W2,...", help="how much of each image, one number per image (default: equal)")

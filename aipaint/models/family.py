@@ -51,6 +51,11 @@ class GenerativeModel:
     defaults: Any = None
     capabilities: frozenset[str] = frozenset({"txt2img"})
     runtime: str = "torch"
+    device: Any = "cpu"
+
+    def modules(self) -> dict[str, Any]:
+        """The model's torch modules by name (what runtimes put in eval mode, compile or replace)."""
+        return {}
 
     def missing_hint(self, feature: str) -> str:
         """What would give this model ``feature`` (e.g. "load it with prior=…"), for the error

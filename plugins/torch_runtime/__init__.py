@@ -93,11 +93,16 @@ def is_compiled(module: Any) -> bool:
 
 
 def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
-    settings = CompileOptions.parse(options, model.device.type)
+    import torch
+
+    settings = CompileOptions.parse(options, torch.device(model.device).type)
     for module in model.modules().values():
         module.eval()
     if settings is None:
         return
+    if not hasattr(model, "unet"):
+        raise InvalidParameter("compile", True, f"compiles a latent model's UNet and VAE; {model.family} model "
+                               f"{model.name!r} has neither")
     targets = {"unet": model.unet, "vae": model.vae.decoder}
     for name in settings.components:
         settings.apply(targets[name])

@@ -65,3 +65,35 @@ def test_every_plugin_package_has_an_entry_point():
     targets = set(project["project"]["entry-points"]["aipaint"].values())
     plugins = {f"aipaint_plugins.{p.name}" for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file()}
     assert plugins <= targets, f"plugins without an entry point: {sorted(plugins - targets)}"
+
+
+def cli_api_signature(func) -> str:
+    """``name(a: T, *, b: U = 'x', **c: V) -> R`` as docs/plugins.md writes the CLI API."""
+    sig = inspect.signature(func)
+    parts, keyword_only = [], False
+    for p in sig.parameters.values():
+        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+            parts.append("*")
+            keyword_only = True
+        prefix = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
+        text = f"{prefix}{p.name}: {p.annotation}"
+        if p.default is not p.empty:
+            text += f" = {p.default!r}"
+        parts.append(text)
+    return f"{func.__name__}({', '.join(parts)}) -> {sig.return_annotation}"
+
+
+def test_every_public_function_of_the_cli_api_is_documented_with_its_signature():
+    from aipaint.cli import api
+
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    functions = [getattr(api, name) for name in api.__all__ if inspect.isfunction(getattr(api, name))]
+    assert len(functions) >= 10
+    missing = [cli_api_signature(f) for f in functions if cli_api_signature(f) not in doc]
+    assert not missing, f"docs/plugins.md lacks these aipaint.cli.api signatures: {missing}"
+    public = {name for name, value in vars(api).items() if inspect.isfunction(value) and value.__module__ == api.__name__
+              and not name.startswith("_")}
+    assert public == {f.__name__ for f in functions}, "aipaint.cli.api.__all__ must list every public function"
+    undocumented = [name for name in api.__all__ if name not in doc]
+    assert not undocumented, f"docs/plugins.md does not name {undocumented}"
+    assert "aipaint.cli.main." not in doc and "_generation_request" not in doc

@@ -20,13 +20,13 @@ import pluggy
 if TYPE_CHECKING:
     import argparse
 
-    from aipaint.plugin.adapters import AdapterSpec
-    from aipaint.models.family import ModelFamily, ModelSource
     from aipaint.api.options import OptionGroup
+    from aipaint.engine.samplers import SamplerSpec
+    from aipaint.models.family import ModelFamily, ModelSource
+    from aipaint.plugin.adapters import AdapterSpec
     from aipaint.plugin.postprocess import PostProcessorSpec
     from aipaint.plugin.preprocess import PreprocessorSpec
     from aipaint.plugin.runtimes import RuntimeSpec
-    from aipaint.engine.samplers import SamplerSpec
 
 PROJECT_NAME = "aipaint"
 
@@ -135,4 +135,11 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     where ``handler(args) -> int`` is the exit status. Import heavy libraries inside the
     handler, not at module level: this hook runs for ``aipaint --help``. Raise
     :class:`aipaint.errors.AipaintError` for user errors; the CLI prints them as one line.
+
+    Build on :mod:`aipaint.cli.api` only (model and generation options, ``load_pipeline``,
+    ``build_request``, ``run_and_save``, ``command_group`` for groups such as ``train``
+    that several plugins add to, the builders through which options added to the
+    generation commands reach the request). The hook is called one plugin at a time: a
+    plugin that raises is named in a warning, what it added is taken out again, and the
+    other commands work.
     """

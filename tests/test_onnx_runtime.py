@@ -14,14 +14,7 @@ import numpy as np
 import pytest
 import torch
 from aipaint_plugins.onnx_runtime.export import LoraSpec, export_onnx, residual_layout
-from aipaint_plugins.onnx_runtime.manifest import (
-    MANIFEST_NAME,
-    bind_symbols,
-    probe_mismatch,
-    read_manifest,
-    resolve_shape,
-)
-from aipaint_plugins.onnx_runtime.runtime import ExportedControlNet, NotInExport
+from aipaint_plugins.onnx_runtime.runtime import ExportedControlNet
 from conftest import save_tiny_sd
 from PIL import Image
 from test_controlnet import _control_image, _tiny_controlnet
@@ -29,6 +22,14 @@ from test_controlnet import _control_image, _tiny_controlnet
 import aipaint
 from aipaint.cli.main import main as cli_main
 from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, UnsupportedFeature
+from aipaint.plugin.kit.exports import (
+    MANIFEST_NAME,
+    bind_symbols,
+    probe_mismatch,
+    read_manifest,
+    resolve_shape,
+)
+from aipaint.plugin.kit.stand_ins import NotInExport
 
 pytest.importorskip("onnxruntime")
 
@@ -400,7 +401,7 @@ def test_symbolic_shapes_resolve_and_bind():
 def test_weight_probe_tolerates_dtype_changes_but_not_other_weights(tiny_pipe):
     import copy
 
-    from aipaint_plugins.onnx_runtime.manifest import weights_probe
+    from aipaint.plugin.kit.exports import weights_probe
 
     unet = tiny_pipe.model.unet
     probe = weights_probe({"unet": unet})
@@ -466,7 +467,7 @@ def test_corrupt_folders_are_refused_with_a_reason(untouched_model, onnx_dir, tm
 
 def test_a_controlnet_graph_that_is_another_network_is_refused(untouched_model, onnx_dir, tmp_path):
     """Even with the manifest's hashes made to match, a swapped-in graph is caught by its inputs."""
-    from aipaint_plugins.onnx_runtime.manifest import file_record
+    from aipaint.plugin.kit.exports import file_record
 
     folder = damaged_copy(onnx_dir, tmp_path)
     for name in ("model.onnx", "model.onnx.data"):
@@ -506,14 +507,14 @@ def test_an_export_of_another_model_is_refused(tiny_sd_path, plugin_host, onnx_d
 
 
 def test_probe_positions_stay_inside_big_tensors():
-    from aipaint_plugins.onnx_runtime.manifest import probe_indices
+    from aipaint.plugin.kit.exports import probe_indices
 
     assert probe_indices(29_491_200, 4) == [0, 9_830_399, 19_660_799, 29_491_199]  # an SD1.5 UNet weight
     assert probe_indices(3, 4) == [0, 1, 2] and probe_indices(1, 4) == [0]
 
 
 def test_the_weight_probe_alone_catches_another_model(tiny_pipe, tmp_path):
-    from aipaint_plugins.onnx_runtime.manifest import weights_probe
+    from aipaint.plugin.kit.exports import weights_probe
 
     other = aipaint.load(save_tiny_sd(tmp_path / "other", seed=1))
     assert probe_mismatch(weights_probe(tiny_pipe.model.modules()), weights_probe(other.model.modules()))
@@ -652,7 +653,7 @@ def test_lora_is_fused_at_export_and_recorded(tiny_pipe, tiny_sd_path, plugin_ho
                            components=("unet", "vae_decoder"))
     assert manifest.loras == [{"name": "strong", "weight": 0.5}]
     fused = load_with(tiny_sd_path, plugin_host, manifest.root)
-    expected = pixels(tiny_pipe.txt2img("a cat <lora:strong:0.5>", extra={"lora_dir": str(folder)}, **GEN))
+    expected = pixels(tiny_pipe.txt2img("a cat <lora:strong:0.5>", options={"lora": {"folder": str(folder)}}, **GEN))
     assert np.abs(pixels(fused.txt2img("a cat", **GEN)) - expected).max() <= 1
     assert np.abs(pixels(tiny_pipe.txt2img("a cat", **GEN)) - expected).mean() > 1  # the LoRA mattered
     assert torch.equal(target.weight, before)  # the torch model is the base model again

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from aipaint_plugins.onnx_runtime.export import export_onnx
-from aipaint_plugins.onnx_runtime.manifest import MANIFEST_NAME, file_record
 from aipaint_plugins.tensorrt_runtime.build import (
     ENGINE_FORMAT,
     compatibility_problem,
@@ -29,6 +28,7 @@ from aipaint_plugins.tensorrt_runtime.runtime import (
 import aipaint
 from aipaint.cli.main import main as cli_main
 from aipaint.errors import InvalidParameter, ModelLoadError
+from aipaint.plugin.kit.exports import MANIFEST_NAME, file_record
 
 HAS_TENSORRT = find_spec("tensorrt") is not None
 NEEDS_TRT = pytest.mark.skipif(

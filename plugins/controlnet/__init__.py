@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
 from aipaint.plugin.adapters import AdapterSpec
+from aipaint.plugin.kit.controlnets import provide_controlnet_loader
 
 if TYPE_CHECKING:
     import argparse
@@ -37,8 +38,15 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
         yield activation
 
 
+def _load_by_name(name: Any, model: Any, allow_pickle: bool) -> tuple[Any, Any]:
+    from .models import resolve_and_load
+
+    return resolve_and_load(name, model, allow_pickle)
+
+
 @hookimpl
 def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    provide_controlnet_loader(_load_by_name)  # exporters load ControlNets by name through the kit
     register(
         AdapterSpec(
             name="controlnet",
@@ -67,9 +75,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def units_from_png(path: Any, images: list[Any]) -> tuple[Any, ...]:
     """The ControlNet units recorded in a PNG's parameters, with their control images given
     again (PNGs do not store them, as in A1111), ready for ``GenerationRequest(adapters=...)``."""
-    from aipaint.plugin.adapters import AdapterUnit
     from aipaint.errors import InvalidParameter
     from aipaint.infotext import Infotext, read_png_parameters
+    from aipaint.plugin.adapters import AdapterUnit
 
     from .units import units_from_params
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
+from aipaint.plugin.kit.controlnets import runtime_controlnets
 from aipaint.plugin.kit.folders import (
     NAME_MAX_BYTES,
     PICKLE_SUFFIXES,
@@ -204,35 +203,21 @@ def _check_suffix(path: Path, allow_pickle: bool) -> None:
 
 # --------------------------------------------------------------------------- loading
 _cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-RuntimeControlNets = Callable[[ControlNetRef, "Path | None"], Any]
-_runtime_controlnets: weakref.WeakKeyDictionary[Any, RuntimeControlNets] = weakref.WeakKeyDictionary()
-
-
 def clear_cache() -> None:
     """Forget loaded ControlNets (they are kept, at most ``CACHE_SIZE``, between generations)."""
     _cache.clear()
 
 
-def use_runtime_controlnets(model: LatentDiffusionModel, stand_in: RuntimeControlNets) -> None:
-    """Let ``model``'s runtime run ControlNets itself (the onnxruntime runtime does, from an export).
-
-    From now on :func:`load` first asks ``stand_in(ref, config)``: it returns a module to use
-    instead of the torch ``ControlNetModel`` (it has the same ``config`` and is called the
-    same way), ``None`` to load the ControlNet in torch as usual, or raises to refuse it.
-    """
-    _runtime_controlnets[model] = stand_in
-
-
 def load(ref: ControlNetRef, model: LatentDiffusionModel, *, config: Path | None = None, allow_pickle: bool = False) -> Any:
     """The ``ControlNetModel`` for ``ref``, on the model's device and dtype, checked to fit it
-    (or the runtime's stand-in for it, see :func:`use_runtime_controlnets`)."""
+    (or the runtime's stand-in for it, see :func:`aipaint.plugin.kit.controlnets.use_runtime_controlnets`)."""
     if ref.expected_hash and ref.short_hash and ref.expected_hash != ref.short_hash:
         raise ModelLoadError(
             f"ControlNet {ref.name!r} has hash {ref.short_hash}, but the PNG was made with [{ref.expected_hash}]: "
             "a different file of that name, so the image would not be reproduced; pass the model explicitly "
             "(--controlnet) to use this one anyway"
         )
-    runtime = _runtime_controlnets.get(model)
+    runtime = runtime_controlnets(model)
     stand_in = runtime(ref, config) if runtime is not None else None
     if stand_in is not None:
         check_fits(stand_in, model, ref.name)
@@ -376,3 +361,10 @@ def check_fits(controlnet: Any, model: LatentDiffusionModel, name: str) -> None:
         problems.append(f"{cn.in_channels} latent channels vs {model.unet_in_channels}")
     if problems:
         raise ModelLoadError(f"ControlNet {name!r} was made for another base model than {model.name!r}: " + "; ".join(problems))
+
+
+def resolve_and_load(name: str | Path, model: LatentDiffusionModel, allow_pickle: bool = False) -> tuple[ControlNetRef, Any]:
+    """Locate and load a ControlNet named as a unit names it: the loader this plugin offers
+    through :func:`aipaint.plugin.kit.controlnets.provide_controlnet_loader`."""
+    ref = resolve(name, allow_pickle=allow_pickle)
+    return ref, load(ref, model, allow_pickle=allow_pickle)

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aipaint_plugins.onnx_runtime.manifest import (
+from aipaint import __version__
+from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, UnsupportedFeature
+from aipaint.plugin.kit.exports import (
     CONTROLNET_PREFIX,
     FORMAT,
     FORMAT_VERSION,
@@ -54,9 +56,6 @@ from aipaint_plugins.onnx_runtime.manifest import (
     model_identity,
     read_manifest,
 )
-
-from aipaint import __version__
-from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError, UnsupportedFeature
 
 if TYPE_CHECKING:
     import torch
@@ -352,7 +351,7 @@ def load_controlnets(
     A ControlNet is identified at generation by its file, so names and paths are accepted
     and a ``ControlNetModel`` object is not; each file may be named once.
     """
-    from aipaint_plugins.controlnet import models as controlnet_models
+    from aipaint.plugin.kit.controlnets import load_controlnet
 
     unet_layout = residual_layout(model.unet)
     loaded: list[ControlNetToExport] = []
@@ -364,8 +363,7 @@ def load_controlnets(
                 "zoo ids, names in the ControlNet folder or paths (the runtime recognises a ControlNet by its file)",
                 "save the ControlNetModel with save_pretrained() and export that folder",
             )
-        ref = controlnet_models.resolve(name, allow_pickle=allow_pickle)
-        module = controlnet_models.load(ref, model, allow_pickle=allow_pickle)
+        ref, module = load_controlnet(name, model, allow_pickle=allow_pickle)
         layout = residual_layout(module)
         if layout != unet_layout:
             raise ModelLoadError(

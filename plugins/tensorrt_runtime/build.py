@@ -24,17 +24,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aipaint_plugins.onnx_runtime.manifest import (
+from aipaint_plugins.tensorrt_runtime.profiles import ProfileSettings, component_profiles
+
+from aipaint import __version__
+from aipaint.errors import AipaintError, ModelLoadError
+from aipaint.plugin.kit.exports import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
     file_record,
     read_manifest,
 )
-from aipaint_plugins.tensorrt_runtime.profiles import ProfileSettings, component_profiles
-
-from aipaint import __version__
-from aipaint.errors import AipaintError, ModelLoadError
 
 ENGINE_FORMAT = "aipaint-tensorrt"
 TIMING_CACHE_NAME = "timing.cache"

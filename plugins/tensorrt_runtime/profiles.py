@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aipaint_plugins.onnx_runtime.manifest import resolve_shape
-
 from aipaint.errors import InvalidParameter
+from aipaint.plugin.kit.exports import resolve_shape
 
 Shape = tuple[int, ...]
 GUIDANCE_PARTS = 2  # negative + positive prompt per image under classifier-free guidance

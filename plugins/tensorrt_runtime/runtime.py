@@ -1,6 +1,6 @@
 """The ``tensorrt`` runtime: engines built by ``aipaint export tensorrt`` run the networks.
 
-It reuses the ONNX runtime's stand-ins (:mod:`aipaint_plugins.onnx_runtime.runtime`):
+It uses the kit's stand-ins (:mod:`aipaint.plugin.kit.stand_ins`), as the ONNX runtime does:
 an engine is just another "session" taking and returning torch tensors, here on the
 GPU, on torch's current stream. Where a shape repeats (every step of a generation
 does), the engine call is captured once into a CUDA graph and replayed, which removes
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aipaint_plugins.onnx_runtime.manifest import Manifest, bind_symbols, resolve_shape
 from aipaint_plugins.tensorrt_runtime.profiles import shape_in_profile
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
+from aipaint.plugin.kit.exports import Manifest, bind_symbols, resolve_shape
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,8 @@ class TrtSession:
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch
-        from aipaint_plugins.onnx_runtime.runtime import _TORCH_DTYPES
+
+        from aipaint.plugin.kit.stand_ins import TORCH_DTYPES
 
         symbols: dict[str, int] = {}
         for name, value in inputs.items():
@@ -106,7 +107,7 @@ class TrtSession:
                     f"{self.component} input {name} has shape {tuple(value.shape)}, outside the engine's profile "
                     f"{tuple(low)}…{tuple(high)}; rebuild with a wider profile (aipaint export tensorrt --max-size/--max-batch)"
                 )
-        cast = {n: v.to(self.device, _TORCH_DTYPES[self.inputs[n]["dtype"]]).contiguous() for n, v in inputs.items()}
+        cast = {n: v.to(self.device, TORCH_DTYPES[self.inputs[n]["dtype"]]).contiguous() for n, v in inputs.items()}
         key = tuple((n, tuple(v.shape)) for n, v in sorted(cast.items()))
         if self.cuda_graphs and key in self._graphs:
             graph, static_in, static_out = self._graphs[key]
@@ -115,7 +116,7 @@ class TrtSession:
             graph.replay()
             return {k: v.clone() for k, v in static_out.items()}
         outputs = {
-            name: torch.empty(resolve_shape(io["shape"], symbols), dtype=_TORCH_DTYPES[io["dtype"]], device=self.device)
+            name: torch.empty(resolve_shape(io["shape"], symbols), dtype=TORCH_DTYPES[io["dtype"]], device=self.device)
             for name, io in self.outputs.items()
         }
         self._enqueue(cast, outputs)
@@ -169,8 +170,9 @@ def prepare_tensorrt(model: LatentDiffusionModel, options: dict[str, Any]) -> No
     manifest = check_engine_folder(model, opts)
     import tensorrt as trt
     import torch
-    from aipaint_plugins.onnx_runtime.runtime import install_sessions
     from aipaint_plugins.tensorrt_runtime.build import compatibility_problem
+
+    from aipaint.plugin.kit.stand_ins import install_sessions
 
     major, minor = torch.cuda.get_device_capability(model.device)
     problem = compatibility_problem(manifest, trt.__version__, f"{major}.{minor}")

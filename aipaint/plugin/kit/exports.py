@@ -3,7 +3,7 @@
 An export folder holds one sub-folder per component (``unet/model.onnx`` plus its
 external weights file, …) and ``manifest.json``, which says what was exported, from
 which model, at which precision and with which LoRA set, and lists every file with
-its size and sha256. Runtimes (ONNX Runtime here, TensorRT in its own plugin) read it
+its size and sha256. Runtimes (the ONNX Runtime and TensorRT plugins) read it
 through :func:`read_manifest` and refuse a folder that does not match the model they
 were asked to run, because an engine built from other weights produces plausible but
 wrong images, which is worse than an error.
@@ -35,7 +35,6 @@ from aipaint.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
-    from aipaint_plugins.controlnet.models import ControlNetRef
 
     from aipaint.models.latent import LatentDiffusionModel
 
@@ -203,7 +202,7 @@ def model_identity(model: LatentDiffusionModel, modules: Mapping[str, torch.nn.M
     }
 
 
-def controlnet_config_file(ref: ControlNetRef, config: Path | None) -> Path | None:
+def controlnet_config_file(ref: Any, config: Path | None) -> Path | None:
     """The config file a ControlNet is built from: a unit's ``config`` option, else a diffusers
     folder's ``config.json``, else ``None`` (a single file, configured from the base UNet)."""
     if config is not None:
@@ -213,7 +212,7 @@ def controlnet_config_file(ref: ControlNetRef, config: Path | None) -> Path | No
     return None
 
 
-def controlnet_source(ref: ControlNetRef, config: Path | None = None) -> dict[str, Any]:
+def controlnet_source(ref: Any, config: Path | None = None) -> dict[str, Any]:
     """What a manifest records about a ControlNet's origin (see :data:`CONTROLNET_SOURCE_KEYS`)."""
     from aipaint.plugin.kit.hashing import sha256_file
 
@@ -230,7 +229,7 @@ def controlnet_source(ref: ControlNetRef, config: Path | None = None) -> dict[st
     }
 
 
-def controlnet_source_matches(source: Mapping[str, Any], ref: ControlNetRef, config: Path | None) -> bool:
+def controlnet_source_matches(source: Mapping[str, Any], ref: Any, config: Path | None) -> bool:
     """Whether the ControlNet a unit names (``ref`` and its ``config`` option) is the one ``source``
     records: the same weights file and config, compared by size first, then sha256 (cached for big files).
     A ``ControlNetModel`` passed as an object has no file and never matches."""

@@ -108,6 +108,11 @@ class Pipeline:
               preview: Callable[[Any], None] | None = None, **params: Any) -> Result:
         """A picture mixing 2–5 ``images`` (their CLIP image embeddings interpolated by
         ``weights``, equal by default), for families that can (unCLIP)."""
+        if not 2 <= len(images) <= 5:
+            from aipaint.errors import InvalidParameter
+
+            raise InvalidParameter("images", f"<{len(images)} images>", "a blend mixes 2 to 5 images",
+                                   "for one image, ask for variations")
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, image_prompts=tuple(images),
                                     image_prompt_weights=tuple(weights) if weights is not None else (), **params)
         return self.generate(request, progress=progress, preview=preview)

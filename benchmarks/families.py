@@ -154,9 +154,10 @@ IF_STAGE_I = dict(
 
 def bench_if(size: int) -> dict[str, Any]:
     from aipaint_plugins.deepfloyd_if.model import IFCascade, IFStage
-    from aipaint_plugins.deepfloyd_if.pipeline import IFPipeline as OurIFPipeline
     from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
+
+    from aipaint.pipeline import Pipeline
 
     unet = build(lambda: UNet2DConditionModel(**IF_STAGE_I))
     text_encoder = build(lambda: T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
@@ -165,8 +166,8 @@ def bench_if(size: int) -> dict[str, Any]:
     scheduler = DDPMScheduler(variance_type="learned_range", beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                               thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
     stage = IFStage("base", unet, scheduler_config(scheduler))
-    pipe = OurIFPipeline(IFCascade(family="deepfloyd-if", name="if-random", text_encoder=text_encoder, tokenizer=tokenizer,
-                                   stages=[stage]))
+    pipe = Pipeline(IFCascade(family="deepfloyd-if", name="if-random", text_encoder=text_encoder, tokenizer=tokenizer,
+                              stages=[stage]))
     reference = IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
                            feature_extractor=None, watermarker=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
@@ -187,13 +188,13 @@ def bench_if(size: int) -> dict[str, Any]:
 
 
 def bench_unclip(size: int) -> dict[str, Any]:
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from aipaint_plugins.unclip.model import UnCLIPModel
-    from aipaint_plugins.unclip.pipeline import UnCLIPPipeline as OurUnCLIPPipeline
     from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
+    from aipaint.pipeline import Pipeline
 
     text_encoder = build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(
         hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
@@ -221,13 +222,13 @@ def bench_unclip(size: int) -> dict[str, Any]:
     model = UnCLIPModel(family="unclip", name="karlo-random", text_encoder=text_encoder, tokenizer=tokenizer,
                         text_proj=text_proj, decoder=decoder, super_res_first=first, super_res_last=last, prior=prior,
                         scheduler_configs={k: scheduler_config(v) for k, v in schedulers.items()})
-    pipe = OurUnCLIPPipeline(model)
+    pipe = Pipeline(model)
     reference = UnCLIPPipeline(prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder,
                                tokenizer=tokenizer, super_res_first=first, super_res_last=last, **schedulers)
     reference.set_progress_bar_config(disable=True)
 
     def ours(steps: int) -> None:
-        pipe.txt2img(PROMPT, seed=1, prior_steps=steps, steps=steps, super_res_steps=steps)
+        pipe.txt2img(PROMPT, seed=1, steps=steps, options={"unclip": {"prior_steps": steps, "super_res_steps": steps}})
 
     def theirs(steps: int) -> None:
         reference(PROMPT, generator=torch.Generator().manual_seed(1), prior_num_inference_steps=steps,

@@ -200,3 +200,10 @@ def test_a_preview_does_not_change_the_picture(embedded):
     plain = embedded.txt2img(EMBEDDED_PROMPT, seed=4, steps=6)
     watched = embedded.txt2img(EMBEDDED_PROMPT, seed=4, steps=6, preview=lambda step: step.image())
     assert np.array_equal(np.asarray(plain.image), np.asarray(watched.image))
+
+
+def test_a_blend_needs_two_to_five_images(tiny_pipe):
+    image = np.zeros((32, 32, 3), np.uint8)
+    for images in ([image], [image] * 6):
+        with pytest.raises(InvalidParameter, match="2 to 5 images"):
+            tiny_pipe.blend(images)

@@ -48,11 +48,11 @@ GENERATION_FIELDS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "width
                      "guidance_rescale", "skip_early_cfg", "subseed", "subseed_strength", "refiner_switch_at")
 
 # Names under which the parser's defaults carry what plugins registered on a command.
-_LOADED_PIPELINE = "aipaint_loaded_pipeline"
+_LOADED_PIPELINE = "loaded_pipeline"
 _GROUP = "aipaint_command_group"
 _GENERATION_MARK = "aipaint_generation_command"
-_UNIT_BUILDERS = "aipaint_adapter_unit_builders"
-_OPTIONS_BUILDERS = "aipaint_request_options_builders"
+_UNIT_BUILDERS = "adapter_unit_builders"
+_OPTIONS_BUILDERS = "request_options_builders"
 
 
 # --- options every command shares ------------------------------------------------------------

@@ -154,7 +154,7 @@ class UnitOptions:
         config = options.pop("config", None)
         unit.config = Path(config).expanduser() if config is not None else None
         # The request's opt-in (--allow-pickle) covers every file of the run; a unit may still set its own.
-        run_opt_in = (getattr(request, "extra", None) or {}).get("allow_pickle") is True
+        run_opt_in = getattr(request, "allow_pickle", False) is True
         unit.allow_pickle = parse_bool(f"ControlNet {index} allow_pickle", options.pop("allow_pickle", run_opt_in))
         expected = options.pop("model_hash", "")
         if expected and isinstance(unit.model, str) and "[" not in unit.model:

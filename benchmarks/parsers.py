@@ -151,8 +151,8 @@ SHAPES: list[tuple[str, str, Callable[[str], object], Callable[[int], str], Call
     ("schedule", "'[' unclosed", step_text, lambda n: repeat("[", n), None),
     ("schedule", "'[[…]]' nested", step_text, lambda n: "[" * (n // 2) + "]" * (n // 2), None),
     ("schedule", "nested edits '[[a:b:1]c:2]…'", step_text, lambda n: "[" * (n // 3) + "a:b:" + "1]" * (n // 3), None),
-    ("schedule", "'[a:b:0.5]' over 20 steps", whole_schedule, lambda n: repeat("[a:b:0.5]", n), None),
-    ("schedule", "'[a|b]' over 20 steps", whole_schedule, lambda n: repeat("[a|b]", n), None),
+    ("schedule", "'[a:b:0.5]', each of 20 steps", whole_schedule, lambda n: repeat("[a:b:0.5]", n), None),
+    ("schedule", "'[a|b]', 20 steps = 20 texts", whole_schedule, lambda n: repeat("[a|b]", n), None),
     ("midjourney", "'a::111…x' digit run", parse_midjourney, lambda n: repeat("1", n, "a::", "x"), old_mj_weights),
     ("midjourney", "'a ::1 ' many parts", parse_midjourney, lambda n: repeat("a ::1 ", n), old_mj_weights),
     ("midjourney", "'--ar 999…:1' (refused)", parse_midjourney, lambda n: repeat("9", n, "a --ar ", ":1"), None),
@@ -180,6 +180,19 @@ def cpu_time(parse: Callable[[str], object], text: str, repeats: int) -> tuple[f
     return best, outcome
 
 
+def calibration() -> float:
+    """CPU seconds for a million calls of a trivial Python function: how fast this machine runs
+    Python at the moment, to compare tables made on different machines or under different load."""
+
+    def noop(value: int) -> int:
+        return value
+
+    started = time.process_time()
+    for value in range(1_000_000):
+        noop(value)
+    return time.process_time() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="parses per size; the best is kept (default 3)")
@@ -187,7 +200,8 @@ def main() -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the old code's times at the smallest size")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"# CPU seconds per parse (best of {args.repeats}); load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"# CPU seconds per parse (best of {args.repeats}); load average {os.getloadavg()[0]:.1f} at the start; "
+          f"a million Python calls took {min(calibration() for _ in range(3)):.3f} s")
     head = f"{'parser':<20} {'shape':<40}" + "".join(f"{s:>10,}" for s in sizes)
     print(head + f"{'growth':>8}  {'old at ' + format(sizes[0], ','):>14}  outcome")
     slowest, over_a_second = (0.0, ""), 0

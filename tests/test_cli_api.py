@@ -19,7 +19,7 @@ from aipaint.api.options import OptionGroup
 from aipaint.api.result import Result
 from aipaint.cli import api
 from aipaint.cli.main import build_parser, main
-from aipaint.errors import AipaintWarning
+from aipaint.errors import AipaintError, AipaintWarning
 from aipaint.infotext import Infotext, read_png_parameters
 
 PROMPT = "a big red circle on the left, on a white background"
@@ -119,10 +119,12 @@ def test_a_third_party_plugin_adds_a_command_and_a_train_target_beside_lora(inst
     assert "warning" not in capsys.readouterr().err
 
 
-def test_command_group_refuses_a_command_that_is_not_a_group():
+def test_command_group_finds_a_group_made_with_argparse_and_refuses_a_plain_command():
     sub = argparse.ArgumentParser().add_subparsers()
     sub.add_parser("plain")
-    with pytest.raises(Exception, match="'plain' exists and is not a command group"):
+    by_hand = sub.add_parser("by-hand").add_subparsers(dest="target")
+    assert api.command_group(sub, "by-hand", "x") is by_hand
+    with pytest.raises(AipaintError, match="'plain' exists and is not a command group"):
         api.command_group(sub, "plain", "x")
 
 

@@ -370,8 +370,11 @@ def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) 
         group = parser.add_subparsers(dest=f"{name}_target", metavar="TARGET")
         parser.set_defaults(func=lambda args: parser.print_help() or 0, **{_GROUP: group})
     group = parser.get_default(_GROUP)
-    if group is None:
-        raise AipaintError(f"the command {name!r} exists and is not a command group")
+    if group is None:  # a group a plugin made with argparse's own add_subparsers
+        group = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if group is None:
+            raise AipaintError(f"the command {name!r} exists and is not a command group")
+        parser.set_defaults(**{_GROUP: group})
     return group
 
 

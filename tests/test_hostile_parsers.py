@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from aipaint.models import loading
 from aipaint.cli.main import main
 from aipaint.errors import AipaintError, DownloadError, InvalidParameter, ModelLoadError
 from aipaint.infotext import Infotext, _entries, _entries_only, generation_kwargs
+from aipaint.models import loading
 from aipaint.models.loading import resolve_source
 from aipaint.plugin.postprocess import PostStep, merge_infotext
 from aipaint.prompt import (

@@ -95,7 +95,7 @@ def test_model_entries_finds_files_and_diffusers_folders_inside_the_root(tmp_pat
     assert model_entries(tmp_path / "missing") == {}
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "C:\\x", "a/../../x"])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "C:\\x", "a/../../x", "~/x", "a//b", "./x"])
 def test_a_name_never_leaves_its_folder(tmp_path, name):
     with pytest.raises(NameOutsideFolder, match="must be a name inside"):
         ModelFolder(tmp_path, "upscaler").resolve(name)

@@ -25,13 +25,13 @@ import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName
+from aipaint.plugin.kit import folders
 from aipaint.plugin.kit.controlnets import runtime_controlnets
 from aipaint.plugin.kit.folders import (
-    NAME_MAX_BYTES,
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     controlnet_dir,
@@ -68,11 +68,12 @@ class ControlNetNotFound(UnknownName):
         )
 
 
-class NameOutsideFolder(InvalidParameter):
+class NameOutsideFolder(folders.NameOutsideFolder):
     """A model name that would resolve outside the ControlNet folder."""
 
     def __init__(self, name: str, folder: Path, why: str) -> None:
-        super().__init__("ControlNet model", name, f"must be a name inside {folder} ({why})",
+        self.why = why
+        InvalidParameter.__init__(self, "ControlNet model", name, f"must be a name inside {folder} ({why})",
                          "give the model's name without a folder, or pass a path from Python")
 
 
@@ -121,19 +122,10 @@ def split_hash(name: str) -> tuple[str, str]:
 
 
 def _check_name(name: str, folder: Path) -> PurePosixPath:
-    if not name or not name.strip():
-        raise InvalidParameter("ControlNet model", name, "must be a non-empty name")
-    if "\x00" in name:
-        raise NameOutsideFolder(name, folder, "it contains a NUL character")
-    windows = PureWindowsPath(name)
-    if name.startswith(("/", "\\", "~")) or windows.drive or windows.root or Path(name).is_absolute():
-        raise NameOutsideFolder(name, folder, "absolute paths are not allowed")
-    parts = name.replace("\\", "/").split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise NameOutsideFolder(name, folder, "'..', '.' and empty parts are not allowed")
-    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES for part in parts):
-        raise InvalidParameter("ControlNet model", name, f"is too long: a file name has at most {NAME_MAX_BYTES} bytes")
-    return PurePosixPath(*parts)
+    try:
+        return folders.check_name("ControlNet model", name, folder)
+    except folders.NameOutsideFolder as refused:
+        raise NameOutsideFolder(name, folder, refused.why) from None
 
 
 def folder_models(folder: Path | None = None) -> dict[str, Path]:

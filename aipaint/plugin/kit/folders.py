@@ -31,6 +31,7 @@ class NameOutsideFolder(InvalidParameter):
     ``name_example``), so the advice fits a LoRA tag, an embedding in a prompt, or a file name."""
 
     def __init__(self, kind: str, name: str, folder: Path, why: str, example: str | None = None) -> None:
+        self.why = why
         super().__init__(
             kind, name, f"must be a name inside {folder} ({why})",
             f"use the {kind} file's name inside that folder, without its extension"
@@ -82,11 +83,11 @@ def check_name(kind: str, name: str, folder: Path, example: str | None = None) -
     windows = PureWindowsPath(name)
     if name.startswith(("/", "\\")) or windows.drive or windows.root or Path(name).is_absolute():
         raise NameOutsideFolder(kind, name, folder, "absolute paths are not allowed", example)
+    if name.startswith("~"):  # read as a home folder by shells and by Path.expanduser
+        raise NameOutsideFolder(kind, name, folder, "'~' is not allowed", example)
     parts = name.replace("\\", "/").split("/")
-    if any(part in ("..", ".") for part in parts):
-        raise NameOutsideFolder(kind, name, folder, "'..' and '.' are not allowed", example)
-    if any(part == "" for part in parts):
-        raise InvalidParameter(kind, name, "must not contain empty path parts")
+    if any(part in ("..", ".", "") for part in parts):
+        raise NameOutsideFolder(kind, name, folder, "'..', '.' and empty parts are not allowed", example)
     if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES for part in parts):
         raise InvalidParameter(kind, name, f"is too long: a file name has at most {NAME_MAX_BYTES} bytes")
     return PurePosixPath(*parts)

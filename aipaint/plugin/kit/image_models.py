@@ -34,6 +34,7 @@ class WeightsNameOutsideFolder(NameOutsideFolder):
     """:class:`NameOutsideFolder` for an upscaler or face-restorer name, with advice that fits them."""
 
     def __init__(self, refused: NameOutsideFolder) -> None:
+        self.why = refused.why
         InvalidParameter.__init__(self, refused.name, refused.value, refused.allowed,
                                   "put the weights file in that folder (sub-folders are fine) and pass its name, e.g. 4x-UltraSharp")
 

@@ -1,0 +1,103 @@
+"""The job queue: one model, one job at a time, in arrival order.
+
+Each HTTP request that needs the model takes a ticket and waits for its turn; while
+``max_queue`` jobs are held (the running one and those waiting) a new one is refused with :class:`QueueFull`. The running job's
+progress callbacks update :class:`JobState` (what ``/sdapi/v1/progress`` reports) and raise
+:class:`Interrupted` when ``/interrupt`` or ``/skip`` asked them to stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aipaint.errors import AipaintError
+
+
+class QueueFull(AipaintError):
+    """More jobs are waiting than the server was configured to hold."""
+
+
+class Interrupted(Exception):  # noqa: N818 - a signal, not an error: the job stops where it is
+    """Raised from a progress callback to stop the running image (``skip``) or job (``interrupt``)."""
+
+
+@dataclass
+class JobState:
+    """What ``/progress`` reports about the running job."""
+
+    job: str = ""
+    job_count: int = 0
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started: float = 0.0
+    interrupted: bool = False
+    skipped: bool = False
+    preview: Any = None  # the latest aipaint.engine.preview.StepPreview
+    textinfo: str | None = None
+
+    @property
+    def progress(self) -> float:
+        if not self.job_count or not self.sampling_steps:
+            return 0.0
+        return min(1.0, (self.job_no + self.sampling_step / self.sampling_steps) / self.job_count)
+
+
+class JobQueue:
+    """Serialises the model's work: :meth:`turn` waits for a job's turn, in arrival order."""
+
+    def __init__(self, max_queue: int = 16) -> None:
+        self.max_queue = max_queue
+        self.state = JobState()
+        self._lock = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return self._next_ticket - self._serving
+
+    @contextmanager
+    def turn(self, name: str, job_count: int = 1) -> Iterator[JobState]:
+        """Wait for this job's turn, then hold the model until the block ends."""
+        with self._lock:
+            if self._next_ticket - self._serving >= self.max_queue:
+                raise QueueFull(f"the server is busy: it holds {self.max_queue} jobs (running and waiting), "
+                                "the most it was started with (--queue-size); try again later")
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                self._lock.wait()
+            self.state = JobState(job=name, job_count=job_count, started=time.time())
+        try:
+            yield self.state
+        finally:
+            with self._lock:
+                self.state = JobState()
+                self._serving += 1
+                self._lock.notify_all()
+
+    def interrupt(self) -> None:
+        self.state.interrupted = True
+
+    def skip(self) -> None:
+        self.state.skipped = True
+
+    def callbacks(self, state: JobState) -> tuple[Any, Any]:
+        """The ``progress`` and ``preview`` callbacks of one image of the job."""
+
+        def progress(done: int, total: int) -> None:
+            state.sampling_step, state.sampling_steps = done, total
+            if state.interrupted or state.skipped:
+                raise Interrupted
+
+        def preview(step: Any) -> None:
+            state.preview = step
+
+        return progress, preview

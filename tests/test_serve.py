@@ -1,0 +1,323 @@
+"""aipaint serve: the A1111 API driven by the real A1111 client (webuiapi) on loopback, and
+the bad-input rows of docs/serving.md with httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from aipaint.serve.app import ServerConfig, create_app  # noqa: E402
+from aipaint.serve.jobs import JobQueue, QueueFull  # noqa: E402
+
+SMALL = dict(width=32, height=32, steps=2, cfg_scale=5.0, sampler_name="Euler")
+
+
+class Running:
+    """A uvicorn server in a thread, on a free loopback port, stopped by the fixture."""
+
+    def __init__(self, app) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_sd_path) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_sd_path, folder / "tiny-a")
+    shutil.copytree(tiny_sd_path, folder / "tiny-b")
+    (folder / "loras").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tiny_pipe, tmp_path_factory):
+    config = ServerConfig(model=str(models_dir / "tiny-a"), models_dir=models_dir, lora_dir=models_dir / "loras",
+                          output_dir=tmp_path_factory.mktemp("out"), queue_size=4, max_body_bytes=2 * 2**20)
+    running = Running(create_app(config, tiny_pipe))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def picture(colour=(200, 30, 30), size=32) -> Image.Image:
+    return Image.new("RGB", (size, size), colour)
+
+
+# --------------------------------------------------------------------------- the A1111 client
+def test_txt2img_through_webuiapi(api):
+    result = api.txt2img(prompt="a red square", seed=3, batch_size=2, n_iter=2, **SMALL)
+    assert len(result.images) == 4 and all(image.size == (32, 32) for image in result.images)
+    assert result.info["all_seeds"] == [3, 4, 5, 6]
+    assert "Steps: 2" in result.info["infotexts"][0] and "Seed: 3" in result.info["infotexts"][0]
+    assert result.images[0].info["parameters"] == result.info["infotexts"][0]
+    # webuiapi sends fields aipaint does not act on: accepted, and named
+    assert "restore_faces" in result.info["ignored_fields"]
+    again = api.txt2img(prompt="a red square", seed=3, **SMALL)
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.images[0]))
+
+
+def test_img2img_and_inpaint_through_webuiapi(api):
+    source = picture()
+    result = api.img2img(images=[source], prompt="a blue square", denoising_strength=0.5, seed=1, **SMALL)
+    assert result.image.size == (32, 32)
+    assert "Denoising strength: 0.5" in result.info["infotexts"][0]
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    painted = api.img2img(images=[source], mask_image=mask, inpaint_full_res=False, mask_blur=0, inpainting_fill=1,
+                          prompt="blue", denoising_strength=1.0, seed=1, **SMALL)
+    pixels = np.asarray(painted.image)
+    assert np.array_equal(pixels[:, 20:], np.asarray(source)[:, 20:])  # outside the mask: untouched
+    assert not np.array_equal(pixels[:, :16], np.asarray(source)[:, :16])
+
+
+def test_png_info_reads_what_txt2img_wrote(api, server):
+    image = api.txt2img(prompt="a green circle", seed=9, **SMALL).image
+    reply = httpx.post(f"{server.url}/sdapi/v1/png-info", json={"image": webuiapi.b64_img(image)}).json()
+    assert reply["info"].startswith("a green circle")
+    assert reply["parameters"]["Seed"] == "9" and reply["parameters"]["Prompt"] == "a green circle"
+
+
+def test_lists(api, server):
+    samplers = [s["name"] for s in api.get_samplers()]
+    assert "Euler" in samplers and "DPM++ 2M" in samplers
+    assert {"tiny-a", "tiny-b", "shapes-tiny"} <= {m["model_name"] for m in api.get_sd_models()}
+    assert "Automatic" in [s["name"] for s in httpx.get(f"{server.url}/sdapi/v1/schedulers").json()]
+    assert httpx.get(f"{server.url}/sdapi/v1/loras").json() == []
+    assert "ram" in httpx.get(f"{server.url}/sdapi/v1/memory").json()
+    assert httpx.get(f"{server.url}/sdapi/v1/cmd-flags").json()["queue_size"] == 4
+    assert httpx.post(f"{server.url}/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_options_switch_the_model(api, server):
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-a"
+    before = server.app.state.server.pipeline
+    api.set_options({"sd_model_checkpoint": "tiny-b"})
+    try:
+        assert api.get_options()["sd_model_checkpoint"] == "tiny-b"
+        assert server.app.state.server.pipeline is not before
+        assert api.txt2img(prompt="x", seed=1, **SMALL).image.size == (32, 32)
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny-a"})
+    reply = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "../../etc/passwd"})
+    assert reply.status_code == 422 and "valid values are" in reply.json()["detail"]
+
+
+def _in_background(function):
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", function()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_for_step(server, least: int = 1) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        progress = httpx.get(f"{server.url}/sdapi/v1/progress").json()
+        if progress["state"]["sampling_step"] >= least:
+            return progress
+        time.sleep(0.01)
+    raise AssertionError("the job never reported a step")
+
+
+def test_progress_with_a_preview_then_interrupt(api, server):
+    thread, out = _in_background(lambda: api.txt2img(prompt="a red square", seed=2, n_iter=3, **{**SMALL, "steps": 200}))
+    progress = _wait_for_step(server)
+    assert progress["state"]["job_count"] == 3 and progress["state"]["sampling_steps"] == 200
+    assert 0 < progress["progress"] < 1
+    deadline = time.monotonic() + 10
+    while progress["current_image"] is None and time.monotonic() < deadline:
+        progress = httpx.get(f"{server.url}/sdapi/v1/progress").json()
+    Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).verify()
+    api.interrupt()
+    thread.join(30)
+    assert not thread.is_alive() and out["result"].images == []  # stopped in its first image
+    assert httpx.get(f"{server.url}/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_skip_stops_the_current_image_and_goes_on(api, server):
+    thread, out = _in_background(lambda: api.txt2img(prompt="x", seed=2, n_iter=2, **{**SMALL, "steps": 200}))
+    _wait_for_step(server)
+    api.skip()
+    _wait_for_step(server)  # the second image runs
+    while httpx.get(f"{server.url}/sdapi/v1/progress").json()["state"]["job_no"] != 1:
+        time.sleep(0.01)
+    api.interrupt()
+    thread.join(30)
+    assert out["result"].images == []
+
+
+def test_jobs_take_turns_in_arrival_order():
+    queue, order = JobQueue(max_queue=8), []
+
+    def job(name):
+        with queue.turn(name):
+            order.append(name)
+
+    with queue.turn("running"):
+        threads = []
+        for name in ("a", "b", "c", "d"):
+            threads.append(threading.Thread(target=job, args=(name,)))
+            threads[-1].start()
+            while queue.waiting < len(threads) + 1:  # this one has its ticket before the next arrives
+                time.sleep(0.001)
+    for thread in threads:
+        thread.join(5)
+    assert order == ["a", "b", "c", "d"]
+
+
+def test_concurrent_requests_each_get_their_own_answer(server):
+    jobs = [_in_background(lambda i=i: httpx.post(f"{server.url}/sdapi/v1/txt2img",
+                                                  json={"prompt": f"job {i}", "seed": i, **SMALL}, timeout=60))
+            for i in range(3)]
+    for thread, _ in jobs:
+        thread.join(60)
+    for i, (_, out) in enumerate(jobs):
+        assert json.loads(out["result"].json()["info"])["all_seeds"] == [i]
+
+
+def test_queue_refuses_past_its_size():
+    queue = JobQueue(max_queue=1)
+    with queue.turn("first"):
+        with pytest.raises(QueueFull, match="holds 1 jobs"):
+            with queue.turn("second"):
+                pass
+    with queue.turn("after"):
+        pass
+
+
+def test_controlnet_through_alwayson_scripts(api, tiny_pipe, tmp_path, monkeypatch):
+    from test_controlnet import _tiny_controlnet
+
+    _tiny_controlnet(tiny_pipe.model.unet, 1).save_pretrained(tmp_path / "tiny-cn")
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    plain = api.txt2img(prompt="a red square", seed=4, **SMALL)
+    unit = webuiapi.ControlNetUnit(image=picture((0, 0, 255)), module="none", model="tiny-cn [12345678]", weight=1.0)
+    controlled = api.txt2img(prompt="a red square", seed=4, controlnet_units=[unit], **SMALL)
+    assert "ControlNet 0" in controlled.info["infotexts"][0]
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(controlled.image))
+    disabled = webuiapi.ControlNetUnit(image=picture(), model="tiny-cn", enabled=False)
+    off = api.txt2img(prompt="a red square", seed=4, controlnet_units=[disabled], **SMALL)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(off.image))
+
+
+def test_save_images_writes_only_under_the_output_folder(api, server):
+    out = server.app.state.server.config.output_dir
+    api.txt2img(prompt="x", seed=1, **SMALL)
+    assert not any(out.rglob("*.png"))
+    api.txt2img(prompt="x", seed=1, save_images=True, **SMALL)
+    saved = list(out.rglob("*.png"))
+    assert len(saved) == 1 and saved[0].parent == out / "txt2img-images"
+
+
+# --------------------------------------------------------------------------- bad input (docs/serving.md)
+def _bomb() -> str:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD = [
+    ("txt2img", {"prompt": "x", "steps": -1}, 422, "invalid steps=-1: must be from 1 to 1000"),
+    ("txt2img", {"prompt": "x", "width": 100000, "height": 100000}, 422, "invalid width=100000: must be from 16 to 4096"),
+    ("txt2img", {"prompt": "x", "width": 4096, "height": 4096, "steps": 1}, 422, "more than the limit of 1,000,000"),
+    ("txt2img", {"prompt": "x", "sampler_name": "nope"}, 422, "invalid sampler='nope': valid values are"),
+    ("txt2img", {"prompt": "x", "batch_size": 65}, 422, "invalid batch_size=65: must be from 1 to 64"),
+    ("txt2img", {"prompt": "x", "n_iter": 0}, 422, "invalid n_iter=0: must be an integer from 1 to 100"),
+    ("txt2img", {"prompt": 5}, 422, "invalid prompt=5: must be a string"),
+    ("txt2img", [1, 2], 422, "invalid body=[1, 2]: must be a JSON object"),
+    ("txt2img", {"prompt": "<lora:../../etc/passwd:1>", **SMALL}, 422, "lora"),
+    ("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "tiny-b"}}, 422,
+     "is not the loaded model ('tiny-a')"),
+    ("img2img", {"prompt": "x", "init_images": ["%%%not base64"]}, 422,
+     "cannot read init_images[0]: it is not valid base64"),
+    ("img2img", {"prompt": "x", "init_images": [base64.b64encode(b"plain text").decode()]}, 422,
+     "cannot read the image 'init_images[0]': cannot identify image file"),
+    ("img2img", {"prompt": "x", "init_images": ["BOMB"]}, 422,
+     "it has more than 89,478,485 pixels, the most aipaint decodes from a file"),
+    ("img2img", {"prompt": "x"}, 422, "invalid init_images=None: must be a list of one base64-encoded image"),
+    ("png-info", {"image": 12}, 422, "invalid image=12: must be a base64-encoded image"),
+    ("options", {"CLIP_stop_at_last_layers": 99}, 422, "invalid CLIP_stop_at_last_layers=99: must be from 1 to 12"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "status", "message"), BAD, ids=[f"{e}-{m[:30]}" for e, _, _, m in BAD])
+def test_bad_input_is_a_4xx_with_one_line(server, monkeypatch, endpoint, body, status, message):
+    monkeypatch.setenv("AIPAINT_MAX_PIXELS", "1000000")
+    if isinstance(body, dict) and body.get("init_images") == ["BOMB"]:
+        body = {**body, "init_images": [_bomb()]}
+    reply = httpx.post(f"{server.url}/sdapi/v1/{endpoint}", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()
+    assert set(error) == {"error", "detail", "body", "errors"}
+    assert message in error["detail"] and "\n" not in error["detail"] and "Traceback" not in reply.text
+
+
+def test_bad_json_and_a_body_too_large(server):
+    reply = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=b"{nope", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "is not valid JSON" in reply.json()["detail"]
+    reply = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=b"x" * (2 * 2**20 + 1))
+    assert reply.status_code == 413 and "larger than 2,097,152 bytes" in reply.json()["detail"]
+
+    def chunks():
+        for _ in range(3):
+            yield b"x" * 2**20
+
+    reply = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=chunks())  # no Content-Length: counted as it streams
+    assert reply.status_code == 413
+
+
+def test_api_auth_and_cors(tiny_pipe, tmp_path):
+    config = ServerConfig(model="m", api_auth=("user", "s3cret"), output_dir=tmp_path)
+    running = Running(create_app(config, tiny_pipe))
+    try:
+        url = f"{running.url}/sdapi/v1/options"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, auth=("user", "wrong")).status_code == 401
+        assert httpx.get(url, headers={"authorization": "Basic %%%"}).status_code == 401
+        assert httpx.get(url, auth=("user", "s3cret")).status_code == 200
+        # CORS is off unless configured: no header lets a browser page read the answer
+        reply = httpx.get(url, auth=("user", "s3cret"), headers={"origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in reply.headers
+    finally:
+        running.stop()
+    assert not any(tmp_path.iterdir())

@@ -19,7 +19,7 @@ from aipaint.plugin.kit import hashing
 from aipaint.plugin.kit.codecs import INDEX, Field, FieldsCodec, MappingCodec, TextCodec
 from aipaint.plugin.kit.folders import ModelFolder, NameOutsideFolder, model_entries
 from aipaint.plugin.kit.options import option_bool
-from aipaint.plugin.kit.patches import PatchSet
+from aipaint.plugin.kit.patches import AttributePatches, PatchSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,20 @@ def test_one_patch_key_names_one_parameter():
     patches.add("w", torch.nn.Linear(2, 2).weight, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="already names another parameter"):
         patches.add("w", torch.nn.Linear(2, 2).weight, torch.zeros(2, 2))
+
+
+def test_attribute_patches_put_back_what_the_object_held_itself():
+    outer, inner = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    inner.forward = own = lambda x: x  # an instance attribute of its own, e.g. another feature's patch
+    with AttributePatches() as patches:
+        patches.set(outer, "forward", lambda x: 0)
+        patches.set(inner, "forward", lambda x: 1)
+        patches.set(inner, "forward", lambda x: 2)  # nested: restored in reverse order
+        assert outer(None) == 0 and inner.forward(None) == 2
+    assert "forward" not in vars(outer)  # the class's method shows through again
+    assert inner.forward is own
+    patches.restore()
+    assert inner.forward is own
 
 
 # --------------------------------------------------------------------------- codecs

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from aipaint import hookimpl
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
-from aipaint.plugin.kit.patches import check_patchable_unet
+from aipaint.plugin.kit.patches import AttributePatches, check_patchable_unet
 
 if TYPE_CHECKING:
     import argparse
@@ -137,20 +137,16 @@ class DeepCacheUNet:
         self.cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self.skips = skip_layout(unet)
         self.skip = self.skips[settings.branch]
-        self._had_forward = "forward" in vars(unet)
-        self._previous_forward = vars(unet).get("forward")
         self._original_forward = unet.forward
         self._capture: torch.Tensor | None = None
         consumer = unet.up_blocks[self.skip.up_block].resnets[self.skip.up_layer]
         self._hook = consumer.register_forward_pre_hook(self._grab)
-        unet.forward = self.forward
+        self._patches = AttributePatches()
+        self._patches.set(unet, "forward", self.forward)
 
     def restore(self) -> None:
         self._hook.remove()
-        if self._had_forward:
-            self.unet.forward = self._previous_forward
-        else:
-            del self.unet.forward
+        self._patches.restore()
 
     def _grab(self, module: Any, args: tuple[Any, ...]) -> None:
         # The consumer's input is cat([deep feature, skip]); keep the deep part.

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aipaint import hookimpl
 from aipaint.errors import InvalidParameter
 from aipaint.plugin.adapters import AdapterActivation, AdapterSpec, AdapterUnit
+from aipaint.plugin.kit.patches import AttributePatches, check_patchable_unet
 
 if TYPE_CHECKING:
     import argparse
@@ -155,23 +156,16 @@ class TokenMerging:
         if settings.random and self.generator is None:
             self.generator = torch.Generator().manual_seed(0)
         self._hook = unet.register_forward_pre_hook(self._note_size, with_kwargs=True)
-        self._patched: list[tuple[torch.nn.Module, bool, Any]] = []
+        self._patches = AttributePatches()
         for module in unet.modules():
             attn = getattr(module, "attn1", None)
             if attn is None or not hasattr(module, "attn2"):
                 continue
-            had = "forward" in vars(attn)
-            self._patched.append((attn, had, vars(attn).get("forward")))
-            attn.forward = self._wrap(attn.forward)
+            self._patches.set(attn, "forward", self._wrap(attn.forward))
 
     def restore(self) -> None:
         self._hook.remove()
-        for attn, had, previous in reversed(self._patched):
-            if had:
-                attn.forward = previous
-            else:
-                del attn.forward
-        self._patched.clear()
+        self._patches.restore()
 
     def _note_size(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         sample = args[0] if args else kwargs["sample"]
@@ -205,8 +199,6 @@ class TokenMerging:
 
 @contextmanager
 def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
-    from aipaint.plugin.kit.patches import check_patchable_unet
-
     if len(context.units) > 1:
         raise InvalidParameter("tome", len(context.units), "at most one token-merging unit per generation")
     check_patchable_unet(context.model, "Token merging")

@@ -93,6 +93,36 @@ class PatchSet:
         return applied
 
 
+@dataclass
+class AttributePatches:
+    """Attributes of objects replaced for one job (a module's ``forward``), restored in reverse
+    order. An attribute the object did not hold itself is deleted again, so the class's method
+    shows through as before, not a bound copy of it."""
+
+    saved: list[tuple[Any, str, bool, Any]] = field(default_factory=list)
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr(obj, name, value)``, remembering what to put back."""
+        own = vars(obj)
+        self.saved.append((obj, name, name in own, own.get(name)))
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        """Put every attribute back; a second call does nothing."""
+        while self.saved:
+            obj, name, had, previous = self.saved.pop()
+            if had:
+                setattr(obj, name, previous)
+            else:
+                delattr(obj, name)
+
+    def __enter__(self) -> AttributePatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
 def check_patchable_unet(model: Any, feature: str) -> None:
     """Refuse a model whose UNet a module-patching feature (DeepCache, token merging) cannot reach:
     another runtime than torch, a ``torch.compile``'d UNet, or not a diffusers UNet2DConditionModel.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aipaint import cli
+from aipaint.cli import api as cli_api
 from aipaint.cli.main import main
 from aipaint.errors import DownloadError, ImageError, InvalidParameter
 from aipaint.api.request import GenerationRequest
@@ -62,7 +62,7 @@ def small_png(tmp_path) -> Path:
 class FakePipe:
     """Stands in for a loaded pipeline where only the command line's file handling is under test."""
 
-    def generate(self, request, progress=None) -> Result:
+    def generate(self, request, progress=None, preview=None) -> Result:
         n = request.batch_size
         return Result([Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(n)], list(range(n)), ["fake"] * n, request,
                       {"total": 0.0})
@@ -70,7 +70,7 @@ class FakePipe:
 
 @pytest.fixture
 def fake_pipe(monkeypatch):
-    monkeypatch.setattr(cli, "_load", lambda args: FakePipe())
+    monkeypatch.setattr(cli_api, "load_pipeline", lambda args: FakePipe())
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def no_generation(monkeypatch):
     def refuse(args):
         raise AssertionError("the model was loaded: the check did not come before the generation")
 
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(cli_api, "load_pipeline", refuse)
 
 
 # ------------------------------------------------------------------ security flags
@@ -132,7 +132,7 @@ def test_controlnet_allow_pickle_rejects_anything_else(controlnet_dir, tiny_sd_p
 def test_request_allow_pickle_must_be_a_bool(value):
     """What the LoRA and embedding folders read: ``extra["allow_pickle"] = "no"`` used to switch pickles on."""
     with pytest.raises(InvalidParameter, match=r"allow_pickle.*must be True or False"):
-        GenerationRequest("x", extra={"allow_pickle": value})
+        GenerationRequest("x", allow_pickle=value)
 
 
 def test_pickle_opt_ins_of_the_python_api_must_be_bools(tmp_path):

@@ -265,7 +265,7 @@ BAD = [
     ("txt2img", {"prompt": "x", "n_iter": 0}, 422, "invalid n_iter=0: must be an integer from 1 to 100"),
     ("txt2img", {"prompt": 5}, 422, "invalid prompt=5: must be a string"),
     ("txt2img", [1, 2], 422, "invalid body=[1, 2]: must be a JSON object"),
-    ("txt2img", {"prompt": "<lora:../../etc/passwd:1>", **SMALL}, 422, "lora"),
+    ("txt2img", {"prompt": "<lora:../../etc/passwd:1>", **SMALL}, 422, "invalid lora='../../etc/passwd'"),
     ("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "tiny-b"}}, 422,
      "is not the loaded model ('tiny-a')"),
     ("img2img", {"prompt": "x", "init_images": ["%%%not base64"]}, 422,
@@ -304,6 +304,17 @@ def test_bad_json_and_a_body_too_large(server):
 
     reply = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=chunks())  # no Content-Length: counted as it streams
     assert reply.status_code == 413
+
+
+def test_a_full_queue_is_503(tiny_pipe, tmp_path):
+    running = Running(create_app(ServerConfig(model="m", output_dir=tmp_path, queue_size=1), tiny_pipe))
+    try:
+        with running.app.state.server.queue.turn("holding"):
+            reply = httpx.post(f"{running.url}/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
+        assert reply.status_code == 503 and "the server is busy: it holds 1 jobs" in reply.json()["detail"]
+        assert httpx.post(f"{running.url}/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}).status_code == 200
+    finally:
+        running.stop()
 
 
 def test_api_auth_and_cors(tiny_pipe, tmp_path):

@@ -461,3 +461,39 @@ def test_zoo_verification_reads_the_bytes_not_the_cache(tmp_path, monkeypatch):
     assert sha256_file(weights) == published  # the display cache is fooled, by design
     with pytest.raises(DownloadError, match="sha256"):
         zoo._verify(weights, published)
+
+
+def test_a_bomb_among_video_frames_is_a_typed_error(bomb, tmp_path):
+    from aipaint_plugins.video.stylize import open_frames
+
+    from aipaint.errors import ImageError
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (16, 16)).save(frames / "0001.png")
+    shutil.copy(bomb, frames / "0002.png")
+    source = open_frames(frames)
+    with pytest.raises(ImageError, match="pixels"):
+        list(source)
+
+
+def test_an_export_manifest_check_hashes_the_bytes(tmp_path, monkeypatch):
+    """A file edited with its size and mtime restored must fail the manifest's sha256 check."""
+    from aipaint.errors import ModelLoadError
+    from aipaint.plugin.kit.exports import Manifest, file_record
+    from aipaint.plugin.kit.hashing import sha256_file
+
+    monkeypatch.setenv("AIPAINT_CACHE", str(tmp_path / "cache"))
+    graph = tmp_path / "unet.onnx"
+    with open(graph, "wb") as f:
+        f.truncate(65 << 20)  # big enough for the display cache to remember it
+    manifest = Manifest(tmp_path, {"components": {"unet": {"file": "unet.onnx", "files": {"unet.onnx": file_record(graph)}}}})
+    manifest.check_files()
+    assert sha256_file(graph) == manifest.components["unet"]["files"]["unet.onnx"]["sha256"]  # now cached
+    stat = graph.stat()
+    with open(graph, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\x01")
+    os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ModelLoadError, match="sha256"):
+        manifest.check_files()

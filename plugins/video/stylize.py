@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aipaint.errors import ImageError, InvalidParameter
+from aipaint.imageutil import read_image_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -117,12 +118,8 @@ def open_frames(path: str | Path, *, max_frames: int | None = None, every: int =
             raise ImageError(f"{str(path)!r} has no frames to read (no {', '.join(IMAGE_SUFFIXES)} files)")
 
         def folder() -> Iterator[Image.Image]:
-            for file in files:
-                try:
-                    with Image.open(file) as image:
-                        yield image.convert("RGB")
-                except (OSError, UnidentifiedImageError) as exc:
-                    raise ImageError(f"cannot read frame {str(file)!r}: {exc}") from exc
+            for file in files:  # through the one reader that refuses decompression bombs
+                yield read_image_file(file, "frame").convert("RGB")
 
         return FrameSource(path, DEFAULT_FPS / every, kept(len(files)), trimmed(folder()))
     if path.suffix.lower() == ".gif":
@@ -132,7 +129,7 @@ def open_frames(path: str | Path, *, max_frames: int | None = None, every: int =
                 durations = []
                 for frame in ImageSequence.Iterator(image):
                     durations.append(frame.info.get("duration", 0) or 0)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise ImageError(f"cannot read GIF {str(path)!r}: {exc}") from exc
         mean_ms = float(np.mean(durations)) if durations else 0.0
         fps = 1000.0 / mean_ms if mean_ms > 0 else DEFAULT_FPS

@@ -311,7 +311,7 @@ class Manifest:
 
     def check_files(self, *, verify: str = "sha256") -> None:
         """Every listed file is present with its recorded size (and sha256 with ``verify="sha256"``)."""
-        from aipaint.plugin.kit.hashing import sha256_file
+        from aipaint.plugin.kit.hashing import sha256_bytes
 
         if verify not in ("sha256", "size"):
             raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
@@ -327,7 +327,7 @@ class Manifest:
                         f"{self.root}/{relative} is corrupt: {path.stat().st_size} bytes, the manifest says "
                         f"{record['size']}; {self.hint}"
                     )
-                if verify == "sha256" and sha256_file(path) != record["sha256"]:
+                if verify == "sha256" and sha256_bytes(path) != record["sha256"]:  # the bytes, never a cache
                     raise ModelLoadError(
                         f"{self.root}/{relative} is corrupt: its sha256 differs from the manifest's; {self.hint}"
                     )

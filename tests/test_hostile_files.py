@@ -497,3 +497,29 @@ def test_an_export_manifest_check_hashes_the_bytes(tmp_path, monkeypatch):
     os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(ModelLoadError, match="sha256"):
         manifest.check_files()
+
+
+@pytest.mark.parametrize("command", [["sticker", "{image}"], ["preprocess", "{image}", "-p", "canny"],
+                                     ["qr", "https://example.org", "--image", "{image}"]])
+def test_image_commands_never_replace_a_file_unless_asked(command, tmp_path, capsys):
+    from PIL import ImageDraw
+
+    photo = tmp_path / "photo.png"
+    picture = Image.new("RGB", (96, 96), "white")
+    ImageDraw.Draw(picture).ellipse((28, 28, 68, 68), fill=(200, 40, 40))  # a subject for the sticker to cut out
+    picture.save(photo)
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"an earlier image")
+    argv = [part.format(image=photo) for part in command]
+    assert main([*argv, "-o", str(taken)]) == 2
+    one_line_error(capsys, "exists")
+    assert taken.read_bytes() == b"an earlier image"
+    assert main([*argv, "-o", str(taken), "--overwrite"]) == 0
+    assert taken.read_bytes() != b"an earlier image"
+    # Without -o, a second run picks the next free name instead of replacing the first.
+    capsys.readouterr()
+    for _ in range(2):
+        assert main(argv) == 0
+    first, second = capsys.readouterr().out.split()[-2:] if command[0] != "qr" else [
+        line for line in capsys.readouterr().out.split() if line.endswith(".png")]
+    assert first != second and Path(first).is_file() and Path(second).is_file()

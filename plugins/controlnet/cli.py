@@ -22,7 +22,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("preprocess", help="show what a ControlNet preprocessor makes of an image")
     p.add_argument("image", nargs="?", help="input image")
     p.add_argument("-p", "--preprocessor", default="canny", help="preprocessor name (default: canny; --list shows all)")
-    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-PREPROCESSOR.png)")
+    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-PREPROCESSOR.png, or the first free IMAGE-PREPROCESSOR-N.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: it is an error)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preprocessor setting, repeatable")
     p.add_argument("--mask", help="mask image (white = repaint), for the inpaint preprocessor")
     p.add_argument("-W", "--width", type=int, help="resize to this width first (default: the image's)")
@@ -123,9 +124,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         return 0
     if not args.image:
         raise AipaintError("give an image to preprocess (or --list)")
+    from aipaint.api.result import output_path, save_png
+
     from .units import RESIZE_MODES, fit_image, load_image
 
     spec = registry.get(args.preprocessor)
+    default = Path(args.image).with_name(f"{Path(args.image).stem}-{spec.name}.png")
+    output = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))  # checked before the work
     image = load_image(args.image, "image").convert("RGB")
     mode = RESIZE_MODES.get(args.resize_mode.strip().lower())
     if mode is None:
@@ -134,10 +139,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     image = fit_image(image, width, height, mode)
     mask = fit_image(load_image(args.mask, "mask").convert("L"), width, height, mode, is_mask=True) if args.mask else None
     result = spec.apply(image, parse_key_values(args.set, "--set"), mask)
-    output = Path(args.output or Path(args.image).with_name(f"{Path(args.image).stem}-{spec.name}.png"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result.save(output, format="PNG")
-    print(output)
+    print(save_png(result, output, None, overwrite=args.overwrite))
     return 0
 
 

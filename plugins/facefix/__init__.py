@@ -48,11 +48,12 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.api import add_model_options
+    from aipaint.cli.api import add_model_options, add_overwrite_option
 
     p = subparsers.add_parser("facefix", help="find faces and redraw them (ADetailer), or restore them with GFPGAN/CodeFormer")
     p.add_argument("image")
-    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-facefix.png)")
+    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-facefix.png, or the first free IMAGE-facefix-N.png)")
+    add_overwrite_option(p)
     p.add_argument("--prompt", help="prompt for the faces (default: the one stored in the PNG)")
     p.add_argument("-n", "--negative-prompt")
     p.add_argument("--detector", default="face_haar", help="face_haar (default), face_haar_alt, profile_haar, yunet")
@@ -75,12 +76,12 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
 
     from aipaint_plugins.facefix.fix import detect_faces
 
-    from aipaint.api.result import save_png
+    from aipaint.api.result import output_path, save_png
+    from aipaint.engine.postprocessing import run_postprocessors
     from aipaint.errors import AipaintError
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
     from aipaint.plugin.kit.diffusion import open_image
     from aipaint.plugin.postprocess import PostStep, merge_infotext
-    from aipaint.engine.postprocessing import run_postprocessors
 
     image = open_image(args.image)
     if args.detect_only:
@@ -88,6 +89,8 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
         for d in found:
             print(f"{d.label} {d.box[0]},{d.box[1]},{d.box[2]},{d.box[3]} score {d.score:.2f} ({name})")
         return 0 if found else 1
+    default = Path(args.image).with_name(Path(args.image).stem + "-facefix.png")
+    out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))  # checked before the work
     parameters = read_png_parameters(args.image) or ""
     common = {"detector": args.detector, "confidence": args.confidence, "padding": args.padding,
               "mask_blur": args.mask_blur, "allow_pickle": args.allow_pickle}
@@ -115,7 +118,6 @@ def _cmd_facefix(args: argparse.Namespace) -> int:
         from aipaint.cli.api import load_pipeline
 
         output = run_postprocessors(image, [PostStep("facefix", options)], load_pipeline(args))
-    out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-facefix.png"))
     text = merge_infotext(parameters, output.infotext)
-    print(save_png(output.image, out_path, text))
+    print(save_png(output.image, out_path, text, overwrite=args.overwrite))
     return 0

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.postprocess import PostProcessorSpec
+from aipaint.plugin.postprocess import PostProcessorSpec
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -35,13 +35,14 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    from aipaint.cli.api import add_model_options
+    from aipaint.cli.api import add_model_options, add_overwrite_option
 
     p = subparsers.add_parser("lineart", help="colour a line drawing while keeping its lines")
     p.add_argument("image", help="the line drawing (dark lines on light paper)")
     p.add_argument("--prompt", required=True)
     p.add_argument("-n", "--negative-prompt", default="")
-    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-coloured.png)")
+    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-coloured.png, or the first free IMAGE-coloured-N.png)")
+    add_overwrite_option(p)
     p.add_argument("--denoising-strength", type=float, default=0.8)
     p.add_argument("--controlnet", default="auto",
                    help="lineart ControlNet: auto (an installed one with 'lineart' in its name, else img2img), none, or a name")
@@ -56,14 +57,15 @@ def _cmd_lineart(args: argparse.Namespace) -> int:
 
     from aipaint_plugins.lineart.colour import colour_lineart
 
-    from aipaint.api.result import save_png
+    from aipaint.api.result import output_path, save_png
     from aipaint.cli.api import load_pipeline
     from aipaint.plugin.kit.diffusion import open_image
-    from aipaint.postprocess import merge_infotext
+    from aipaint.plugin.postprocess import merge_infotext
 
+    default = Path(args.image).with_name(Path(args.image).stem + "-coloured.png")
+    out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))  # checked before the work
     params = {k: getattr(args, k) for k in ("seed", "steps") if getattr(args, k) is not None}
     images, info, result = colour_lineart(load_pipeline(args), open_image(args.image), args.prompt, args.negative_prompt,
                                           denoising_strength=args.denoising_strength, controlnet=args.controlnet, **params)
-    out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-coloured.png"))
-    print(save_png(images[0], out_path, merge_infotext(result.infotexts[0], info)))
+    print(save_png(images[0], out_path, merge_infotext(result.infotexts[0], info), overwrite=args.overwrite))
     return 0

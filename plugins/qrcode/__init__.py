@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.postprocess import PostProcessorSpec
+from aipaint.plugin.postprocess import PostProcessorSpec
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,7 +38,7 @@ def run_qr(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -
     from aipaint_plugins.qrcode.art import carry_code
 
     from aipaint.errors import InvalidParameter
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     payload = options.get("payload")
     if not payload:
@@ -63,7 +63,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="what to draw (omit with --image to carry the code in an existing picture)")
     p.add_argument("-n", "--negative-prompt", default="")
     p.add_argument("--image", help="carry the code in this picture instead of generating one")
-    p.add_argument("-o", "--output", default="qr.png", help="output PNG (a batch adds -0, -1, …)")
+    p.add_argument("-o", "--output", help="output PNG (default: qr.png, or the first free qr-N.png; a batch adds -0, -1, …)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: they are an error)")
     p.add_argument("--size", type=int, help="picture size in px (default: the model's)")
     p.add_argument("--version", type=int, help="QR version 1-40 (default: the smallest that fits)")
     p.add_argument("--denoising-strength", type=float, default=0.75, help="img2img strength over the code (default 0.75)")
@@ -80,20 +81,20 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_qr(args: argparse.Namespace) -> int:
     import sys
-    from pathlib import Path
 
     from aipaint_plugins.qrcode.art import RepairSettings, carry_code, qr_art
 
-    from aipaint.api.result import save_png
+    from aipaint.api.result import batch_paths, output_path, save_png
     from aipaint.errors import AipaintError
     from aipaint.plugin.kit.diffusion import open_image
 
     settings = RepairSettings(safety=args.safety)
     decoders = _decoders(args.decoders)
-    output = Path(args.output)
+    count = 1 if args.image else (args.batch_size or 1)
+    output = output_path(args.output, count, overwrite=args.overwrite, default="qr.png")  # checked before the work
     if args.image:
         from aipaint.infotext import read_png_parameters
-        from aipaint.postprocess import merge_infotext
+        from aipaint.plugin.postprocess import merge_infotext
 
         art = carry_code(open_image(args.image), args.payload, version=args.version, repair_settings=settings, decoders=decoders)
         # The picture's own parameters stay, as every post-processor's command keeps them.
@@ -107,9 +108,8 @@ def _cmd_qr(args: argparse.Namespace) -> int:
         results = qr_art(load_pipeline(args), args.payload, args.prompt, args.negative_prompt, size=args.size, version=args.version,
                          denoising_strength=args.denoising_strength, controlnet=args.controlnet, repair_settings=settings,
                          decoders=decoders, **params)
-    for index, (art, text) in enumerate(results):
-        path = output if len(results) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}")
-        print(save_png(art.image, path, text))
+    for path, (art, text) in zip(batch_paths(output, len(results)), results, strict=True):
+        print(save_png(art.image, path, text, overwrite=args.overwrite))
         print(f"decodes with {'+'.join(art.decoders)}; code contribution {art.contribution:.2f}, "
               f"margin {art.margin:.2f} (still decodes down to {art.lowest_contribution:.2f})", file=sys.stderr)
     return 0

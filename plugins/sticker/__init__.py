@@ -49,9 +49,12 @@ def register_postprocessors(register: Callable[[PostProcessorSpec], None]) -> No
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint.cli.api import add_overwrite_option
+
     p = subparsers.add_parser("sticker", help="cut out the subject and make a transparent sticker PNG with an outline")
     p.add_argument("image")
-    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-sticker.png)")
+    p.add_argument("-o", "--output", help="output PNG (default: IMAGE-sticker.png, or the first free IMAGE-sticker-N.png)")
+    add_overwrite_option(p)
     p.add_argument("--method", default="floodfill", choices=["floodfill", "grabcut"])
     p.add_argument("--tolerance", type=float, default=40.0, help="flood fill: RGB distance to the border colour (default 40)")
     p.add_argument("--outline-width", type=int, default=8)
@@ -62,17 +65,18 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_sticker(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aipaint.api.result import save_png
+    from aipaint.api.result import output_path, save_png
+    from aipaint.engine.postprocessing import run_postprocessors
     from aipaint.infotext import read_png_parameters
     from aipaint.plugin.kit.diffusion import open_image
     from aipaint.plugin.postprocess import PostStep, merge_infotext
-    from aipaint.engine.postprocessing import run_postprocessors
 
+    default = Path(args.image).with_name(Path(args.image).stem + "-sticker.png")
+    out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))  # checked before the work
     options = {"method": args.method, "tolerance": args.tolerance, "outline_width": args.outline_width,
                "outline_colour": args.outline_colour}
     output = run_postprocessors(open_image(args.image), [PostStep("sticker", options)])
     parameters = read_png_parameters(args.image) or ""
     text = merge_infotext(parameters, output.infotext)
-    out_path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "-sticker.png"))
-    print(save_png(output.image, out_path, text))
+    print(save_png(output.image, out_path, text, overwrite=args.overwrite))
     return 0

@@ -205,6 +205,15 @@ def test_jobs_take_turns_in_arrival_order():
     assert order == ["a", "b", "c", "d"]
 
 
+def test_a_refused_request_gives_up_its_place():
+    queue = JobQueue(max_queue=4)
+    refused, waiting = queue.ticket(), queue.ticket()
+    queue.cancel(refused)
+    with queue.turn("next", ticket=waiting) as state:  # would wait forever for the refused one
+        assert state.job == "next"
+    assert queue.waiting == 0
+
+
 def test_concurrent_requests_each_get_their_own_answer(server):
     jobs = [_in_background(lambda i=i: httpx.post(f"{server.url}/sdapi/v1/txt2img",
                                                   json={"prompt": f"job {i}", "seed": i, **SMALL}, timeout=60))

@@ -133,18 +133,22 @@ class Server:
             self.checkpoint = name
 
     # --- generation ----------------------------------------------------------------------
-    def generate(self, body: Any, kind: str) -> dict[str, Any]:
-        options = {"lora": {"folder": str(self.config.lora_dir)}} if self.config.lora_dir is not None else None
-        job = a1111.build_job(body, kind, request_options=options)
-        if job.checkpoint is not None and job.checkpoint != self.checkpoint:
-            raise InvalidParameter("override_settings.sd_model_checkpoint", job.checkpoint,
-                                   f"is not the loaded model ({self.checkpoint!r})",
-                                   "switch models with POST /sdapi/v1/options {\"sd_model_checkpoint\": ...}")
-        request = job.request
-        if request.clip_skip == 1 and self.clip_skip != 1 and "CLIP_stop_at_last_layers" not in (body.get("override_settings") or {}):
-            request = dataclasses.replace(request, clip_skip=self.clip_skip)
+    def generate(self, body: Any, kind: str, ticket: int) -> dict[str, Any]:
+        """Run an A1111 generation body in the queue's turn of ``ticket``."""
+        try:
+            job = self._job(body, kind)
+        except BaseException:
+            self.queue.cancel(ticket)
+            raise
         results = []
-        with self.queue.turn(kind, job.n_iter) as state:
+        with self.queue.turn(kind, job.n_iter, ticket) as state:
+            if job.checkpoint is not None and job.checkpoint != self.checkpoint:
+                raise InvalidParameter("override_settings.sd_model_checkpoint", job.checkpoint,
+                                       f"is not the loaded model ({self.checkpoint!r})",
+                                       "switch models with POST /sdapi/v1/options {\"sd_model_checkpoint\": ...}")
+            request = job.request
+            if "CLIP_stop_at_last_layers" not in (body.get("override_settings") or {}):
+                request = dataclasses.replace(request, clip_skip=self.clip_skip)
             request = self.pipeline.check(request).with_seed()
             for number in range(job.n_iter):
                 state.job_no, state.skipped, state.preview = number, False, None
@@ -164,6 +168,10 @@ class Server:
             "parameters": a1111.parameters(body),
             "info": a1111.info(job, results),
         }
+
+    def _job(self, body: Any, kind: str) -> a1111.Job:
+        options = {"lora": {"folder": str(self.config.lora_dir)}} if self.config.lora_dir is not None else None
+        return a1111.build_job(body, kind, request_options=options)
 
     def _save(self, images: list[tuple[Any, str]], kind: str) -> None:
         from aipaint.api.result import output_path, save_png
@@ -315,12 +323,12 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
     @app.post(f"{api}/txt2img")
     async def txt2img(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        return await _run_blocking(server.generate, body, "txt2img")
+        return await _run_blocking(server.generate, body, "txt2img", server.queue.ticket())
 
     @app.post(f"{api}/img2img")
     async def img2img(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        return await _run_blocking(server.generate, body, "img2img")
+        return await _run_blocking(server.generate, body, "img2img", server.queue.ticket())
 
     @app.post(f"{api}/png-info")
     async def png_info(request: Request) -> dict[str, Any]:

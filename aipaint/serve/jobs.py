@@ -1,6 +1,7 @@
 """The job queue: one model, one job at a time, in arrival order.
 
-Each HTTP request that needs the model takes a ticket and waits for its turn; while
+Each HTTP request that needs the model takes a ticket as it arrives (in the server's event
+loop, so in the order requests were read) and waits for its turn; while
 ``max_queue`` jobs are held (the running one and those waiting) a new one is refused with :class:`QueueFull`. The running job's
 progress callbacks update :class:`JobState` (what ``/sdapi/v1/progress`` reports) and raise
 :class:`Interrupted` when ``/interrupt`` or ``/skip`` asked them to stop.
@@ -57,21 +58,39 @@ class JobQueue:
         self._lock = threading.Condition()
         self._next_ticket = 0
         self._serving = 0
+        self._cancelled: set[int] = set()
 
     @property
     def waiting(self) -> int:
         with self._lock:
             return self._next_ticket - self._serving
 
-    @contextmanager
-    def turn(self, name: str, job_count: int = 1) -> Iterator[JobState]:
-        """Wait for this job's turn, then hold the model until the block ends."""
+    def ticket(self) -> int:
+        """A place in the queue, taken as a request arrives; :class:`QueueFull` when none is left."""
         with self._lock:
             if self._next_ticket - self._serving >= self.max_queue:
                 raise QueueFull(f"the server is busy: it holds {self.max_queue} jobs (running and waiting), "
                                 "the most it was started with (--queue-size); try again later")
-            ticket = self._next_ticket
             self._next_ticket += 1
+            return self._next_ticket - 1
+
+    def cancel(self, ticket: int) -> None:
+        """Give up a ticket whose job will not run (its request was refused): later jobs do not wait for it."""
+        with self._lock:
+            self._cancelled.add(ticket)
+            self._advance()
+
+    def _advance(self) -> None:
+        while self._serving in self._cancelled:
+            self._cancelled.discard(self._serving)
+            self._serving += 1
+        self._lock.notify_all()
+
+    @contextmanager
+    def turn(self, name: str, job_count: int = 1, ticket: int | None = None) -> Iterator[JobState]:
+        """Wait for the turn of ``ticket`` (a new one when None), then hold the model until the block ends."""
+        ticket = self.ticket() if ticket is None else ticket
+        with self._lock:
             while self._serving != ticket:
                 self._lock.wait()
             self.state = JobState(job=name, job_count=job_count, started=time.time())
@@ -81,7 +100,7 @@ class JobQueue:
             with self._lock:
                 self.state = JobState()
                 self._serving += 1
-                self._lock.notify_all()
+                self._advance()
 
     def interrupt(self) -> None:
         self.state.interrupted = True

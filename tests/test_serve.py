@@ -258,6 +258,21 @@ def test_save_images_writes_only_under_the_output_folder(api, server):
     assert len(saved) == 1 and saved[0].parent == out / "txt2img-images"
 
 
+def test_the_web_page_is_offline_and_calls_only_served_endpoints(server):
+    import re
+
+    reply = httpx.get(f"{server.url}/")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+    page = reply.text
+    assert not re.search(r"https?://|src=[\"']//|href=[\"']//|@import", page)  # no network assets
+    called = set(re.findall(r'api\("([\w-]+)"', page))
+    assert {"progress", "interrupt", "skip", "png-info", "samplers"} <= called
+    assert 'const kind = mode() === "txt2img" ? "txt2img" : "img2img"' in page and "api(kind, body)" in page
+    called |= {"txt2img", "img2img"}
+    served = {route.path.removeprefix("/sdapi/v1/") for route in server.app.routes}
+    assert called <= served
+
+
 # --------------------------------------------------------------------------- bad input (docs/serving.md)
 def _bomb() -> str:
     buffer = io.BytesIO()

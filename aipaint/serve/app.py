@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aipaint.errors import AipaintError, InvalidParameter, UnknownName
@@ -319,6 +319,12 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
         return json.loads(raw) if raw.strip() else {}
 
     api = "/sdapi/v1"
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        from aipaint.serve.page import PAGE
+
+        return PAGE
 
     @app.post(f"{api}/txt2img")
     async def txt2img(request: Request) -> dict[str, Any]:

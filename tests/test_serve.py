@@ -91,6 +91,8 @@ def test_txt2img_through_webuiapi(api):
     assert result.images[0].info["parameters"] == result.info["infotexts"][0]
     # webuiapi sends fields aipaint does not act on: accepted, and named
     assert "restore_faces" in result.info["ignored_fields"]
+    styled = api.txt2img(prompt="a red square", seed=3, styles=["my style"], **SMALL)
+    assert "styles" in styled.info["ignored_fields"] and "styles" not in result.info["ignored_fields"]
     again = api.txt2img(prompt="a red square", seed=3, **SMALL)
     assert np.array_equal(np.asarray(again.image), np.asarray(result.images[0]))
 
@@ -289,6 +291,9 @@ BAD = [
     ("txt2img", {"prompt": "x", "n_iter": 0}, 422, "invalid n_iter=0: must be an integer from 1 to 100"),
     ("txt2img", {"prompt": 5}, 422, "invalid prompt=5: must be a string"),
     ("txt2img", [1, 2], 422, "invalid body=[1, 2]: must be a JSON object"),
+    ("txt2img", {"prompt": "x", "styles": 5}, 422, "invalid styles=5: must be a list of style names"),
+    ("txt2img", {"prompt": "x", "alwayson_scripts": {"ControlNet": {"args": [{"model": "../x", "image": "%%"}]}}}, 422,
+     "cannot read ControlNet 0 image: it is not valid base64"),
     ("txt2img", {"prompt": "<lora:../../etc/passwd:1>", **SMALL}, 422, "invalid lora='../../etc/passwd'"),
     ("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "tiny-b"}}, 422,
      "is not the loaded model ('tiny-a')"),
@@ -314,6 +319,25 @@ def test_bad_input_is_a_4xx_with_one_line(server, monkeypatch, endpoint, body, s
     error = reply.json()
     assert set(error) == {"error", "detail", "body", "errors"}
     assert message in error["detail"] and "\n" not in error["detail"] and "Traceback" not in reply.text
+
+
+def test_a_control_model_name_leaving_its_folder(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
+    unit = {"model": "../../etc/passwd", "image": b64(picture())}
+    reply = httpx.post(f"{server.url}/sdapi/v1/txt2img",
+                       json={"prompt": "x", **SMALL, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert reply.status_code == 422 and "must be a name inside" in reply.json()["detail"], reply.text
+
+
+def test_an_unexpected_error_is_500_without_a_traceback(server, monkeypatch):
+    def broken():
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.app.state.server, "progress", broken)
+    reply = httpx.get(f"{server.url}/sdapi/v1/progress")
+    assert reply.status_code == 500
+    assert reply.json()["detail"] == "internal error (RuntimeError); see the server's log"
+    assert "secret" not in reply.text and "Traceback" not in reply.text
 
 
 def test_bad_json_and_a_body_too_large(server):

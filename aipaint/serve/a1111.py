@@ -159,8 +159,7 @@ def _controlnet_units(scripts: Any) -> tuple[tuple[Any, ...], list[str]]:
     return tuple(units), ignored
 
 
-def build_job(body: Any, kind: str, *, styles: Mapping[str, tuple[str, str]] | None = None,
-              request_options: Mapping[str, Any] | None = None) -> Job:
+def build_job(body: Any, kind: str, *, request_options: Mapping[str, Any] | None = None) -> Job:
     """The :class:`Job` an A1111 ``txt2img`` or ``img2img`` body describes (``kind``). Every
     value is checked here, before the job waits in the queue."""
     if not isinstance(body, Mapping):
@@ -176,15 +175,12 @@ def build_job(body: Any, kind: str, *, styles: Mapping[str, tuple[str, str]] | N
         if fields.get(name) in (0, 1) and not isinstance(fields[name], bool):
             fields[name] = bool(fields[name])
     fields["sampler"], fields["schedule"] = _sampler(body)
-    prompt, negative = fields.get("prompt", ""), fields.get("negative_prompt", "")
-    for style in body.get("styles") or ():
-        if not styles or style not in styles:
-            raise InvalidParameter("styles", style, "is not a known style" if styles else "no styles are configured")
-        positive, negative_style = styles[style]
-        prompt = positive.replace("{prompt}", prompt) if "{prompt}" in positive else ", ".join(p for p in (prompt, positive) if p)
-        negative = ", ".join(p for p in (negative, negative_style) if p)
-    fields["prompt"], fields["negative_prompt"] = prompt, negative
     ignored = sorted(k for k in body if k not in known)
+    styles = body.get("styles") or []
+    if not isinstance(styles, list):
+        raise InvalidParameter("styles", styles, "must be a list of style names")
+    if styles:  # A1111's saved prompt styles live in its styles.csv; the server has none, and says so
+        ignored.append("styles")
     checkpoint = None
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, Mapping):

@@ -283,6 +283,11 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
         status = exc.status if isinstance(exc, ApiError) else 503 if isinstance(exc, QueueFull) else 422
         return error_response(status, exc)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's doing: the type only, the traceback stays in the server's log.
+        return error_response(500, ApiError(500, f"internal error ({type(exc).__name__}); see the server's log"))
+
     @app.exception_handler(json.JSONDecodeError)
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return error_response(400, InvalidParameter("body", exc.doc[:40], f"is not valid JSON ({exc.msg})"))

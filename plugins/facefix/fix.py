@@ -227,7 +227,7 @@ def _restorer_option(value: Any) -> Restorer | str | Path:
 
 def run_facefix(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
     """The ``facefix`` post-processor (ADetailer), optionally followed by restoration."""
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     if pipe is None:
         raise UnsupportedFeature("face fix inpaints faces with a model: load one, or use 'face-restore' with restorer weights")
@@ -248,7 +248,7 @@ def run_facefix(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
 
 def run_restore(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
     """The ``face-restore`` post-processor: restoration only, no diffusion model needed."""
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     if not options.get("restorer"):
         from aipaint.plugin.kit.image_models import upscaler_dir

@@ -107,7 +107,7 @@ def run_lineart(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
     from aipaint.infotext import Infotext
     from aipaint.plugin.kit.diffusion import generation_settings
     from aipaint.plugin.kit.options import number
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     if pipe is None:
         raise UnsupportedFeature("line-art colouring paints with a model: load one first")

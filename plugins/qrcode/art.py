@@ -226,7 +226,7 @@ def qr_art(
     plus the ``QR …`` entries.
     """
     from aipaint.plugin.kit.diffusion import choose_controlnet
-    from aipaint.postprocess import merge_infotext
+    from aipaint.plugin.postprocess import merge_infotext
 
     controlnet = choose_controlnet(pipe, controlnet, ("qr",))
     size = int(size or pipe.model.defaults.width)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
-from aipaint.postprocess import PostProcessorSpec
+from aipaint.plugin.postprocess import PostProcessorSpec
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -26,7 +26,7 @@ def run_upscale(image: Image.Image, options: dict[str, Any], pipe: Pipeline | No
     from aipaint_plugins.upscale.upscalers import DEFAULT_TILE, UpscaleSettings, get_upscaler
 
     from aipaint.plugin.kit.options import number, option_bool, parse_size
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     upscaler = get_upscaler(str(options.get("upscaler") or "Lanczos"))
     scale = number(options, "scale", 2.0, 0.0, 16.0, low_open=True)

@@ -84,7 +84,7 @@ def sd_upscale(
 
 
 def run_sd_upscale_postprocessor(image: Image.Image, options: dict[str, Any], pipe: Pipeline | None) -> Any:
-    from aipaint.postprocess import PostProcessOutput
+    from aipaint.plugin.postprocess import PostProcessOutput
 
     if pipe is None:
         raise UnsupportedFeature("SD upscale diffuses with a model: load one first")

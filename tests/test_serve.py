@@ -245,6 +245,10 @@ def test_controlnet_through_alwayson_scripts(api, tiny_pipe, tmp_path, monkeypat
     unit = webuiapi.ControlNetUnit(image=picture((0, 0, 255)), module="none", model="tiny-cn [12345678]", weight=1.0)
     controlled = api.txt2img(prompt="a red square", seed=4, controlnet_units=[unit], **SMALL)
     assert "ControlNet 0" in controlled.info["infotexts"][0]
+    assert "Control Mode: Balanced" in controlled.info["infotexts"][0]
+    unit.control_mode = 2
+    stronger = api.txt2img(prompt="a red square", seed=4, controlnet_units=[unit], **SMALL)
+    assert "Control Mode: ControlNet is more important" in stronger.info["infotexts"][0]
     assert not np.array_equal(np.asarray(plain.image), np.asarray(controlled.image))
     disabled = webuiapi.ControlNetUnit(image=picture(), model="tiny-cn", enabled=False)
     off = api.txt2img(prompt="a red square", seed=4, controlnet_units=[disabled], **SMALL)

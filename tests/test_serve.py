@@ -165,6 +165,7 @@ def test_progress_with_a_preview_then_interrupt(api, server):
     thread, out = _in_background(lambda: api.txt2img(prompt="a red square", seed=2, n_iter=3, **{**SMALL, "steps": 200}))
     progress = _wait_for_step(server)
     assert progress["state"]["job_count"] == 3 and progress["state"]["sampling_steps"] == 200
+    assert progress["textinfo"] == "txt2img 1/3"
     assert 0 < progress["progress"] < 1
     deadline = time.monotonic() + 10
     while progress["current_image"] is None and time.monotonic() < deadline:
@@ -357,6 +358,13 @@ def test_bad_json_and_a_body_too_large(server):
 
     reply = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=chunks())  # no Content-Length: counted as it streams
     assert reply.status_code == 413
+
+
+def test_values_are_checked_before_the_job_waits(server):
+    with server.app.state.server.queue.turn("holding"):
+        reply = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "nope"}, timeout=10)
+    assert reply.status_code == 422 and "invalid sampler='nope'" in reply.json()["detail"]
+    assert server.app.state.server.queue.waiting == 0  # the refused request gave its place up
 
 
 def test_a_full_queue_is_503(tiny_pipe, tmp_path):

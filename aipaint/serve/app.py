@@ -135,17 +135,16 @@ class Server:
     # --- generation ----------------------------------------------------------------------
     def generate(self, body: Any, kind: str, ticket: int) -> dict[str, Any]:
         """Run an A1111 generation body in the queue's turn of ``ticket``."""
-        try:
+        try:  # everything checked before the job waits; the model is checked again in its turn (a switch may come between)
             job = self._job(body, kind)
+            self._check_model(job)
+            self.pipeline.check(job.request)
         except BaseException:
             self.queue.cancel(ticket)
             raise
         results = []
         with self.queue.turn(kind, job.n_iter, ticket) as state:
-            if job.checkpoint is not None and job.checkpoint != self.checkpoint:
-                raise InvalidParameter("override_settings.sd_model_checkpoint", job.checkpoint,
-                                       f"is not the loaded model ({self.checkpoint!r})",
-                                       "switch models with POST /sdapi/v1/options {\"sd_model_checkpoint\": ...}")
+            self._check_model(job)
             request = job.request
             if "CLIP_stop_at_last_layers" not in (body.get("override_settings") or {}):
                 request = dataclasses.replace(request, clip_skip=self.clip_skip)
@@ -168,6 +167,12 @@ class Server:
             "parameters": a1111.parameters(body),
             "info": a1111.info(job, results),
         }
+
+    def _check_model(self, job: a1111.Job) -> None:
+        if job.checkpoint is not None and job.checkpoint != self.checkpoint:
+            raise InvalidParameter("override_settings.sd_model_checkpoint", job.checkpoint,
+                                   f"is not the loaded model ({self.checkpoint!r})",
+                                   "switch models with POST /sdapi/v1/options {\"sd_model_checkpoint\": ...}")
 
     def _job(self, body: Any, kind: str) -> a1111.Job:
         options = {"lora": {"folder": str(self.config.lora_dir)}} if self.config.lora_dir is not None else None
@@ -198,7 +203,7 @@ class Server:
                 "job_no": state.job_no, "sampling_step": state.sampling_step, "sampling_steps": state.sampling_steps,
             },
             "current_image": current,
-            "textinfo": state.textinfo,
+            "textinfo": f"{state.job} {state.job_no + 1}/{state.job_count}" if state.job else None,
         }
 
     def options(self) -> dict[str, Any]:

@@ -40,7 +40,6 @@ class JobState:
     interrupted: bool = False
     skipped: bool = False
     preview: Any = None  # the latest aipaint.engine.preview.StepPreview
-    textinfo: str | None = None
 
     @property
     def progress(self) -> float:

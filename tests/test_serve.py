@@ -393,3 +393,37 @@ def test_api_auth_and_cors(tiny_pipe, tmp_path):
     finally:
         running.stop()
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- the command
+def test_aipaint_serve_passes_its_options_to_the_server(monkeypatch, tmp_path):
+    import aipaint.serve.app as app_module
+    from aipaint.cli.main import main
+
+    started = {}
+    monkeypatch.setattr(app_module, "serve", lambda config, host, port: started.update(config=config, host=host, port=port))
+    assert main(["serve", "-m", "my-model", "--device", "cuda", "--dtype", "float16", "--api-auth", "me:pw",
+                 "--models-dir", str(tmp_path), "--outdir", str(tmp_path / "out"), "--queue-size", "3",
+                 "--max-body-mb", "5", "--cors-allow-origins", "https://a.example"]) == 0
+    config = started["config"]
+    assert (started["host"], started["port"]) == ("127.0.0.1", 7860)  # this machine only, by default
+    assert config.model == "my-model" and config.api_auth == ("me", "pw") and config.models_dir == tmp_path
+    assert config.output_dir == tmp_path / "out" and config.queue_size == 3 and config.max_body_bytes == 5 * 2**20
+    assert config.cors_origins == ("https://a.example",)
+    assert config.load_options["device"] == "cuda" and config.load_options["dtype"] == "float16"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--api-auth", "nocolon"], "expected USER:PASSWORD"),
+    (["--queue-size", "0"], "invalid --queue-size=0: must be at least 1"),
+    (["--port", "70000"], "invalid --port=70000: must be from 0 to 65535"),
+])
+def test_aipaint_serve_refuses_bad_options(args, message, capsys):
+    from aipaint.cli.main import main
+
+    try:
+        code = main(["serve", *args])
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    assert code == 2 and message in capsys.readouterr().err

@@ -111,7 +111,7 @@ class Pipeline:
         if not 2 <= len(images) <= 5:
             from aipaint.errors import InvalidParameter
 
-            raise InvalidParameter("images", f"<{len(images)} images>", "a blend mixes 2 to 5 images",
+            raise InvalidParameter("image_prompts", f"<{len(images)} images>", "a blend mixes 2 to 5 images",
                                    "for one image, ask for variations")
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, image_prompts=tuple(images),
                                     image_prompt_weights=tuple(weights) if weights is not None else (), **params)

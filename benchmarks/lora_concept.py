@@ -97,7 +97,7 @@ def adherence_at(pipe, weight: float, lora_dir: Path, images_per_prompt: int, st
     tag = f" <lora:orange:{weight:g}>" if weight else ""
     for i, (prompt, background) in enumerate(eval_prompts()):
         result = pipe.txt2img(prompt + tag, seed=1000 + i * images_per_prompt, batch_size=images_per_prompt,
-                              steps=steps, extra={"lora_dir": str(lora_dir)})
+                              steps=steps, options={"lora": {"folder": str(lora_dir)}})
         hits[background].extend(is_orange(image, prompt) for image in result.images)
     return summarise(hits)
 

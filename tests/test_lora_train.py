@@ -70,9 +70,9 @@ def test_trained_file_has_kohya_keys_loads_back_and_leaves_the_model_alone(tiny_
 
     patches = lora_patches(tiny_pipe.model, out)
     assert patches.unmatched == {} and len(patches.patches) == report.modules
-    extra = {"lora_dir": str(out.parent)}
-    plain = np.asarray(tiny_pipe.txt2img("a red circle", extra=extra, **GEN).images[0])
-    with_lora = np.asarray(tiny_pipe.txt2img("a red circle <lora:mine:1>", extra=extra, **GEN).images[0])
+    options = {"lora": {"folder": str(out.parent)}}
+    plain = np.asarray(tiny_pipe.txt2img("a red circle", options=options, **GEN).images[0])
+    with_lora = np.asarray(tiny_pipe.txt2img("a red circle <lora:mine:1>", options=options, **GEN).images[0])
     assert not np.array_equal(plain, with_lora)
     with apply_loras(tiny_pipe, ["mine"], folder=out.parent):
         pass
@@ -133,7 +133,7 @@ def orange_adherence(pipe, prompt_suffix: str, *, images_per_prompt: int, lora_d
     hits = total = 0
     for i, prompt in enumerate(ORANGE_PROMPTS):
         result = pipe.txt2img(prompt + prompt_suffix, seed=100 + i * images_per_prompt, batch_size=images_per_prompt,
-                              steps=steps, extra={"lora_dir": str(lora_dir)})
+                              steps=steps, options={"lora": {"folder": str(lora_dir)}})
         for image in result.images:
             objects = adherence(image, prompt).details["objects"]
             hits += bool(objects and objects[0]["colour"])

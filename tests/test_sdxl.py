@@ -186,7 +186,7 @@ def test_conditioning_concatenates_both_encoders_and_carries_pooled_and_time_ids
     (cond,) = model.encode_texts([PROMPT])
     assert cond.embeds.shape == (1, 77, 64)  # 32 + 32 features: both encoders, side by side
     assert cond.extras["text_embeds"].shape == (1, 32)
-    request = GenerationRequest(PROMPT, width=48, height=32, extra={"crop_top": 4, "crop_left": 8})
+    request = GenerationRequest(PROMPT, width=48, height=32, options={"sdxl": {"crop_top": 4, "crop_left": 8}})
     full = model.request_conditioning(cond, text=PROMPT, negative=False, request=request)
     assert full.extras["time_ids"].tolist() == [[32.0, 48.0, 4.0, 8.0, 32.0, 48.0]]
     # The first encoder's half is its penultimate hidden state without the final layer norm.
@@ -423,7 +423,7 @@ def test_kohya_lora_changes_the_image_and_is_undone(sdxl, tmp_path, prefixes):
     for prefix in prefixes:
         weights.update(_kohya_pair(prefix, *shapes[prefix]))
     save_file(weights, str(tmp_path / "style.safetensors"))
-    kwargs = dict(sampler="Euler", steps=2, seed=4, width=32, height=32, extra={"lora_dir": str(tmp_path)})
+    kwargs = dict(sampler="Euler", steps=2, seed=4, width=32, height=32, options={"lora": {"folder": str(tmp_path)}})
     before = {k: v.clone() for k, v in sdxl.model.unet.state_dict().items() if "attn1.to_q" in k}
     plain = as_array(sdxl.txt2img(PROMPT, **kwargs).image)
     from aipaint_plugins.lora.api import UnmatchedLoraKeys
@@ -560,7 +560,7 @@ def test_lora_on_the_refiner_patches_text_encoder_2_and_reports_first_encoder_ke
 
     te1, te2, unet = _kohya_pair(KOHYA_TE1, 32, 32), _kohya_pair(KOHYA_TE2, 32, 32), _kohya_pair(SGM_NAMED_UNET, 64, 64)
     save_file({**te1, **te2, **unet}, str(tmp_path / "style.safetensors"))
-    kwargs = dict(sampler="Euler", steps=2, seed=4, width=32, height=32, extra={"lora_dir": str(tmp_path)})
+    kwargs = dict(sampler="Euler", steps=2, seed=4, width=32, height=32, options={"lora": {"folder": str(tmp_path)}})
     before = _all_weights(refiner)
     plain = as_array(refiner.txt2img(PROMPT, **kwargs).image)
     seen: list[bool] = []

@@ -16,7 +16,7 @@ A unit is ``AdapterUnit("controlnet", {...})`` with these options (A1111's API n
 ``config``          a config folder for a single-file model that does not fit the base UNet
 ``allow_pickle``    allow ``.pth``/``.ckpt`` files (read with ``torch.load(weights_only=True)``): True or
                     False (or true/false, yes/no, on/off, 1/0 as text); default: the request's
-                    ``extra["allow_pickle"]`` (the command line's ``--allow-pickle``)
+                    ``allow_pickle`` (the command line's ``--allow-pickle``)
 ==================  =======================================================================
 
 The unit is active at step ``i`` of ``n`` when ``guidance_start <= i / n <= guidance_end``

@@ -17,9 +17,9 @@ __all__ = ["__version__", "hookimpl", "load", "Pipeline", "GenerationRequest", "
 
 if TYPE_CHECKING:
     from aipaint.api.request import GenerationRequest
+    from aipaint.api.result import Result
     from aipaint.pipeline import Pipeline
     from aipaint.plugin.host import create_plugin_host
-    from aipaint.api.result import Result
 
 
 def load(source: Any = None, **options: Any) -> Pipeline:

@@ -41,9 +41,10 @@ VARIANTS: dict[str, tuple[AdapterUnit, ...]] = {
 
 
 def embedded(report: Report, prompts: int, seed: int) -> None:
-    import aipaint
     from aipaint_plugins.shapes_world.evaluate import adherence
     from aipaint_plugins.shapes_world.scene import random_scene
+
+    import aipaint
 
     pipe = aipaint.load()
     defaults = pipe.model.defaults

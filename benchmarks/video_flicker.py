@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
     from aipaint_plugins.video.stylize import Clip, stylize_clip
     from PIL import Image
 
     import aipaint
-    from aipaint_plugins.shapes_world.render import render
-    from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
     pipe = aipaint.load()
     rng = np.random.default_rng(0)

@@ -14,10 +14,9 @@ torch.set_num_threads(int(os.environ.get("AIPAINT_TEST_THREADS", "1")))
 
 def build_tiny_sd_components(seed: int = 0, *, in_channels: int = 4, prediction_type: str = "epsilon") -> dict:
     """diffusers' test-sized SD1.5 components with the real CLIP tokenizer."""
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

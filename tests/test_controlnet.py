@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import ImageError, InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError
+from aipaint.plugin.adapters import AdapterUnit
 
 KW = dict(width=32, height=32, steps=3, seed=7, cfg_scale=5.0)
 

@@ -119,9 +119,10 @@ def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_p
 
 def test_on_the_embedded_model_the_pictures_keep_their_content():
     """Behaviour: with the default DeepCache the shapes, colours and places asked for are still drawn."""
-    import aipaint
     from aipaint_plugins.shapes_world.evaluate import adherence
     from aipaint_plugins.shapes_world.scene import random_scene
+
+    import aipaint
 
     pipe = aipaint.load()
     rng = np.random.default_rng(3)

@@ -11,10 +11,9 @@ import time
 import pytest
 
 import aipaint
-from aipaint.models import loading
-from aipaint.models import zoo
 from aipaint.cli.main import main
 from aipaint.errors import DownloadError, UnknownName
+from aipaint.models import loading, zoo
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 # The hub client's own retries give up after about 23 s; the offline error must come long before.

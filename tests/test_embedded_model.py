@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import aipaint
 from aipaint_plugins.shapes_world.evaluate import adherence
 from aipaint_plugins.shapes_world.scene import random_scene
+
+import aipaint
 
 N_CAPTIONS = 16
 

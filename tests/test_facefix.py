@@ -12,8 +12,8 @@ from aipaint_plugins.facefix.fix import FaceFixSettings, detect_faces, face_fix,
 from aipaint_plugins.facefix.masks import box_mask, crop_region, feather, paste
 from PIL import Image
 
-from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError, UnsupportedFeature
 from aipaint.engine.postprocessing import run_postprocessors
+from aipaint.errors import InvalidParameter, ModelLoadError, UnknownName, UnsafeFileError, UnsupportedFeature
 
 ASTRONAUT_FACE = (177, 66, 272, 161)  # where Eileen Collins' face is in skimage.data.astronaut() (512 px)
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from aipaint.api.request import GenerationRequest
+from aipaint.api.result import Result, save_png
 from aipaint.cli import api as cli_api
 from aipaint.cli.main import main
 from aipaint.errors import DownloadError, ImageError, InvalidParameter
-from aipaint.api.request import GenerationRequest
-from aipaint.api.result import Result, save_png
 
 SMALL = ["-W", "32", "-H", "32", "--steps", "1", "--no-progress"]
 LONG_NAME = "x" * 300  # one path part over the 255 bytes file systems allow

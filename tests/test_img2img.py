@@ -8,10 +8,10 @@ import torch
 from image_modes_support import load_embedded, noise_image, pixels, steps_reported
 from PIL import Image
 
+from aipaint.api.request import GenerationRequest
 from aipaint.errors import ImageError, InvalidParameter
 from aipaint.imageutil import resize_image
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.api.request import GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
 
@@ -28,7 +28,6 @@ def test_matches_diffusers_img2img_pipeline(tiny_pipe, tiny_sd_path, sampler, sc
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from aipaint.engine.modes import to_tensor
-    from aipaint.engine.preview import to_pictures
 
     image = noise_image()
     ours = tiny_pipe.img2img(image, "a red circle", "blurry", denoising_strength=0.6, steps=10, sampler=sampler,

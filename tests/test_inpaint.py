@@ -11,9 +11,9 @@ from image_modes_support import load_embedded, noise_image, pixels
 from PIL import Image
 
 from aipaint import imageutil
+from aipaint.api.request import INPAINT_FILLS, GenerationRequest
 from aipaint.errors import ImageError, InvalidParameter
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.api.request import INPAINT_FILLS, GenerationRequest
 
 FAST = {"steps": 4, "seed": 3}
 BIG_BOX = (24, 20, 40, 40)  # in a 64×64 image: room for a blur of 8 (reach 20) around it

@@ -120,9 +120,9 @@ def test_lineart_post_processor_records_its_controlnet_unit(tiny_pipe, drawing, 
     from aipaint_plugins.lineart.colour import LINEART_CONTROLNET_KEY
     from test_controlnet import _tiny_controlnet
 
+    from aipaint.engine.postprocessing import run_postprocessors
     from aipaint.infotext import Infotext
     from aipaint.plugin.postprocess import merge_infotext
-    from aipaint.engine.postprocessing import run_postprocessors
 
     _tiny_controlnet(tiny_pipe.model.unet, 2).save_pretrained(tmp_path / "control_lineart_tiny")
     monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))
@@ -140,9 +140,9 @@ def test_lineart_post_processor_records_its_controlnet_unit(tiny_pipe, drawing, 
 def test_lineart_post_processor_by_img2img_records_no_controlnet(tiny_pipe, drawing, tmp_path, monkeypatch):
     from aipaint_plugins.lineart.colour import LINEART_CONTROLNET_KEY
 
+    from aipaint.engine.postprocessing import run_postprocessors
     from aipaint.infotext import Infotext
     from aipaint.plugin.postprocess import merge_infotext
-    from aipaint.engine.postprocessing import run_postprocessors
 
     monkeypatch.setenv("AIPAINT_CONTROLNET_DIR", str(tmp_path))  # none installed: img2img
     out = run_postprocessors(drawing, [("lineart", {"prompt": "a red circle", "steps": 2, "seed": 1})], tiny_pipe)

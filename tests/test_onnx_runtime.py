@@ -153,9 +153,9 @@ def cn_unit(model="tiny-cn", **options):
 
 def controlnets_used(pipe, *units) -> list:
     """The ControlNet module each unit's loop contributor runs (a torch module or an exported stand-in)."""
-    from aipaint.api.request import GenerationRequest
-
     from engine_support import record_job
+
+    from aipaint.api.request import GenerationRequest
 
     with record_job() as job:
         pipe.generate(GenerationRequest(prompt="a red square", adapters=units, **{**GEN, "steps": 1}))

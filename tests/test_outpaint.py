@@ -8,10 +8,10 @@ from image_modes_support import load_embedded, noise_image, pixels
 from PIL import Image
 
 from aipaint import imageutil
-from aipaint.errors import InvalidParameter
-from aipaint.engine.modes import Extension
-from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
 from aipaint.api.request import OUTPAINT_SIDES, GenerationRequest
+from aipaint.engine.modes import Extension
+from aipaint.errors import InvalidParameter
+from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
 
 FAST = {"steps": 4, "seed": 3}
 

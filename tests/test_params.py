@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aipaint.errors import AipaintError, InvalidParameter
 from aipaint.api.request import GenerationRequest
+from aipaint.errors import AipaintError, InvalidParameter
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ import pytest
 
 import aipaint
 from aipaint import hookimpl
+from aipaint.engine.samplers import SamplerSpec
 from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 from aipaint.plugin.host import create_plugin_host
-from aipaint.engine.samplers import SamplerSpec
 
 MARKER = "toy-family.json"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from aipaint_plugins.shapes_world.render import render
+from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 from PIL import Image
 
 from aipaint.errors import ImageError, InvalidParameter, MissingWeights, UnknownName
-from aipaint_plugins.shapes_world.render import render
-from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
 SIZE = 128  # render at 4x the world's 32 px: edges are then placed to within a pixel
 SCALE = SIZE / 32

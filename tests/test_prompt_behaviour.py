@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import aipaint
 from aipaint_plugins.shapes_world.evaluate import read_scene
 from aipaint_plugins.shapes_world.scene import BACKGROUNDS, COLOURS
+
+import aipaint
 
 SEEDS = range(12)
 PALETTE = {**COLOURS, **BACKGROUNDS}

@@ -16,8 +16,8 @@ from aipaint_plugins.qrcode.code import (
 )
 from PIL import Image
 
-from aipaint.errors import InvalidParameter, UnknownName
 from aipaint.engine.postprocessing import run_postprocessors
+from aipaint.errors import InvalidParameter, UnknownName
 
 URL = "https://example.com"
 

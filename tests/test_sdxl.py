@@ -23,10 +23,9 @@ PROMPT = "a big red circle on the left"
 
 def build_tiny_sdxl_components(seed: int = 0, *, refiner: bool = False, tokenizer=None) -> dict:
     """diffusers' test-sized SDXL base (or refiner: one text encoder, aesthetic-score time ids)."""
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     text_config = dict(

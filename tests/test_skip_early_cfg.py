@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aipaint.api.request import GenerationRequest
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.api.request import GenerationRequest
 
 KW = dict(width=32, height=32, steps=4, seed=3, cfg_scale=7.0, sampler="DPM++ 2M")
 

@@ -7,8 +7,8 @@ import pytest
 from aipaint_plugins.sticker.cutout import make_sticker, subject_mask
 from PIL import Image
 
-from aipaint.errors import ImageError, InvalidParameter, UnknownName
 from aipaint.engine.postprocessing import run_postprocessors
+from aipaint.errors import ImageError, InvalidParameter, UnknownName
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,9 @@ def test_sticker_of_a_picture_from_the_embedded_model(plugin_host):
 
     if not (Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny" / "unet").is_dir():
         pytest.skip("the embedded shapes-tiny model is not trained yet (zoo/models/shapes-tiny)")
-    import aipaint
     from aipaint_plugins.shapes_world.evaluate import read_scene
+
+    import aipaint
 
     pipe = aipaint.load(host=plugin_host)
     picture = pipe.txt2img("a big blue square in the center, on a white background", seed=2, steps=12).image

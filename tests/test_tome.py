@@ -9,8 +9,8 @@ import torch
 from aipaint_plugins import tome
 from aipaint_plugins.tome import TokenMerging, ToMeSettings, bipartite_soft_matching
 
-from aipaint.plugin.adapters import AdapterUnit
 from aipaint.errors import InvalidParameter
+from aipaint.plugin.adapters import AdapterUnit
 
 GEN = dict(seed=5, steps=4, width=32, height=32, cfg_scale=5.0)
 
@@ -123,9 +123,10 @@ def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_p
 
 def test_on_the_embedded_model_the_pictures_keep_their_content():
     """Behaviour: merging half the tokens of the full-resolution blocks keeps what is drawn."""
-    import aipaint
     from aipaint_plugins.shapes_world.evaluate import adherence
     from aipaint_plugins.shapes_world.scene import random_scene
+
+    import aipaint
 
     pipe = aipaint.load()
     rng = np.random.default_rng(3)

@@ -98,8 +98,8 @@ def test_matches_diffusers_pipeline(tiny_pipe, reference, spec, schedule):
 
 
 def test_scheduler_option_it_does_not_accept_is_an_error():
-    from aipaint.errors import PluginError
     from aipaint.engine.samplers import SamplerSpec
+    from aipaint.errors import PluginError
 
     spec = SamplerSpec(name="Euler a", kind="scheduler", scheduler_class="EulerAncestralDiscreteScheduler",
                        schedules=("Automatic", "Karras"))
@@ -112,8 +112,8 @@ def test_scheduler_option_it_does_not_accept_is_an_error():
 
 @pytest.mark.parametrize("sampler", ["DPM++ SDE", "LMS"])
 def test_a1111_infotext_with_karras_schedule_regenerates(tiny_pipe, sampler):
-    from aipaint.infotext import Infotext, generation_kwargs
     from aipaint.api.request import GenerationRequest
+    from aipaint.infotext import Infotext, generation_kwargs
 
     text = f"a red circle\nSteps: 3, Sampler: {sampler}, Schedule type: Karras, CFG scale: 7, Seed: 4, Size: 32x32"
     request = GenerationRequest(**generation_kwargs(Infotext.from_text(text)))
@@ -183,10 +183,9 @@ def test_samplers_pipe(tiny_pipe):
 
 def conditioning_steps_asked(pipe, sampler: str, steps: int, denoising_start: int = 0) -> list[int]:
     """The step of every conditioning lookup the loop makes (one per model call)."""
-    from aipaint.api.request import GenerationRequest
-
     from engine_support import record_job
 
+    from aipaint.api.request import GenerationRequest
     from aipaint.engine.modes import LatentImg2Img
     from aipaint.engine.run import generate
 

@@ -11,6 +11,7 @@ from aipaint_plugins.upscale.tiling import check_tiling, process_tiled, tile_sta
 from aipaint_plugins.upscale.upscalers import UpscaleSettings, get_upscaler, upscaler_catalogue
 from PIL import Image
 
+from aipaint.engine.postprocessing import run_postprocessors
 from aipaint.errors import (
     ImageError,
     InvalidParameter,
@@ -23,7 +24,6 @@ from aipaint.infotext import Infotext
 from aipaint.plugin.kit.folders import NameOutsideFolder
 from aipaint.plugin.kit.image_models import load_image_model, pil_to_tensor, resolve_weights, weight_files
 from aipaint.plugin.postprocess import PostStep, merge_infotext
-from aipaint.engine.postprocessing import run_postprocessors
 
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "zoo" / "models" / "shapes-tiny"
 

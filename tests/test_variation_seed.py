@@ -8,10 +8,10 @@ import torch
 from image_modes_support import noise_image, pixels
 from PIL import Image
 
+from aipaint.api.request import GenerationRequest
+from aipaint.engine.noise import initial_noise, slerp
 from aipaint.errors import InvalidParameter
 from aipaint.infotext import Infotext, generation_kwargs
-from aipaint.engine.noise import initial_noise, slerp
-from aipaint.api.request import GenerationRequest
 
 KW = {"steps": 3, "width": 32, "height": 32, "sampler": "DPM++ 2M"}  # a deterministic sampler
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from aipaint_plugins.shapes_world.render import render
+from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 from aipaint_plugins.video.stylize import Clip, blend, flow_between, read_clip, stylize_clip, warp, write_clip
 from PIL import Image
 
 from aipaint.errors import ImageError, InvalidParameter
-from aipaint_plugins.shapes_world.render import render
-from aipaint_plugins.shapes_world.scene import Scene, SceneObject
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +200,10 @@ def test_a_controlnet_unit_on_the_frame_guides_each_frame_by_its_own_layout(embe
     """A ControlNet unit whose image is ``FRAME`` gets each input frame: at full denoising
     strength (nothing of the frame is kept) the layout ControlNet still puts the object where
     each frame has it, where one seed alone paints the same picture every time."""
+    from aipaint_plugins.shapes_world.evaluate import read_scene
     from aipaint_plugins.video.stylize import FRAME
 
     from aipaint.plugin.adapters import AdapterUnit
-    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     frames = [circle_at(cx) for cx in (8, 24, 8, 24)]  # left, right, left, right
     prompt = "a big red circle, on a white background"  # no position: the frames must give it

@@ -5,7 +5,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from aipaint_plugins.shapes_world.evaluate import adherence, read_scene, summarize
 from aipaint_plugins.shapes_world.render import render
 from aipaint_plugins.shapes_world.scene import (
@@ -153,9 +152,10 @@ def test_adherence_details_are_honest():
 
 
 def test_eval_command_reports_objects_and_adherence(tmp_path, capsys):
-    from aipaint.cli.main import main
     from aipaint_plugins.shapes_world.render import render
     from aipaint_plugins.shapes_world.scene import Scene, SceneObject
+
+    from aipaint.cli.main import main
 
     path = tmp_path / "scene.png"
     render(Scene("black", (SceneObject("square", "green", "big", "left", 8, 16, 14),))).save(path)
@@ -216,9 +216,9 @@ def test_training_resumes_a_trained_model(tmp_path):
     import json
     import shutil
 
+    from aipaint_plugins.shapes_world.train import main as train
     from safetensors.torch import load_file
 
-    from aipaint_plugins.shapes_world.train import main as train
     from aipaint.models.zoo import zoo_root
 
     source = tmp_path / "source"
@@ -249,9 +249,8 @@ def test_channel_normalization_is_folded_into_the_vae_exactly():
     import copy
 
     import torch
-    from diffusers import AutoencoderKL
-
     from aipaint_plugins.shapes_world.train import fold_channel_normalization
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -284,11 +283,11 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
     import shutil
 
     import torch
-
-    import aipaint
     from aipaint_plugins.shapes_world.render import render_array
     from aipaint_plugins.shapes_world.scene import random_scene
     from aipaint_plugins.shapes_world.train import main as train
+
+    import aipaint
     from aipaint.models.zoo import zoo_root
 
     source = tmp_path / "source"
@@ -330,9 +329,9 @@ def test_decoder_finetune_with_extrapolation_trains_only_the_decoder(tmp_path):
     import json
     import shutil
 
+    from aipaint_plugins.shapes_world.finetune_decoder import main as finetune
     from safetensors.torch import load_file
 
-    from aipaint_plugins.shapes_world.finetune_decoder import main as finetune
     from aipaint.models.zoo import zoo_root
 
     model = tmp_path / "m"
@@ -353,7 +352,6 @@ def test_latent_rgb_r2_measures_a_linear_read_of_the_patch_colour():
     """1 where each latent pixel is a linear map of its 4x4 patch's mean colour, about 0 for noise."""
     import torch
     import torch.nn.functional as F
-
     from aipaint_plugins.shapes_world.train import latent_rgb_r2
 
     torch.manual_seed(0)
@@ -371,8 +369,9 @@ def test_training_from_scratch_records_the_vae_rgb_probe(tmp_path):
     together with the VAE's latent -> colour R^2."""
     import json
 
-    import aipaint
     from aipaint_plugins.shapes_world.train import main as train
+
+    import aipaint
 
     out = tmp_path / "scratch"
     assert train(["--out", str(out), "--pool", "64", "--vae-pool-extra", "8", "--vae-steps", "2", "--vae-batch",
@@ -492,7 +491,6 @@ def test_adherence_scores_only_what_a_phrasing_asks_for():
 
 def test_emphasis_augmentation_weights_one_whole_word():
     import torch
-
     from aipaint_plugins.shapes_world.train import EMPHASIS_WEIGHTS, emphasis_multipliers
 
     # token ids as the CLIP tokenizer writes "<bos> a big cyan circle <eos> <pad>...": "cyan" is two tokens
@@ -516,6 +514,7 @@ def test_training_with_phrasings_emphasis_and_moderate_schedule_continues_from_i
 
     from aipaint_plugins.shapes_world.train import MODERATE_SCHEDULE
     from aipaint_plugins.shapes_world.train import main as train
+
     from aipaint.models.zoo import zoo_root
 
     out, state = tmp_path / "g2", tmp_path / "g2.state.pt"

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aipaint.api.request import GenerationRequest
     from aipaint.engine.loop import LoopContributor
     from aipaint.models.latent import LatentDiffusionModel
-    from aipaint.api.request import GenerationRequest
 
 
 @dataclass(frozen=True)

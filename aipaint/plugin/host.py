@@ -17,8 +17,8 @@ from typing import Any
 
 import pluggy
 
-from aipaint.plugin import hookspecs
 from aipaint.errors import AipaintWarning
+from aipaint.plugin import hookspecs
 from aipaint.plugin.registry import Registry
 
 ENTRY_POINT_GROUP = "aipaint"
@@ -103,13 +103,13 @@ def create_plugin_host(
 
 
 def _run_registration(manager: pluggy.PluginManager, registry: Registry) -> None:
-    from aipaint.plugin.adapters import AdapterSpec
-    from aipaint.models.family import ModelFamily
     from aipaint.api.options import OptionGroup
+    from aipaint.engine.samplers import SamplerSpec
+    from aipaint.models.family import ModelFamily
+    from aipaint.plugin.adapters import AdapterSpec
     from aipaint.plugin.postprocess import PostProcessorSpec
     from aipaint.plugin.preprocess import PreprocessorSpec
     from aipaint.plugin.runtimes import RuntimeSpec
-    from aipaint.engine.samplers import SamplerSpec
 
     phases = [
         ("register_models", registry.families, ModelFamily),

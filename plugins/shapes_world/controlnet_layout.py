@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 from aipaint_plugins.shapes_world.render import render
 from aipaint_plugins.shapes_world.scene import Scene, random_scene
+from PIL import Image
 
 MODEL_ID = "shapes-tiny-controlnet-layout"
 PREPROCESSOR = "canny"

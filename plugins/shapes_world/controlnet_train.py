@@ -133,11 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     import diffusers
+    from aipaint_plugins.shapes_world.train import ThreadTuner, lr_at
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from aipaint_plugins.shapes_world.train import ThreadTuner, lr_at
 
     base, out = Path(a.base), Path(a.out)
     started = time.time()

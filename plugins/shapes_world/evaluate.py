@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from PIL import Image
-
 from aipaint_plugins.shapes_world.render import CROSS_THICKNESS
 from aipaint_plugins.shapes_world.scene import (
     BACKGROUNDS,
@@ -36,6 +34,7 @@ from aipaint_plugins.shapes_world.scene import (
     SIZE_THRESHOLD,
     parse_caption,
 )
+from PIL import Image
 
 FG_THRESHOLD = 60.0  # RGB distance (0..255 scale) from the background
 MIN_AREA = 6  # px at 32×32; smaller components are noise
@@ -289,7 +288,6 @@ def evaluate_pipeline(pipe, n: int = 40, split: str = "train", seed: int = 0, ba
     **call_kwargs).images``) and summarise their adherence. Image ``i`` uses
     ``torch.Generator().manual_seed(seed + i)``, so results are reproducible."""
     import torch
-
     from aipaint_plugins.shapes_world.scene import random_scene
 
     rng = np.random.default_rng(seed)

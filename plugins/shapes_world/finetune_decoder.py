@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from aipaint_plugins.shapes_world.train import log, render_pool, to_tensor
 
 

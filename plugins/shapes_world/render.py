@@ -6,9 +6,8 @@ antialiased like a camera would see them.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from aipaint_plugins.shapes_world.scene import BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene
+from PIL import Image, ImageDraw
 
 SUPERSAMPLE = 4
 CROSS_THICKNESS = 0.36  # arm thickness as a fraction of the extent

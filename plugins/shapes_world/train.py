@@ -74,7 +74,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from aipaint_plugins.shapes_world.render import render_array
 from aipaint_plugins.shapes_world.scene import (
     IMAGE_SIZE,
@@ -355,10 +354,9 @@ def main(argv=None) -> int:
 
     import diffusers
     import transformers
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
     from diffusers import AutoencoderKL
     from diffusers.models.attention_processor import AttnProcessor
-
-    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
 
     record: dict = {
         "model": MODEL_NAME,

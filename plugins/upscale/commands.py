@@ -46,10 +46,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if not args.image:
         raise AipaintError("give an image to upscale (or --list)")
     from aipaint.api.result import output_path, save_png
+    from aipaint.engine.postprocessing import run_postprocessors
     from aipaint.infotext import Infotext, generation_kwargs, read_png_parameters
     from aipaint.plugin.kit.diffusion import open_image
     from aipaint.plugin.postprocess import PostStep, merge_infotext
-    from aipaint.engine.postprocessing import run_postprocessors
 
     default = Path(args.image).with_name(Path(args.image).stem + "-upscaled.png")
     out_path = output_path(args.output, 1, overwrite=args.overwrite, default=str(default))

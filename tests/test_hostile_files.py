@@ -501,8 +501,10 @@ def test_an_export_manifest_check_hashes_the_bytes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("command", [["sticker", "{image}"], ["preprocess", "{image}", "-p", "canny"],
                                      ["qr", "https://example.org", "--image", "{image}"]])
-def test_image_commands_never_replace_a_file_unless_asked(command, tmp_path, capsys):
+def test_image_commands_never_replace_a_file_unless_asked(command, tmp_path, capsys, monkeypatch):
     from PIL import ImageDraw
+
+    monkeypatch.chdir(tmp_path)  # qr's default output is in the working folder
 
     photo = tmp_path / "photo.png"
     picture = Image.new("RGB", (96, 96), "white")

@@ -106,12 +106,14 @@ def step_text(text: str) -> object:
     """The text in force at one step of 20, read afresh (the tree is cached per text)."""
     schedule._schedule_tree.cache_clear()
     schedule._boundaries.cache_clear()
+    schedule._render_variant.cache_clear()
     return prompt_at_step(parse_prompt(text), 3, 20)
 
 
 def whole_schedule(text: str) -> object:
     schedule._schedule_tree.cache_clear()
     schedule._boundaries.cache_clear()
+    schedule._render_variant.cache_clear()
     return distinct_schedule(parse_prompt(text), 20)
 
 

@@ -133,6 +133,14 @@ def test_alternation_changes_every_step():
     assert texts_by_step("[fe|||]male", 6) == ["female", "female", "male", "male", "male", "female"]
 
 
+def test_alternations_of_different_lengths_and_an_edit_keep_their_own_phase():
+    # Steps that agree on every edit's side and every alternation's option share one rendering;
+    # alternations of 3 and 2 options and an edit must still each follow A1111's step counter.
+    assert texts_by_step("[a|b|c] [x|y] [p:q:3]", 7) == [
+        "a x p", "a x p", "b y p", "c x p", "a y q", "b x q", "c y q",
+    ]
+
+
 def test_syntax_the_grammar_rejects_is_plain_text():
     for text in ("a|b", "a [unbalanced", "((a][:b:c", "x [a:b:c]", "[a|b] \\"):
         assert texts_by_step(text, 3) == [text] * 3
@@ -416,3 +424,43 @@ def test_fragments_give_back_bracket_free_text(text):
 def test_plain_text_is_in_force_at_every_step(text):
     parsed = parse_prompt(text)
     assert distinct_schedule(parsed, 7) == [(0, ((text.strip(), 1.0),))]
+
+
+# --- the cycle collector is paused while parsing, and given back as it was ------------------
+def test_parsers_give_the_cycle_collector_back_as_they_found_it():
+    import gc
+    import threading
+
+    from aipaint.prompt._collector import collector_paused
+
+    assert gc.isenabled()
+    parse_attention_segments("(a)[b] BREAK c")
+    distinct_schedule(parse_prompt("[a|b] [c:d:2]"), 5)
+    assert gc.isenabled()
+    with pytest.raises(InvalidParameter):
+        parse_attention("(" * 200 + "a")  # a typed error inside the paused region
+    assert gc.isenabled()
+
+    gc.disable()  # a caller that turned it off keeps it off
+    try:
+        parse_attention("(a)")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    # Two threads inside at once: the collector stays paused until the last one leaves.
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with collector_paused():
+            inside.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    inside.wait(5)
+    parse_attention("(a)")  # enters and leaves while the other thread is inside
+    assert not gc.isenabled()
+    release.set()
+    worker.join(5)
+    assert gc.isenabled()

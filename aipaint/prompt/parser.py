@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 
 from aipaint.errors import AipaintWarning, InvalidParameter, shown
+from aipaint.prompt._collector import without_collector
 
 __all__ = [
     "ExtraNetworkRef",
@@ -231,6 +232,7 @@ def _merge(items: list[str], weights: list[float]) -> list[WeightedText]:
     return pieces
 
 
+@without_collector
 def parse_attention(text: str) -> list[WeightedText]:
     """Emphasis only: ``(a)`` ×1.1, ``[a]`` ÷1.1, ``(a:1.3)``, nesting multiplies, ``\\(`` is literal.
 
@@ -246,6 +248,7 @@ def parse_attention(text: str) -> list[WeightedText]:
     return pieces or [WeightedText("", 1.0)]
 
 
+@without_collector
 def parse_attention_segments(text: str) -> list[list[WeightedText]]:
     """Like :func:`parse_attention`, split at each ``BREAK`` (upper case, a word of its own).
 
@@ -319,6 +322,7 @@ def _lora_from_args(kind: str, args: list[str]) -> tuple[LoraRef, bool]:
     return LoraRef(positional[0], unet, None if te == unet else te, kind), ignored
 
 
+@without_collector
 def parse_prompt(text: str) -> ParsedPrompt:
     """Parse an A1111 prompt into a :class:`ParsedPrompt`. Never raises.
 
@@ -361,6 +365,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
     return ParsedPrompt(text, tuple(loras), tuple(subprompts), tuple(others), tuple(warnings))
 
 
+@without_collector
 def parse_negative_prompt(text: str) -> ParsedPrompt:
     """Parse a negative prompt as A1111 reads one: comment lines dropped, nothing else taken apart.
 

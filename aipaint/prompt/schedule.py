@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import InvalidParameter
+from aipaint.prompt._collector import without_collector
 from aipaint.prompt.parser import ParsedPrompt, parse_attention_segments
 
 if TYPE_CHECKING:
@@ -48,17 +49,11 @@ class _Alternate:
     options: tuple[tuple[_Node, ...], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _Group:
-    """Emphasis brackets around an edit or alternation: kept verbatim (parse_attention resolves them)."""
-
-    nodes: tuple[_Node, ...]
-
-
-# A span (start, end) is text used as written: plain text, escapes, and brackets with no edit or
-# alternation inside. Holding positions, not copies, keeps deep nesting linear.
+# A span (start, end) is text used as written: plain text, escapes, and emphasis or plain brackets
+# (those around an edit or alternation too: the spans before and after it hold their characters).
+# Holding positions, not copies, keeps deep nesting linear.
 _Span = tuple[int, int]
-_Node = _Span | _Edit | _Alternate | _Group
+_Node = _Span | _Edit | _Alternate
 
 # lark's SIGNED_NUMBER, then the closing bracket of an edit.
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*\]")
@@ -71,8 +66,9 @@ class _Tree:
     """A text read as schedule syntax: its nodes, and what its boundaries depend on."""
 
     nodes: tuple[_Node, ...]
-    whens: tuple[float, ...]  # every edit's "when", as written
+    whens: tuple[float, ...]  # each distinct "when" of its edits, as written
     alternates: bool  # whether it holds an alternation
+    arities: tuple[int, ...]  # each distinct number of options of its alternations
 
 
 # An open bracket is a tuple of plain values, which the cycle collector leaves alone (walking a
@@ -98,6 +94,7 @@ def _read(text: str) -> _Tree | None:
     top: list[tuple[int, int, _Node]] = []  # (start, end, node) of the top level's edits and alternations
     whens: list[float] = []
     alternates = False
+    arities: dict[int, None] = {}
     stack: list[_Frame] = []
     parts: list[tuple[_Node, ...]] = []
     children: list[tuple[int, int, _Node]] = []
@@ -128,6 +125,16 @@ def _read(text: str) -> _Tree | None:
         del parts[frame[_PARTS] :], children[frame[_CHILDREN] :]
         if node is not None:
             (children if stack else top).append((frame[_START], end, node))
+
+    def keep_as_written(frame: _Frame) -> None:
+        """The innermost bracket closed as emphasis (or plain brackets): its characters stay as
+        written (parse_attention resolves them) and the edits and alternations completed inside it
+        become its parent's, so the text between them, brackets included, is the parent's too."""
+        stack.pop()
+        del parts[frame[_PARTS] :]
+        if not stack:
+            top.extend(children)
+            children.clear()
 
     def fail() -> bool:
         """Every open bracket fails; False when that leaves a ``|`` at the top level."""
@@ -160,15 +167,7 @@ def _read(text: str) -> _Tree | None:
         state = frame[_STATE]
         if frame[_KIND] == "(":
             if char == ")":
-                if len(children) == frame[_CHILDREN]:  # nothing inside changes per step
-                    complete(frame, position + 1, None)
-                    continue
-                body = (*parts[frame[_PARTS] :], part(frame, position))  # one part, or two around a colon
-                nodes: list[_Node] = [(frame[_START], frame[_START] + 1), *body[0]]
-                if len(body) == 2:
-                    colon = frame[_PART_START] - 1
-                    nodes += [(colon, colon + 1), *body[1]]
-                complete(frame, position + 1, _Group((*nodes, (position, position + 1))))
+                keep_as_written(frame)
                 continue
             if char == ":" and not state:
                 next_part(frame, position, ":")
@@ -176,12 +175,11 @@ def _read(text: str) -> _Tree | None:
         elif char == "]" and state != ":":
             if state == "|":
                 alternates = True
-                complete(frame, position + 1, _Alternate((*parts[frame[_PARTS] :], part(frame, position))))
-            elif len(children) == frame[_CHILDREN]:  # nothing inside changes per step
-                complete(frame, position + 1, None)
+                options = (*parts[frame[_PARTS] :], part(frame, position))
+                arities[len(options)] = None
+                complete(frame, position + 1, _Alternate(options))
             else:
-                nodes = [(frame[_START], frame[_START] + 1), *part(frame, position), (position, position + 1)]
-                complete(frame, position + 1, _Group(tuple(nodes)))
+                keep_as_written(frame)
             continue
         elif char == "|" and state != ":":
             next_part(frame, position, "|")
@@ -210,10 +208,11 @@ def _read(text: str) -> _Tree | None:
         position = end
     if position < len(text):
         nodes.append((position, len(text)))
-    return _Tree(tuple(nodes), tuple(whens), alternates)
+    return _Tree(tuple(nodes), tuple(dict.fromkeys(whens)), alternates, tuple(arities))
 
 
 @lru_cache(maxsize=512)
+@without_collector
 def _schedule_tree(text: str) -> _Tree | None:
     """The parsed text, or None when it is not valid schedule syntax (then it is plain)."""
     if "[" not in text:  # no edit or alternation possible; the text is used as written
@@ -249,27 +248,56 @@ def _boundary(text: str, step: int, steps: int) -> int:
     return best
 
 
-def _render(text: str, nodes: tuple[_Node, ...], boundary: int, steps: int) -> str:
+def _render(text: str, tree: _Tree, variant: tuple[tuple[bool, ...], tuple[int, ...]]) -> str:
+    """The text with each edit showing its "before" part where ``variant[0]`` says so (one flag
+    per distinct "when"), and each alternation of ``k`` options its option ``variant[1]`` gives
+    for ``k`` (one index per distinct arity)."""
     out: list[str] = []
-    pending = list(reversed(nodes))
-    while pending:
-        node = pending.pop()
-        if isinstance(node, tuple):
-            out.append(text[node[0] : node[1]])
-        elif isinstance(node, _Edit):
-            pending.extend(reversed(node.before if boundary <= _when_step(node.when, steps) else node.after))
-        elif isinstance(node, _Alternate):
-            pending.extend(reversed(node.options[(boundary - 1) % len(node.options)]))
+    append = out.append
+    shows_before = dict(zip(tree.whens, variant[0]))
+    pick = dict(zip(tree.arities, variant[1]))
+    stack = [iter(tree.nodes)]  # iterators, not copies: deep nesting stays linear, and no recursion
+    while stack:
+        for node in stack[-1]:
+            kind = type(node)
+            if kind is tuple:
+                append(text[node[0] : node[1]])
+                continue
+            if kind is _Edit:
+                branch = node.before if shows_before[node.when] else node.after
+            else:
+                branch = node.options[pick[len(node.options)]]
+            if len(branch) == 1 and type(branch[0]) is tuple:  # the usual case: one span, no need to descend
+                append(text[branch[0][0] : branch[0][1]])
+                continue
+            stack.append(iter(branch))
+            break
         else:
-            pending.extend(reversed(node.nodes))
+            stack.pop()
     return "".join(out)
 
 
+@lru_cache(maxsize=16)
+@without_collector
+def _render_variant(text: str, variant: tuple[tuple[bool, ...], tuple[int, ...]]) -> str:
+    tree = _schedule_tree(text)
+    assert tree is not None  # only called for texts with a tree
+    return _render(text, tree, variant)
+
+
 def _text_at_step(text: str, step: int, steps: int) -> str:
+    """The text in force at ``step``. What it shows depends on the step only through each edit's
+    side and each alternation's option, so steps that agree on those share one rendering (an
+    alternation ``[a|b]`` over 20 steps is rendered twice, not 20 times)."""
     tree = _schedule_tree(text)
     if tree is None:
         return text
-    return _render(text, tree.nodes, _boundary(text, step, steps), steps)
+    boundary = _boundary(text, step, steps)
+    variant = (
+        tuple(boundary <= _when_step(when, steps) for when in tree.whens),
+        tuple((boundary - 1) % arity for arity in tree.arities),
+    )
+    return _render_variant(text, variant)
 
 
 def prompt_at_step(parsed: ParsedPrompt, step: int, steps: int) -> StepPrompt:
@@ -309,6 +337,7 @@ def _texts_per_step(parsed: ParsedPrompt, steps: int) -> list[StepPrompt]:
     return per_step
 
 
+@without_collector
 def distinct_schedule(parsed: ParsedPrompt, steps: int) -> list[tuple[int, StepPrompt]]:
     """``(first step, pairs)`` each time the texts change, starting with step 0.
 

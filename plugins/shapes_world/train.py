@@ -322,6 +322,8 @@ def main(argv=None) -> int:
                          f"{list(EMPHASIS_WEIGHTS)} with this probability, as (word:w) does")
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="zero-snr",
                     help="noise schedule: the shipped zero-terminal-SNR one or 'moderate' (max sigma 37.6)")
+    ap.add_argument("--latent-channels", type=int, default=4,
+                    help="latent channels of a VAE trained from scratch (the shipped model: 4)")
     ap.add_argument("--state", help="keep the full training state here at each checkpoint and continue from it")
     ap.add_argument("--checkpoint-minutes", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -337,6 +339,11 @@ def main(argv=None) -> int:
         ap.error(f"--caption-noise-on: {', '.join(sorted(bad))} not among {', '.join(NOISY_ATTRIBUTES)}")
     if a.resume and a.vae_rgb_probe:
         ap.error("--vae-rgb-probe shapes a VAE trained from scratch; --resume keeps the model's VAE")
+    if a.resume and a.latent_channels != 4:
+        ap.error("--latent-channels shapes a VAE trained from scratch; --resume keeps the model's VAE")
+    if a.latent_channels != 4:  # the configs are recorded in training.json and saved with the model
+        VAE_CONFIG["latent_channels"] = a.latent_channels
+        UNET_CONFIG["in_channels"] = UNET_CONFIG["out_channels"] = a.latent_channels
     out_given = a.out != ap.get_default("out")
     if a.resume and not out_given:
         a.out = a.resume
@@ -509,7 +516,7 @@ def train_vae(a, record, imgs):
         z = post.sample(generator=None)
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
-        kl = post.kl().mean() / (4 * (IMAGE_SIZE // 4) ** 2)
+        kl = post.kl().mean() / (VAE_CONFIG["latent_channels"] * (IMAGE_SIZE // 4) ** 2)
         loss = mse + 0.5 * F.l1_loss(rec, x) + 1e-6 * kl
         if probe is not None:
             loss = loss + a.vae_rgb_probe * F.mse_loss(probe(post.mean), F.avg_pool2d(x, 4))

@@ -105,11 +105,12 @@ def adherence_at(pipe, weight: float, lora_dir: Path, images_per_prompt: int, st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=96, help="training images")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--steps", type=int, help="training steps (default: what `aipaint train lora` uses for the model)")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--unet-only", action="store_true", help="do not train the text encoder's LoRA layers")
+    parser.add_argument("--lr", type=float, help="learning rate (default: as --steps)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: as --steps)")
+    parser.add_argument("--unet-only", action="store_true", default=None,
+                        help="do not train the text encoder's LoRA layers (default: as --steps)")
     parser.add_argument("--eval-images", type=int, default=4, help="images per evaluation prompt (12 prompts)")
     parser.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--threads", type=int, default=1)
@@ -138,10 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     captions = render_dataset(data, args.images, seed=args.seed + 1)
     ceiling = vae_ceiling(pipe, data, captions)
 
+    # What is not given here is what `aipaint train lora` would use: its defaults, or the model card's recipe.
+    from aipaint_plugins.lora.commands import training_settings
+
+    given = argparse.Namespace(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
+                               train_text_encoder=None if args.unet_only is None else not args.unet_only)
+    settings, from_card = training_settings(given, getattr(pipe.model, "card", None))
+    args.steps, args.lr, args.batch_size = settings["steps"], settings["learning_rate"], settings["batch_size"]
+    args.unet_only = not settings["train_text_encoder"]
     started = time.perf_counter()
-    report = train_lora(pipe, data, work / "loras" / "orange.safetensors", rank=args.rank, steps=args.steps,
-                        learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
-                        train_text_encoder=not args.unet_only, show_progress=sys.stderr.isatty())
+    report = train_lora(pipe, data, work / "loras" / "orange.safetensors", rank=args.rank, seed=args.seed,
+                        show_progress=sys.stderr.isatty(), **settings)
     train_seconds = time.perf_counter() - started
 
     rows = {w: adherence_at(pipe, w, work / "loras", args.eval_images, args.eval_steps) for w in (0.0, 0.5, 1.0)}
@@ -149,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"LoRA on the held-out colour 'orange' — shapes-tiny, torch {torch.__version__}, {args.threads} thread(s), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} images, {args.steps} steps x batch {args.batch_size}, rank {args.rank}, lr {args.lr:g}, "
-        f"text encoder {'no' if args.unet_only else 'yes'}: {train_seconds:.0f} s "
+        f"text encoder {'no' if args.unet_only else 'yes'}"
+        f"{' (' + ', '.join(from_card) + ' from the model card, as the CLI takes them)' if from_card else ''}: "
+        f"{train_seconds:.0f} s "
         f"(loss {report.first_loss:.4f} -> {report.final_loss:.4f})")
     say(f"evaluation: {n_eval} images per weight ({len(eval_prompts())} prompts x {args.eval_images} seeds), "
         f"model defaults (sampler, steps, CFG)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -114,6 +115,44 @@ def test_train_lora_command(tiny_sd_path, tmp_path, capsys):
     assert code == 0 and out.is_file()
     captured = capsys.readouterr()
     assert "2 steps on 2 images" in captured.err and "loss" in captured.err
+
+
+def test_train_lora_command_takes_unset_settings_from_the_model_card(monkeypatch, tmp_path, capsys):
+    """The embedded model's card carries its LoRA recipe; what the command line says wins, and a
+    model without the card section gets the command's own defaults."""
+    import json
+
+    import aipaint_plugins.lora.train as train_module
+
+    from aipaint.cli.main import main
+
+    seen: list[dict] = []
+
+    def fake_train(pipe, data_dir, output, **kwargs):
+        seen.append(kwargs)
+        Path(output).write_bytes(b"")
+        return train_module.TrainReport(Path(output), kwargs["steps"], 1, 0.0, kwargs["rank"], 1.0, 1, [0.5])
+
+    monkeypatch.setattr(train_module, "train_lora", fake_train)
+    card = json.loads((Path(__file__).resolve().parent.parent / "zoo" / "cards" / "shapes-tiny.json").read_text())
+    recipe = card["lora_training"]
+    data = tmp_path / "d"
+    data.mkdir()
+    if (EMBEDDED / "unet").is_dir():
+        assert main(["train", "lora", str(data), "-o", str(tmp_path / "a.safetensors")]) == 0
+        assert {k: seen[-1][k] for k in ("steps", "learning_rate", "batch_size", "train_text_encoder")} == {
+            k: recipe[k] for k in ("steps", "learning_rate", "batch_size", "train_text_encoder")}
+        assert "from the model card: steps 300" in capsys.readouterr().err
+        assert main(["train", "lora", str(data), "-o", str(tmp_path / "b.safetensors"), "--steps", "7",
+                     "--no-train-text-encoder"]) == 0
+        assert seen[-1]["steps"] == 7 and seen[-1]["train_text_encoder"] is False
+        assert seen[-1]["learning_rate"] == recipe["learning_rate"]
+
+    from aipaint_plugins.lora.commands import TRAINING_DEFAULTS, training_settings
+
+    args = argparse.Namespace(steps=None, learning_rate=None, batch_size=None, train_text_encoder=None)
+    assert training_settings(args, {}) == (TRAINING_DEFAULTS, [])
+    assert training_settings(args, None) == (TRAINING_DEFAULTS, [])
 
 
 # --- behaviour on the embedded model: the held-out colour ------------------------------------------

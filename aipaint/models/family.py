@@ -52,6 +52,9 @@ class GenerativeModel:
     capabilities: frozenset[str] = frozenset({"txt2img"})
     runtime: str = "torch"
     device: Any = "cpu"
+    #: The zoo card the model was loaded by (its JSON as a dict; empty for a path without a card).
+    #: Plugins read their own sections from it, e.g. ``card.get("lora_training")``.
+    card: Any = None
 
     def modules(self) -> dict[str, Any]:
         """The model's torch modules by name (what runtimes put in eval mode, compile or replace)."""

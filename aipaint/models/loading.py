@@ -173,6 +173,7 @@ def load_model(
             model = chosen.load(resolved, options)
     except pickle.UnpicklingError as exc:  # a pickled file in a folder, which diffusers or transformers read
         raise pickle_load_error(f"a pickled weights file of {resolved.path}", exc) from exc
+    model.card = dict(resolved.card or {})
     if resolved.card:
         defaults = {k: v for k, v in resolved.card.get("defaults", {}).items() if k in ModelDefaults.__dataclass_fields__}
         model.defaults = ModelDefaults(**{**model.defaults.__dict__, **defaults})

@@ -28,12 +28,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", help="base model (default: the embedded shapes-tiny)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--lr", "--learning-rate", type=float, default=1e-4, dest="learning_rate")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the model card's, else 500)")
+    p.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate",
+                   help="AdamW learning rate (default: the model card's, else 1e-4)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: the model card's, else 4)")
     p.add_argument("--resolution", type=int, help="training size in pixels (default: the model's default size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-text-encoder", action="store_true", help="also train LoRA layers on the text encoder")
+    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train LoRA layers on the text encoder (default: the model card's, else off)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train_lora)
@@ -75,6 +77,26 @@ def recorded_units(args: argparse.Namespace, png_params: dict[str, str]) -> list
     ]
 
 
+#: ``aipaint train lora``'s own defaults, for a model whose card has no ``lora_training`` section.
+TRAINING_DEFAULTS: dict[str, Any] = {"steps": 500, "learning_rate": 1e-4, "batch_size": 4, "train_text_encoder": False}
+
+
+def training_settings(args: argparse.Namespace, card: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """Each of :data:`TRAINING_DEFAULTS` from the command line, else from the model card's
+    ``lora_training`` section (a small model trains best with other settings than a full-size
+    one: the embedded model's card carries its recipe), else the command's own default; and
+    the names that came from the card."""
+    section = (card or {}).get("lora_training") or {}
+    settings, from_card = {}, []
+    for name, default in TRAINING_DEFAULTS.items():
+        value = getattr(args, name)
+        if value is None and name in section:
+            value = type(default)(section[name])
+            from_card.append(name)
+        settings[name] = default if value is None else value
+    return settings, from_card
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
     import torch
     from aipaint_plugins.lora.train import train_lora
@@ -84,19 +106,19 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = aipaint.load(args.model, device=args.device)
+    settings, from_card = training_settings(args, getattr(pipe.model, "card", None))
+    if from_card:
+        print("from the model card: " + ", ".join(f"{name} {settings[name]}" for name in from_card), file=sys.stderr)
     report = train_lora(
         pipe,
         args.data_dir,
         args.output,
         rank=args.rank,
         alpha=args.alpha,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
         resolution=args.resolution,
         seed=args.seed,
-        train_text_encoder=args.train_text_encoder,
         show_progress=True,
+        **settings,
     )
     print(report.output)
     print(

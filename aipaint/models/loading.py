@@ -51,7 +51,8 @@ def refuse_missing_weights(path: Path, config: Path | str, components: dict[str,
 
 
 def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> ModelSource:
-    """Find the model a user named: zoo id, existing path, or hub id (in that order)."""
+    """Find the model a user named: zoo id, existing path, a source :mod:`aipaint.sources` reads
+    (Civitai, a Hugging Face file link, a URL with its sha256, a hash), or hub id (in that order)."""
     check_pickle_opt_in(allow_pickle)
     if source is None:
         source = zoo.DEFAULT_MODEL
@@ -74,6 +75,11 @@ def resolve_source(source: str | Path | None, *, allow_pickle: bool = False) -> 
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
             load_state_dict(path, allow_pickle=False)  # raises the explanation
         return ModelSource(path, "file", path.stem, None, allow_pickle)
+    from aipaint import sources
+
+    if sources.is_source(text):  # a Civitai link or AIR, a Hugging Face file link, a URL, a hash: installed once
+        path = sources.ensure(text, kind="checkpoint", allow_pickle=allow_pickle)
+        return ModelSource(path, "folder" if path.is_dir() else "file", path.stem, None, allow_pickle)
     if len(text) <= _HUB_ID_MAX and _HUB_ID.match(text) and not text.endswith((".safetensors",) + PICKLE_SUFFIXES):
         folder = zoo.download_from_hub(text)
         return ModelSource(folder, "folder", text, None, allow_pickle)

@@ -179,9 +179,20 @@ def load_loras(
     loaded = []
     for use in uses:
         found = library.resolve(use.name)
+        _warn_base_model(found.path, model, use.name)
         patches = lora_patches(model, found.path, allow_pickle=allow_pickle, label=use.name)
         loaded.append((LoadedLora(use.name, found, patches), use))
     return loaded
+
+
+def _warn_base_model(path: Any, model: Any, name: str) -> None:
+    """A LoRA whose card (written by ``aipaint get``) names another base model than the loaded
+    model's family: a warning, as the result will likely be noise."""
+    from aipaint.sources import lora_base_model_warning
+
+    message = lora_base_model_warning(path, getattr(model, "family", ""), name)
+    if message:
+        warnings.warn(message, AipaintWarning, stacklevel=3)
 
 
 def apply_loaded(model: Any, loras: Iterable[tuple[LoadedLora, LoraUse]]) -> AppliedLoras:

@@ -24,6 +24,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("queue_size", "max_body_mb"):
         if getattr(args, name) < 1:
             raise InvalidParameter(f"--{name.replace('_', '-')}", getattr(args, name), "must be at least 1")
+    if args.styles:
+        from aipaint.prompt.styles import load_styles
+
+        load_styles(args.styles)  # a bad file is said now, before the model loads
     config = ServerConfig(
         model=args.model,
         models_dir=Path(args.models_dir) if args.models_dir else None,
@@ -33,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_allow_origins),
         queue_size=args.queue_size,
         max_body_bytes=args.max_body_mb * 2**20,
+        styles_file=Path(args.styles) if args.styles else None,
         load_options={
             "family": args.family, "device": args.device, "dtype": args.dtype, "runtime": args.runtime,
             "allow_pickle": args.allow_pickle, "config": args.config,
@@ -59,4 +64,6 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--queue-size", type=int, default=16,
                    help="jobs held at once, running and waiting; more are answered 503 (default: 16)")
     g.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default: 32)")
+    g.add_argument("--styles", metavar="FILE",
+                   help="A1111's styles.csv (name,prompt,negative_prompt): the prompt styles requests may name")
     p.set_defaults(func=cmd_serve)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -23,11 +25,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from aipaint.errors import AipaintError, InvalidParameter, UnknownName
+from aipaint.errors import AipaintError, InvalidParameter, UnknownName, UnsupportedFeature
+from aipaint.plugin.postprocess import PostStep
 from aipaint.serve import a1111
 from aipaint.serve.jobs import Interrupted, JobQueue, QueueFull
 
 DEFAULT_MAX_BODY = 32 * 2**20
+log = logging.getLogger("aipaint.serve")
 
 
 @dataclass
@@ -43,6 +47,18 @@ class ServerConfig:
     queue_size: int = 16
     max_body_bytes: int = DEFAULT_MAX_BODY
     load_options: dict[str, Any] = field(default_factory=dict)  # device, dtype, … for aipaint.load
+    styles_file: Path | None = None  # A1111's styles.csv: the prompt styles requests may name
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """A weights file in the upscaler folder, as spandrel reads it."""
+
+    name: str  # its name there (relative path without suffix), as upscaler names are written
+    file: str  # its relative path there, with suffix
+    architecture: str  # ESRGAN, GFPGAN, RestoreFormer, …
+    purpose: str  # "SR", "FaceSR" (a face restorer) or "Restoration"
+    scale: int
 
 
 class ApiError(AipaintError):
@@ -53,11 +69,51 @@ class ApiError(AipaintError):
         super().__init__(message)
 
 
-def error_response(status: int, exc: BaseException) -> JSONResponse:
-    """A1111's error shape, with a one-line message and no traceback."""
-    message = " ".join(str(exc).split())
+def error_response(status: int, exc: BaseException, message: str | None = None) -> JSONResponse:
+    """A1111's error shape, with a one-line message (``exc``'s unless given) and no traceback."""
+    message = " ".join((str(exc) if message is None else message).split())
     return JSONResponse({"error": type(exc).__name__, "detail": message, "body": "", "errors": message},
                         status_code=status)
+
+
+# An absolute path in a message: POSIX (its first part is checked to exist at /) or a Windows drive path.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/\\-])(?:/[^\s'\"(),;:<>]+|[A-Za-z]:\\[^\s'\"(),;<>]+)")
+
+
+def _folders(config: ServerConfig) -> list[tuple[str, Path]]:
+    """The server's folders, by the names its error messages use for them instead of their paths."""
+    from aipaint.plugin.kit.folders import aipaint_home, controlnet_dir, default_folder
+    from aipaint.plugin.kit.image_models import upscaler_dir
+
+    folders = [("LORA_DIR", config.lora_dir or default_folder("AIPAINT_LORA_DIR", "loras")),
+               ("CONTROLNET_DIR", controlnet_dir()), ("UPSCALER_DIR", upscaler_dir()),
+               ("EMBEDDINGS_DIR", default_folder("AIPAINT_EMBEDDINGS_DIR", "embeddings")),
+               ("MODELS_DIR", config.models_dir), ("OUTDIR", config.output_dir),
+               ("AIPAINT_HOME", aipaint_home()), ("~", Path.home())]
+    return [(name, Path(folder)) for name, folder in folders if folder is not None]
+
+
+def hide_paths(message: str, config: ServerConfig, sent: str = "") -> str:
+    """``message`` without the server's paths: its folders by name (``LORA_DIR``, …), any other
+    absolute path as ``<server path>``, except paths the client itself ``sent`` (its body's text)."""
+    replacements: dict[str, str] = {}
+    for name, folder in _folders(config):
+        for form in (folder.expanduser().absolute(), folder.expanduser().resolve()):
+            if str(form) not in ("/", "."):
+                replacements.setdefault(str(form), name)
+    for path in sorted(replacements, key=len, reverse=True):
+        message = re.sub(re.escape(path) + r"(?![\w.-])", lambda _, name=replacements[path]: name, message)
+
+    def hidden(match: re.Match[str]) -> str:
+        path = match.group(0)
+        if path in sent:
+            return path
+        first = path.lstrip("/").split("/")[0]
+        if path.startswith("/") and not (first and os.path.exists("/" + first)):
+            return path  # not a path here: a route such as /sdapi/v1/options
+        return "<server path>"
+
+    return _ABSOLUTE_PATH.sub(hidden, message)
 
 
 class BodyLimit:
@@ -94,11 +150,16 @@ class Server:
     """The loaded pipeline, the job queue, and the settings ``/options`` reads and writes."""
 
     def __init__(self, config: ServerConfig, pipeline: Any = None) -> None:
+        from aipaint.prompt.styles import load_styles
+
         self.config = config
+        self.styles = load_styles(config.styles_file) if config.styles_file is not None else {}
         self.queue = JobQueue(config.queue_size)
         self.pipeline = pipeline if pipeline is not None else self._load(config.model)
         self.checkpoint = self._name_of(config.model)
         self.clip_skip = 1
+        self._image_models: dict[tuple[str, int, int, bool], ImageModel | None] = {}
+        self._latent: dict[str, bool] = {}
 
     # --- models --------------------------------------------------------------------------
     def _load(self, source: Any) -> Any:
@@ -132,13 +193,138 @@ class Server:
             self.pipeline = self._load(known[name])
             self.checkpoint = name
 
+    # --- upscalers and face restorers (the upscale and facefix plugins, through the post-processor registry) ---
+    @property
+    def _allow_pickle(self) -> bool:
+        return self.config.load_options.get("allow_pickle") is True
+
+    def _upscale_options(self) -> dict[str, Any]:
+        device = self.config.load_options.get("device")
+        return {"allow_pickle": self._allow_pickle, **({"device": device} if isinstance(device, str) else {})}
+
+    def _postprocess(self, image: Any, step: PostStep) -> Any:
+        from aipaint.engine.postprocessing import run_postprocessors
+
+        return run_postprocessors(image, [step], host=self.pipeline.host)
+
+    def upscaler_names(self) -> list[str]:
+        """Every upscaler the ``upscale`` post-processor knows (latent, pixel and model ones), by name.
+
+        The core never imports a plugin, and the post-processor registry has no way to list a
+        processor's choices; asked for a name it does not have, the ``upscale`` processor answers
+        with the names it has (:class:`UnknownName`), before it reads or loads anything."""
+        from PIL import Image
+
+        if "upscale" not in self.pipeline.host.registry.postprocessors:
+            return []
+        try:
+            self._postprocess(Image.new("RGB", (8, 8)), PostStep("upscale", {"upscaler": "aipaint serve: no such upscaler"}))
+        except UnknownName as exc:
+            if exc.name == "upscaler":
+                return list(exc.valid)
+            raise
+        raise RuntimeError("the upscale post-processor accepted an upscaler name it has no upscaler for")
+
+    def _is_latent(self, name: str) -> bool:
+        """Whether a built-in upscaler resizes latents (hires fix only): the ``upscale`` processor
+        refuses those on a picture, and runs a pixel one on an 8x8 image in no time."""
+        if name not in self._latent:
+            from PIL import Image
+
+            try:
+                self._postprocess(Image.new("RGB", (8, 8)), PostStep("upscale", {"upscaler": name, "scale": 1}))
+                self._latent[name] = False
+            except UnsupportedFeature:
+                self._latent[name] = True
+        return self._latent[name]
+
+    def image_models(self) -> list[ImageModel]:
+        """The loadable weights in the upscaler folder (model upscalers and face restorers), with
+        what spandrel reads in them; a file's facts are kept until it changes. Pickle files count
+        only with ``--allow-pickle``; files that do not load are left out (and logged)."""
+        from aipaint.plugin.kit.image_models import load_image_model, upscaler_dir, weights_folder
+
+        root, allow = upscaler_dir(), self._allow_pickle
+        found = []
+        for item in weights_folder(root).files():
+            if item.is_pickle and not allow:
+                continue
+            try:
+                stat = item.path.stat()
+            except OSError:
+                continue
+            key = (str(item.path), stat.st_mtime_ns, stat.st_size, allow)
+            if key not in self._image_models:
+                try:
+                    model = load_image_model(item.path, allow_pickle=allow)
+                    self._image_models[key] = ImageModel(item.name, item.path.relative_to(root).as_posix(),
+                                                         model.architecture, model.purpose, model.scale)
+                except Exception as exc:  # a broken file must not break the list
+                    log.warning("upscaler folder: %s does not load: %s", item.name, exc)
+                    self._image_models[key] = None
+            if self._image_models[key] is not None:
+                found.append(self._image_models[key])
+        return found
+
+    def upscalers(self) -> tuple[list[str], list[str], list[ImageModel]]:
+        """(latent upscalers, pixel upscalers, model upscalers): what A1111 lists as latent
+        upscale modes and as upscalers. Face restorers are not upscalers."""
+        from aipaint.plugin.kit.image_models import weights_folder
+
+        models = {m.name: m for m in self.image_models()}
+        files = {item.name for item in weights_folder().files()}
+        latent, pixel, upscaling = [], [], []
+        for name in self.upscaler_names():
+            if name in models:
+                if models[name].purpose != "FaceSR":
+                    upscaling.append(models[name])
+            elif name in files:
+                continue  # a file that does not load (or a pickle without --allow-pickle)
+            elif self._is_latent(name):
+                latent.append(name)
+            else:
+                pixel.append(name)
+        return latent, pixel, upscaling
+
+    def face_restorers(self) -> list[ImageModel]:
+        return [m for m in self.image_models() if m.purpose == "FaceSR"]
+
+    def upscaler(self, name: str | None, field_name: str, *, latent: bool = False) -> str | None:
+        """The upscaler ``name`` (any case, as A1111 names it) is, or :class:`UnknownName` naming the
+        ones there are; ``None`` for A1111's "None". Latent ones only where ``latent`` (hires fix)."""
+        from aipaint.plugin.registry import normalise_name
+
+        if name is None or name.strip().lower() == "none":
+            return None
+        latents, pixels, models = self.upscalers()
+        valid = ["None", *(latents if latent else []), *pixels, *(m.name for m in models)]
+        for known in valid[1:]:
+            if normalise_name(known) == normalise_name(name):
+                return known
+        if not latent and any(normalise_name(known) == normalise_name(name) for known in latents):
+            raise InvalidParameter(field_name, name, "resizes latents, which only hires fix can do",
+                                   "pick one of " + ", ".join(repr(v) for v in valid))
+        raise UnknownName(field_name, name, valid)
+
+    def face_restorer(self, architecture: str, field_name: str, value: float) -> str:
+        """The face restorer of ``architecture`` (``GFPGAN``, ``CodeFormer``) in the upscaler folder."""
+        restorers = self.face_restorers()
+        for model in restorers:
+            if model.architecture.lower() == architecture.lower():
+                return model.name
+        there = ", ".join(f"{m.name!r} ({m.architecture})" for m in restorers) or "none"
+        raise InvalidParameter(field_name, value, f"needs {architecture} weights in UPSCALER_DIR, and there are none",
+                               f"face restorers there: {there}; see GET /sdapi/v1/face-restorers")
+
     # --- generation ----------------------------------------------------------------------
     def generate(self, body: Any, kind: str, ticket: int) -> dict[str, Any]:
         """Run an A1111 generation body in the queue's turn of ``ticket``."""
+        from aipaint.engine.postprocessing import postprocess_result
+
         try:  # everything checked before the job waits; the model is checked again in its turn (a switch may come between)
             job = self._job(body, kind)
             self._check_model(job)
-            self.pipeline.check(job.request)
+            post = self._post_steps(job, self.pipeline.check(job.request))
         except BaseException:
             self.queue.cancel(ticket)
             raise
@@ -154,11 +340,14 @@ class Server:
                 seed = (request.seed + number * request.batch_size) % (2**32)
                 progress, preview = self.queue.callbacks(state)
                 try:
-                    results.append(self.pipeline.generate(dataclasses.replace(request, seed=seed), progress,
-                                                          preview=preview))
+                    result = self.pipeline.generate(dataclasses.replace(request, seed=seed), progress, preview=preview)
                 except Interrupted:
                     if state.interrupted:
                         break
+                    continue
+                if post:  # hires fix, then face fix: each image with its own seed and request
+                    result = postprocess_result(result, post, self.pipeline)
+                results.append(result)
         images = [(image, text) for result in results for image, text in zip(result.images, result.infotexts, strict=True)]
         if job.save_images:
             self._save(images, kind)
@@ -176,7 +365,114 @@ class Server:
 
     def _job(self, body: Any, kind: str) -> a1111.Job:
         options = {"lora": {"folder": str(self.config.lora_dir)}} if self.config.lora_dir is not None else None
-        return a1111.build_job(body, kind, request_options=options)
+        return a1111.build_job(body, kind, request_options=options, styles=self.styles)
+
+    def _post_steps(self, job: a1111.Job, request: Any) -> list[PostStep]:
+        """The post-processors a job runs after each generation: ``hires`` (``enable_hr``), then
+        ``facefix`` (``restore_faces``); their settings checked against the loaded model now."""
+        steps = []
+        if job.hires is not None:
+            steps.append(PostStep("hires", self._hires_options(job, request)))
+        if job.restore_faces:
+            if "facefix" not in self.pipeline.host.registry.postprocessors:
+                raise UnsupportedFeature("restore_faces runs the facefix post-processor, and no plugin registered it")
+            steps.append(PostStep("facefix", {}))
+        return steps
+
+    def _hires_options(self, job: a1111.Job, request: Any) -> dict[str, Any]:
+        from aipaint.models.latent import LatentDiffusionModel
+
+        if job.hires_checkpoint is not None and job.hires_checkpoint != self.checkpoint:
+            raise InvalidParameter("hr_checkpoint_name", job.hires_checkpoint, f"is not the loaded model ({self.checkpoint!r})",
+                                   "hires fix runs its second pass with the loaded model")
+        model = self.pipeline.model
+        if "hires" not in self.pipeline.host.registry.postprocessors:
+            raise UnsupportedFeature("enable_hr runs the hires post-processor, and no plugin registered it")
+        if not isinstance(model, LatentDiffusionModel) or model.unet_in_channels != model.latent_channels:
+            raise UnsupportedFeature(f"hires fix needs a latent diffusion model that is not an inpainting one; "
+                                     f"{self.checkpoint!r} is not one")
+        options = {k: v for k, v in job.hires.items() if k != "resize"}
+        upscaler = self.upscaler(options["upscaler"], "hr_upscaler", latent=True)
+        options["upscaler"] = upscaler or "Lanczos"  # A1111's "None": the picture resized, then redrawn
+        sampler = options.get("hires_sampler")
+        if sampler is not None and sampler not in self.pipeline.host.registry.samplers:
+            raise UnknownName("hr_sampler_name", sampler, self.pipeline.host.registry.samplers.names())
+        base = request.with_defaults(model.defaults)
+        width, height = a1111.hires_size(base.width, base.height, job.hires)
+        if "resize" in job.hires:
+            options["resize_to"] = f"{width}x{height}"
+        # The second pass as the hires post-processor will run it, checked now: size, sampler, steps, prompts.
+        self.pipeline.check(dataclasses.replace(
+            base, width=width, height=height, steps=options["hires_steps"] or base.steps,
+            sampler=options.get("hires_sampler", base.sampler), prompt=options.get("hires_prompt", base.prompt),
+            negative_prompt=options.get("hires_negative_prompt", base.negative_prompt)))
+        options["allow_pickle"] = self._allow_pickle
+        return options
+
+    # --- extras --------------------------------------------------------------------------
+    def extras(self, body: Any, batch: bool, ticket: int) -> dict[str, Any]:
+        """Run an A1111 extras body (upscale, blend a second upscaler, restore faces) in the queue's turn."""
+        try:
+            job = a1111.build_extras(body, batch)
+            upscaler_1 = self.upscaler(job.upscaler_1, "upscaler_1")
+            upscaler_2 = self.upscaler(job.upscaler_2, "upscaler_2") if job.upscaler_2_visibility else None
+            if upscaler_1 is not None and "upscale" not in self.pipeline.host.registry.postprocessors:
+                raise UnsupportedFeature("upscaling runs the upscale post-processor, and no plugin registered it")
+            restorers = [(label, self.face_restorer(label, f"{label.lower()}_visibility", value), value)
+                         for label, value in (("GFPGAN", job.gfpgan_visibility), ("CodeFormer", job.codeformer_visibility))
+                         if value]
+        except BaseException:
+            self.queue.cancel(ticket)
+            raise
+        images, lines = [], []
+        with self.queue.turn("extras", len(job.images), ticket) as state:
+            for number, (_, image) in enumerate(job.images):
+                if state.interrupted:
+                    break
+                state.job_no, state.sampling_step, state.sampling_steps = number, 0, 1
+                out, entries = self._extras_image(job, image, upscaler_1, upscaler_2, restorers)
+                state.sampling_step = 1
+                from aipaint.plugin.postprocess import merge_infotext
+
+                images.append(a1111.encode_image(out, merge_infotext(image.info.get("parameters") or "", entries)
+                                                 if entries else image.info.get("parameters")))
+                lines.append(", ".join(f"{k}: {v}" for k, v in entries.items()))
+        html = a1111.html_info(lines, job.ignored)
+        return {"html_info": html, "images": images} if batch else {"html_info": html, "image": images[0] if images else None}
+
+    def _extras_image(self, job: a1111.ExtrasJob, image: Any, upscaler_1: str | None, upscaler_2: str | None,
+                      restorers: list[tuple[str, str, float]]) -> tuple[Any, dict[str, str]]:
+        """One image through A1111's extras: upscale (and blend the second upscaler), crop, restore faces."""
+        from PIL import Image
+
+        entries: dict[str, str] = {}
+        if upscaler_1 is not None:
+            size = job.upscaled_size(*image.size)
+            how = {"scale": job.scale} if job.resize_mode == 0 else {"resize_to": f"{size[0]}x{size[1]}"}
+            first = self._postprocess(image, PostStep("upscale", {**self._upscale_options(), **how, "upscaler": upscaler_1}))
+            entries.update(first.infotext)
+            out = first.image
+            if upscaler_2 is not None:
+                second = self._postprocess(image, PostStep("upscale", {**self._upscale_options(), **how,
+                                                                       "upscaler": upscaler_2}))
+                out = Image.blend(out.convert("RGB"), second.image.convert("RGB").resize(out.size), job.upscaler_2_visibility)
+                entries["Postprocess upscaler 2"] = upscaler_2
+                entries["Postprocess upscaler 2 visibility"] = f"{job.upscaler_2_visibility:g}"
+            if job.resize_mode == 1:
+                entries.pop("Postprocess upscale by", None)
+                entries["Postprocess upscale to"] = f"{job.size[0]}x{job.size[1]}"
+                if job.crop:  # A1111: the picture that covers the size, cut to it around its centre
+                    left, top = (out.width - job.size[0]) // 2, (out.height - job.size[1]) // 2
+                    out = out.crop((left, top, left + job.size[0], top + job.size[1]))
+                    entries["Postprocess crop to"] = f"{job.size[0]}x{job.size[1]}"
+            image = out
+        for label, restorer, visibility in restorers:
+            restored = self._postprocess(image, PostStep("face-restore", {"restorer": restorer, "visibility": visibility,
+                                                                          "allow_pickle": self._allow_pickle}))
+            image = restored.image
+            entries.update(restored.infotext)
+            entries[f"{label} visibility"] = f"{visibility:g}"
+        return image, entries
 
     def _save(self, images: list[tuple[Any, str]], kind: str) -> None:
         from aipaint.api.result import output_path, save_png
@@ -286,7 +582,9 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
     @app.exception_handler(AipaintError)
     async def _aipaint_error(request: Request, exc: AipaintError) -> JSONResponse:
         status = exc.status if isinstance(exc, ApiError) else 503 if isinstance(exc, QueueFull) else 422
-        return error_response(status, exc)
+        # The server's folders are no business of a client: their paths leave the message.
+        sent = getattr(request.state, "body", b"").decode("utf-8", "replace")
+        return error_response(status, exc, hide_paths(str(exc), config, sent))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -326,6 +624,7 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
 
     async def _json(request: Request) -> Any:
         raw = await request.body()
+        request.state.body = raw  # what the client sent may be said back to it (hide_paths)
         return json.loads(raw) if raw.strip() else {}
 
     api = "/sdapi/v1"
@@ -345,6 +644,16 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
     async def img2img(request: Request) -> dict[str, Any]:
         body = await _json(request)
         return await _run_blocking(server.generate, body, "img2img", server.queue.ticket())
+
+    @app.post(f"{api}/extra-single-image")
+    async def extra_single_image(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        return await _run_blocking(server.extras, body, False, server.queue.ticket())
+
+    @app.post(f"{api}/extra-batch-images")
+    async def extra_batch_images(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        return await _run_blocking(server.extras, body, True, server.queue.ticket())
 
     @app.post(f"{api}/png-info")
     async def png_info(request: Request) -> dict[str, Any]:
@@ -384,7 +693,24 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
 
     @app.get(f"{api}/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        return []  # the server has no upscaling endpoints (see docs/serving.md)
+        # As A1111 lists them: "None", the pixel upscalers (its scale 4), then the model files.
+        _, pixels, models = server.upscalers()
+        none = {"model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        return [{"name": name, **none} for name in ("None", *pixels)] + [
+            {"name": m.name, "model_name": m.architecture, "model_path": m.file, "model_url": None, "scale": m.scale}
+            for m in models]
+
+    @app.get(f"{api}/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": name} for name in server.upscalers()[0]]
+
+    @app.get(f"{api}/face-restorers")
+    def face_restorers() -> list[dict[str, Any]]:
+        return [{"name": m.name, "cmd_dir": None, "architecture": m.architecture} for m in server.face_restorers()]
+
+    @app.get(f"{api}/prompt-styles")
+    def prompt_styles() -> list[dict[str, Any]]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in server.styles.values()]
 
     @app.get(f"{api}/sd-models")
     def sd_models() -> list[dict[str, Any]]:
@@ -412,7 +738,8 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
         return {"model": config.model, "models_dir": str(config.models_dir) if config.models_dir else None,
                 "lora_dir": str(config.lora_dir) if config.lora_dir else None, "outdir": str(config.output_dir),
                 "api_auth": config.api_auth is not None, "cors_allow_origins": list(config.cors_origins),
-                "queue_size": config.queue_size, "max_body_bytes": config.max_body_bytes}
+                "queue_size": config.queue_size, "max_body_bytes": config.max_body_bytes,
+                "styles_file": str(config.styles_file) if config.styles_file else None}
 
     @app.get(f"{api}/memory")
     def memory() -> dict[str, Any]:

@@ -176,6 +176,57 @@ def test_progress_with_a_preview_then_interrupt(api, server):
     assert httpx.get(f"{server.url}/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
+def _post_then_hang_up(server, path: str, body: dict) -> socket.socket:
+    """A client that sends a request and will close its connection without reading the answer."""
+    data = json.dumps(body).encode()
+    client = socket.create_connection(("127.0.0.1", server.port))
+    client.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return client
+
+
+def _wait_until_idle(server, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while httpx.get(f"{server.url}/sdapi/v1/progress").json()["state"]["job_count"]:
+        assert time.monotonic() < deadline, "the job went on after its client had gone"
+        time.sleep(0.05)
+
+
+def test_a_job_whose_client_hangs_up_stops(server, monkeypatch):
+    pipeline = server.app.state.server.pipeline
+    prompts: list[str] = []
+    real_generate = pipeline.generate
+
+    def generate(request, *args, **kwargs):
+        prompts.append(request.prompt)
+        return real_generate(request, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    # Running: 50 images of 200 steps would take minutes; it stops within a few steps of the hang-up.
+    client = _post_then_hang_up(server, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 1, "n_iter": 50, **{**SMALL, "steps": 200}})
+    _wait_for_step(server)
+    client.close()
+    _wait_until_idle(server)
+
+    # Waiting: a job queued behind a running one, whose client hangs up, never runs.
+    blocker = _post_then_hang_up(server, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 1, "n_iter": 50, **{**SMALL, "steps": 200}})
+    _wait_for_step(server)
+    waiting = _post_then_hang_up(server, "/sdapi/v1/txt2img", {"prompt": "waiting", "seed": 1, **SMALL})
+    deadline = time.monotonic() + 10
+    while server.app.state.server.queue.waiting < 2:  # the running job and the waiting one
+        assert time.monotonic() < deadline, "the second job never queued"
+        time.sleep(0.02)
+    waiting.close()
+    time.sleep(0.5)  # a poll of its connection sees the hang-up while it still waits
+    blocker.close()
+    _wait_until_idle(server)
+    assert server.app.state.server.queue.waiting == 0
+    # The server still answers the next client; the job whose client left while it waited never ran.
+    assert httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "after", **SMALL}, timeout=60).status_code == 200
+    assert prompts[-1] == "after" and "waiting" not in prompts
+    assert len(prompts) == 3  # one image of each 50-image job, then "after"
+
+
 def test_skip_stops_the_current_image_and_goes_on(api, server):
     thread, out = _in_background(lambda: api.txt2img(prompt="x", seed=2, n_iter=2, **{**SMALL, "steps": 200}))
     _wait_for_step(server)

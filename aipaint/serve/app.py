@@ -638,22 +638,22 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
     @app.post(f"{api}/txt2img")
     async def txt2img(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        return await _run_blocking(server.generate, body, "txt2img", server.queue.ticket())
+        return await _run_job(request, server.queue, server.generate, body, "txt2img", server.queue.ticket())
 
     @app.post(f"{api}/img2img")
     async def img2img(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        return await _run_blocking(server.generate, body, "img2img", server.queue.ticket())
+        return await _run_job(request, server.queue, server.generate, body, "img2img", server.queue.ticket())
 
     @app.post(f"{api}/extra-single-image")
     async def extra_single_image(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        return await _run_blocking(server.extras, body, False, server.queue.ticket())
+        return await _run_job(request, server.queue, server.extras, body, False, server.queue.ticket())
 
     @app.post(f"{api}/extra-batch-images")
     async def extra_batch_images(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        return await _run_blocking(server.extras, body, True, server.queue.ticket())
+        return await _run_job(request, server.queue, server.extras, body, True, server.queue.ticket())
 
     @app.post(f"{api}/png-info")
     async def png_info(request: Request) -> dict[str, Any]:
@@ -761,6 +761,34 @@ async def _run_blocking(function: Any, *args: Any) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     return await run_in_threadpool(function, *args)
+
+
+#: How often a queued or running job looks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
+
+
+async def _run_job(request: Any, queue: Any, function: Any, *args: Any) -> Any:
+    """:func:`_run_blocking` for a job holding the queue ticket ``args[-1]``; when the client closes
+    its connection, the job is given up (:meth:`JobQueue.abandon`): not run when it was waiting,
+    stopped at its next step when it was running. Its answer then goes nowhere."""
+    import asyncio
+
+    from aipaint.serve.jobs import ClientGone
+
+    task = asyncio.ensure_future(_run_blocking(function, *args))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            break
+        if await request.is_disconnected():
+            queue.abandon(args[-1])
+            break
+    try:
+        return await task
+    except ClientGone:
+        from starlette.responses import Response
+
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 7860) -> None:

@@ -23,6 +23,10 @@ class QueueFull(AipaintError):
     """More jobs are waiting than the server was configured to hold."""
 
 
+class ClientGone(Exception):  # noqa: N818 - a signal: the job's client closed its connection before its turn
+    """Raised by :meth:`JobQueue.turn` for a job whose client went away while it waited."""
+
+
 class Interrupted(Exception):  # noqa: N818 - a signal, not an error: the job stops where it is
     """Raised from a progress callback to stop the running image (``skip``) or job (``interrupt``)."""
 
@@ -37,6 +41,7 @@ class JobState:
     sampling_step: int = 0
     sampling_steps: int = 0
     started: float = 0.0
+    ticket: int = -1
     interrupted: bool = False
     skipped: bool = False
     preview: Any = None  # the latest aipaint.engine.preview.StepPreview
@@ -58,6 +63,7 @@ class JobQueue:
         self._next_ticket = 0
         self._serving = 0
         self._cancelled: set[int] = set()
+        self._gone: set[int] = set()
 
     @property
     def waiting(self) -> int:
@@ -92,7 +98,12 @@ class JobQueue:
         with self._lock:
             while self._serving != ticket:
                 self._lock.wait()
-            self.state = JobState(job=name, job_count=job_count, started=time.time())
+            if ticket in self._gone:  # its client went away while it waited: nobody to answer
+                self._gone.discard(ticket)
+                self._serving += 1
+                self._advance()
+                raise ClientGone(name)
+            self.state = JobState(job=name, job_count=job_count, started=time.time(), ticket=ticket)
         try:
             yield self.state
         finally:
@@ -100,6 +111,15 @@ class JobQueue:
                 self.state = JobState()
                 self._serving += 1
                 self._advance()
+
+    def abandon(self, ticket: int) -> None:
+        """The client of ``ticket`` went away: a waiting job will not run, a running one stops
+        at its next step as if interrupted."""
+        with self._lock:
+            if self.state.ticket == ticket:
+                self.state.interrupted = True
+            elif ticket >= self._serving:
+                self._gone.add(ticket)
 
     def interrupt(self) -> None:
         self.state.interrupted = True

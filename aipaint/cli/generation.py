@@ -23,6 +23,7 @@ from aipaint.cli.api import (
     check_post_chain,
     run_and_save,
 )
+from aipaint.cli.workflows import add_dynamic_options, run_dynamic, wants_dynamic
 from aipaint.errors import AipaintError, InvalidParameter
 
 SIDES = ("left", "top", "right", "bottom")
@@ -75,6 +76,8 @@ def _image_request(args: argparse.Namespace, **fields: Any) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if wants_dynamic(args):  # wildcards and {a|b} variants: the prompt resolved, and recorded as its Template
+        return run_dynamic(args, build_request(args))
     return run_and_save(args, build_request(args))
 
 
@@ -126,6 +129,7 @@ def cmd_blend(args: argparse.Namespace) -> int:
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="text to image", aliases=["txt2img"])
     _add_shared(p)
+    add_dynamic_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("img2img", help="image to image: change an image towards a prompt")

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import AipaintError, InvalidParameter, UnknownName
@@ -98,6 +99,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                    help="A1111's 'Ignore negative prompt during early sampling': the first steps up to this "
                         "fraction run without CFG, which is faster (default 0: none)")
     g.add_argument("--midjourney", "--mj", action="store_true", help="read the prompt in Midjourney syntax (--no, ::, --ar)")
+    g.add_argument("--style", action="append", dest="styles", metavar="NAME",
+                   help="apply a saved prompt style (A1111's styles.csv); repeat for several, applied in order")
+    g.add_argument("--styles-file", metavar="FILE",
+                   help="the styles file (default: $AIPAINT_STYLES_FILE, else $AIPAINT_HOME/styles.csv)")
     g.add_argument("--option", action="append", default=[], metavar="NS.FIELD=VALUE", dest="plugin_options",
                    help="a plugin's typed option, repeatable (e.g. lora.folder=my/loras); see `aipaint plugins`")
     g.add_argument("-o", "--output", help="output PNG (default: aipaint.png, or aipaint-1.png, … the first name not "
@@ -220,6 +225,8 @@ def build_request(args: argparse.Namespace, **fields: Any) -> GenerationRequest:
             kwargs[name] = value
     if args.seed_resize_from:
         kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = args.seed_resize_from
+    if getattr(args, "styles", None):
+        _apply_styles(args, kwargs)
     if args.midjourney:
         _apply_midjourney(args, kwargs)
     units = [unit for build in getattr(args, _UNIT_BUILDERS, None) or () for unit in build(args, png_params)]
@@ -237,6 +244,44 @@ def build_request(args: argparse.Namespace, **fields: Any) -> GenerationRequest:
         kwargs["options"] = options
     kwargs.update(fields)
     return _checked_request(kwargs)
+
+
+#: The PNG parameter A1111 records the styles of an image in (a JSON list of their names).
+STYLES_KEY = "Styles array"
+
+
+def styles_file(args: argparse.Namespace) -> Path:
+    """``--styles-file``, else ``$AIPAINT_STYLES_FILE``, else ``$AIPAINT_HOME/styles.csv``."""
+    import os
+
+    from aipaint.plugin.kit.folders import aipaint_home
+
+    given = getattr(args, "styles_file", None) or os.environ.get("AIPAINT_STYLES_FILE")
+    return Path(given).expanduser() if given else aipaint_home() / "styles.csv"
+
+
+def _apply_styles(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
+    """``--style NAME``: the styles merged into the prompt and negative prompt (A1111's way: a
+    ``{prompt}`` in the style takes the prompt, else the style is appended), recorded for the PNG."""
+    from aipaint.prompt.styles import apply_styles, load_styles
+
+    path = styles_file(args)
+    if not path.is_file():
+        raise InvalidParameter("style", args.styles[0], f"needs a styles file, and there is none at {path}",
+                               "give --styles-file FILE or set AIPAINT_STYLES_FILE (A1111's styles.csv format)")
+    kwargs["prompt"], kwargs["negative_prompt"] = apply_styles(
+        kwargs["prompt"], kwargs.get("negative_prompt", ""), list(args.styles), load_styles(path))
+    args.recorded_entries = {**getattr(args, "recorded_entries", {}), STYLES_KEY: json.dumps(list(args.styles))}
+
+
+def recorded(args: argparse.Namespace, result: Any) -> Any:
+    """``result`` with the entries the options recorded (``Styles array``) in each image's PNG parameters."""
+    entries = getattr(args, "recorded_entries", None)
+    if not entries:
+        return result
+    from aipaint.plugin.postprocess import merge_infotext
+
+    return dataclasses.replace(result, infotexts=[merge_infotext(text, entries) for text in result.infotexts])
 
 
 def _apply_midjourney(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
@@ -351,6 +396,7 @@ def run_and_save(args: argparse.Namespace, request: GenerationRequest) -> int:
             result = postprocess_result(result, post, pipe)
     finally:
         close()
+    result = recorded(args, result)
     # Without -o the free name is picked again: another run may have taken the first one meanwhile.
     output = output_path(args.output, len(result.images), overwrite=args.overwrite)
     for path in result.save_all(output, overwrite=args.overwrite):

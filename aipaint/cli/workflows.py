@@ -21,6 +21,7 @@ from aipaint.cli.api import (
     load_pipeline,
     mark_generation_command,
     progress_bar,
+    recorded,
 )
 from aipaint.errors import AipaintError, InvalidParameter
 
@@ -96,7 +97,7 @@ def run_dynamic(args: argparse.Namespace, request: GenerationRequest) -> int:
     for index, job in enumerate(jobs, 1):
         progress, close = progress_bar(not args.no_progress and sys.stderr.isatty())
         try:
-            result = run_job(pipe, job, post=post, progress=progress, preview=preview)
+            result = recorded(args, run_job(pipe, job, post=post, progress=progress, preview=preview))
         finally:
             close()
         images.extend(result.images)
@@ -163,6 +164,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if args.midjourney:
         raise AipaintError("batch reads A1111 prompts; --mj is not supported here")
+    if getattr(args, "styles", None):
+        raise AipaintError("batch does not apply --style to its lines yet; apply the styles to the lines' prompts "
+                           "(or use generate/xyz, which take --style)")
     out_dir = Path(args.output or DEFAULT_BATCH_FOLDER)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidParameter("output", str(out_dir), "is a file; batch writes into a folder", "give a folder with -o DIR")

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="keep the LoRA here (default: a temporary folder)")
+    parser.add_argument("--model", help="another trained copy of the embedded model, under the embedded card "
+                                        "(as benchmarks/embedded_model.py --model)")
     parser.add_argument("--save", action="store_true", help="write the table to benchmarks/results/lora_concept.txt")
     args = parser.parse_args(argv)
 
@@ -133,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
         lines.append(line)
 
-    pipe = aipaint.load()
+    if args.model:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from embedded_model import embedded_pipe
+
+        pipe = embedded_pipe(args.model)
+    else:
+        pipe = aipaint.load()
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lora-concept-"))
     data = work / "data"
     captions = render_dataset(data, args.images, seed=args.seed + 1)
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {w: adherence_at(pipe, w, work / "loras", args.eval_images, args.eval_steps) for w in (0.0, 0.5, 1.0)}
     n_eval = len(eval_prompts()) * args.eval_images
-    say(f"LoRA on the held-out colour 'orange' — shapes-tiny, torch {torch.__version__}, {args.threads} thread(s), "
+    say(f"LoRA on the held-out colour 'orange' — {args.model or 'shapes-tiny'}, torch {torch.__version__}, {args.threads} thread(s), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} images, {args.steps} steps x batch {args.batch_size}, rank {args.rank}, lr {args.lr:g}, "
         f"text encoder {'no' if args.unet_only else 'yes'}"

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint.errors import AipaintError, InvalidParameter, UnknownName
@@ -226,7 +225,9 @@ def build_request(args: argparse.Namespace, **fields: Any) -> GenerationRequest:
     if args.seed_resize_from:
         kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = args.seed_resize_from
     if getattr(args, "styles", None):
-        _apply_styles(args, kwargs)
+        from aipaint.cli.styles import apply_style_options
+
+        apply_style_options(args, kwargs)
     if args.midjourney:
         _apply_midjourney(args, kwargs)
     units = [unit for build in getattr(args, _UNIT_BUILDERS, None) or () for unit in build(args, png_params)]
@@ -244,44 +245,6 @@ def build_request(args: argparse.Namespace, **fields: Any) -> GenerationRequest:
         kwargs["options"] = options
     kwargs.update(fields)
     return _checked_request(kwargs)
-
-
-#: The PNG parameter A1111 records the styles of an image in (a JSON list of their names).
-STYLES_KEY = "Styles array"
-
-
-def styles_file(args: argparse.Namespace) -> Path:
-    """``--styles-file``, else ``$AIPAINT_STYLES_FILE``, else ``$AIPAINT_HOME/styles.csv``."""
-    import os
-
-    from aipaint.plugin.kit.folders import aipaint_home
-
-    given = getattr(args, "styles_file", None) or os.environ.get("AIPAINT_STYLES_FILE")
-    return Path(given).expanduser() if given else aipaint_home() / "styles.csv"
-
-
-def _apply_styles(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
-    """``--style NAME``: the styles merged into the prompt and negative prompt (A1111's way: a
-    ``{prompt}`` in the style takes the prompt, else the style is appended), recorded for the PNG."""
-    from aipaint.prompt.styles import apply_styles, load_styles
-
-    path = styles_file(args)
-    if not path.is_file():
-        raise InvalidParameter("style", args.styles[0], f"needs a styles file, and there is none at {path}",
-                               "give --styles-file FILE or set AIPAINT_STYLES_FILE (A1111's styles.csv format)")
-    kwargs["prompt"], kwargs["negative_prompt"] = apply_styles(
-        kwargs["prompt"], kwargs.get("negative_prompt", ""), list(args.styles), load_styles(path))
-    args.recorded_entries = {**getattr(args, "recorded_entries", {}), STYLES_KEY: json.dumps(list(args.styles))}
-
-
-def recorded(args: argparse.Namespace, result: Any) -> Any:
-    """``result`` with the entries the options recorded (``Styles array``) in each image's PNG parameters."""
-    entries = getattr(args, "recorded_entries", None)
-    if not entries:
-        return result
-    from aipaint.plugin.postprocess import merge_infotext
-
-    return dataclasses.replace(result, infotexts=[merge_infotext(text, entries) for text in result.infotexts])
 
 
 def _apply_midjourney(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
@@ -396,6 +359,8 @@ def run_and_save(args: argparse.Namespace, request: GenerationRequest) -> int:
             result = postprocess_result(result, post, pipe)
     finally:
         close()
+    from aipaint.cli.styles import recorded
+
     result = recorded(args, result)
     # Without -o the free name is picked again: another run may have taken the first one meanwhile.
     output = output_path(args.output, len(result.images), overwrite=args.overwrite)

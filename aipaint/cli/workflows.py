@@ -20,9 +20,10 @@ from aipaint.cli.api import (
     check_post_chain,
     load_pipeline,
     mark_generation_command,
+    parse_key_values,
     progress_bar,
-    recorded,
 )
+from aipaint.cli.styles import recorded
 from aipaint.errors import AipaintError, InvalidParameter
 
 if TYPE_CHECKING:
@@ -164,6 +165,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if args.midjourney:
         raise AipaintError("batch reads A1111 prompts; --mj is not supported here")
+    if args.ray_workers is not None and args.ray is None:
+        raise AipaintError("--ray-workers needs --ray (the workers are Ray's)")
     if getattr(args, "styles", None):
         raise AipaintError("batch does not apply --style to its lines yet; apply the styles to the lines' prompts "
                            "(or use generate/xyz, which take --style)")
@@ -178,17 +181,27 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not lines:
         raise InvalidParameter("prompts file", args.file, "holds no prompts (blank and # lines are skipped)")
     plan_batch(lines, base, out_dir, dynamic=dynamic, combinatorial=args.combinatorial, max_prompts=args.max_prompts)
-    pipe = load_pipeline(args)
 
     def on_progress(event: Any) -> None:
         if args.no_progress:
             return
         names = ", ".join(path.name for path in event.job.files)
-        state = f"generated in {event.seconds:.2f} s" if event.status == "generated" else "done before, skipped"
+        state = {"generated": f"generated in {event.seconds:.2f} s", "skipped": "done before, skipped",
+                 "recovered": "written before its worker died, kept"}[event.status]
         print(f"[{event.index}/{event.total}] line {event.job.line}: {names} {state}", file=sys.stderr, flush=True)
 
-    report = batch(pipe, lines, out_dir, base=base, dynamic=dynamic, combinatorial=args.combinatorial,
-                   max_prompts=args.max_prompts, post=post, on_progress=on_progress)
+    if args.ray is not None:  # on a Ray cluster (docs/scale-out.md); Ray is imported only here
+        from aipaint.workflows.ray_batch import ray_batch
+
+        load_options = {"family": args.family, "device": args.device, "dtype": args.dtype, "runtime": args.runtime,
+                        "allow_pickle": args.allow_pickle, "config": args.config,
+                        "runtime_options": parse_key_values(args.runtime_options or [], "--runtime-option")}
+        report = ray_batch(lines, out_dir, model=args.model, load_options=load_options, base=base, dynamic=dynamic,
+                           combinatorial=args.combinatorial, max_prompts=args.max_prompts, post=post,
+                           address=args.ray or None, workers=args.ray_workers, on_progress=on_progress)
+    else:
+        report = batch(load_pipeline(args), lines, out_dir, base=base, dynamic=dynamic, combinatorial=args.combinatorial,
+                       max_prompts=args.max_prompts, post=post, on_progress=on_progress)
     for path in report.generated:
         print(path)
     print(f"batch: {len(report.generated)} images generated, {len(report.skipped)} done before; "
@@ -232,5 +245,18 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="DIR", help=f"the output folder (default: {DEFAULT_BATCH_FOLDER})")
     add_dynamic_options(p)
     add_model_options(p)
+    g = p.add_argument_group("scale-out on Ray (docs/scale-out.md)")
+    g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the jobs on a Ray cluster: ADDRESS as Ray's (auto, HOST:6379, ray://HOST:10001); "
+                        "without one, $RAY_ADDRESS, else a Ray started here for the run")
+    g.add_argument("--ray-workers", type=_positive, metavar="N",
+                   help="with --ray: N workers, each with its own model (default: as many as the cluster's CPUs, "
+                        "or GPUs with --device cuda, hold)")
     mark_generation_command(p)
     p.set_defaults(func=cmd_batch)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, not {text!r}")
+    return int(text)

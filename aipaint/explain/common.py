@@ -105,7 +105,7 @@ def latent_model(pipe: Pipeline) -> LatentDiffusionModel:
     model = getattr(pipe, "model", None)
     if not isinstance(model, LatentDiffusionModel):
         raise UnsupportedFeature(
-            f"explain needs a latent diffusion model (SD 1.5, SDXL, the embedded model); {model!r} runs its own loop"
+            f"explain needs a latent diffusion model (a UNet, a VAE and a text encoder in the core engine), {model!r} runs its own loop"
         )
     return model
 

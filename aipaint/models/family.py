@@ -207,13 +207,21 @@ class ModelFamily:
 
     ``name`` is what users type (``--family sd15``); ``aliases`` are other accepted
     names; ``default_size`` is ``(width, height)``; ``default_config`` names the zoo
-    config folder used for offline single-file loading.
+    config folder used for offline single-file loading; ``base_models`` and
+    ``air_ecosystem`` say how model sites name the family's files.
     """
 
     name: str = ""
     aliases: tuple[str, ...] = ()
     description: str = ""
     default_size: tuple[int, int] = (512, 512)
+    #: Regular expressions (matched, case-insensitive, anywhere in the text) for the base-model
+    #: names model sites give files made for this family: Civitai's ``baseModel`` ("SD 1.5",
+    #: "SDXL 1.0", "Pony"), a Hugging Face card's ``base_model`` repo id. :mod:`aipaint.sources`
+    #: reads them to tell which family a downloaded checkpoint or LoRA is for.
+    base_models: tuple[str, ...] = ()
+    #: The ecosystem part of a Civitai AIR (``urn:air:ECOSYSTEM:…``) of this family's files ("sd1").
+    air_ecosystem: str = ""
 
     def identify(self, source: ModelSource) -> bool:
         """Return True when this family can load ``source``. Be conservative."""

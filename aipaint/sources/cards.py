@@ -64,18 +64,13 @@ def write_card(weights: Path | str, card: dict[str, Any]) -> Path:
 
 
 # --- base models and families ----------------------------------------------------------------
-# Civitai's baseModel strings (and Hugging Face base_model ids), most specific first, as the
-# family names aipaint uses (plugins sd15, sdxl, unclip, deepfloyd_if); other architectures get
-# a name of their own so that a mismatch is still seen, though aipaint loads none of them.
-_BASE_MODEL_RULES: tuple[tuple[str, str], ...] = (
-    (r"^sd ?1\.|stable-diffusion-v1|sd-v1-|v1-5|sd15|^sd1\b", "sd15"),
-    (r"2\.1.?unclip|stable-diffusion-2-1-unclip|unclip-2", "stable-unclip"),
-    (r"karlo", "unclip"),
-    (r"deepfloyd|^if-i", "deepfloyd-if"),
+# Which family a source's base model means is each family plugin's to say (``ModelFamily.base_models``):
+# the core names no family. Architectures aipaint loads no family of still get a name of their own,
+# so that a LoRA made for one is seen not to match the loaded model.
+_OTHER_ARCHITECTURES: tuple[tuple[str, str], ...] = (
     (r"pony v7|auraflow", "auraflow"),
     (r"^sd ?2\.|stable-diffusion-2", "sd2"),
     (r"^sd ?3|stable-diffusion-3", "sd3"),
-    (r"sdxl|stable-diffusion-xl|^pony|illustrious|noobai|playground v2|sd-xl", "sdxl"),
     (r"flux\.?1|flux-1", "flux1"),
     (r"flux\.?2|flux-2", "flux2"),
     (r"stable cascade|stable-cascade", "stable-cascade"),
@@ -84,32 +79,50 @@ _BASE_MODEL_RULES: tuple[tuple[str, str], ...] = (
     (r"kolors", "kolors"),
 )
 
-_FAMILY_ALIASES = {
-    "sd1": "sd15", "sd1.5": "sd15", "sd": "sd15", "stable-diffusion-1.5": "sd15",
-    "sdxl-base": "sdxl", "sdxl-refiner": "sdxl", "stable-diffusion-xl": "sdxl", "sd-xl": "sdxl",
-    "stable-unclip-2.1": "stable-unclip", "sd21-unclip": "stable-unclip",
-    "karlo": "unclip", "dalle2": "unclip", "dall-e-2": "unclip",
-    "if": "deepfloyd-if", "deepfloyd": "deepfloyd-if", "deepfloyd_if": "deepfloyd-if",
-}
+
+def _families() -> list[Any]:
+    from aipaint.plugin.host import default_host
+
+    return list(default_host().registry.families)
 
 
 def family_of_base_model(base_model: str | None) -> str | None:
-    """The aipaint family a source's base model means: ``"SD 1.5"`` → ``sd15``, ``"SDXL 1.0"``,
-    ``"Pony"``, ``"Illustrious"`` → ``sdxl``, ``"stabilityai/stable-diffusion-xl-base-1.0"`` →
-    ``sdxl``; other architectures their own name (``flux1``, ``sd3``, ``sd2``); None when unknown
+    """The aipaint family a source's base model means, by the families' own ``base_models``
+    patterns (e.g. "SD 1.5" → the SD 1.5 family, "Pony" → the SDXL one); an architecture aipaint
+    has no family for gets a name of its own (``flux1``, ``sd3``, ``sd2``); None when unknown
     ("Other", empty)."""
     if not isinstance(base_model, str) or not base_model.strip():
         return None
     text = base_model.strip().lower()
-    for pattern, family in _BASE_MODEL_RULES:
+    for family in _families():
+        if any(re.search(pattern, text, re.IGNORECASE) for pattern in getattr(family, "base_models", ())):
+            return family.name
+    for pattern, name in _OTHER_ARCHITECTURES:
         if re.search(pattern, text):
-            return family
+            return name
     return None
 
 
+def air_ecosystem(family_name: str | None) -> str | None:
+    """The ecosystem of a Civitai AIR for files of ``family_name`` (its plugin's ``air_ecosystem``;
+    the other architectures' own names), None when unknown."""
+    if not family_name:
+        return None
+    from aipaint.plugin.host import default_host
+
+    models = default_host().registry.families
+    if family_name in models:
+        return getattr(models.get(family_name), "air_ecosystem", "") or None
+    return family_name if family_name in {name for _, name in _OTHER_ARCHITECTURES} else None
+
+
 def canonical_family(name: str) -> str:
-    key = str(name).strip().lower()
-    return _FAMILY_ALIASES.get(key, key)
+    """A family's registered name for any of its aliases (``sd1`` → the SD 1.5 family's name)."""
+    from aipaint.plugin.host import default_host
+
+    models = default_host().registry.families
+    key = str(name).strip()
+    return models.get(key).name if key in models else key.lower()
 
 
 def base_model_warning(card: dict[str, Any] | None, family: str, name: str = "") -> str | None:

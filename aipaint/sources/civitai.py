@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from aipaint.errors import InvalidParameter, UnsafeFileError, UnsupportedFeature
 from aipaint.sources.base import Download, check_kind, kind_words
-from aipaint.sources.cards import family_of_base_model
+from aipaint.sources.cards import air_ecosystem, family_of_base_model
 from aipaint.sources.client import Client, civitai_base_url, origin, shown_url
 
 CIVITAI_HOSTS = ("civitai.com", "www.civitai.com", "civitai.green", "www.civitai.green")
@@ -30,7 +30,6 @@ AIR_TYPES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora", "loc
              "embedding": "embedding", "textualinversion": "embedding", "vae": "vae", "controlnet": "controlnet",
              "upscaler": "upscaler"}
 WEIGHT_FILE_TYPES = ("Model", "Pruned Model", "Negative")
-_AIR_ECOSYSTEMS = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux1": "flux1"}
 
 _AIR = re.compile(
     r"^urn:air:(?P<ecosystem>[a-z0-9_.-]+):(?P<type>[a-z0-9_-]+):(?P<source>[a-z0-9_-]+):"
@@ -250,8 +249,9 @@ def resolve(ref: CivitaiRef, client: Client, *, kind: str | None = None, file: s
     settings = version.get("settings") if isinstance(version.get("settings"), dict) else {}
     weight = settings.get("strength") if isinstance(settings.get("strength"), (int, float)) else None
     air = version.get("air")
-    if not air and family in _AIR_ECOSYSTEMS and model_id is not None:
-        air = f"urn:air:{_AIR_ECOSYSTEMS[family]}:{model_type.lower()}:civitai:{model_id}@{version_id}"
+    ecosystem = air_ecosystem(family)
+    if not air and ecosystem and model_id is not None:
+        air = f"urn:air:{ecosystem}:{model_type.lower()}:civitai:{model_id}@{version_id}"
     link = f"{civitai_base_url()}/models/{model_id}?modelVersionId={version_id}" if model_id is not None else \
         f"{civitai_base_url()}/api/download/models/{version_id}"
     card = {

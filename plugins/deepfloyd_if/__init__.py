@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 class DeepFloydIF(ModelFamily):
     name = "deepfloyd-if"
     aliases = ("if", "deepfloyd", "deepfloyd_if")
+    base_models = (r"deepfloyd", r"^if-i")
     description = "DeepFloyd IF: T5-conditioned pixel cascade (64 px, ×4 super-resolution, ×4 upscaler)"
     default_size = (64, 64)
 

@@ -33,6 +33,8 @@ def _torch_dtype(name: str):
 class StableDiffusion15(ModelFamily):
     name = "sd15"
     aliases = ("sd1", "sd1.5", "stable-diffusion-1.5", "sd")
+    base_models = (r"^sd ?1\.", r"stable-diffusion-v1", r"sd-v1-", r"v1-5", r"sd15", r"^sd1\b")
+    air_ecosystem = "sd1"
     description = "Stable Diffusion 1.x (CLIP ViT-L text encoder, 4-channel latents)"
     default_size = (512, 512)
 

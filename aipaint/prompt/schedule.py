@@ -57,6 +57,11 @@ _Node = _Span | _Edit | _Alternate
 
 # lark's SIGNED_NUMBER, then the closing bracket of an edit.
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*\]")
+# A bracket with no other special character inside: an alternation [a|b|…], or an edit [to:when] /
+# [from:to:when]. The usual constructs, read at once (what the token loop would make of them, faster).
+_PLAIN = r"[^()\[\]:|\\]*"
+_RE_SIMPLE_ALTERNATION = re.compile(rf"\[{_PLAIN}(?:\|{_PLAIN})+\]")
+_RE_SIMPLE_EDIT = re.compile(rf"\[({_PLAIN}):(?:({_PLAIN}):)?" + _RE_WHEN.pattern)
 # The characters that matter to the grammar; a backslash escapes the next one, except a newline.
 _RE_SPECIAL = re.compile(r"[()\[\]:|]|\\[^\n]|\\")
 
@@ -151,6 +156,31 @@ def _read(text: str) -> _Tree | None:
         if position < skip_to:
             continue
         char = text[position]
+        if char == "[":
+            simple = _RE_SIMPLE_ALTERNATION.match(text, position)
+            if simple:
+                options, start = [], position + 1
+                while True:
+                    bar = text.find("|", start, simple.end() - 1)
+                    stop = simple.end() - 1 if bar < 0 else bar
+                    options.append(((start, stop),) if start < stop else ())
+                    if bar < 0:
+                        break
+                    start = bar + 1
+                alternates = True
+                arities[len(options)] = None
+                (children if stack else top).append((position, simple.end(), _Alternate(tuple(options))))
+                skip_to = simple.end()
+                continue
+            simple = _RE_SIMPLE_EDIT.match(text, position)
+            if simple:
+                first, second = simple.span(1), simple.span(2)
+                spans = [((a, b),) if a < b else () for a, b in (first, second) if a >= 0]
+                before, after = ((), spans[0]) if len(spans) == 1 else spans
+                whens.append(float(simple.group(3)))
+                (children if stack else top).append((position, simple.end(), _Edit(before, after, whens[-1])))
+                skip_to = simple.end()
+                continue
         if char == "(" or char == "[":
             count = len(children)
             stack.append((char, position, "", position + 1, len(parts), count, count))

@@ -464,3 +464,25 @@ def test_parsers_give_the_cycle_collector_back_as_they_found_it():
     release.set()
     worker.join(5)
     assert gc.isenabled()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["a", "b", " ", "[", "]", "(", ")", ":", "|", "\\", "0.5", "3", " 2 ]", "[a|b]",
+                                 "[x:y:2]", "[:1]", "[a|]", "(c:1.2)", "1e1"]), max_size=14).map("".join),
+       st.integers(1, 9))
+def test_plain_brackets_read_at_once_as_the_token_loop_reads_them(text, steps):
+    from aipaint.prompt import schedule
+
+    def texts() -> list:
+        schedule._schedule_tree.cache_clear()
+        schedule._boundaries.cache_clear()
+        schedule._render_variant.cache_clear()
+        parsed = parse_prompt(text)
+        return [prompt_at_step(parsed, step, steps) for step in range(steps)]
+
+    fast = texts()
+    schedule.READ_SIMPLE_AT_ONCE = False
+    try:
+        assert texts() == fast
+    finally:
+        schedule.READ_SIMPLE_AT_ONCE = True

@@ -214,27 +214,27 @@ class BatchJob:
     negative_template: str | None = None
 
 
-def _stable(value: Any) -> Any:
+def stable(value: Any) -> Any:
     """``value`` as JSON data that is the same in every run (images by a digest of their pixels)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _stable(v) for k, v in value.items()}
+        return {str(k): stable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_stable(v) for v in value]
+        return [stable(v) for v in value]
     if hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
         return {"image": hashlib.sha256(value.tobytes()).hexdigest(), "mode": value.mode, "size": list(value.size)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # Fields at their defaults are left out: a field a later aipaint adds does not rename every image.
-        return {"type": type(value).__name__, **{f.name: _stable(getattr(value, f.name)) for f in dataclasses.fields(value)
+        return {"type": type(value).__name__, **{f.name: stable(getattr(value, f.name)) for f in dataclasses.fields(value)
                                                  if not _is_default(f, getattr(value, f.name))}}
     model = getattr(value, "model", value)  # a refiner: its model's name and hash
     return {"type": type(value).__name__, "name": str(getattr(model, "name", "")), "hash": str(getattr(model, "model_hash", ""))}
 
 
-def _at_line(exc: AipaintError, number: int) -> AipaintError:
+def at_line(exc: AipaintError, number: int) -> AipaintError:
     """``exc``, its message saying the line of the prompts file it is about (its type kept)."""
     if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"line {number}: {exc.args[0]}", *exc.args[1:])
@@ -298,12 +298,12 @@ def plan_batch(lines: Sequence[PromptLine], base: GenerationRequest, out_dir: st
                 dynamic.check(request.prompt)
                 dynamic.check(request.negative_prompt, what="negative prompt")
         except AipaintError as exc:
-            raise _at_line(exc, line.number) from None
+            raise at_line(exc, line.number) from None
         for iteration in range(line.iterations):
             run = request
             if request.seed != -1 and iteration:  # A1111: each run goes on from the seeds of the last
                 run = dataclasses.replace(request, seed=(request.seed + iteration * request.batch_size) % (MAX_SEED + 1))
-            key = {"request": _stable(run), "iteration": iteration, **_stable(salt or {}),
+            key = {"request": stable(run), "iteration": iteration, **stable(salt or {}),
                    "dynamic": None if dynamic is None else ("combinatorial" if combinatorial else "random"),
                    "wildcards": None if dynamic is None or dynamic.folder is None else str(dynamic.folder.root)}
             if dynamic is not None and combinatorial:
@@ -400,7 +400,7 @@ class BatchReport:
     seconds: float = 0.0
 
 
-def _recovered(job: BatchJob) -> dict[str, Any]:
+def recovered(job: BatchJob) -> dict[str, Any]:
     """The record of a job whose files were written but whose record was not (a kill in between)."""
     from aipaint.infotext import Infotext, read_png_parameters
 
@@ -409,12 +409,32 @@ def _recovered(job: BatchJob) -> dict[str, Any]:
     seeds = [Infotext.from_text(text).params.get("Seed") if text else None for text in parameters]
     return {"id": job.id, "line": job.line, "iteration": job.iteration, "files": [p.name for p in job.files],
             "prompt": info.prompt, "negative_prompt": info.negative_prompt, "seeds": seeds, "parameters": parameters,
-            "seconds": None, "recovered": True, "finished": _now()}
+            "seconds": None, "recovered": True, "finished": now()}
 
 
-def _now() -> str:
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
+
+
+def batch_salt(pipe: Any, post: Sequence[Any] = ()) -> dict[str, Any]:
+    """What else decides a batch's images (the model and the post chain), joined into each job's
+    hash: the local batch and the Ray batch name their files alike."""
+    model = getattr(pipe, "model", None)
+    return {"model": f"{getattr(model, 'name', '')} [{getattr(model, 'model_hash', '') or ''}]",
+            "post": stable(list(post))}
+
+
+def job_record(job: BatchJob, prompt_job: Any, result: Any, seconds: float) -> dict[str, Any]:
+    """A finished job's manifest record (the local batch's and the Ray batch's)."""
+    return {
+        "id": job.id, "line": job.line, "iteration": job.iteration, "files": [p.name for p in job.files],
+        "prompt": prompt_job.request.prompt, "negative_prompt": prompt_job.request.negative_prompt,
+        **({"template": prompt_job.template} if prompt_job.template is not None else {}),
+        **({"negative_template": prompt_job.negative_template} if prompt_job.negative_template is not None else {}),
+        "seeds": result.seeds, "parameters": result.infotexts, "seconds": round(seconds, 4),
+        "timings": {k: round(v, 4) for k, v in result.timings.items()}, "finished": now(),
+    }
 
 def batch(pipe: Pipeline, source: str | Path | Sequence[Any], out_dir: str | Path, *,
           base: GenerationRequest | None = None, dynamic: DynamicPrompts | None = None, combinatorial: bool = False,
@@ -433,23 +453,21 @@ def batch(pipe: Pipeline, source: str | Path | Sequence[Any], out_dir: str | Pat
     started = time.perf_counter()
     lines = read_prompts(source)
     base = base if base is not None else GenerationRequest(prompt="")
-    model = getattr(pipe, "model", None)
-    salt = {"model": f"{getattr(model, 'name', '')} [{getattr(model, 'model_hash', '') or ''}]",
-            "post": _stable(list(post))}
+    salt = batch_salt(pipe, post)
     jobs = plan_batch(lines, base, out_dir, dynamic=dynamic, combinatorial=combinatorial, max_prompts=max_prompts,
                       salt=salt)
     for job in jobs:
         try:
             pipe.check(job.request)
         except AipaintError as exc:
-            raise _at_line(exc, job.line) from None
+            raise at_line(exc, job.line) from None
     manifest = Manifest(Path(out_dir) / MANIFEST_NAME)
     records = manifest.read()
     report = BatchReport(jobs=jobs, manifest=manifest.path)
     for index, job in enumerate(jobs, 1):
         if all(path.is_file() for path in job.files):
             if job.id not in records:
-                manifest.append(_recovered(job))
+                manifest.append(recovered(job))
             report.skipped.extend(job.files)
             if on_progress is not None:
                 on_progress(BatchProgress(index, len(jobs), job, "skipped"))
@@ -463,14 +481,7 @@ def batch(pipe: Pipeline, source: str | Path | Sequence[Any], out_dir: str | Pat
         for image, infotext, path in zip(result.images, result.infotexts, job.files):
             save_png(image, path, infotext, overwrite=True)  # a file of a batch cut short is written again
         seconds = time.perf_counter() - job_started
-        manifest.append({
-            "id": job.id, "line": job.line, "iteration": job.iteration, "files": [p.name for p in job.files],
-            "prompt": prompt_job.request.prompt, "negative_prompt": prompt_job.request.negative_prompt,
-            **({"template": prompt_job.template} if prompt_job.template is not None else {}),
-            **({"negative_template": prompt_job.negative_template} if prompt_job.negative_template is not None else {}),
-            "seeds": result.seeds, "parameters": result.infotexts, "seconds": round(seconds, 4),
-            "timings": {k: round(v, 4) for k, v in result.timings.items()}, "finished": _now(),
-        })
+        manifest.append(job_record(job, prompt_job, result, seconds))
         report.generated.extend(job.files)
         if on_progress is not None:
             on_progress(BatchProgress(index, len(jobs), job, "generated", seconds))

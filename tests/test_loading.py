@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,22 @@ def test_diffusers_folder_helpers_name_what_is_missing(tmp_path):
         read_scheduler_config(tmp_path, "scheduler")
     (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 1000}')
     assert read_scheduler_config(tmp_path, "scheduler") == {"num_train_timesteps": 1000}
+
+
+def test_a_model_named_by_its_source_is_installed_once_then_loaded(monkeypatch, tiny_sd_path):
+    """``-m civitai:123`` (or an AIR, a Hugging Face file link, a URL, a hash) goes through
+    aipaint.sources.ensure as a checkpoint; a zoo id, a path or a hub id does not."""
+    from aipaint import sources
+    from aipaint.models import loading
+
+    calls = []
+
+    def ensure(text, *, kind=None, **options):
+        calls.append((text, kind))
+        return Path(tiny_sd_path)
+
+    monkeypatch.setattr(sources, "ensure", ensure)
+    found = loading.resolve_source("civitai:123@456")
+    assert calls == [("civitai:123@456", "checkpoint")] and found.path == Path(tiny_sd_path) and found.kind == "folder"
+    loading.resolve_source(str(tiny_sd_path))
+    assert len(calls) == 1

@@ -14,7 +14,7 @@ from aipaint_plugins.lora.api import LoraUse, UnmatchedLoraKeys, apply_loras, lo
 from aipaint_plugins.lora.formats import canonical_path, kohya_key, patchable_modules
 from safetensors.torch import save_file
 
-from aipaint.errors import InvalidParameter, ModelLoadError, UnsafeFileError
+from aipaint.errors import AipaintWarning, InvalidParameter, ModelLoadError, UnsafeFileError
 from aipaint.infotext import Infotext, read_png_parameters
 from aipaint.plugin.adapters import AdapterUnit
 from aipaint.plugin.kit.folders import ModelFolder, NameOutsideFolder
@@ -427,3 +427,21 @@ def test_a_refused_lora_name_is_explained_with_a_lora_tag(folder):
     with pytest.raises(NameOutsideFolder) as refused:
         lora_folder(folder).resolve("../x")
     assert "<lora:my_style:0.8>" in refused.value.hint and "lora file" in refused.value.hint
+
+
+def test_a_lora_whose_card_names_another_family_warns_and_one_without_a_card_does_not(tiny_pipe, text_lora):
+    """``aipaint get`` writes a card beside each file; a LoRA made for SDXL on an SD 1.5 model is
+    worth a warning (its keys may even match, and then it spoils the image quietly)."""
+    from aipaint.sources.cards import write_card
+
+    options = {"lora": {"folder": str(text_lora)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AipaintWarning)  # no card: nothing to say
+        tiny_pipe.txt2img("a cat <lora:strong:0.5>", options=options, **GEN)
+    write_card(text_lora / "strong.safetensors", {"kind": "lora", "file": "strong.safetensors", "base_model": "SDXL 1.0"})
+    with pytest.warns(AipaintWarning, match=r"LoRA strong was made for SDXL 1.0 \(sdxl\), but the loaded model is sd15"):
+        tiny_pipe.txt2img("a cat <lora:strong:0.5>", options=options, **GEN)
+    write_card(text_lora / "strong.safetensors", {"kind": "lora", "file": "strong.safetensors", "base_model": "SD 1.5"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AipaintWarning)
+        tiny_pipe.txt2img("a cat <lora:strong:0.5>", options=options, **GEN)

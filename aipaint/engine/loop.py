@@ -49,6 +49,23 @@ class LoopContributor:
         """Extra keyword arguments for the UNet call (e.g. ControlNet residuals)."""
         return {}
 
+    def guide(
+        self, step: int, total: int, *, x: torch.Tensor, t: torch.Tensor, negative: torch.Tensor,
+        positives: Sequence[torch.Tensor], weights: Sequence[float], cfg_scale: float,
+    ) -> torch.Tensor | None:
+        """Replace classifier-free guidance's combination at a guided step, or None to keep it.
+
+        Called only at steps that carry the negative prompt (not at CFG scale 1 or in Skip Early
+        CFG's steps). ``negative`` and ``positives`` are the model's float outputs (epsilon, v or
+        sample, as ``model.prediction_type`` says) for the negative and each ``AND``-ed positive,
+        with their ``weights``; ``x`` and ``t`` are the model's input latents (the
+        variance-preserving x_t) and timestep, for methods that need the clean-latent estimate.
+        ``step`` counts from the plan's first step; ``total`` is the plan's length. The standard
+        combination is ``negative + sum(w * cfg_scale * (p - negative))``. The first contributor
+        that returns a tensor (same shape as ``negative``) replaces it; guidance rescale is
+        applied after, as usual."""
+        return None
+
     def after_step(self, step: int, total: int, latents: torch.Tensor) -> torch.Tensor | None:
         """Return replacement latents after a sampler step (e.g. inpaint blending), or None."""
         return None
@@ -159,7 +176,13 @@ def denoise(
         if not use_cfg:
             return remember_x0(x, t, sum(w * o for w, o in zip(weights, chunks, strict=True)) / sum(weights))
         negative, positives = chunks[0], chunks[1:]
-        guided = negative + sum(w * job.cfg_scale * (p - negative) for w, p in zip(weights, positives, strict=True))
+        guided = None
+        for c in contributors:
+            if guided is None and hasattr(c, "guide"):  # contributors written before this seam need not have it
+                guided = c.guide(step, job.plan.total_steps, x=x, t=t, negative=negative, positives=positives,
+                                 weights=weights, cfg_scale=job.cfg_scale)
+        if guided is None:
+            guided = negative + sum(w * job.cfg_scale * (p - negative) for w, p in zip(weights, positives, strict=True))
         if job.guidance_rescale > 0:
             positive = sum(w * p for w, p in zip(weights, positives, strict=True)) / sum(weights)
             guided = rescale_guidance(guided, positive, job.guidance_rescale)

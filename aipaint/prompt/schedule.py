@@ -62,6 +62,7 @@ _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-
 _PLAIN = r"[^()\[\]:|\\]*"
 _RE_SIMPLE_ALTERNATION = re.compile(rf"\[{_PLAIN}(?:\|{_PLAIN})+\]")
 _RE_SIMPLE_EDIT = re.compile(rf"\[({_PLAIN}):(?:({_PLAIN}):)?" + _RE_WHEN.pattern)
+_NOT_SIMPLE_AFTER = frozenset(("", "[", "]", "(", ")", "\\"))  # no simple construct starts "[" + one of these
 READ_SIMPLE_AT_ONCE = True  # off only in the test that checks both ways read alike
 # The characters that matter to the grammar; a backslash escapes the next one, except a newline.
 _RE_SPECIAL = re.compile(r"[()\[\]:|]|\\[^\n]|\\")
@@ -157,7 +158,7 @@ def _read(text: str) -> _Tree | None:
         if position < skip_to:
             continue
         char = text[position]
-        if char == "[" and READ_SIMPLE_AT_ONCE:
+        if char == "[" and READ_SIMPLE_AT_ONCE and text[position + 1 : position + 2] not in _NOT_SIMPLE_AFTER:
             simple = _RE_SIMPLE_ALTERNATION.match(text, position)
             if simple:
                 options, start = [], position + 1

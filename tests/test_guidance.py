@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from aipaint_plugins.guidance import (
+from aipaint_plugins.guidance.methods import (
     GuidanceContributor,
     _Alphas,
     apg_update,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,9 @@ def apply_style_options(args: argparse.Namespace, kwargs: dict[str, Any]) -> Non
 
 def recorded(args: argparse.Namespace, result: Any) -> Any:
     """``result`` with the entries the options recorded (``Styles array``) in each image's PNG parameters."""
-    entries = getattr(args, "recorded_entries", None)
-    if not entries:
-        return result
-    from aipaint.plugin.postprocess import merge_infotext
+    from aipaint.workflows.common import record_entries
 
-    return dataclasses.replace(result, infotexts=[merge_infotext(text, entries) for text in result.infotexts])
+    return record_entries(result, getattr(args, "recorded_entries", None) or {})
 
 
 __all__ = ["STYLES_KEY", "apply_style_options", "recorded", "styles_file"]

@@ -27,6 +27,10 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def default_bpe_path() -> str:
+    """``AIPAINT_CLIP_BPE`` if set (a copy of ``bpe_simple_vocab_16e6.txt.gz``, for machines without
+    open_clip), else the file shipped in open_clip."""
+    if os.environ.get("AIPAINT_CLIP_BPE"):
+        return os.environ["AIPAINT_CLIP_BPE"]
     import open_clip  # only needed at build time
 
     return os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")

@@ -53,6 +53,11 @@ first sigma is 4096: Karras and Exponential sigma spacings then spend 6 and 4 of
 sigma 13 instead of 13, and the signal left at the first step (1/37.6 of the latent) stays well
 below the noise's own spread over an 8x8 latent, so the layout still comes from the prompt.
 
+``--device cuda`` trains on an NVIDIA GPU (TF32 matrix products): the random draws (batches, noise,
+timesteps, caption dropout) still come from the same CPU generators, so a GPU run sees the same batches
+as a CPU run of the same arguments, but its float results differ in the last bits. ``training.json``
+records the device. A GPU run's minutes are not comparable with the CPU's; pass ``--steps``.
+
 ``--state PATH`` keeps the optimiser, the raw and EMA weights, the step, the elapsed time and the
 random generators there at every checkpoint; a rerun with the same arguments and ``--state``
 continues from it.
@@ -141,6 +146,7 @@ SCHEDULE = dict(
 MODERATE_SCHEDULE = {**SCHEDULE, "beta_end": 0.017, "rescale_betas_zero_snr": False}
 SCHEDULES = {"zero-snr": SCHEDULE, "moderate": MODERATE_SCHEDULE}
 EMPHASIS_WEIGHTS = (0.8, 1.6)
+EOS_ID = TEXT_CONFIG["eos_token_id"]  # also the padding token
 
 
 def log(msg: str) -> None:
@@ -327,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--state", help="keep the full training state here at each checkpoint and continue from it")
     ap.add_argument("--checkpoint-minutes", type=float, default=6.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N to train on an NVIDIA GPU")
     ap.add_argument("--quick", action="store_true", help="~1-minute smoke run into a temp dir")
     ap.add_argument("--resume", help="continue the UNet + text-encoder phase of this trained model folder "
                                      "(saved back to it unless --out is given)")
@@ -354,6 +361,10 @@ def main(argv=None) -> int:
         a.warmup, a.checkpoint_minutes = 20, 100.0
         if not out_given:
             a.out = tempfile.mkdtemp(prefix="shapes-tiny-quick-")
+    if a.device != "cpu":
+        if not torch.cuda.is_available():
+            ap.error(f"--device {a.device}: this torch sees no CUDA GPU")
+        torch.set_float32_matmul_precision("high")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     out = Path(a.out)
@@ -378,7 +389,8 @@ def main(argv=None) -> int:
             "transformers": transformers.__version__,
             "numpy": np.__version__,
         },
-        "machine": {"cpus": os.cpu_count(), "threads": a.threads, "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "threads": a.threads, "platform": platform.platform(),
+                    "device": a.device if a.device == "cpu" else torch.cuda.get_device_name(a.device)},
         "configs": {"vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG, "unet": UNET_CONFIG,
                     "schedule": SCHEDULES[a.schedule]},
         "recipe": {
@@ -453,7 +465,8 @@ def emphasis_multipliers(tok: torch.Tensor, words: list[list[int]], rng: np.rand
         if rng.random() >= p:
             continue
         row = tok[i].tolist()
-        spans = [(j, len(w)) for w in words for j in range(len(row)) if row[j : j + len(w)] == w]
+        end = row.index(EOS_ID, 1) if EOS_ID in row[1:] else len(row)  # no word matches in the padding
+        spans = [(j, len(w)) for w in words for j in range(end) if row[j : j + len(w)] == w]
         if spans:
             j, n = spans[int(rng.integers(len(spans)))]
             mult[i, j : j + n] = float(rng.uniform(*EMPHASIS_WEIGHTS))
@@ -480,6 +493,7 @@ def train_vae(a, record, imgs):
     _, extra_c = render_pool(a.seed + 1, "heldout_combo", a.vae_pool_extra // 2, workers=min(2, a.threads))
     _, extra_o = render_pool(a.seed + 2, "heldout_colour", a.vae_pool_extra // 2, workers=min(2, a.threads))
     vae_imgs = to_tensor(np.concatenate([imgs, extra_c, extra_o]))
+    dev = torch.device(a.device)
     record["dataset"] = {
         "train_pool": len(imgs),
         "vae_extra_heldout_images": int(len(extra_c) + len(extra_o)),
@@ -492,10 +506,11 @@ def train_vae(a, record, imgs):
     # ---- 2. VAE
     vae = AutoencoderKL(**VAE_CONFIG)
     vae.set_attn_processor(AttnProcessor())
+    vae.to(dev)
     params = list(vae.parameters())
     probe = None
     if a.vae_rgb_probe > 0:  # made only when asked: its init draws from the global RNG the recipe's runs rely on
-        probe = torch.nn.Conv2d(VAE_CONFIG["latent_channels"], 3, 1)  # latent pixel -> its patch's mean RGB
+        probe = torch.nn.Conv2d(VAE_CONFIG["latent_channels"], 3, 1).to(dev)  # latent pixel -> its patch's mean RGB
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=a.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed + 10)
@@ -511,7 +526,7 @@ def train_vae(a, record, imgs):
         for pg in opt.param_groups:
             pg["lr"] = lr_at(prog, step, 100 if not a.quick else 10, a.vae_lr)
         idx = torch.randint(0, len(vae_imgs), (a.vae_batch,), generator=g)
-        x = vae_imgs[idx]
+        x = vae_imgs[idx].to(dev)
         post = vae.encode(x).latent_dist
         z = post.sample(generator=None)
         rec = vae.decode(z).sample
@@ -536,12 +551,12 @@ def train_vae(a, record, imgs):
     # held-out evaluation of reconstruction on fresh images
     with torch.no_grad():
         _, ev = render_pool(a.seed + 99, "train", 512, workers=1)
-        xe = to_tensor(ev)
+        xe = to_tensor(ev).to(dev)
         ze = vae.encode(xe).latent_dist.mean
         rec = vae.decode(ze).sample.clamp(-1, 1)
         vae_mse = F.mse_loss(rec, xe).item()
         vae_mse01 = F.mse_loss((rec + 1) / 2, (xe + 1) / 2).item()
-        rgb_r2 = latent_rgb_r2(ze, xe)
+        rgb_r2 = latent_rgb_r2(ze.cpu(), xe.cpu())
     torch.set_num_threads(a.threads)
     record["vae"] = {"steps": step, "thread_switches": tuner.switches, "minutes": round((time.time() - t0) / 60, 2), "history": vae_hist,
                      "recon_mse_minus1_1": vae_mse, "recon_mse_0_1": vae_mse01, "latent_rgb_linear_r2": rgb_r2,
@@ -559,10 +574,13 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
 
     # ---- 3. encode pool
     t0 = time.time()
+    dev = torch.device(a.device)
+    vae.to(dev)
     lat = []
     with torch.no_grad():
         for i in range(0, len(imgs), 1000):
-            lat.append(vae.encode(to_tensor(imgs[i : i + 1000])).latent_dist.mean)
+            lat.append(vae.encode(to_tensor(imgs[i : i + 1000]).to(dev)).latent_dist.mean.cpu())
+    vae.to("cpu")  # only the saved pipeline needs it from here on
     lat = torch.cat(lat)
     std = lat.std().item()
     normalized = None
@@ -580,6 +598,7 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         scaling = 1.0 / std
         vae.register_to_config(scaling_factor=scaling)
     lat = lat * scaling
+    lat_dev = lat.to(dev)
     stage["latents"] = {"count": len(lat), "std_raw": std, "scaling_factor": scaling,
                         "channel_normalization": normalized,
                         "channel_mean_scaled": lat.mean((0, 2, 3)).tolist(),
@@ -598,6 +617,8 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
         unet = UNet2DConditionModel(**UNET_CONFIG)
     unet.set_attn_processor(AttnProcessor())
+    unet.to(dev)
+    text_encoder.to(dev)
     schedule = SCHEDULES[a.schedule]
     noise_sched = DDPMScheduler(**schedule)
     acp = noise_sched.alphas_cumprod
@@ -631,18 +652,23 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
     # the words whose encoder output emphasis augmentation scales, as token sequences ("cyan" is two)
     emphasis_words = [tokenizer(w).input_ids[1:-1] for w in TRAIN_COLOURS + SHAPES]
 
-    def caption_ids(i: int) -> torch.Tensor:
+    def caption_text(i: int) -> str:
         text = noisy_caption(caps[i], noise_rng, a.caption_noise, noise_on) if a.caption_noise > 0 else caps[i]
         if a.phrasings > 0 and phrase_rng.random() < a.phrasings:
             parsed = parse_caption(text)
             scene = Scene(parsed.background, tuple(SceneObject(*o) for o in parsed.objects))
             text = free_caption(scene, phrase_rng, "train")
-        if text == caps[i]:
-            return ids[i]
-        if text not in token_cache:
-            token_cache[text] = tokenizer([text], padding="max_length", max_length=77, truncation=True,
-                                          return_tensors="pt").input_ids[0]
-        return token_cache[text]
+        return text
+
+    def batch_ids(idx: torch.Tensor) -> torch.Tensor:
+        rows = [int(i) for i in idx]
+        texts = [caption_text(i) for i in rows]  # the generators are drawn in batch order, as always
+        need = {t for i, t in zip(rows, texts) if t != caps[i] and t not in token_cache}
+        new = [t for t in dict.fromkeys(texts) if t in need]
+        if new:  # one tokenizer call for the batch's new texts: the same ids as one call each, 2x faster
+            got = tokenizer(new, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            token_cache.update(zip(new, got))
+        return torch.stack([ids[i] if t == caps[i] else token_cache[t] for i, t in zip(rows, texts)])
 
     t0 = time.time()
     budget = a.minutes * 60
@@ -692,22 +718,23 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         for pg in opt.param_groups:
             pg["lr"] = lr
         idx = torch.randint(0, len(lat), (a.batch,), generator=g)
-        x0 = lat[idx]
+        x0 = lat_dev[idx.to(dev)]
         if a.caption_noise > 0 or a.phrasings > 0:
-            tok = torch.stack([caption_ids(int(i)) for i in idx])
+            tok = batch_ids(idx)
         else:
             tok = ids[idx].clone()
         drop = torch.rand(a.batch, generator=g) < a.drop_text
         tok[drop] = empty_ids[0]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
         t = torch.randint(0, 1000, (a.batch,), generator=g)
-        ab = acp[t].view(-1, 1, 1, 1)
+        ab = acp[t].view(-1, 1, 1, 1).to(dev)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v
-        cond = text_encoder(tok)[0]
+        cond = text_encoder(tok.to(dev))[0]
         if a.emphasis > 0:
-            cond = cond * emphasis_multipliers(tok, emphasis_words, emphasis_rng, a.emphasis).unsqueeze(-1)
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
+            mult = emphasis_multipliers(tok, emphasis_words, emphasis_rng, a.emphasis)
+            cond = cond * mult.unsqueeze(-1).to(dev)
+        pred = unet(xt, t.to(dev), encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -715,8 +742,7 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
         opt.step()
         d = min(a.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - d)
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
         run.append(loss.item())
         tuner.after(step, time.time() - ts)
         step += 1

@@ -756,7 +756,10 @@ def test_txt2img_from_the_sgm_file_equals_the_folder_model_and_diffusers(sgm_bas
     from_file = np.asarray(sgm_base.txt2img(PROMPT, "blue", **params).image)
     from_folder = np.asarray(aipaint.load(folder, host=plugin_host).txt2img(PROMPT, "blue", **params).image)
     assert from_file.std() > 1  # a real picture, not a blank
-    np.testing.assert_array_equal(from_file, from_folder)
+    # the same weights (test above), but tensors laid out differently in memory may take other CPU kernels:
+    # within one 8-bit level, as docs/parameters.md promises across model objects
+    diff = np.abs(from_file.astype(int) - from_folder.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     reference = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
     reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
     expected = reference(PROMPT, negative_prompt="blue", num_inference_steps=3, guidance_scale=5.0, width=32, height=32,

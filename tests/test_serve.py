@@ -93,7 +93,12 @@ def test_txt2img_through_webuiapi(api):
     assert {"tiling", "eta", "s_churn"} <= set(result.info["ignored_fields"])
     assert not {"restore_faces", "enable_hr", "hr_scale", "styles"} & set(result.info["ignored_fields"])
     again = api.txt2img(prompt="a red square", seed=3, **SMALL)
-    assert np.array_equal(np.asarray(again.image), np.asarray(result.images[0]))
+    # batch item 0 is the single image with its seed within one 8-bit level (docs/parameters.md, "What a seed
+    # promises"): CPU kernels may round a batch of two differently from a batch of one
+    diff = np.abs(np.asarray(again.image, dtype=int) - np.asarray(result.images[0], dtype=int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    other = api.txt2img(prompt="a red square", seed=4, **SMALL)  # the check can fail: another seed is far off
+    assert np.abs(np.asarray(other.image, dtype=int) - np.asarray(result.images[0], dtype=int)).mean() > 10
 
 
 def test_img2img_and_inpaint_through_webuiapi(api):

@@ -57,6 +57,7 @@ def infotext_params(
         refiner = refiner_model(request.refiner)
         values["Refiner"] = f"{refiner.name} [{refiner.model_hash}]" if refiner.model_hash else refiner.name
         values["Refiner switch at"] = request.refiner_switch_at
+    values.update(getattr(model, "runtime_infotext", None) or {})  # what the runtime set, e.g. Precision: bf16
     values.update(extra)
     values["Version"] = f"aipaint {__version__}"
     return build_params(values)

@@ -11,6 +11,14 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
 * ``compile_backend`` (default ``"inductor"``), ``compile_fullgraph`` (default False),
   ``compile_dynamic`` (None lets torch decide; False specialises on every shape).
 
+* ``precision``: ``auto`` (default; else ``$AIPAINT_CPU_PRECISION``), ``fp32`` or ``bf16``.
+  ``auto`` runs a float32 model's UNet and VAE in bf16 on CPUs with bf16 matrix units
+  (AMX, AVX512_BF16, Arm BF16) when the UNet is SD-sized, and in fp32 elsewhere; see
+  :mod:`aipaint_plugins.torch_runtime.precision`. The PNG parameters say ``Precision: bf16``
+  when it is used.
+* ``channels_last`` (bool, default False): the bf16 UNet and VAE in channels-last memory
+  format (oneDNN's preferred layout for convolutions).
+
 Compilation happens lazily at the first generation and takes minutes for SD-sized
 UNets (223 s for a tiny one on a 2-core CPU, with no speed-up there): it pays off on
 GPUs, where it removes Python and kernel-launch overhead.
@@ -31,7 +39,9 @@ if TYPE_CHECKING:
 
     from aipaint.models.latent import LatentDiffusionModel
 
-OPTIONS = ("compile", "compile_components", "compile_mode", "compile_backend", "compile_fullgraph", "compile_dynamic")
+OPTIONS = ("compile", "compile_components", "compile_mode", "compile_backend", "compile_fullgraph", "compile_dynamic",
+           "precision", "channels_last")
+PRECISION_OPTIONS = ("precision", "channels_last")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_COMPONENTS = ("unet", "vae")
 
@@ -50,6 +60,7 @@ class CompileOptions:
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise InvalidParameter("runtime_options", unknown, f"the torch runtime accepts {', '.join(OPTIONS)}")
+        options = {k: v for k, v in options.items() if k not in PRECISION_OPTIONS}
         enabled = options.get("compile", False)
         if not isinstance(enabled, bool):
             raise InvalidParameter("compile", enabled, "true or false")
@@ -94,10 +105,22 @@ def is_compiled(module: Any) -> bool:
 
 def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
     import torch
+    from aipaint_plugins.torch_runtime.precision import apply_bf16, choose_precision, parse_precision
 
     settings = CompileOptions.parse(options, torch.device(model.device).type)
+    requested = parse_precision(options)
+    channels_last = options.get("channels_last", False)
+    if not isinstance(channels_last, bool):
+        raise InvalidParameter("channels_last", channels_last, "true or false")
     for module in model.modules().values():
         module.eval()
+    precision, reason = choose_precision(requested, model)
+    model.precision = precision  # type: ignore[attr-defined]
+    model.precision_reason = reason  # type: ignore[attr-defined]
+    if precision == "bf16" and model.dtype == torch.float32:
+        apply_bf16(model, channels_last=channels_last)
+    if precision == "bf16":
+        model.runtime_infotext = {"Precision": "bf16"}  # type: ignore[attr-defined]
     if settings is None:
         return
     if not hasattr(model, "unet"):

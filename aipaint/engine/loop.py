@@ -66,6 +66,27 @@ class LoopContributor:
         applied after, as usual."""
         return None
 
+    def perturbed_pass(self, step: int, guided: bool, first_row: int) -> bool:
+        """Whether this step's UNet call should also carry a copy of the positive rows for this
+        contributor to perturb (perturbed-attention guidance and its kin), or False (default).
+
+        The copy is appended after the usual rows, from row ``first_row`` on: one row per batch
+        item for each ``AND``-ed part, in the positives' order. The contributor perturbs those
+        rows itself (e.g. attention processors that read ``first_row``); their output comes back
+        in :meth:`perturbed_guidance`. Asked of every call the first model makes (not after a
+        refiner hand-off), whether CFG is on (``guided``) or not."""
+        return False
+
+    def perturbed_guidance(
+        self, step: int, total: int, *, x: torch.Tensor, t: torch.Tensor, output: torch.Tensor,
+        positive: torch.Tensor, perturbed: torch.Tensor,
+    ) -> torch.Tensor:
+        """The step's output once the perturbed rows are known: ``output`` is the result so far
+        (CFG's combination or :meth:`guide`'s, or the positive alone when CFG is off),
+        ``positive`` and ``perturbed`` the weighted positive prediction without and with this
+        contributor's perturbation. Guidance rescale is applied after. The default keeps ``output``."""
+        return output
+
     def after_step(self, step: int, total: int, latents: torch.Tensor) -> torch.Tensor | None:
         """Return replacement latents after a sampler step (e.g. inpaint blending), or None."""
         return None
@@ -160,8 +181,17 @@ def denoise(
         parts = ([cond.negative] if use_cfg else []) + [c for c, _ in cond.positives]
         weights = [w for _, w in cond.positives]
         n_parts = len(parts)
-        # 2. One batched UNet call: [negative, positive_1, …] × batch.
-        x_in = torch.cat([x] * n_parts)
+        # Contributors that compare the model with a perturbed copy of itself (PAG) get a copy
+        # of the positive rows each, after the usual ones.
+        perturbers: list[LoopContributor] = []
+        for c in inputs:
+            first_row = (n_parts + len(perturbers) * len(weights)) * batch
+            if hasattr(c, "perturbed_pass") and c.perturbed_pass(step, use_cfg, first_row):
+                perturbers.append(c)
+        parts = parts + [p for _ in perturbers for p, _ in cond.positives]
+        n_calls = len(parts)
+        # 2. One batched UNet call: [negative, positive_1, …, perturbed copies …] × batch.
+        x_in = torch.cat([x] * n_calls)
         for c in inputs:
             if hasattr(c, "before_call"):  # contributors written before this seam need not have it
                 c.before_call(step, use_cfg)
@@ -171,10 +201,25 @@ def denoise(
         timestep = t.expand(x_in.shape[0]) if t.dim() else t
         extra = _merge_kwargs([c.unet_kwargs(step, x_in, timestep, embeds.embeds) for c in inputs])
         out = model.predict(x_in, t, embeds, **extra).float()
-        chunks = out.chunk(n_parts)
+        chunks = out.chunk(n_calls)
+        chunks, perturbed_chunks = chunks[:n_parts], chunks[n_parts:]
+
+        def weighted(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+            return sum(w * o for w, o in zip(weights, outputs, strict=True)) / sum(weights)
+
+        def add_perturbed(output: torch.Tensor) -> torch.Tensor:
+            if not perturbers:
+                return output
+            positive = weighted(chunks[n_parts - len(weights):])
+            for k, c in enumerate(perturbers):
+                perturbed = weighted(perturbed_chunks[k * len(weights):(k + 1) * len(weights)])
+                output = c.perturbed_guidance(step, job.plan.total_steps, x=x, t=t, output=output,
+                                              positive=positive, perturbed=perturbed)
+            return output
+
         # 3. Classifier-free guidance, composable across AND-ed sub-prompts.
         if not use_cfg:
-            return remember_x0(x, t, sum(w * o for w, o in zip(weights, chunks, strict=True)) / sum(weights))
+            return remember_x0(x, t, add_perturbed(weighted(chunks)))
         negative, positives = chunks[0], chunks[1:]
         guided = None
         for c in contributors:
@@ -183,6 +228,7 @@ def denoise(
                                  weights=weights, cfg_scale=job.cfg_scale)
         if guided is None:
             guided = negative + sum(w * job.cfg_scale * (p - negative) for w, p in zip(weights, positives, strict=True))
+        guided = add_perturbed(guided)
         if job.guidance_rescale > 0:
             positive = sum(w * p for w, p in zip(weights, positives, strict=True)) / sum(weights)
             guided = rescale_guidance(guided, positive, job.guidance_rescale)

@@ -1,4 +1,4 @@
-"""Modern guidance methods: APG, CFG-Zero* and dynamic thresholding (opt-in, per generation).
+"""Modern guidance methods: APG, CFG-Zero*, dynamic thresholding and PAG (opt-in, per generation).
 
 Each method is an option group; giving the group turns it on::
 
@@ -23,6 +23,13 @@ and on the CLI ``--option apg.eta=0`` (``--option apg.enabled=true`` for the def
   schedules, mean centring): on the clean-latent estimate, the guided result is centred per image
   and channel, clamped at its ``percentile`` of absolute values and rescaled to the spread that
   ``mimic_scale`` would give, so a high CFG scale keeps a lower one's range.
+
+* **PAG** (Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
+  Guidance"): the step's UNet call carries one more copy of the positive rows, whose
+  self-attention in the chosen ``layers`` (``mid`` by default) is the identity; the output moves
+  by ``scale * (positive - perturbed)``, as diffusers' PAG pipelines. Works with CFG on or off
+  (CFG scale 1), through the loop's ``perturbed_pass`` seam; torch runtime only. Recorded as
+  Forge's ``PerturbedAttentionGuidance_scale``.
 
 They compose: CFG-Zero* scales the unconditional prediction, APG (when on) combines, dynamic
 thresholding then clamps the combined result. With ``AND``-ed sub-prompts the weighted positive
@@ -103,7 +110,31 @@ class DynamicThresholdingOptions(OptionGroup):
                "must be a fraction above 0 and at most 1 (e.g. 0.995)")
 
 
-GROUPS: tuple[type[OptionGroup], ...] = (APGOptions, CFGZeroStarOptions, DynamicThresholdingOptions)
+@dataclass(frozen=True)
+class PAGOptions(OptionGroup):
+    """Perturbed-attention guidance; the defaults are the paper's scale 3 on the middle block."""
+
+    namespace: ClassVar[str] = "pag"
+    description: ClassVar[str] = "perturbed-attention guidance (Ahn et al. 2024): identity self-attention in chosen layers"
+    enabled: bool = True
+    scale: float = 3.0
+    layers: str = "mid"
+    adaptive_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check("pag.scale", self.scale, 0.0 <= self.scale <= 100.0, "must be from 0 to 100")
+        _check("pag.adaptive_scale", self.adaptive_scale, 0.0 <= self.adaptive_scale <= 1.0,
+               "must be from 0 (off) to 1 (the scale drops by this much per timestep from 1000)")
+        names = self.layer_list()
+        if not names or len(self.layers) > 400:
+            raise InvalidParameter("pag.layers", self.layers, "must name one or more UNet layers, comma-separated "
+                                                              "(e.g. mid or down_blocks.2,up_blocks.0), at most 400 characters")
+
+    def layer_list(self) -> list[str]:
+        return [part.strip() for part in self.layers.split(",") if part.strip()]
+
+
+GROUPS: tuple[type[OptionGroup], ...] = (APGOptions, CFGZeroStarOptions, DynamicThresholdingOptions, PAGOptions)
 
 # (namespace, field, PNG key, type): what is recorded, and read back by --from-png.
 RECORDED: tuple[tuple[str, str, str, type], ...] = (
@@ -113,6 +144,10 @@ RECORDED: tuple[tuple[str, str, str, type], ...] = (
     ("cfg_zero_star", "zero_init_steps", "CFG-Zero star zero-init steps", int),
     ("dynamic_thresholding", "mimic_scale", "Dynamic thresholding mimic scale", float),
     ("dynamic_thresholding", "percentile", "Dynamic thresholding percentile", float),
+    # Forge's built-in PerturbedAttentionGuidance extension writes the scale under this key.
+    ("pag", "scale", "PerturbedAttentionGuidance_scale", float),
+    ("pag", "layers", "PAG layers", str),
+    ("pag", "adaptive_scale", "PAG adaptive scale", float),
 )
 
 
@@ -134,7 +169,12 @@ def wants(context: AdapterContext) -> bool:
 
 
 def infotext(groups: Mapping[str, OptionGroup]) -> dict[str, str]:
-    return {key: str(getattr(groups[ns], name)) for ns, name, key, _ in RECORDED if ns in groups}
+    found = {key: str(getattr(groups[ns], name)) for ns, name, key, _ in RECORDED if ns in groups}
+    if "pag" in groups:
+        found["PerturbedAttentionGuidance_enabled"] = "True"
+        if float(found["PAG adaptive scale"]) == 0.0:
+            del found["PAG adaptive scale"]
+    return found
 
 
 @contextmanager
@@ -146,17 +186,32 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
                                  "(a zeroed prediction has no spread to rescale)")
     from aipaint_plugins.guidance.methods import GuidanceContributor, _Alphas  # torch: only when a job runs
 
+    contributors: list[Any] = []
     dynamic = groups.get("dynamic_thresholding")
-    contributor = GuidanceContributor(
-        apg=groups.get("apg"), zero_star=groups.get("cfg_zero_star"), dynamic=dynamic,  # type: ignore[arg-type]
-        alphas=_Alphas(context.model.scheduler_config) if dynamic is not None else None,
-    )
-    yield AdapterActivation(contributors=[contributor], infotext=infotext(groups))
+    if {"apg", "cfg_zero_star", "dynamic_thresholding"} & set(groups):
+        contributors.append(GuidanceContributor(
+            apg=groups.get("apg"), zero_star=groups.get("cfg_zero_star"), dynamic=dynamic,  # type: ignore[arg-type]
+            alphas=_Alphas(context.model.scheduler_config) if dynamic is not None else None,
+        ))
+    pag = groups.get("pag")
+    if pag is None:
+        yield AdapterActivation(contributors=contributors, infotext=infotext(groups))
+        return
+    if getattr(context.model, "runtime", "torch") != "torch":
+        raise UnsupportedFeature(f"perturbed-attention guidance needs the torch runtime (this model runs on "
+                                 f"{context.model.runtime}): it swaps attention processors inside the UNet")
+    from aipaint_plugins.guidance.pag import PAGContributor, perturbed_layers
+
+    with perturbed_layers(context.model.unet, pag.layer_list()) as rows:  # type: ignore[attr-defined]
+        contributors.append(PAGContributor(scale=pag.scale, rows=rows, adaptive_scale=pag.adaptive_scale))  # type: ignore[attr-defined]
+        yield AdapterActivation(contributors=contributors, infotext=infotext(groups))
 
 
 def options_from_png(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The guidance options a ``--from-png`` image recorded (``--option`` given by the user wins)."""
     found: dict[str, dict[str, Any]] = {}
+    if png_params.get("PerturbedAttentionGuidance_enabled", "").strip().lower() == "false":
+        png_params = {k: v for k, v in png_params.items() if not k.startswith(("PerturbedAttentionGuidance", "PAG "))}
     for namespace, name, key, _kind in RECORDED:
         if png_params.get(key):
             found.setdefault(namespace, {})[name] = png_params[key].strip()
@@ -176,8 +231,8 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             name="guidance",
             activate=activate,
             wants=wants,
-            description="APG, CFG-Zero* and dynamic thresholding, through the apg / cfg_zero_star / "
-                        "dynamic_thresholding options",
+            description="APG, CFG-Zero*, dynamic thresholding and PAG, through the apg / cfg_zero_star / "
+                        "dynamic_thresholding / pag options",
         )
     )
 

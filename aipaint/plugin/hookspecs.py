@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from aipaint.plugin.postprocess import PostProcessorSpec
     from aipaint.plugin.preprocess import PreprocessorSpec
     from aipaint.plugin.runtimes import RuntimeSpec
+    from aipaint.prompt.styles import PromptStyle
 
 PROJECT_NAME = "aipaint"
 
@@ -106,6 +107,29 @@ def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
     ``--option <namespace>.<field>=<value>`` on the command line; the core converts and checks
     them once, and an unknown namespace or field is an error naming the close matches. Read
     them with ``request.option(cls)``.
+    """
+
+
+@hookspec
+def register_styles(register: Callable[[PromptStyle], None]) -> None:
+    """Contribute saved prompt styles (rows of A1111's ``styles.csv``).
+
+    Call ``register(style)`` with an :class:`aipaint.prompt.styles.PromptStyle`. They are
+    merged with the user's styles file by :func:`aipaint.prompt.styles.plugin_styles`; on a name
+    both have, the user's style wins and a warning says so. Run when styles are asked for
+    (``--style``, ``aipaint styles``), not when the host is built.
+    """
+
+
+@hookspec
+def register_recipes(register: Callable[..., None]) -> None:
+    """Register recipes: one command for one everyday job (``aipaint recipe NAME``).
+
+    Call ``register(name, run, summary=..., defaults={...}, inputs=(...), help={...},
+    ranges={...}, sheet=False)``; ``run(pipe, settings) -> aipaint.api.result.Result`` gets every
+    setting (the user's over ``defaults``, checked and typed by ``defaults``' types and
+    ``ranges``; ``inputs`` name the settings that are image files). Run by the ``recipes`` plugin
+    when recipes are listed or run; it records each recipe and its settings in the PNG.
     """
 
 

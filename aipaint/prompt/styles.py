@@ -15,8 +15,12 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aipaint.errors import InvalidParameter, UnknownName
+from aipaint.errors import AipaintWarning, InvalidParameter, UnknownName
+
+if TYPE_CHECKING:
+    from aipaint.plugin.host import PluginHost
 
 MAX_STYLES_BYTES = 16 * 2**20  # a styles file is text someone wrote; more than this is not one
 
@@ -95,4 +99,52 @@ def apply_styles(prompt: str, negative_prompt: str, names: Sequence[str],
     return prompt, negative_prompt
 
 
-__all__ = ["PromptStyle", "apply_styles", "load_styles", "merge_prompt", "parse_styles"]
+def plugin_styles(host: PluginHost) -> dict[str, tuple[PromptStyle, str]]:
+    """The styles plugins contribute through the ``register_styles`` hook, by name, each with the
+    plugin that gave it. A plugin whose hook raises, or that registers something other than a
+    :class:`PromptStyle`, is named in a warning and skipped; a name two plugins give keeps the
+    first (plugins are called in load order, built-ins first), with a warning."""
+    import warnings
+
+    found: dict[str, tuple[PromptStyle, str]] = {}
+    for owner, call in host.implementations("register_styles"):
+        given: list[PromptStyle] = []
+
+        def register(style: PromptStyle, given: list[PromptStyle] = given) -> None:
+            if not isinstance(style, PromptStyle) or not isinstance(style.name, str) or not style.name.strip():
+                raise TypeError(f"register_styles takes PromptStyle objects with a name, not {style!r}")
+            given.append(style)
+
+        try:
+            call(register=register)
+        except Exception as exc:  # a broken plugin must not take the other styles with it
+            warnings.warn(f"aipaint plugin {owner!r} failed in register_styles and was skipped: {exc!r}",
+                          AipaintWarning, stacklevel=2)
+            continue
+        for style in given:
+            if style.name in found:
+                warnings.warn(f"style {style.name!r} from plugin {owner!r} is ignored: plugin "
+                              f"{found[style.name][1]!r} gave that name first", AipaintWarning, stacklevel=2)
+                continue
+            found[style.name] = (style, owner)
+    return found
+
+
+def merged_styles(user: Mapping[str, PromptStyle], host: PluginHost | None,
+                  user_source: str = "your styles file") -> dict[str, PromptStyle]:
+    """The plugins' styles and the user's, by name: the plugins' first, then the user's file, whose
+    style wins on a name both have (a warning names the plugin whose style it replaces)."""
+    import warnings
+
+    contributed = plugin_styles(host) if host is not None else {}
+    merged = {name: style for name, (style, _) in contributed.items()}
+    for name, style in user.items():
+        if name in merged:
+            warnings.warn(f"style {name!r} from {user_source} replaces the one plugin {contributed[name][1]!r} "
+                          "gives", AipaintWarning, stacklevel=2)
+        merged[name] = style
+    return merged
+
+
+__all__ = ["PromptStyle", "apply_styles", "load_styles", "merge_prompt", "merged_styles", "parse_styles",
+           "plugin_styles"]

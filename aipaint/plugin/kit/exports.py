@@ -61,6 +61,7 @@ _SYMBOLIC = re.compile(r"^(batch|height|width|sequence)(?:([*/])(\d+))?$")
 HINTS = {
     FORMAT: "re-export it with `aipaint export onnx MODEL -o {root}` from the model you load",
     "aipaint-tensorrt": "rebuild it with `aipaint export tensorrt ONNX_DIR -o {root}` on this machine",
+    "aipaint-openvino": "convert it again with `aipaint export openvino ONNX_DIR -o {root}` from the model you load",
 }
 
 

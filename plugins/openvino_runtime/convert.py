@@ -1,0 +1,148 @@
+"""Converting an ONNX export (``aipaint export onnx``) to OpenVINO IR, with a manifest.
+
+An IR folder mirrors the ONNX export it was made from: ``manifest.json`` (format
+``aipaint-openvino``) plus ``<component>/openvino_model.xml`` and ``.bin`` per network. The
+manifest keeps the ONNX export's model identity, LoRA set and symbolic input/output shapes
+(so the runtime checks the folder against the loaded model exactly as the ONNX runtime
+does), lists every file with its size and sha256, and records the OpenVINO version and the
+weight compression.
+
+Weights are kept in fp32 (``compress_to_fp16=False``): the compute precision is chosen when
+the runtime compiles the graphs (bf16 on CPUs with bf16 units), and fp16-rounded weights
+would add error even to fp32 runs. ``weights="int8"`` compresses the weights of the large
+matrix products and convolutions to int8 with NNCF (``nncf.compress_weights``, asymmetric
+per output channel); activations stay in the compute precision.
+
+ControlNets in the ONNX export are not converted: ControlNet units run in torch beside the
+OpenVINO UNet and feed its residual inputs (the UNet is converted with them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aipaint import __version__
+from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError
+from aipaint.plugin.kit.exports import FORMAT_VERSION, MANIFEST_NAME, Manifest, file_record, read_manifest
+
+IR_FORMAT = "aipaint-openvino"
+WEIGHTS = ("fp32", "int8")
+IR_FILE = "openvino_model.xml"
+Log = Callable[[str], None]
+
+
+def read_ir_manifest(folder: Path | str) -> Manifest:
+    """Read and structurally check an IR folder's manifest (a :class:`ModelLoadError` for every problem)."""
+    manifest = read_manifest(folder, expected_format=IR_FORMAT)
+    section = manifest.data.get("openvino")
+    if not isinstance(section, dict) or section.get("weights") not in WEIGHTS:
+        raise ModelLoadError(f"{manifest.root}/{MANIFEST_NAME} lacks a valid 'openvino' section; {manifest.hint}")
+    for name, entry in manifest.components.items():
+        if not entry["file"].endswith(".xml") or entry["file"].removesuffix(".xml") + ".bin" not in entry["files"]:
+            raise ModelLoadError(f"{manifest.root}/{MANIFEST_NAME}: component {name!r} does not list an IR pair "
+                                 f"(.xml and .bin); {manifest.hint}")
+    return manifest
+
+
+def convert_to_openvino(
+    onnx_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    weights: str = "fp32",
+    components: Sequence[str] | None = None,
+    overwrite: bool = False,
+    log: Log | None = None,
+) -> Manifest:
+    """Convert the components of the ONNX export in ``onnx_dir`` to OpenVINO IR in ``out_dir``.
+
+    ``components`` chooses a subset (the UNet is required; what is left out runs in torch).
+    The folder is written under a temporary name and renamed into place when complete.
+    """
+    import openvino as ov
+
+    log = log or (lambda message: None)
+    if weights not in WEIGHTS:
+        raise InvalidParameter("weights", weights, f"one of {', '.join(WEIGHTS)}")
+    onnx = read_manifest(onnx_dir)
+    onnx.check_files(verify="size")
+    chosen = list(components) if components else list(onnx.components)
+    unknown = [c for c in chosen if c not in onnx.components]
+    if unknown or "unet" not in chosen:
+        raise InvalidParameter("components", chosen, f"a subset of the export's {', '.join(onnx.components)} that includes unet")
+    if weights == "int8":
+        try:
+            import nncf
+        except ImportError as exc:
+            raise AipaintError("int8 weights need NNCF: pip install nncf (or 'aipaint[openvino]')") from exc
+    out_dir = Path(out_dir).expanduser()
+    _check_destination(out_dir, overwrite)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    entries: dict[str, Any] = {}
+    try:
+        for name in chosen:
+            entry = onnx.components[name]
+            log(f"converting {name}…")
+            started = time.perf_counter()
+            graph = ov.convert_model(str(onnx.component_path(name)))
+            if weights == "int8":
+                graph = nncf.compress_weights(graph)
+            folder = partial / name
+            folder.mkdir()
+            ov.save_model(graph, str(folder / IR_FILE), compress_to_fp16=False)
+            del graph
+            files = {f"{name}/{path.name}": file_record(path) for path in sorted(folder.iterdir())}
+            entries[name] = {
+                "file": f"{name}/{IR_FILE}",
+                "precision": entry["precision"],
+                "weights": weights,
+                "inputs": entry["inputs"],
+                "outputs": entry["outputs"],
+                "files": files,
+            }
+            log(f"  {name}: {time.perf_counter() - started:.0f} s")
+        data = {
+            "format": IR_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "aipaint_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "opset": onnx.data["opset"],
+            "precision": onnx.data["precision"],
+            "model": onnx.model,
+            "loras": onnx.loras,
+            "components": entries,
+            "openvino": {"version": ov.__version__, "weights": weights,
+                         "source": {"onnx_dir": str(onnx.root), "created": onnx.data.get("created")}},
+        }
+        (partial / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
+        read_ir_manifest(partial)
+        _publish(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return read_ir_manifest(out_dir)
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not (out_dir / MANIFEST_NAME).is_file():
+            raise AipaintError(f"{out_dir} exists and is not an OpenVINO export; choose another -o")
+        if not overwrite:
+            raise AipaintError(f"{out_dir} already holds an OpenVINO export; pass --overwrite to replace it")
+
+
+def _publish(partial: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out_dir)

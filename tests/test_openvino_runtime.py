@@ -1,0 +1,224 @@
+"""OpenVINO IR conversion and the openvino runtime on the tiny random model: parity with torch,
+static shapes compiled once per shape, int8 weights, precision choice and record, refusing bad folders.
+
+What is not tested here: bf16 compute (these CPUs have no bf16 units; OpenVINO runs fp32 on them),
+OpenVINO GPU devices, and speed (benchmarks/cpu_runtimes.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_sd
+from PIL import Image
+
+import aipaint
+from aipaint.cli.main import main as cli_main
+from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError
+from aipaint.infotext import Infotext
+from aipaint.plugin.kit.exports import MANIFEST_NAME
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+from aipaint_plugins.onnx_runtime.export import export_onnx  # noqa: E402  (the ONNX export is the input)
+from aipaint_plugins.openvino_runtime.convert import convert_to_openvino, read_ir_manifest  # noqa: E402
+from aipaint_plugins.openvino_runtime.runtime import OvOptions, planned_precision  # noqa: E402
+
+GEN = dict(seed=7, steps=3, width=32, height=32, cfg_scale=5.0)
+
+
+def pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_pipe, tmp_path_factory) -> Path:
+    return export_onnx(tiny_pipe.model, tmp_path_factory.mktemp("ov-export") / "tiny-onnx").root
+
+
+@pytest.fixture(scope="module")
+def ov_dir(onnx_dir, tmp_path_factory) -> Path:
+    return convert_to_openvino(onnx_dir, tmp_path_factory.mktemp("ov") / "tiny-ov").root
+
+
+def load_with(source, plugin_host, folder, **options):
+    return aipaint.load(source, host=plugin_host, runtime="openvino", runtime_options={"openvino_dir": str(folder), **options})
+
+
+@pytest.fixture(scope="module")
+def ov_pipe(tiny_sd_path, plugin_host, ov_dir):
+    return load_with(tiny_sd_path, plugin_host, ov_dir)
+
+
+def test_txt2img_matches_torch_at_several_sizes_and_batches(tiny_pipe, ov_pipe):
+    assert ov_pipe.model.runtime == "openvino"
+    assert ov_pipe.model.unet.providers == ["OpenVINO CPU"]
+    for params in (GEN, dict(GEN, width=40, height=48, batch_size=2), dict(GEN, cfg_scale=1.0)):
+        a = pixels(tiny_pipe.txt2img("a red circle", "blurry", **params))
+        b = pixels(ov_pipe.txt2img("a red circle", "blurry", **params))
+        assert np.abs(a - b).max() <= 1, params
+
+
+def test_prompt_features_run_through_the_converted_text_encoder(tiny_pipe, ov_pipe):
+    long_prompt = "(a red circle:1.3), " + ", ".join(["a blue square"] * 30)
+    for prompt, extra in (("a red circle", {"clip_skip": 2}), (long_prompt, {})):
+        assert np.abs(pixels(tiny_pipe.txt2img(prompt, **GEN, **extra)) - pixels(ov_pipe.txt2img(prompt, **GEN, **extra))).max() <= 1
+
+
+def test_img2img_and_inpaint_match_torch(tiny_pipe, ov_pipe):
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    for run in (
+        lambda p: p.img2img(image, "a red circle", denoising_strength=0.6, **GEN),
+        lambda p: p.inpaint(image, mask, "a red circle", denoising_strength=0.8, **GEN),
+    ):
+        assert np.abs(pixels(run(tiny_pipe)) - pixels(run(ov_pipe))).max() <= 1
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(tiny_pipe.model.encode(x), ov_pipe.model.encode(x), atol=1e-4)
+
+
+def test_static_shapes_compile_once_per_shape_and_keep_a_few(tiny_sd_path, plugin_host, ov_dir):
+    pipe = load_with(tiny_sd_path, plugin_host, ov_dir, max_shapes=2)
+    session = pipe.model.unet.session
+    pipe.txt2img("a red circle", **dict(GEN, steps=4))
+    assert session.compilations == 1  # four steps, one shape, one compile
+    pipe.txt2img("a red circle", **dict(GEN, steps=2))
+    assert session.compilations == 1
+    pipe.txt2img("a red circle", **dict(GEN, width=40))
+    pipe.txt2img("a red circle", **dict(GEN, width=48))
+    assert session.compilations == 3 and len(session._compiled) == 2  # the oldest shape was dropped
+    dynamic = load_with(tiny_sd_path, plugin_host, ov_dir, static_shapes=False)
+    a = pixels(dynamic.txt2img("a red circle", **GEN))
+    dynamic.txt2img("a red circle", **dict(GEN, width=40))
+    assert dynamic.model.unet.session.compilations == 1
+    assert np.abs(a - pixels(pipe.txt2img("a red circle", **GEN))).max() <= 1
+
+
+def test_int8_weights_stay_close_and_are_recorded(tiny_pipe, tiny_sd_path, plugin_host, onnx_dir, ov_dir, tmp_path):
+    pytest.importorskip("nncf")
+    int8_dir = convert_to_openvino(onnx_dir, tmp_path / "int8", weights="int8", components=["unet"]).root
+    manifest = read_ir_manifest(int8_dir)
+    assert manifest.data["openvino"]["weights"] == "int8"
+    fp32_bin = (ov_dir / "unet" / "openvino_model.bin").stat().st_size
+    assert (int8_dir / "unet" / "openvino_model.bin").stat().st_size < 0.6 * fp32_bin
+    pipe = load_with(tiny_sd_path, plugin_host, int8_dir)
+    result = pipe.txt2img("a red circle", **GEN)
+    assert Infotext.from_text(result.infotexts[0]).params["Precision"] == "fp32 int8-weights"
+    difference = np.abs(pixels(result) - pixels(tiny_pipe.txt2img("a red circle", **GEN)))
+    assert difference.mean() < 6, difference.mean()
+
+
+def test_precision_follows_the_hint_and_what_the_cpu_can_do():
+    class Core:
+        def __init__(self, default: str, capabilities: list[str]) -> None:
+            self.values = {"INFERENCE_PRECISION_HINT": default, "OPTIMIZATION_CAPABILITIES": capabilities}
+
+        def get_property(self, device, name):
+            return self.values[name]
+
+    options = lambda precision: OvOptions.parse({"openvino_dir": "x", "precision": precision})  # noqa: E731
+    amx = Core("bf16", ["FP32", "BF16", "INT8"])
+    avx2 = Core("f32", ["FP32", "INT8"])
+    assert planned_precision(amx, options("auto")) == "bf16"  # OpenVINO's own default on bf16 CPUs
+    assert planned_precision(amx, options("fp32")) == "fp32"
+    assert planned_precision(avx2, options("auto")) == "fp32"
+    assert planned_precision(avx2, options("bf16")) == "fp32"  # OpenVINO falls back; so does the record
+    assert OvOptions.parse({"openvino_dir": "x", "precision": "bf16"}).compile_config()["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "INFERENCE_PRECISION_HINT" not in OvOptions.parse({"openvino_dir": "x"}).compile_config()
+
+
+def test_fp32_runs_record_no_precision(ov_pipe):
+    assert ov_pipe.model.precision == "fp32"
+    assert "Precision" not in Infotext.from_text(ov_pipe.txt2img("a red circle", **GEN).infotexts[0]).params
+
+
+@pytest.mark.parametrize("options, field", [
+    ({}, "openvino_dir"),
+    ({"openvino_dir": "x", "precision": "fp8"}, "precision"),
+    ({"openvino_dir": "x", "threads": -1}, "threads"),
+    ({"openvino_dir": "x", "static_shapes": "yes"}, "static_shapes"),
+    ({"openvino_dir": "x", "max_shapes": 0}, "max_shapes"),
+    ({"openvino_dir": "x", "verify": "md5"}, "verify"),
+    ({"openvino_dir": "x", "onnx_dir": "y"}, "runtime_options"),
+])
+def test_bad_options_are_refused(options, field):
+    with pytest.raises(InvalidParameter, match=field):
+        OvOptions.parse(options)
+
+
+def damaged_copy(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    change(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def test_damaged_or_foreign_folders_are_refused(tiny_sd_path, plugin_host, ov_dir, onnx_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="no exported model folder"):
+        load_with(tiny_sd_path, plugin_host, tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="aipaint-openvino"):
+        load_with(tiny_sd_path, plugin_host, onnx_dir)  # an ONNX export is not IR
+    folder = damaged_copy(ov_dir, tmp_path)
+    weights = folder / "unet" / "openvino_model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="sha256 differs.*aipaint export openvino"):
+        load_with(tiny_sd_path, plugin_host, folder)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_with(tiny_sd_path, plugin_host, folder, verify="size")
+    shutil.rmtree(folder)
+    folder = damaged_copy(ov_dir, tmp_path)
+    _edit_manifest(folder, lambda m: m["components"]["unet"]["files"].update({"../../escape": {"size": 1, "sha256": "0"}}))
+    with pytest.raises(ModelLoadError, match="outside the folder"):
+        load_with(tiny_sd_path, plugin_host, folder)
+    _edit_manifest(folder, lambda m: m.pop("openvino"))
+    with pytest.raises(ModelLoadError, match="'openvino' section"):
+        load_with(tiny_sd_path, plugin_host, folder)
+    other = save_tiny_sd(tmp_path / "other", seed=1)  # same architecture, other weights
+    with pytest.raises(ModelLoadError, match="has hash"):
+        load_with(other, plugin_host, ov_dir)
+
+
+def test_conversion_is_atomic_and_never_overwrites_unasked(onnx_dir, ov_dir, tmp_path, monkeypatch):
+    with pytest.raises(AipaintError, match="--overwrite"):
+        convert_to_openvino(onnx_dir, ov_dir)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(AipaintError, match="not an OpenVINO export"):
+        convert_to_openvino(onnx_dir, tmp_path / "other")
+    import openvino as ov
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ov, "save_model", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_to_openvino(onnx_dir, tmp_path / "half")
+    assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half*"))
+    with pytest.raises(InvalidParameter, match="components"):
+        convert_to_openvino(onnx_dir, tmp_path / "x", components=["vae_decoder"])
+
+
+def test_cli_convert_subset_then_generate(tiny_sd_path, onnx_dir, tmp_path, tiny_pipe):
+    out, png = tmp_path / "cli-ov", tmp_path / "out.png"
+    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(out), "--components", "unet"]) == 0
+    assert read_ir_manifest(out).components.keys() == {"unet"}  # the text encoder and the VAE stay in torch
+    code = cli_main(["generate", "a red circle", "-m", str(tiny_sd_path), "--runtime", "openvino",
+                     "--runtime-option", f"openvino_dir={out}", "--steps", "2", "-W", "32", "-H", "32", "--seed", "1",
+                     "-o", str(png), "--no-progress"])
+    assert code == 0 and png.is_file()
+    reference = tiny_pipe.txt2img("a red circle", seed=1, steps=2, width=32, height=32)
+    assert np.abs(np.asarray(Image.open(png).convert("RGB"), dtype=np.int16) - pixels(reference)[0]).max() <= 1

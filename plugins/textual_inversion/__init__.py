@@ -125,6 +125,9 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
 
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint_plugins.textual_inversion.train import add_train_command
+
+    add_train_command(subparsers)  # aipaint train embedding
     p = subparsers.add_parser("embeddings", help="list textual-inversion embeddings in the embeddings folder")
     p.add_argument("--dir", help="embeddings folder (default: $AIPAINT_EMBEDDINGS_DIR or $AIPAINT_HOME/embeddings)")
     p.set_defaults(func=_cmd_list)

@@ -587,3 +587,67 @@ def test_a_lora_for_another_family_is_a_clear_warning(tmp_path):
     assert cards.lora_base_model_warning(lora, "sd15") is None and cards.lora_base_model_warning(lora, "sd1") is None
     cards.write_card(lora, {"kind": "lora", "base_model": "Other"})
     assert cards.lora_base_model_warning(lora, "sdxl") is None
+
+
+# --- sources wherever a LoRA, ControlNet or upscaler is named ---------------------------------------
+def test_a_lora_named_by_its_source_is_installed_once_and_used(servers, tmp_path):
+    from aipaint_plugins.lora.library import lora_folder
+
+    api, cdn = servers
+    data = payload(700)
+    lora_setup(api, cdn, data)
+    found = lora_folder().resolve("urn:air:sd1:lora:civitai:100@200")
+    assert found.path == tmp_path / "home" / "loras" / "ink_style.safetensors" and found.name == "ink_style"
+    assert found.path.read_bytes() == data
+    before = len(api.seen) + len(cdn.seen)
+    assert lora_folder().resolve("civitai:100@200").path == found.path  # installed: found by its card
+    assert lora_folder().resolve("ink_style").path == found.path  # and by its name, as any LoRA
+    assert len(api.seen) + len(cdn.seen) == before
+
+
+def test_a_lora_named_by_hash_is_local_first_then_fetched(servers, tmp_path):
+    from aipaint_plugins.lora.library import lora_folder
+
+    api, cdn = servers
+    data = payload(900, seed=3)
+    lora_setup(api, cdn, data)
+    autov2 = sha(data)[:10]
+    folder = tmp_path / "home" / "loras"
+    folder.mkdir(parents=True)
+    (folder / f"{autov2}.safetensors").write_bytes(b"local")  # a local file of that name wins: nothing fetched
+    assert lora_folder().resolve(autov2).path.read_bytes() == b"local" and not api.seen
+    (folder / f"{autov2}.safetensors").unlink()
+    found = lora_folder().resolve(autov2.upper())  # as A1111 records LoRA hashes in the PNG
+    assert found.path == folder / "ink_style.safetensors" and found.path.read_bytes() == data
+    with pytest.raises(AipaintError):  # a plain unknown name is still the usual error, and asks nobody
+        n = len(api.seen)
+        lora_folder().resolve("no_such_lora")
+    assert len(api.seen) == n
+
+
+def test_a_source_never_bypasses_the_folder_checks(servers, tmp_path):
+    from aipaint_plugins.lora.library import lora_folder
+
+    with pytest.raises(AipaintError, match="inside"):
+        lora_folder().resolve("../secrets")
+    assert not servers[0].seen
+
+
+def test_a_controlnet_and_an_upscaler_named_by_their_source(servers, tmp_path):
+    from aipaint_plugins.controlnet.models import resolve
+
+    from aipaint.plugin.kit.image_models import resolve_weights
+
+    api, cdn = servers
+    cn = payload(400, seed=5)
+    civitai_model(api, model_id=300, version_id=400, model_type="Controlnet",
+                  files=[civitai_file("layout_cn.safetensors", cn, f"{cdn.url}/files/layout_cn.safetensors")])
+    cdn.file("/files/layout_cn.safetensors", cn)
+    ref = resolve("civitai:300@400")
+    assert ref.path == tmp_path / "home" / "controlnet" / "layout_cn.safetensors" and ref.path.read_bytes() == cn
+    up = payload(500, seed=6)
+    cdn.file("/files/x2.safetensors", up)
+    path = resolve_weights(f"{cdn.url}/files/x2.safetensors#sha256={sha(up)}")
+    assert path == tmp_path / "home" / "upscalers" / "x2.safetensors" and path.read_bytes() == up
+    with pytest.raises(AipaintError, match="sha256"):  # a plain URL without its hash is refused, as by `get`
+        resolve_weights(f"{cdn.url}/files/other.safetensors")

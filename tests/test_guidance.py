@@ -153,3 +153,57 @@ def test_cli_option_is_recorded_and_regenerates_from_the_png(tiny_sd_path, tmp_p
     assert cli_main(["generate", "--from-png", str(first), "-o", str(again), *common]) == 0
     assert "APG momentum: -0.5" in read_png_parameters(again)
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+# --- CFG++ samplers (plugins/samplers: Euler CFG++, Euler a CFG++) -----------------------------
+def test_euler_cfg_pp_step_renoises_along_the_unconditional_estimate():
+    from aipaint_plugins.samplers.functions import sample_euler_cfg_pp
+
+    g = torch.Generator().manual_seed(0)
+    x0_c, x0_u = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    sigmas = torch.tensor([2.0, 0.5, 0.0])
+
+    def denoiser(x, sigma):
+        denoiser.unconditional = x0_u + 0 * x
+        return x0_c + 0 * x
+
+    x = torch.randn(1, 4, 4, 4, generator=g) * 2
+    steps = []
+    out = sample_euler_cfg_pp(denoiser, x.clone(), sigmas, noise_sampler=None, callback=lambda d: steps.append(d["x"].clone()))
+    first = x0_c + (x - x0_u) / 2.0 * 0.5
+    torch.testing.assert_close(steps[0], first)
+    torch.testing.assert_close(out, x0_c)  # the last step lands on the guided estimate (sigma 0)
+
+
+def test_cfg_pp_equals_euler_when_the_negative_equals_the_prompt(tiny_pipe):
+    """With the same text on both sides the unconditional prediction is the guided one: CFG++ is Euler."""
+    same = dict(prompt="a red circle", negative_prompt="a red circle", **{**GEN, "cfg_scale": 3.0})
+    euler = tiny_pipe.txt2img(sampler="Euler", **same)
+    cfgpp = tiny_pipe.txt2img(sampler="Euler CFG++", **same)
+    assert np.abs(pixels(euler) - pixels(cfgpp)).max() <= 1
+    other = tiny_pipe.txt2img(sampler="Euler CFG++", **{**same, "negative_prompt": "blue"})
+    assert np.abs(pixels(other) - pixels(cfgpp)).mean() > 0.5
+    assert "Sampler: Euler CFG++" in cfgpp.infotexts[0]
+
+
+def test_cfg_pp_asks_for_the_negative_even_at_cfg_1(tiny_pipe):
+    rows = []
+    unet = tiny_pipe.model.unet
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        plain = tiny_pipe.txt2img("a red circle", "blue", sampler="Euler", **{**GEN, "cfg_scale": 1.0})
+        n_plain = list(rows)
+        rows.clear()
+        cfgpp = tiny_pipe.txt2img("a red circle", "blue", sampler="Euler CFG++", **{**GEN, "cfg_scale": 1.0})
+    finally:
+        handle.remove()
+    assert set(n_plain) == {1} and set(rows) == {2}
+    assert np.abs(pixels(plain) - pixels(cfgpp)).mean() > 0.1  # x0(cond) + sigma' * eps(uncond) is not Euler
+
+
+def test_euler_a_cfg_pp_is_seeded_and_differs_from_euler_cfg_pp(tiny_pipe):
+    a1 = tiny_pipe.txt2img("a red circle", "blue", sampler="Euler a CFG++", **{**GEN, "cfg_scale": 2.0})
+    a2 = tiny_pipe.txt2img("a red circle", "blue", sampler="euler_ancestral_cfg_pp", **{**GEN, "cfg_scale": 2.0})
+    det = tiny_pipe.txt2img("a red circle", "blue", sampler="Euler CFG++", **{**GEN, "cfg_scale": 2.0})
+    assert np.array_equal(pixels(a1), pixels(a2))
+    assert np.abs(pixels(a1) - pixels(det)).mean() > 0.5

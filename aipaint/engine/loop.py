@@ -167,9 +167,12 @@ def denoise(
     handoff = job.handoff
     run_steps = max(1, job.plan.total_steps - start)
 
+    # CFG++ samplers read the negative prompt's prediction at every step, CFG scale 1 included.
+    wants_unconditional = bool(getattr(job.plan, "needs_unconditional", False))
+
     def guided_at(step: int) -> bool:
         # As A1111: CFG is off while step / steps <= skip_early_cfg, counted over this run's steps.
-        return job.cfg_scale > 1.0 and not (job.skip_early_cfg > 0 and (step - start) / run_steps <= job.skip_early_cfg)
+        return (job.cfg_scale > 1.0 or wants_unconditional) and not (job.skip_early_cfg > 0 and (step - start) / run_steps <= job.skip_early_cfg)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         use_cfg = guided_at(step)
@@ -218,6 +221,7 @@ def denoise(
             return output
 
         # 3. Classifier-free guidance, composable across AND-ed sub-prompts.
+        model_fn.unconditional = chunks[0] if use_cfg else None  # type: ignore[attr-defined]
         if not use_cfg:
             return remember_x0(x, t, add_perturbed(weighted(chunks)))
         negative, positives = chunks[0], chunks[1:]

@@ -180,6 +180,7 @@ class FunctionPlan(SamplingPlan):
         self.sigmas = self.scheduler.sigmas.to(torch.float32)  # length steps + 1, ends with 0
         self.timesteps = self.scheduler.timesteps
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        self.needs_unconditional = spec.needs_unconditional
 
     def start_index(self, strength: float) -> int:
         init_timestep = min(int(self.steps * strength), self.steps)
@@ -212,6 +213,13 @@ class FunctionPlan(SamplingPlan):
                 t = torch.as_tensor(float(self.scheduler._sigma_to_t(np.array(s), self._log_sigmas)))
             c_in = 1.0 / (s**2 + 1.0) ** 0.5
             out = model_fn(x * c_in, t, start + done)
+            if self.needs_unconditional:
+                # CFG++ samplers read the negative prompt's estimate (the loop leaves it on model_fn)
+                negative = getattr(model_fn, "unconditional", None)
+                denoiser.unconditional = to_x0(x, s, out if negative is None else negative)  # type: ignore[attr-defined]
+            return to_x0(x, s, out)
+
+        def to_x0(x: torch.Tensor, s: float, out: torch.Tensor) -> torch.Tensor:
             if prediction_type == "v_prediction":
                 return x / (s**2 + 1.0) - out * s / (s**2 + 1.0) ** 0.5
             return x - out * s

@@ -45,6 +45,10 @@ class SamplerSpec:
     aliases: tuple[str, ...] = ()
     description: str = ""
     stochastic: bool = False
+    # A function sampler that reads the unconditional (negative-prompt) prediction's clean-latent
+    # estimate as ``denoiser.unconditional`` after each call (CFG++). The loop then asks the model
+    # for the negative rows at every step, CFG scale 1 included.
+    needs_unconditional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("scheduler", "function"):

@@ -1,14 +1,20 @@
 """The built-in samplers, under the names the AUTOMATIC1111 web UI uses.
 
 Most wrap diffusers schedulers; ``DPM++ 2S a`` (which diffusers lacks) is a
-k-diffusion-style function sampler, and shows that kind of plugin.
+k-diffusion-style function sampler, and shows that kind of plugin. ``Euler CFG++`` and
+``Euler a CFG++`` (Forge's names; ComfyUI's ``euler_cfg_pp`` and ``euler_ancestral_cfg_pp``)
+are function samplers that also read the unconditional prediction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from aipaint_plugins.samplers.functions import sample_dpmpp_2s_ancestral
+from aipaint_plugins.samplers.functions import (
+    sample_dpmpp_2s_ancestral,
+    sample_euler_ancestral_cfg_pp,
+    sample_euler_cfg_pp,
+)
 
 from aipaint import hookimpl
 from aipaint.engine.samplers import SamplerSpec
@@ -53,6 +59,26 @@ def builtin_samplers() -> list[SamplerSpec]:
             aliases=("dpmpp_2s_a", "k_dpmpp_2s_a"),
             stochastic=True,
             description="k-diffusion's DPM-Solver++(2S) ancestral",
+        ),
+        SamplerSpec(
+            name="Euler CFG++",
+            kind="function",
+            function=sample_euler_cfg_pp,
+            schedules=ALL,
+            aliases=("euler_cfg_pp",),
+            needs_unconditional=True,
+            description="Euler with CFG++ (Chung et al. 2024): re-noised along the unconditional prediction; "
+                        "use CFG scale about 0.5-2",
+        ),
+        SamplerSpec(
+            name="Euler a CFG++",
+            kind="function",
+            function=sample_euler_ancestral_cfg_pp,
+            schedules=ALL,
+            aliases=("euler_ancestral_cfg_pp", "euler_a_cfg_pp"),
+            stochastic=True,
+            needs_unconditional=True,
+            description="Euler ancestral with CFG++; use CFG scale about 0.5-2",
         ),
         sched("DDIM", "DDIMScheduler", AUTO, aliases=("ddim",)),
         sched("PLMS", "PNDMScheduler", AUTO, {"skip_prk_steps": True}, aliases=("plms", "pndm")),

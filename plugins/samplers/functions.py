@@ -62,3 +62,46 @@ def sample_dpmpp_2s_ancestral(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
     return x
+
+
+def sample_euler_ancestral_cfg_pp(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise_sampler: Callable[[Any, Any], torch.Tensor],
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Euler ancestral with CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free
+    Guidance"), as ComfyUI's ``euler_ancestral_cfg_pp``: the step starts from the guided clean
+    estimate and re-noises along the *unconditional* prediction's direction,
+    ``x = denoised + (x - uncond_denoised) / sigma * sigma_down``, instead of the guided one.
+
+    Needs ``denoiser.unconditional`` (the sampler is registered with ``needs_unconditional``).
+    CFG++ wants low CFG scales (about 0.5-2 where plain Euler wants 5-8)."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i])
+        unconditional = getattr(denoiser, "unconditional", denoised)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = denoised + (x - unconditional) / sigmas[i] * sigma_down
+        if sigmas[i + 1] > 0 and eta:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+    return x
+
+
+def sample_euler_cfg_pp(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise_sampler: Callable[[Any, Any], torch.Tensor],
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> torch.Tensor:
+    """Euler with CFG++ (ComfyUI's ``euler_cfg_pp``): ``x = denoised + (x - uncond_denoised) /
+    sigma * sigma_next``; deterministic (no noise is drawn)."""
+    return sample_euler_ancestral_cfg_pp(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback,
+                                         eta=0.0, s_noise=0.0)

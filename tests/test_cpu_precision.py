@@ -102,6 +102,7 @@ def test_bf16_runs_the_unet_and_vae_in_bf16_and_records_it(bf16_pipe, tiny_pipe)
     assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.vae.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.text_encoder.parameters()} == {torch.float32}
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # oneDNN's layout, by default
     bf16 = bf16_pipe.txt2img("a red circle", **GEN)
     fp32 = tiny_pipe.txt2img("a red circle", **GEN)
     assert Infotext.from_text(bf16.infotexts[0]).params["Precision"] == "bf16"

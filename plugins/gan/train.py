@@ -65,6 +65,7 @@ class TrainingReport:
     steps: int
     images: int
     seconds: float
+    cpu_seconds: float = 0.0
     curves: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -192,7 +193,7 @@ def train_gan(
         log_every = max(1, (steps or 2000) // 250) if steps is not None else 10
         window: dict[str, list[float]] = {k: [] for k in ("critic_loss", "generator_loss", "wasserstein",
                                                            "gradient_penalty")}
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         deadline = started + minutes * 60 if minutes is not None else math.inf
         step = 0
         generator.train()
@@ -252,14 +253,15 @@ def train_gan(
                     progress(step, steps)
                 else:
                     progress(min(int(time.perf_counter() - started), int(minutes * 60)), int(minutes * 60))
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     # 5. Save: weights (safetensors), config, curves; written next to the target, then moved in place.
     report = TrainingReport(output=output, loss=loss, condition=condition, steps=step, images=len(images),
-                            seconds=seconds, curves=curves)
+                            seconds=seconds, cpu_seconds=cpu_seconds, curves=curves)
     training = {
         "aipaint": __version__, "loss": loss, "condition": condition, "steps": step, "seconds": round(seconds, 2),
-        "images": len(images), "batch_size": batch_size, "learning_rate": lr, "n_critic": n_critic,
+        "cpu_seconds": round(cpu_seconds, 2), "images": len(images), "batch_size": batch_size, "learning_rate": lr,
+        "n_critic": n_critic,
         "clip_value": clip_value if loss == "wgan" else None, "gp_weight": gp_weight if loss == "wgan-gp" else None,
         "word_dropout": word_dropout if condition == "words" else None, "seed": seed,
         "optimiser": "RMSprop" if loss == "wgan" else "Adam(0.0, 0.9)", "curves": curves,

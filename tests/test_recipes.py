@@ -312,8 +312,9 @@ def test_a_third_party_recipe_registers_like_the_built_ins(pipe, tmp_path):
 
     host = create_plugin_host(extra_plugins=(ThirdParty(),))
     other = aipaint.Pipeline(pipe.model, host)
-    with pytest.warns(AipaintWarning, match="recipe 'cover' from plugin"):
+    with pytest.warns(AipaintWarning, match="recipe 'cover' from plugin .* plugin 'recipes' registered that name first"):
         result = recipes.run_recipe(other, "postcard", prompt="a red circle", seed=3)
     assert result.images and params_of(result.parameters)["Recipe"] == "postcard"
+    assert recipes.recipe_book(host).get("cover").summary.startswith("prompt + title")  # the built-in kept its name
     assert Infotext.from_text(result.parameters).prompt == "a red circle, postcard"
     assert read_png_parameters(result.save(tmp_path / "p.png"))

@@ -107,7 +107,8 @@ def plugin_styles(host: PluginHost) -> dict[str, tuple[PromptStyle, str]]:
     import warnings
 
     found: dict[str, tuple[PromptStyle, str]] = {}
-    for owner, call in host.implementations("register_styles"):
+    # pluggy calls the last-registered plugin first; styles are taken in load order (built-ins first) instead
+    for owner, call in reversed(host.implementations("register_styles")):
         given: list[PromptStyle] = []
 
         def register(style: PromptStyle, given: list[PromptStyle] = given) -> None:

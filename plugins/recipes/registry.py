@@ -140,7 +140,8 @@ class RecipeBook:
 def recipe_book(host: PluginHost) -> RecipeBook:
     """Every plugin's recipes; a plugin whose hook raises is named in a warning and skipped."""
     book = RecipeBook()
-    for owner, call in host.implementations("register_recipes"):
+    # pluggy calls the last-registered plugin first; recipes are taken in load order, so built-in names win
+    for owner, call in reversed(host.implementations("register_recipes")):
         try:
             call(register=book.register(owner))
         except Exception as exc:

@@ -87,7 +87,20 @@ def builtin_samplers() -> list[SamplerSpec]:
     ]
 
 
+def few_step_samplers() -> list[SamplerSpec]:
+    """Samplers for few-step (distilled) models and LoRAs: ``TCD`` (diffusers' ``TCDScheduler``,
+    Zheng et al. 2024, with its default gamma ``eta`` 0.3). ``LCM`` is among the built-ins above.
+    Both pick their timesteps from the distillation's own skipping schedule
+    (``original_inference_steps``), so only ``Automatic`` is offered."""
+    return [
+        SamplerSpec(
+            name="TCD", kind="scheduler", scheduler_class="TCDScheduler", schedules=AUTO, aliases=("tcd",),
+            stochastic=True, description="trajectory consistency distillation (for TCD LoRAs; 2-8 steps, CFG 1)",
+        ),
+    ]
+
+
 @hookimpl
 def register_samplers(register: Callable[[SamplerSpec], None]) -> None:
-    for spec in builtin_samplers():
+    for spec in builtin_samplers() + few_step_samplers():
         register(spec)

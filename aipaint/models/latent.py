@@ -173,7 +173,8 @@ class LatentDiffusionModel(GenerativeModel):
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
         kwargs = dict(extra)
         if cond.extras:
-            kwargs["added_cond_kwargs"] = cond.extras
+            # A contributor's own added inputs (IP-Adapter's image_embeds) join the family's.
+            kwargs["added_cond_kwargs"] = {**cond.extras, **extra.get("added_cond_kwargs", {})}
         return self.unet_call(latents, t, cond.embeds, **kwargs)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -521,7 +521,7 @@ RECIPES: list[dict[str, Any]] = [
          help={**COMMON_HELP, **UPSCALE_HELP, "look": "words added to the prompt", "outline_width": "px",
                "outline_colour": "a name, #rrggbb or r,g,b", "tolerance": "background colour tolerance"}),
     dict(name="cover", run=cover, summary="prompt + title + lines -> a cover, the type set where the subject is not",
-         defaults={**COMMON, "title": "", "lines": [], "font": "", "band": "auto", "fraction": 0.3, "colour": "auto",
+         defaults={**COMMON, "title": "", "lines": [], "font": "", "band": "auto", "fraction": 0.4, "colour": "auto",
                    **UPSCALE, "upscale": 2.0},
          ranges={**COMMON_RANGES, **UPSCALE_RANGES, "fraction": (0.1, 0.6)},
          help={**COMMON_HELP, **UPSCALE_HELP, "title": "the title", "lines": "smaller lines under it (a;b)",

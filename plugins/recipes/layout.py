@@ -121,7 +121,7 @@ class Typeset:
 
 
 def typeset_cover(image: Image.Image, title: str, lines: list[str], *, font: str | None = None,
-                  band: str = "auto", fraction: float = 0.3, colour: str = "auto") -> Typeset:
+                  band: str = "auto", fraction: float = 0.4, colour: str = "auto") -> Typeset:
     """``image`` with ``title`` (bold, as large as fits) and ``lines`` (regular) set in the band
     where the subject is not (``band="auto"``) or the band named; the text colour is black or
     white, whichever stands out more against that band, with a soft shadow."""

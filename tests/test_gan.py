@@ -88,6 +88,14 @@ def test_the_caption_reaches_the_generator(gan_pipe):
     assert np.abs(red - blue).sum() > 0
 
 
+def test_the_variation_seed_moves_the_noise_vector_as_in_a1111(gan_pipe):
+    seven = np.asarray(gan_pipe.txt2img("a red circle", seed=7).image)
+    fully = gan_pipe.txt2img("a red circle", seed=1, subseed=7, subseed_strength=1.0)
+    assert np.array_equal(np.asarray(fully.image), seven)  # strength 1: all the variation seed's noise
+    halfway = np.asarray(gan_pipe.txt2img("a red circle", seed=1, subseed=7, subseed_strength=0.5).image)
+    assert not np.array_equal(halfway, seven) and "Variation seed: 7" in fully.parameters
+
+
 def test_truncation_scales_the_noise(gan_pipe):
     plain = np.asarray(gan_pipe.txt2img("a red circle", seed=1).image).astype(int)
     result = gan_pipe.txt2img("a red circle", seed=1, options={"gan": {"truncation": 0.1}})

@@ -194,7 +194,8 @@ class GANModel(GenerativeModel):
         started = time.perf_counter()
         generators = make_generators(request.seeds)
         with job_scope(self), torch.inference_mode():
-            z = request_noise(request, (self.config.z_dim, 1, 1), generators, 1).flatten(1) * options.truncation
+            # laid out as (1, z_dim, 1): the core's slerp for variation seeds normalises over dimension 1
+            z = request_noise(request, (1, self.config.z_dim, 1), generators, 1).flatten(1) * options.truncation
             z = z.to(self.device, next(self.generator.parameters()).dtype)
             condition = None
             if vocab is not None:

@@ -14,6 +14,9 @@ images are generated (seeds 1..N, one batch) with and without the reference, and
 * shape   = the largest object's shape is the prompt's (not the reference's: each pair below
             has a different reference shape, so copying the reference scores 0 here)
 * all     = colour, bg and shape at once
+* dist    = the mean RGB distance (0-441) from the largest object's colour to the reference's
+            object colour: lower is closer, so a colour that moves towards the reference's without
+            reaching it shows here (an image with no object counts 441)
 
 Rows are the weight-free modes at a few style fidelities (IP-Adapter needs downloaded weights
 and is not measured here). The card's defaults otherwise (20 steps, DPM++ 2M, CFG 7).
@@ -26,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from aipaint_plugins.reference import reference_unit
     from aipaint_plugins.shapes_world.evaluate import read_scene
+    from aipaint_plugins.shapes_world.scene import COLOURS
 
     import aipaint
 
@@ -69,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     n = len(pairs) * args.seeds
     print(f"model: {pipe.model.name}; {len(REFERENCES)} references x {len(SHAPES) - 1} other shapes x {args.seeds} seeds "
           f"= {n} images per row; weight {args.weight:g}; {args.steps} steps")
-    print(f"{'row':<34}{'colour':>8}{'bg':>8}{'shape':>8}{'all':>8}{'s/img':>8}")
+    print(f"{'row':<34}{'colour':>8}{'bg':>8}{'shape':>8}{'all':>8}{'dist':>8}{'s/img':>8}")
     for label, options in ROWS:
         hits = {"colour": 0, "bg": 0, "shape": 0, "all": 0}
+        distance = 0.0
         started = time.perf_counter()
         for (colour, background, ref_shape), shape in pairs:
             units = ()
@@ -87,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
                     "shape": main_object is not None and main_object.shape == shape,
                 }
                 ok["all"] = all(ok.values())
+                target = np.array(COLOURS[colour], dtype=float)
+                distance += float(np.linalg.norm(np.array(main_object.rgb, dtype=float) - target)) if main_object else 441.0
                 for key, value in ok.items():
                     hits[key] += int(value)
         per_image = (time.perf_counter() - started) / n
         cells = "".join(f"{100 * hits[k] / n:>7.0f}%" for k in ("colour", "bg", "shape", "all"))
-        print(f"{label:<34}{cells}{per_image:>8.2f}", flush=True)
+        print(f"{label:<34}{cells}{distance / n:>8.0f}{per_image:>8.2f}", flush=True)
     return 0
 
 

@@ -335,3 +335,16 @@ def test_cli_generates_with_a_reference_and_from_png_reproduces_it(tiny_sd_path,
     capsys.readouterr()
     assert main(["generate", "a red square", "--reference-weight", "0.5", "-o", str(tmp_path / "x.png"), *common]) == 2
     assert "need --reference IMAGE" in capsys.readouterr().err
+
+
+def test_added_inputs_from_a_contributor_join_the_family_extras():
+    """SDXL passes pooled embeddings and time ids as added_cond_kwargs; IP-Adapter's image_embeds
+    must reach the UNet beside them, not replace them (or be replaced)."""
+    from aipaint.models.latent import Conditioning, LatentDiffusionModel
+
+    model = LatentDiffusionModel.__new__(LatentDiffusionModel)
+    seen = {}
+    model.unet_call = lambda latents, t, embeds, **kwargs: seen.update(kwargs) or latents
+    cond = Conditioning(torch.zeros(1, 2, 3), {"text_embeds": torch.ones(1, 4), "time_ids": torch.ones(1, 6)})
+    model.predict(torch.zeros(1, 4, 2, 2), torch.tensor(1), cond, added_cond_kwargs={"image_embeds": [torch.ones(1, 1, 8)]})
+    assert set(seen["added_cond_kwargs"]) == {"text_embeds", "time_ids", "image_embeds"}

@@ -151,8 +151,9 @@ def edit(
     if prompt is None:
         raise InvalidParameter("prompt", None, "must be given (the source prompt A), or come from an inversion")
     target = prompt if target is None else target
-    if target == prompt and not weights:
-        raise InvalidParameter("target", target, "must differ from the source prompt, or come with a re-weighted word")
+    if target == prompt and not weights and inv is None:
+        raise InvalidParameter("target", target, "must differ from the source prompt, or come with a re-weighted word",
+                               "(from an inversion, the caption itself reconstructs the image)")
     if fields.get("batch_size", 1) != 1:
         raise InvalidParameter("batch_size", fields["batch_size"], "must be 1: an edit runs the source and the edit as a pair")
     request = pipe.check(GenerationRequest(prompt=prompt, **{**fields, "batch_size": 2}))

@@ -226,12 +226,15 @@ def test_character_keeps_one_seed_and_applies_the_lora(pipe, tmp_path):
 
 def test_character_from_a_reference_image_needs_a_reference_adapter(pipe, inputs):
     settings = {"character": "a big red circle", "scenes": ["on the left"], "reference": str(inputs["picture"]), **FAST}
-    if "reference" in pipe.host.registry.adapters:
+    if "reference" in pipe.host.registry.adapters:  # the reference-image plugin is installed
         result = recipes.character(pipe, **settings)
-        assert "reference via reference" in params_of(result.parameters)["Recipe steps"]
+        params = params_of(result.parameters)
+        assert "reference via reference" in params["Recipe steps"] and "reference-only" in params["Reference 0"]
     else:
         with pytest.raises(UnsupportedFeature, match="lora=NAME"):
             recipes.character(pipe, **settings)
+    with pytest.raises(UnsupportedFeature, match="'not-installed'.*lora=NAME"):
+        recipes.character(pipe, **settings, reference_adapter="not-installed")
 
 
 @pytest.mark.parametrize(("name", "settings", "error", "words"), [

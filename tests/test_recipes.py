@@ -19,7 +19,6 @@ import aipaint
 from aipaint import hookimpl
 from aipaint.cli.main import main
 from aipaint.errors import (
-    AipaintError,
     AipaintWarning,
     ImageError,
     InvalidParameter,
@@ -246,7 +245,8 @@ def test_character_from_a_reference_image_needs_a_reference_adapter(pipe, inputs
     ("retouch", {"image": "PICTURE", "mask": "BLACK", "prompt": "x"}, InvalidParameter, "nothing to repaint"),
     ("retouch", {"image": "PICTURE", "mask": "SMALL", "prompt": "x"}, InvalidParameter, "the picture's size"),
     ("avatar", {}, InvalidParameter, "image"),
-    ("avatar", {"image": "MISSING"}, AipaintError, "missing.png"),
+    ("avatar", {"image": "MISSING"}, InvalidParameter, "missing.png"),
+    ("cover", {"prompt": "x", "title": 2026, "lines": "a;b", "band": "nowhere"}, InvalidParameter, "band"),
     ("cover", {"prompt": "x"}, InvalidParameter, "title"),
     ("qr", {"prompt": "x"}, InvalidParameter, "payload"),
     ("ad", {"description": "x", "brand": "unknown"}, UnknownName, "'fresh'"),
@@ -301,6 +301,8 @@ def test_cli_runs_a_recipe_and_reruns_it_from_its_png(pipe, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert "fraction" in err and "0.1 to 0.6" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "c.png").exists()
+    assert main(["recipe", "avatar", "--image", str(tmp_path / "nothere.png"), "-o", str(tmp_path / "a.png")]) == 2
+    assert "nothere.png" in capsys.readouterr().err
 
 
 def test_a_third_party_recipe_registers_like_the_built_ins(pipe, tmp_path):

@@ -66,6 +66,8 @@ class Recipe:
             value = settings.get(name)
             if value is not None and not isinstance(value, (str, Path)) and not hasattr(value, "convert"):
                 raise InvalidParameter(name, value, "must be an image: a file path or a PIL image")
+            if isinstance(value, (str, Path)) and str(value) and not Path(value).is_file():
+                raise InvalidParameter(name, str(value), "is not a file (a picture to read was expected)")
         if settings.get("seed") == -1:
             settings["seed"] = random.randrange(MAX_SEED)
         return settings
@@ -100,6 +102,8 @@ def _typed(recipe: str, name: str, value: Any, default: Any, bounds: tuple[float
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise InvalidParameter(name, value, "must be a list of texts (on the command line: a;b;c or a JSON list)")
         return [v for v in value if v]
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # title=2026 on the command line reads as a number
     if isinstance(default, str) and not isinstance(value, (str, Path)) and not hasattr(value, "convert"):
         raise InvalidParameter(name, value, "must be text")
     return str(value) if isinstance(value, Path) else value

@@ -11,7 +11,8 @@ sampler. :meth:`StepPreview.image` turns it into pictures:
   are not linear in colour (the embedded toy model's are not), ``"auto"`` uses the VAE.
 * ``"full"``: the model's VAE decoder (exact, and as slow as the final decode).
 * a tiny autoencoder (TAESD and friends, diffusers' ``AutoencoderTiny``) when the caller
-  loads one: ``preview.image(decoder=tiny)``.
+  loads one: ``preview.image(decoder=tiny)``; ``"auto"`` uses the one an adapter put on the
+  model for the job (``model.preview_decoder``), if any.
 """
 
 from __future__ import annotations
@@ -132,14 +133,19 @@ class StepPreview:
     def image(self, method: str = "auto", *, decoder: Any = None, index: int = 0) -> Image.Image:
         """The ``index``-th picture of the estimate: ``"cheap"`` (a linear latent→RGB map at latent
         resolution, scaled up), ``"full"`` (the VAE), ``"auto"`` (cheap where the model's linear
-        map reads its latents within :data:`CHEAP_MAX_ERROR`, else full), or ``decoder`` (e.g. a
-        tiny autoencoder taking unscaled latents and returning [-1, 1] images)."""
+        map reads its latents within :data:`CHEAP_MAX_ERROR`, else full), or ``decoder`` (a diffusers
+        autoencoder returning [-1, 1] images: a tiny one, whose scaling factor is 1, reads the
+        latents as the UNet sees them; one with the model's factor reads them unscaled). With
+        ``"auto"`` and no ``decoder``, the model's ``preview_decoder`` (set by an adapter) is used."""
         from PIL import Image
 
         x0 = self.x0[index : index + 1]
+        if decoder is None and method == "auto":
+            decoder = getattr(self.model, "preview_decoder", None)
         if decoder is not None:
+            factor = float(getattr(getattr(decoder, "config", None), "scaling_factor", self.model.scaling_factor))
             with torch.inference_mode():
-                out = decoder.decode(x0.to(decoder.device, decoder.dtype) / self.model.scaling_factor, return_dict=False)[0]
+                out = decoder.decode(x0.to(decoder.device, decoder.dtype) / factor, return_dict=False)[0]
             return to_pictures((out.float() / 2 + 0.5).clamp(0, 1).cpu())[0]
         if method == "auto":
             method = "cheap" if latent_colour_map(self.model).error <= CHEAP_MAX_ERROR else "full"

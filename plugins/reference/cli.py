@@ -22,8 +22,10 @@ def add_options(subparsers: argparse._SubParsersAction) -> None:
         group = parser.add_argument_group("reference image")
         group.add_argument("--reference", action="append", default=[], metavar="IMAGE",
                            help="take style (colours, textures) from this image; repeatable")
-        group.add_argument("--reference-mode", choices=("reference-only", "ip-adapter"), default=None,
-                           help="reference-only: share the image's attention, no weights (default); "
+        group.add_argument("--reference-mode", choices=("reference-only", "reference-adain", "reference-adain+attn", "ip-adapter"),
+                           default=None,
+                           help="reference-only: share the image's attention (default); reference-adain(+attn): match its feature "
+                                "statistics (and share attention), no weights; "
                                 "ip-adapter: IP-Adapter weights and a CLIP image encoder")
         group.add_argument("--reference-weight", type=float, default=None, metavar="W",
                            help="0-2, default 1: reference-only's share of attention layers, IP-Adapter's scale")

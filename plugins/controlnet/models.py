@@ -40,6 +40,7 @@ from aipaint.plugin.kit.folders import (
     model_entries,
     path_is,
 )
+from aipaint.sources.folders import fetch_source
 
 if TYPE_CHECKING:
     import torch
@@ -155,7 +156,7 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
         _check_suffix(path, allow_pickle)
         return ControlNetRef(path.stem if path.is_file() else path.name, path)
     name, expected = split_hash(model)
-    fetched = folders.fetch_source(name, "controlnet", allow_pickle=allow_pickle)  # a link, AIR, hf: reference
+    fetched = fetch_source(name, "controlnet", allow_pickle=allow_pickle)  # a link, AIR, hf: reference
     if fetched is not None:
         _check_suffix(fetched, allow_pickle)
         return ControlNetRef(fetched.stem, fetched, expected_hash=expected)
@@ -175,7 +176,7 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
         models = folder_models(root)
         candidates = [p for n, p in models.items() if n.lower() == wanted or n.lower().rsplit("/", 1)[-1] == wanted]
     if not candidates:
-        fetched = folders.fetch_source(name, "controlnet", allow_pickle=allow_pickle, hashes=True)  # by its hash
+        fetched = fetch_source(name, "controlnet", allow_pickle=allow_pickle, hashes=True)  # by its hash
         if fetched is not None:
             _check_suffix(fetched, allow_pickle)
             return ControlNetRef(fetched.stem, fetched, expected_hash=expected)

@@ -8,11 +8,8 @@ with :class:`NameOutsideFolder` (or :class:`~aipaint.errors.InvalidParameter`) *
 anything is opened. safetensors files are preferred; pickle-based files (``.pt``, ``.ckpt``,
 ``.bin``, ``.pth``) are considered only when the caller opts in.
 
-A folder made with ``source_kind`` (the LoRA and embedding folders, the upscalers') also takes a
-name written as a source (:mod:`aipaint.sources`: a Civitai link, AIR or ``civitai:ID``, a Hugging
-Face link or ``hf:`` reference, an https URL with its sha256, or a bare sha256 / AutoV2 hash): the
-file is installed once into that kind's folder, as ``aipaint get`` does, and used from there. A hash
-is looked up on Civitai only when no local file has that name.
+:class:`aipaint.sources.folders.SourcedFolder` is a :class:`ModelFolder` that also takes a name
+written as a source (a Civitai link or AIR, a Hugging Face reference, a URL, a hash).
 """
 
 from __future__ import annotations
@@ -99,19 +96,6 @@ def check_name(kind: str, name: str, folder: Path, example: str | None = None) -
     return PurePosixPath(*parts)
 
 
-def fetch_source(name: str, kind: str, *, allow_pickle: bool = False, hashes: bool = False) -> Path | None:
-    """The local file for ``name`` when it is written as a source (see the module docstring),
-    installed into ``kind``'s folder on first use; ``None`` for a plain name. A bare hash counts
-    only with ``hashes=True`` (callers try it as a local name first)."""
-    if not isinstance(name, str):
-        return None
-    from aipaint import sources  # the HTTP client loads only when a source is named
-
-    if not sources.is_source(name) or (sources.is_hash(name) and not hashes):
-        return None
-    return sources.ensure(name.strip(), kind=kind, allow_pickle=allow_pickle)
-
-
 def path_is(test: Callable[[Path], bool], path: Path) -> bool:
     """``test(path)`` (``Path.is_file``, ``Path.is_dir``), where a path the file system cannot hold
     (a name too long once its suffix is added, a path past the length limit) is simply not there
@@ -134,15 +118,13 @@ class ModelFolder:
     (``<lora:my_style:0.8>``); refusals quote it.
     """
 
-    def __init__(self, root: Path | str, kind: str, *, allow_pickle: bool = False, name_example: str | None = None,
-                 source_kind: str | None = None) -> None:
+    def __init__(self, root: Path | str, kind: str, *, allow_pickle: bool = False, name_example: str | None = None) -> None:
         if not isinstance(allow_pickle, bool):  # the string "no" is truthy and must never mean yes
             raise InvalidParameter("allow_pickle", allow_pickle, "must be True or False")
         self.root = Path(root).expanduser()
         self.kind = kind
         self.allow_pickle = allow_pickle
         self.name_example = name_example
-        self.source_kind = source_kind  # an aipaint.sources kind: names written as sources are fetched
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -176,23 +158,7 @@ class ModelFolder:
 
     def resolve(self, name: str) -> NamedFile:
         """The file a name refers to. Raises :class:`NameOutsideFolder`, :class:`UnsafeFileError` or
-        :class:`aipaint.errors.UnknownName`. With ``source_kind``, a name written as a source is
-        installed (once) and its file returned."""
-        if self.source_kind:
-            fetched = fetch_source(name, self.source_kind, allow_pickle=self.allow_pickle)
-            if fetched is not None:
-                return NamedFile(fetched.stem, fetched)
-        try:
-            return self._resolve_local(name)
-        except (UnknownName, InvalidParameter) as exc:
-            if isinstance(exc, NameOutsideFolder) or not self.source_kind:
-                raise
-            fetched = fetch_source(name, self.source_kind, allow_pickle=self.allow_pickle, hashes=True)
-            if fetched is None:
-                raise
-            return NamedFile(fetched.stem, fetched)
-
-    def _resolve_local(self, name: str) -> NamedFile:
+        :class:`aipaint.errors.UnknownName`."""
         relative = check_name(self.kind, name, self.root, self.name_example)
         base = self.root / relative
         stem_candidates: list[Path] = []

@@ -47,7 +47,9 @@ def upscaler_dir() -> Path:
 def weights_folder(folder: Path | None = None, kind: str = "upscaler") -> ModelFolder:
     """The upscaler folder as a :class:`ModelFolder`. Pickle files are listed and resolved
     (safetensors first); whether one may be *loaded* is decided by ``allow_pickle`` at load."""
-    return ModelFolder(folder or upscaler_dir(), kind, allow_pickle=True, source_kind="upscaler")
+    from aipaint.sources.folders import SourcedFolder  # a name may be the weights' source
+
+    return SourcedFolder(folder or upscaler_dir(), kind, allow_pickle=True, source_kind="upscaler")
 
 
 def weight_files(folder: Path) -> dict[str, Path]:

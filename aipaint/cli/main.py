@@ -19,7 +19,7 @@ from typing import Any
 from aipaint.errors import AipaintError, AipaintWarning
 
 # Core command modules, each with register_commands(subparsers), registered before the plugins' commands.
-CORE_COMMAND_MODULES: tuple[str, ...] = ("aipaint.cli.generation", "aipaint.cli.inspect", "aipaint.cli.serve", "aipaint.cli.sources", "aipaint.cli.workflows", "aipaint.cli.explain")
+CORE_COMMAND_MODULES: tuple[str, ...] = ("aipaint.cli.generation", "aipaint.cli.inspect", "aipaint.cli.serve", "aipaint.cli.sources", "aipaint.cli.workflows", "aipaint.cli.explain", "aipaint.cli.styles")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,7 +98,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     progress, close = progress_bar(not args.no_progress and sys.stderr.isatty())
     try:
         result = edit(pipe, request.prompt, args.to, cross_steps=args.cross_steps, self_steps=args.self_steps,
-                      reweight=_reweight(args.reweight), inversion=args.from_inversion, progress=progress, **fields)
+                      reweight=_reweight(args.reweight), inversion=args.from_inversion,
+                      negative_rows=args.negative_rows, progress=progress, **fields)
     finally:
         close()
     output = output_path(args.output, count, overwrite=args.overwrite)
@@ -150,6 +151,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of the steps during which B takes A's self-attention (default 0.4)")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=F",
                    help="multiply a word of B's attention by F, repeatable (e.g. red=2)")
+    p.add_argument("--negative-rows", action="store_true",
+                   help="also give the edit's unconditional (CFG) pass the source's attention maps (the paper edits "
+                        "only the conditional pass; on the embedded model this keeps the layout closer)")
     p.add_argument("--from-inversion", metavar="FILE", help="edit a real image: an `aipaint invert` file")
     p.add_argument("--save-source", action="store_true", help="also save the source image (-o out.png: out-0 the edit, out-1 the source)")
     add_model_options(p)

@@ -14,7 +14,8 @@ then, at every attention layer:
   source's at layers with at most ``self_max_positions`` query positions (Hertz et al. inject
   self-attention at 16×16 and coarser).
 
-Only the positive rows are edited, as in the authors' code; the negative rows are left alone.
+Only the positive rows are edited, as in the authors' code, unless ``negative_rows`` asks to give
+the edit's negative row the source's negative maps too (same text, token to token).
 Imports torch: loaded when an edit runs.
 """
 
@@ -116,6 +117,7 @@ class EditController:
     self_steps: float = 0.4
     self_max_positions: int = 256
     null_embeds: torch.Tensor | None = None  # steps × L × D: a null-text inversion's per-step negatives
+    negative_rows: bool = False  # also give the edit's negative row the source's negative maps
     step: int = 0
     guided: bool = True
     calls: dict[str, int] = field(default_factory=lambda: {"cross": 0, "self": 0, "cross_edited": 0, "self_edited": 0})
@@ -160,6 +162,8 @@ class EditController:
             return probs
         self.calls["cross_edited"] += 1
         out = probs.clone()
+        if self.negative_rows and _negatives:
+            out[_negatives[1]] = probs[_negatives[0]]  # the same (null) text: token to token
         index = self.alignment.source_index.to(probs.device)
         mapped = self.alignment.mapped.to(probs)
         taken = probs[source].index_select(-1, index)
@@ -174,9 +178,11 @@ class EditController:
         if not self.in_self_range() or probs.shape[-2] > self.self_max_positions:
             return probs
         self.calls["self_edited"] += 1
-        _negatives, source, edit = self.rows(probs.shape[0])
+        negatives, source, edit = self.rows(probs.shape[0])
         out = probs.clone()
         out[edit] = probs[source]
+        if self.negative_rows and negatives:
+            out[negatives[1]] = probs[negatives[0]]
         return out
 
 

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from aipaint.api.result import Result
     from aipaint.pipeline import Pipeline
 
-RECORDED_KEYS = ("P2P source prompt", "P2P cross steps", "P2P self steps", "P2P reweight", "P2P inversion")
+RECORDED_KEYS = ("P2P source prompt", "P2P cross steps", "P2P self steps", "P2P reweight", "P2P negative rows",
+                 "P2P inversion")
 
 
 def format_reweight(reweight: Mapping[str, float]) -> str:
@@ -103,6 +104,7 @@ def edit(
     reweight: Mapping[str, float] | None = None,
     inversion: Inversion | str | Path | None = None,
     self_max_positions: int = 256,
+    negative_rows: bool = False,
     progress: Callable[[int, int], None] | None = None,
     **fields: Any,
 ) -> Result:
@@ -110,7 +112,8 @@ def edit(
 
     ``cross_steps`` and ``self_steps`` are the fractions of the steps (from the start) during
     which the edit takes the source's cross- and self-attention; ``reweight`` multiplies the
-    attention of words of B (``{"red": 2.0}``). With ``inversion`` (an :class:`Inversion` or its
+    attention of words of B (``{"red": 2.0}``); ``negative_rows`` also gives the edit's unconditional
+    row the source's unconditional maps (the paper leaves that row alone). With ``inversion`` (an :class:`Inversion` or its
     file) the source is the inverted real image: the caption is the default A, and the steps, CFG
     scale, guidance rescale, size and the DDIM sampler are the inversion's. ``fields`` are
     :class:`aipaint.GenerationRequest` fields (seed, steps, cfg_scale, negative_prompt, adapters…).
@@ -173,10 +176,13 @@ def edit(
         target_embeds=embeds[1].embeds, alignment=alignment, factors=word_weights(model.tokenizer, texts[1], weights, length),
         total_steps=request.steps, cross_steps=cross_steps, self_steps=self_steps,
         self_max_positions=int(self_max_positions), null_embeds=None if inv is None else inv.null_embeds,
+        negative_rows=bool(negative_rows),
     )
     entries = {"P2P source prompt": prompt, "P2P cross steps": f"{cross_steps:g}", "P2P self steps": f"{self_steps:g}"}
     if weights:
         entries["P2P reweight"] = format_reweight(weights)
+    if negative_rows:
+        entries["P2P negative rows"] = "True"
     if inv is not None:
         entries["P2P inversion"] = (inversion_name or "in memory") + (" (null-text)" if inv.null_embeds is not None else " (DDIM)")
     mode = EditStart(controller, inv, entries)

@@ -697,3 +697,20 @@ def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_int8_unet_export_runs_close_to_fp32_and_is_recorded(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
+    import onnx
+
+    folder = export_onnx(tiny_pipe.model, tmp_path / "int8", components=("unet",), int8=True).root
+    manifest = read_manifest(folder)
+    assert manifest.components["unet"]["weights"] == "int8"
+    graph = onnx.load(str(folder / "unet" / "model.onnx"), load_external_data=False)
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in graph.graph.node)
+    pipe = load_with(tiny_sd_path, plugin_host, folder)
+    result = pipe.txt2img("a red circle", **GEN)
+    assert "Precision: fp32 int8-weights" in result.infotexts[0]
+    difference = np.abs(pixels(result) - pixels(tiny_pipe.txt2img("a red circle", **GEN)))
+    assert 0 < difference.mean() < 6, difference.mean()
+    with pytest.raises(InvalidParameter, match="int8"):
+        export_onnx(tiny_pipe.model, tmp_path / "x", fp16=True, int8=True)

@@ -82,6 +82,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         host=pipe.host,
         log=lambda message: print(message, file=sys.stderr),
+        int8=args.int8,
     )
     print(manifest.root)
     return 0
@@ -103,6 +104,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to write (created atomically)")
     p.add_argument("--fp16", action="store_true", help="the UNet in float16 (for CUDA/TensorRT)")
     p.add_argument("--fp16-vae", action="store_true", help="the VAE in float16 too (can overflow for some VAEs)")
+    p.add_argument("--int8", action="store_true",
+                   help="the UNet's MatMul weights in int8 (ONNX Runtime dynamic quantisation; for the CPU)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="fuse a LoRA (repeatable)")
     p.add_argument("--lora-dir", help="folder the LoRA names are looked up in (default: the LoRA adapter's)")
     p.add_argument("--components", default=",".join(EXPORT_COMPONENTS), help="comma-separated subset to export (default: all)")

@@ -567,6 +567,7 @@ def export_onnx(
     overwrite: bool = False,
     host: PluginHost | None = None,
     log: Log | None = None,
+    int8: bool = False,
 ) -> Manifest:
     """Export ``model``'s networks into ``out_dir`` and return its checked manifest.
 
@@ -576,7 +577,9 @@ def export_onnx(
     what is left out keeps running in torch. ``loras`` are fused through the installed
     LoRA adapter, looked up in ``lora_dir`` (default: the adapter's own folder).
     ``controlnets`` are exported too, at the UNet's precision (see :func:`load_controlnets`);
-    ``allow_pickle`` lets them be ``.pth``/``.ckpt`` files.
+    ``allow_pickle`` lets them be ``.pth``/``.ckpt`` files. ``int8`` quantises the UNet's
+    matrix-product weights to int8 with ONNX Runtime's dynamic quantisation (see
+    :func:`quantize_unet_int8`).
     """
     import torch
 
@@ -590,6 +593,8 @@ def export_onnx(
     if controlnets and not controlnet_inputs:
         raise InvalidParameter("controlnet_inputs", False, "on when ControlNets are exported (they feed the UNet's residual inputs)",
                                "drop --no-controlnet-inputs, or --controlnet")
+    if int8 and fp16:
+        raise InvalidParameter("int8", True, "an fp32 export (int8 weights with fp32 activations); drop --fp16")
     if fp16 and model.device.type == "cpu":
         log("note: tracing in fp16 on the CPU is slow; --device cuda exports faster where a GPU exists")
     _check_destination(out_dir, overwrite)
@@ -624,6 +629,8 @@ def export_onnx(
             for plan in plans:
                 entries[plan.name] = _export_logged(plan, partial, opset, log)
             del halves, plans
+        if int8:
+            entries["unet"] = quantize_unet_int8(entries["unet"], partial, log)
         controlnet_entries = {}
         for item in controlnets_to_export:
             module = copy.deepcopy(item.module).half() if fp16 else item.module
@@ -653,6 +660,32 @@ def export_onnx(
         raise
     log(f"exported to {out_dir} in {time.perf_counter() - started:.1f} s")
     return read_manifest(out_dir)
+
+
+def quantize_unet_int8(entry: dict[str, Any], partial: Path, log: Log) -> dict[str, Any]:
+    """The exported UNet with its MatMul weights in int8 (``onnxruntime.quantization.quantize_dynamic``).
+
+    Dynamic quantisation: weights are stored as int8 (per tensor, symmetric), activations are
+    quantised on the fly per call. Only MatMul nodes (attention and feed-forward projections)
+    are quantised; convolutions stay fp32, since ONNX Runtime's ConvInteger is slower than its
+    fp32 convolution on the CPU. Inputs and outputs stay float32, so the runtime is unchanged.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log("quantising the unet's MatMul weights to int8…")
+    started = time.perf_counter()
+    folder = partial / "unet"
+    staged = partial / "unet-int8"
+    staged.mkdir()
+    quantize_dynamic(str(folder / "model.onnx"), str(staged / "model.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True)
+    shutil.rmtree(folder)
+    folder.mkdir()
+    gather_external_data(staged / "model.onnx", folder / "model.onnx")
+    shutil.rmtree(staged)
+    log(f"  int8: {time.perf_counter() - started:.1f} s")
+    files = {f"unet/{path.name}": file_record(path) for path in sorted(folder.iterdir())}
+    return {**entry, "weights": "int8", "files": files}
 
 
 def _export_logged(plan: ComponentPlan, partial: Path, opset: int, log: Log) -> dict[str, Any]:

@@ -337,4 +337,6 @@ def prepare_onnxruntime(model: LatentDiffusionModel, options: dict[str, Any]) ->
     from aipaint.plugin.kit.controlnets import use_runtime_controlnets
 
     install_sessions(model, {name: sessions[name] for name in manifest.components})
+    if manifest.components["unet"].get("weights") == "int8":
+        model.runtime_infotext = {"Precision": "fp32 int8-weights"}  # type: ignore[attr-defined]
     use_runtime_controlnets(model, ExportedControlNets(manifest, controlnets, opts.torch_controlnets))

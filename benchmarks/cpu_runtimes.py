@@ -1,0 +1,338 @@
+"""CPU runtimes side by side: torch fp32/bf16, ONNX Runtime fp32, OpenVINO fp32/bf16/int8 weights.
+
+Three sections, each run in one process with the sides timed in turns (a, b, c, a, b, c, …)
+so that load from other processes on a shared machine falls on every side alike:
+
+1. ``unet``: one UNet call (batch 2 = one step with classifier-free guidance) of a full-size
+   SD1.5 architecture with random weights, at 256 px by default. Sides run in groups that fit
+   in memory, and torch fp32 is in every group as the anchor (its time in each group shows
+   how the load drifted). Error: max |side - torch fp32| / max |torch fp32| on the same inputs.
+2. ``image``: whole txt2img on the same model (prompt encoding, every step, VAE decoding),
+   seconds per image, and the image's PSNR against torch fp32's.
+3. ``embedded``: the embedded model (32 px): seconds per image and adherence
+   (``aipaint_plugins.shapes_world.evaluate.adherence``, mean score × 100 over N captions)
+   for every side.
+
+bf16 sides compute in bf16 only where the CPU has bf16 units; elsewhere torch emulates bf16
+(slower than fp32: the time is not what a bf16 CPU gives, the error is) and OpenVINO falls back
+to fp32 (the side is then skipped and said so). optimum-intel's own pipeline is not run here.
+
+    python benchmarks/cpu_runtimes.py --sections unet --threads 2
+    python benchmarks/cpu_runtimes.py --sections embedded --captions 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _runtime_bench import Report, environment, random_sd15_model, relative_error
+
+SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8")
+PROMPT = "a lighthouse on a cliff at sunset, oil painting"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def in_turns(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Every call's wall times, ``repeats`` rounds in turns (after one untimed round)."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+SAVE_AS = ""
+
+
+def checkpoint(report: Report) -> None:
+    """Save what was measured so far (a long run cut short keeps its finished groups)."""
+    if SAVE_AS:
+        report.save(SAVE_AS)
+
+
+class Exports:
+    """The ONNX export and OpenVINO conversions of one model, made on first use."""
+
+    def __init__(self, model: Any, work: Path, components: tuple[str, ...], report: Report) -> None:
+        self.model, self.work, self.components, self.report = model, work, components, report
+        self.folders: dict[str, Path] = {}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def onnx(self) -> Path:
+        if "onnx" not in self.folders:
+            from aipaint_plugins.onnx_runtime.export import export_onnx
+
+            started = time.perf_counter()
+            self.folders["onnx"] = export_onnx(self.model, self.work / "onnx", components=self.components).root
+            self.report(f"(ONNX export of {', '.join(self.components)}: {time.perf_counter() - started:.0f} s)")
+        return self.folders["onnx"]
+
+    def onnx_int8(self) -> Path:
+        if "onnx-int8" not in self.folders:
+            from aipaint_plugins.onnx_runtime.export import export_onnx
+
+            started = time.perf_counter()
+            self.folders["onnx-int8"] = export_onnx(self.model, self.work / "onnx-int8", components=self.components,
+                                                    int8=True).root
+            self.report(f"(ONNX export with int8 UNet MatMul weights: {time.perf_counter() - started:.0f} s)")
+        return self.folders["onnx-int8"]
+
+    def openvino(self, weights: str) -> Path:
+        key = f"ov-{weights}"
+        if key not in self.folders:
+            from aipaint_plugins.openvino_runtime.convert import convert_to_openvino
+
+            started = time.perf_counter()
+            self.folders[key] = convert_to_openvino(self.onnx(), self.work / key, weights=weights).root
+            self.report(f"(OpenVINO IR, {weights} weights: {time.perf_counter() - started:.0f} s)")
+        return self.folders[key]
+
+
+def prepare_side(side: str, reference: Any, exports: Exports, threads: int) -> Any | None:
+    """A copy of ``reference`` prepared for ``side``, or ``None`` when the side cannot run here."""
+    from aipaint_plugins.torch_runtime import prepare_torch
+
+    model = copy.deepcopy(reference)
+    if side.startswith("torch"):
+        prepare_torch(model, {"precision": side.split("-")[1]})
+    elif side.startswith("ort-"):
+        from aipaint_plugins.onnx_runtime.runtime import prepare_onnxruntime
+
+        folder = exports.onnx_int8() if side == "ort-int8" else exports.onnx()
+        prepare_onnxruntime(model, {"onnx_dir": str(folder), "threads": threads, "verify": "size"})
+    elif side.startswith("ov-"):
+        import openvino as ov
+        from aipaint_plugins.openvino_runtime.runtime import OvOptions, planned_precision, prepare_openvino
+
+        precision = "bf16" if side == "ov-bf16" else "auto"
+        if side == "ov-bf16" and planned_precision(ov.Core(), OvOptions.parse({"openvino_dir": "-", "precision": "bf16"})) != "bf16":
+            return None
+        folder = exports.openvino("int8" if side == "ov-int8" else "fp32")
+        prepare_openvino(model, {"openvino_dir": str(folder), "threads": threads, "verify": "size", "precision": precision})
+    return model
+
+
+def unet_section(report: Report, sides: list[str], work: Path, latent: int, repeats: int, threads: int,
+                 group_size: int) -> None:
+    report(f"## 1. One UNet call, full-size SD1.5 (random weights), batch 2, {latent * 8} px, {threads} thread(s)")
+    started = time.perf_counter()
+    reference = random_sd15_model()
+    report(f"(model built in {time.perf_counter() - started:.0f} s; load average before: {load_average()})")
+    exports = Exports(reference, work, ("unet",), report)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, latent, latent, generator=g)
+    embeds = torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([500.0, 500.0])
+
+    def caller(model: Any) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with torch.inference_mode():
+                return model.unet_call(sample, t, embeds)
+        return call
+
+    anchor = caller(reference)
+    expected = anchor()
+    others = [s for s in sides if s != "torch-fp32"]
+    rows = []
+    for index in range(0, len(others), group_size):
+        group = others[index:index + group_size]
+        models = {}
+        for side in group:
+            model = prepare_side(side, reference, exports, threads)
+            if model is None:
+                report(f"{side}: skipped, this CPU has no bf16 units (OpenVINO would run fp32)")
+            else:
+                models[side] = model
+        calls = {"torch-fp32": anchor, **{side: caller(model) for side, model in models.items()}}
+        errors = {side: relative_error(expected, call()) for side, call in calls.items()}
+        times = in_turns(calls, repeats)
+        load = load_average()
+        for side in calls:
+            rows.append((f"group {index // group_size + 1}", side, times[side], errors[side], load))
+        del models, calls
+        gc.collect()
+        report(f"(group {index // group_size + 1} done: {', '.join(f'{k} {statistics.median(v):.2f} s' for k, v in times.items())})")
+        checkpoint(report)
+    report("")
+    report(f"| group | side | s / UNet call (median of {repeats}) | all | vs torch fp32 in the group | max rel. error | load avg after |")
+    report("|---|---|---|---|---|---|---|")
+    anchors = {group: statistics.median(times) for group, side, times, _, _ in rows if side == "torch-fp32"}
+    for group, side, times, error, load in rows:
+        median = statistics.median(times)
+        report(f"| {group} | {side} | {median:.2f} | {', '.join(f'{x:.2f}' for x in times)} | "
+               f"{anchors[group] / median:.2f}× | {error:.1e} | {load} |")
+    report("")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def image_section(report: Report, sides: list[str], work: Path, size: int, steps: int, repeats: int, threads: int,
+                  group_size: int) -> None:
+    from aipaint.pipeline import Pipeline
+    from aipaint.plugin.host import default_host
+
+    report(f"## 2. Whole txt2img, full-size SD1.5 (random weights), {size} px, {steps} steps, Euler, CFG 7, "
+           f"{threads} thread(s)")
+    host = default_host()
+    reference = random_sd15_model()
+    exports = Exports(reference, work, ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report)
+    params = dict(seed=5, steps=steps, width=size, height=size, sampler="Euler", cfg_scale=7.0)
+    anchor = Pipeline(reference, host)
+    expected = np.asarray(anchor.txt2img(PROMPT, **params).images[0])
+    others = [s for s in sides if s != "torch-fp32"]
+    rows = []
+    for index in range(0, len(others), group_size):
+        pipes = {"torch-fp32": anchor}
+        for side in others[index:index + group_size]:
+            model = prepare_side(side, reference, exports, threads)
+            if model is not None:
+                pipes[side] = Pipeline(model, host)
+        quality = {side: psnr(expected, np.asarray(pipe.txt2img(PROMPT, **params).images[0])) for side, pipe in pipes.items()}
+        times = in_turns({side: (lambda p=pipe: p.txt2img(PROMPT, **params)) for side, pipe in pipes.items()}, repeats)
+        for side in pipes:
+            rows.append((f"group {index // group_size + 1}", side, times[side], quality[side], load_average()))
+        del pipes
+        gc.collect()
+    report("")
+    report(f"| group | side | s / image (median of {repeats}) | all | vs torch fp32 in the group | PSNR vs torch fp32 (dB) | load avg |")
+    report("|---|---|---|---|---|---|---|")
+    anchors = {group: statistics.median(times) for group, side, times, _, _ in rows if side == "torch-fp32"}
+    for group, side, times, quality, load in rows:
+        median = statistics.median(times)
+        report(f"| {group} | {side} | {median:.1f} | {', '.join(f'{x:.1f}' for x in times)} | {anchors[group] / median:.2f}× | "
+               f"{quality:.1f} | {load} |")
+    report("")
+
+
+def embedded_section(report: Report, sides: list[str], work: Path, captions: int, threads: int) -> None:
+    from aipaint_plugins.shapes_world.evaluate import adherence
+    from aipaint_plugins.shapes_world.scene import random_scene
+
+    import aipaint
+    from aipaint.models import zoo
+
+    report(f"## 3. Embedded model ({zoo.DEFAULT_MODEL}, 32 px, its default steps and sampler), {captions} captions, "
+           f"{threads} thread(s)")
+    rng = np.random.default_rng(0)
+    texts = [random_scene(rng, "train").caption for _ in range(captions)]
+    base = aipaint.load(zoo.DEFAULT_MODEL)
+    exports = Exports(base.model, work / "embedded", ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report)
+    pipes = {}
+    for side in sides:
+        if side == "torch-fp32":
+            pipes[side] = base
+            continue
+        options: dict[str, Any] = {}
+        runtime = "torch"
+        if side == "torch-bf16":
+            options = {"precision": "bf16"}
+        elif side.startswith("ort-"):
+            folder = exports.onnx_int8() if side == "ort-int8" else exports.onnx()
+            runtime, options = "onnxruntime", {"onnx_dir": str(folder), "threads": threads}
+        elif side.startswith("ov-"):
+            import openvino as ov
+            from aipaint_plugins.openvino_runtime.runtime import OvOptions, planned_precision
+
+            if side == "ov-bf16" and planned_precision(ov.Core(), OvOptions.parse({"openvino_dir": "-", "precision": "bf16"})) != "bf16":
+                report(f"{side}: skipped, this CPU has no bf16 units")
+                continue
+            folder = exports.openvino("int8" if side == "ov-int8" else "fp32")
+            runtime = "openvino"
+            options = {"openvino_dir": str(folder), "threads": threads, "precision": "bf16" if side == "ov-bf16" else "auto"}
+        pipes[side] = aipaint.load(zoo.DEFAULT_MODEL, runtime=runtime, runtime_options=options)
+    scores: dict[str, list[float]] = {side: [] for side in pipes}
+    times: dict[str, list[float]] = {side: [] for side in pipes}
+    for pipe in pipes.values():
+        pipe.txt2img(texts[0], seed=0)  # warm-up (and OpenVINO's compile for this shape)
+    for i, text in enumerate(texts):
+        for side, pipe in pipes.items():  # in turns, caption by caption
+            started = time.perf_counter()
+            image = pipe.txt2img(text, seed=1000 + i).images[0]
+            times[side].append(time.perf_counter() - started)
+            scores[side].append(adherence(image, text).score * 100)
+    report("")
+    report(f"| side | s / image (median of {captions}) | adherence (mean × 100) | vs torch fp32 (points) |")
+    report("|---|---|---|---|")
+    reference = float(np.mean(scores["torch-fp32"])) if "torch-fp32" in scores else float("nan")
+    for side in pipes:
+        mean = float(np.mean(scores[side]))
+        report(f"| {side} | {statistics.median(times[side]):.3f} | {mean:.1f} | {mean - reference:+.1f} |")
+    report(f"(load average after: {load_average()})")
+    report("")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="unet,image,embedded")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=32, help="UNet section: latent side (32 = 256 px)")
+    parser.add_argument("--size", type=int, default=256, help="image section: image side")
+    parser.add_argument("--steps", type=int, default=20, help="image section: steps")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=2, help="sides besides torch fp32 held in memory at once")
+    parser.add_argument("--captions", type=int, default=40, help="embedded section: captions (images per side)")
+    parser.add_argument("--save", default="cpu_runtimes.txt", help="file under benchmarks/results ('' to not save)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    global SAVE_AS
+    SAVE_AS = args.save
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        parser.error(f"unknown sides {unknown}; choose from {', '.join(SIDES)}")
+    from aipaint_plugins.torch_runtime.precision import cpu_features
+
+    report = Report()
+    report("# CPU runtimes: torch, ONNX Runtime, OpenVINO")
+    report(f"command: python benchmarks/cpu_runtimes.py --sections {args.sections} --sides {','.join(sides)} "
+           f"--threads {args.threads} --repeats {args.repeats}")
+    report(environment())
+    report(f"CPU: {cpu_features().describe()}; {os.cpu_count()} logical CPUs shared with other work; "
+           f"load average at start: {load_average()}")
+    report("")
+    with tempfile.TemporaryDirectory(prefix="aipaint-cpu-") as tmp:
+        work = Path(tmp)
+        for section in [s.strip() for s in args.sections.split(",")]:
+            if section == "unet":
+                unet_section(report, sides, work / "unet", args.latent, args.repeats, args.threads, args.group_size)
+            elif section == "image":
+                image_section(report, sides, work / "image", args.size, args.steps, args.repeats, args.threads,
+                              args.group_size)
+            elif section == "embedded":
+                embedded_section(report, sides, work, args.captions, args.threads)
+            else:
+                parser.error(f"unknown section {section!r}")
+            checkpoint(report)
+    if args.save:
+        print(f"saved {report.save(args.save)}")
+
+
+if __name__ == "__main__":
+    main()

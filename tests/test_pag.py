@@ -155,3 +155,23 @@ def test_recorded_with_forge_names_and_regenerated_from_the_png(tiny_sd_path, tm
     assert cli_main(["generate", "--from-png", str(first), "-o", str(again), *common]) == 0
     assert "PerturbedAttentionGuidance_scale: 2.5" in read_png_parameters(again)
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_sdxl_matches_diffusers_sdxl_pag_pipeline(tmp_path, plugin_host):
+    """PAG through the SDXL family (its added conditioning rows travel with the perturbed copy)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
+    from test_sdxl import build_tiny_sdxl_components
+
+    import aipaint
+
+    StableDiffusionXLPipeline(**build_tiny_sdxl_components(0)).save_pretrained(tmp_path / "base")
+    ours = aipaint.load(tmp_path / "base", host=plugin_host).txt2img(
+        "a big red circle", "blue", sampler="Euler", steps=3, cfg_scale=5.0, seed=7, width=32, height=32,
+        options={"pag": {"scale": 3.0, "layers": "mid"}})
+    ref = StableDiffusionXLPAGPipeline.from_pretrained(tmp_path / "base", local_files_only=True,
+                                                       pag_applied_layers=["mid"])
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a big red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=5.0, pag_scale=3.0,
+                 generator=torch.Generator().manual_seed(7), width=32, height=32, output_type="pil").images
+    assert np.abs(as_array(ours.images) - as_array(theirs)).mean() < 1e-3

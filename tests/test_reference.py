@@ -348,3 +348,38 @@ def test_added_inputs_from_a_contributor_join_the_family_extras():
     cond = Conditioning(torch.zeros(1, 2, 3), {"text_embeds": torch.ones(1, 4), "time_ids": torch.ones(1, 6)})
     model.predict(torch.zeros(1, 4, 2, 2), torch.tensor(1), cond, added_cond_kwargs={"image_embeds": [torch.ones(1, 1, 8)]})
     assert set(seen["added_cond_kwargs"]) == {"text_embeds", "time_ids", "image_embeds"}
+
+
+def test_ip_adapter_on_sdxl_matches_diffusers_pipeline(tmp_path, plugin_host):
+    """SDXL's added inputs (pooled embeddings, time ids) and IP-Adapter's image_embeds reach the UNet together."""
+    from aipaint_plugins.shapes_world.clip_tokenizer import build_clip_tokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+    from test_sdxl import build_tiny_sdxl_components
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    import aipaint
+
+    components = build_tiny_sdxl_components(0, tokenizer=build_clip_tokenizer())
+    StableDiffusionXLPipeline(**components).save_pretrained(tmp_path / "base")
+    encoder = _save_image_encoder(tmp_path / "image_encoder")
+    weights = tmp_path / "ip-adapter-sdxl-tiny.safetensors"
+    save_file(_ip_adapter_tensors(components["unet"], plus=False, seed=3), str(weights))
+    image = _reference_image(1)
+
+    pipe = aipaint.load(tmp_path / "base", host=plugin_host)
+    unit = _unit(image=image, mode="ip-adapter", model=weights, image_encoder=str(encoder))
+    ours = pipe.txt2img("a red square", "blue", adapters=(unit,), sampler="Euler", steps=3, cfg_scale=5.0, seed=7,
+                        width=32, height=32)
+    ref = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base", local_files_only=True,
+                                                    image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder),
+                                                    feature_extractor=CLIPImageProcessor())
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name=weights.name, image_encoder_folder=None)
+    theirs = ref("a red square", negative_prompt="blue", ip_adapter_image=image, num_inference_steps=3, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(7), width=32, height=32, output_type="np").images[0]
+    ours_a = np.asarray(ours.image, np.float64) / 255
+    assert np.abs(ours_a - np.round(theirs * 255) / 255).mean() < 1e-3
+    plain = pipe.txt2img("a red square", "blue", sampler="Euler", steps=3, cfg_scale=5.0, seed=7, width=32, height=32)
+    assert np.abs(np.asarray(plain.image, np.float64) / 255 - ours_a).mean() > 1e-2

@@ -199,7 +199,7 @@ def save_images(folder: Path, results: dict[str, dict], samplers: dict[str, Samp
     fig.savefig(folder / "gan_samples.png", dpi=80)
     plt.close(fig)
     # 2. empty prompts: what each model draws when asked for nothing in particular
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(2.6 * (len(names) + 1), 2.9))
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(2.6 * (len(names) + 1), 3.3))
     for ax, name in zip(axes, [*names, "rendered"], strict=True):
         pics = results[name]["free"][:16]
         rows = max(1, len(pics) // 4)

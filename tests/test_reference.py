@@ -383,3 +383,11 @@ def test_ip_adapter_on_sdxl_matches_diffusers_pipeline(tmp_path, plugin_host):
     assert np.abs(ours_a - np.round(theirs * 255) / 255).mean() < 1e-3
     plain = pipe.txt2img("a red square", "blue", sampler="Euler", steps=3, cfg_scale=5.0, seed=7, width=32, height=32)
     assert np.abs(np.asarray(plain.image, np.float64) / 255 - ours_a).mean() > 1e-2
+
+
+def test_reference_works_in_img2img(tiny_pipe):
+    init = _reference_image(3)
+    plain = tiny_pipe.img2img(init, "a red square", denoising_strength=0.7, **KW)
+    styled = tiny_pipe.img2img(init, "a red square", denoising_strength=0.7, adapters=(_unit(),), **KW)
+    assert "Reference 0" in styled.parameters
+    assert np.abs(np.asarray(plain.image, np.float32) - np.asarray(styled.image, np.float32)).mean() > 0.5

@@ -192,7 +192,8 @@ def test_default_weights_follow_the_text_width_and_local_copies_come_first(tmp_p
     for relative in ("models/ip-adapter_sd15.safetensors", "sdxl_models/ip-adapter_sdxl.safetensors"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
-    assert resolve_weights(None, 768, 0) == ("ip-adapter_sd15", tmp_path / "models/ip-adapter_sd15.safetensors",
+    assert resolve_weights(None, 768, 0) == ("h94/IP-Adapter/models/ip-adapter_sd15.safetensors",
+                                             tmp_path / "models/ip-adapter_sd15.safetensors",
                                              "models/ip-adapter_sd15.safetensors")
     assert resolve_weights(None, 2048, 0)[2] == "sdxl_models/ip-adapter_sdxl.safetensors"
     assert encoder_for("sdxl_models/ip-adapter_sdxl.safetensors") == "sdxl_models/image_encoder"

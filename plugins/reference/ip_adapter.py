@@ -85,7 +85,8 @@ def _download(relative: str, *, folder: bool) -> Path:
 
 
 def resolve_weights(value: Any, cross_attention_dim: int, index: int) -> tuple[str, Path, str | None]:
-    """(name recorded in the PNG, local file, its Hub path or None) for a unit's ``model``."""
+    """(name recorded in the PNG, local file, its Hub path or None) for a unit's ``model``. The name
+    reads back through this function: ``h94/IP-Adapter/<file>`` for Hub files, else the file's stem."""
     if value is None:
         if cross_attention_dim not in DEFAULT_FILES:
             raise InvalidParameter(f"Reference {index} model", None,
@@ -101,7 +102,7 @@ def resolve_weights(value: Any, cross_attention_dim: int, index: int) -> tuple[s
     hub = _hub_path(text)
     if hub is not None:
         local = _local_copy(hub)
-        return Path(hub).stem, local if local is not None else _download(hub, folder=False), hub
+        return text, local if local is not None else _download(hub, folder=False), hub
     from aipaint.plugin.kit.folders import ModelFolder
 
     found = ModelFolder(ip_adapter_dir(), "IP-Adapter", name_example="ip-adapter_sd15").resolve(text)
@@ -120,7 +121,7 @@ def resolve_encoder(value: Any, hub_file: str | None, weights: Path, index: int)
     hub = _hub_path(text)
     if hub is not None:
         local = _local_copy(hub)
-        return hub, local if local is not None else _download(hub, folder=True)
+        return text, local if local is not None else _download(hub, folder=True)
     path = Path(text).expanduser()
     if not path.is_dir():
         local = _local_copy(text)

@@ -51,7 +51,7 @@ from dreambooth import (  # noqa: E402 - the same subject, prompts and measures 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="subject images (the issue allows at most 10)")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--vectors", type=int, default=2)

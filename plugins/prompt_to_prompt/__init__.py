@@ -76,10 +76,12 @@ def _reweight(items: list[str]) -> dict[str, float]:
 def cmd_edit(args: argparse.Namespace) -> int:
     from aipaint.api.result import output_path
     from aipaint.cli.api import build_request, load_pipeline, progress_bar
-    from aipaint.errors import AipaintError
+    from aipaint.errors import AipaintError, InvalidParameter
 
     if args.to is None and not args.reweight:
         raise AipaintError("give the edit's prompt with --to (or --reweight WORD=F to re-weight a word of the prompt)")
+    if args.batch_size not in (None, 1):
+        raise InvalidParameter("--batch-size", args.batch_size, "must be 1: an edit runs the source and the edit as a pair")
     inversion = None
     if args.from_inversion:
         from .inversion import load_inversion as read

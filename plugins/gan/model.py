@@ -78,7 +78,7 @@ class GANConfig:
             "channels": lambda v: type(v) is int and 1 <= v <= 1024,
             "embed_dim": lambda v: type(v) is int and 1 <= v <= 4096,
             "condition": lambda v: v in CONDITIONS,
-            "vocabulary": lambda v: isinstance(v, list) and len(v) <= 10000 and all(isinstance(w, str) for w in v),
+            "vocabulary": lambda v: isinstance(v, (list, tuple)) and len(v) <= 10000 and all(isinstance(w, str) for w in v),
             "loss": lambda v: v in LOSSES,
             "image_size": lambda v: v == IMAGE_SIZE,
         }
@@ -164,7 +164,7 @@ class GANModel(GenerativeModel):
         return {"generator": self.generator}
 
     def missing_hint(self, feature: str) -> str:
-        return "a GAN maps noise to a picture in one pass; it has no noisy picture to start from" \
+        return "A GAN maps noise to a picture in one pass; it has no noisy picture to start from" \
             if feature in ("img2img", "inpaint", "outpaint") else ""
 
     def generate(self, request: GenerationRequest, *, host: PluginHost,

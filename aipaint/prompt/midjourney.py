@@ -49,10 +49,10 @@ _UNSUPPORTED_HINTS = {
     "r": "use a batch (batch_size, or --batch-size N on the command line) instead",
     "seeds": "use --seed N",
     "sameseed": "use --seed N",
-    "cref": "no installed adapter copies a character from a reference image; describe the character in the prompt, "
-    "or start from the image with img2img",
-    "sref": "no installed adapter copies a style from a reference image; describe the style in the prompt or add a "
-    "style LoRA (<lora:name:weight>)",
+    "cref": "a link in the prompt is not fetched; pass the character's picture with --reference IMAGE (the reference "
+    "plugin, docs/reference.md), train a LoRA of it, or start from the image with img2img",
+    "sref": "a link in the prompt is not fetched; pass the style's picture with --reference IMAGE (the reference "
+    "plugin, docs/reference.md), or add a style LoRA (<lora:name:weight>)",
     "tile": "seamless tiling is not available",
 }
 

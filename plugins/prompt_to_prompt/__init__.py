@@ -155,7 +155,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="multiply a word of B's attention by F, repeatable (e.g. red=2)")
     p.add_argument("--negative-rows", action="store_true",
                    help="also give the edit's unconditional (CFG) pass the source's attention maps (the paper edits "
-                        "only the conditional pass; on the embedded model this keeps the layout closer)")
+                        "only the conditional pass)")
     p.add_argument("--from-inversion", metavar="FILE", help="edit a real image: an `aipaint invert` file")
     p.add_argument("--save-source", action="store_true", help="also save the source image (-o out.png: out-0 the edit, out-1 the source)")
     add_model_options(p)

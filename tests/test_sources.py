@@ -651,3 +651,20 @@ def test_a_controlnet_and_an_upscaler_named_by_their_source(servers, tmp_path):
     assert path == tmp_path / "home" / "upscalers" / "x2.safetensors" and path.read_bytes() == up
     with pytest.raises(AipaintError, match="sha256"):  # a plain URL without its hash is refused, as by `get`
         resolve_weights(f"{cdn.url}/files/other.safetensors")
+
+
+def test_generation_commands_add_trigger_words_on_request(servers, capsys):
+    from aipaint.cli.api import build_request
+    from aipaint.cli.main import build_parser
+
+    api, cdn = servers
+    lora_setup(api, cdn, payload(500))
+    sources.get("civitai:100")
+    parser = build_parser()
+    plain = build_request(parser.parse_args(["generate", "a cat <lora:ink_style:0.8>"]))
+    assert plain.prompt == "a cat <lora:ink_style:0.8>"  # only on request
+    asked = build_request(parser.parse_args(["generate", "a cat <lora:ink_style:0.8>", "--trigger-words"]))
+    assert asked.prompt == "inkstyle, a cat <lora:ink_style:0.8>"
+    assert "trigger words added: inkstyle" in capsys.readouterr().err
+    again = build_request(parser.parse_args(["generate", "inkstyle, a cat <lora:ink_style:1>", "--trigger-words"]))
+    assert again.prompt == "inkstyle, a cat <lora:ink_style:1>"  # a word already there is not added twice

@@ -102,6 +102,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                    help="apply a saved prompt style (A1111's styles.csv); repeat for several, applied in order")
     g.add_argument("--styles-file", metavar="FILE",
                    help="the styles file (default: $AIPAINT_STYLES_FILE, else $AIPAINT_HOME/styles.csv)")
+    g.add_argument("--trigger-words", action="store_true",
+                   help="add the trigger words of the prompt's <lora:…> LoRAs (from the cards `aipaint get` keeps "
+                        "beside them) to the front of the prompt")
     g.add_argument("--option", action="append", default=[], metavar="NS.FIELD=VALUE", dest="plugin_options",
                    help="a plugin's typed option, repeatable (e.g. lora.folder=my/loras); see `aipaint plugins`")
     g.add_argument("-o", "--output", help="output PNG (default: aipaint.png, or aipaint-1.png, … the first name not "
@@ -230,6 +233,12 @@ def build_request(args: argparse.Namespace, **fields: Any) -> GenerationRequest:
         apply_style_options(args, kwargs)
     if args.midjourney:
         _apply_midjourney(args, kwargs)
+    if getattr(args, "trigger_words", False):
+        from aipaint.sources import prompt_with_trigger_words
+
+        kwargs["prompt"], added = prompt_with_trigger_words(kwargs["prompt"])
+        if added:
+            print(f"trigger words added: {', '.join(added)}", file=sys.stderr)
     units = [unit for build in getattr(args, _UNIT_BUILDERS, None) or () for unit in build(args, png_params)]
     if units:
         kwargs["adapters"] = (*kwargs.get("adapters", ()), *units)

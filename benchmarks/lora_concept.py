@@ -72,12 +72,13 @@ def is_orange(image, prompt: str) -> bool:
 
 def vae_ceiling(pipe, folder: Path, captions: list[str]) -> dict[str, float]:
     """Fraction of training images that still read orange after encode → decode, per background."""
-    from aipaint_plugins.lora.train import _image_tensor
     from PIL import Image
+
+    from aipaint.plugin.kit.training import square_image_tensor
 
     paths = sorted(folder.glob("*.png"))
     with torch.no_grad():
-        decoded = pipe.model.decode(pipe.model.encode(_image_tensor(paths, 32)))
+        decoded = pipe.model.decode(pipe.model.encode(square_image_tensor(paths, 32)))
     hits: dict[str, list[bool]] = defaultdict(list)
     for image, caption in zip(decoded, captions):
         array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")

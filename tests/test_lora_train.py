@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from aipaint_plugins.lora.api import apply_loras, lora_patches
-from aipaint_plugins.lora.train import _noise_scheduler, _target, train_lora
+from aipaint_plugins.lora.train import train_lora
 from safetensors import safe_open
 
 from aipaint.errors import InvalidParameter
+from aipaint.plugin.kit.training import loss_target, noise_scheduler
 
 GEN = dict(seed=2, width=32, height=32, steps=2, cfg_scale=5.0)
 EMBEDDED = Path(__file__).resolve().parents[1] / "zoo" / "models" / "shapes-tiny"
@@ -84,14 +85,14 @@ def test_the_loss_follows_the_models_prediction_type():
     config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
               "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "_class_name": "DPMSolverMultistepScheduler"}
     model = type("M", (), {"scheduler_config": config})()
-    scheduler = _noise_scheduler(model)
+    scheduler = noise_scheduler(model)
     assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR kept
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 999])
     a = scheduler.alphas_cumprod[t].sqrt().reshape(-1, 1, 1, 1)
     s = (1 - scheduler.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(_target(scheduler, x0, noise, t), a * noise - s * x0)
+    torch.testing.assert_close(loss_target(scheduler, x0, noise, t), a * noise - s * x0)
     model.scheduler_config = {**config, "prediction_type": "epsilon"}
-    assert torch.equal(_target(_noise_scheduler(model), x0, noise, t), noise)
+    assert torch.equal(loss_target(noise_scheduler(model), x0, noise, t), noise)
 
 
 def test_bad_training_input_is_a_typed_error(tiny_pipe, tmp_path):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.training import loss_target, noise_scheduler, square_image_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -128,24 +129,6 @@ def instance_data(data_dir: Path | str, instance_prompt: str | None, identifier:
     return images, captions
 
 
-def image_tensor(paths: Sequence[Path], size: int) -> torch.Tensor:
-    """Images in [0, 1], NCHW, centre-cropped to a square and resized to ``size``."""
-    import numpy as np
-    from PIL import Image
-
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS)
-            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
 def _prompt_key(prompt: str) -> str:
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:10]
 
@@ -212,26 +195,6 @@ def class_images(
 
 
 # --------------------------------------------------------------------------- model pieces
-
-
-def noise_scheduler(model: Any) -> Any:
-    """A ``DDPMScheduler`` with the model's own schedule and prediction type."""
-    from diffusers import DDPMScheduler
-
-    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-    return DDPMScheduler.from_config(config)
-
-
-def loss_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet should predict for ``latents`` noised with ``noise``: noise, velocity or the sample."""
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        return noise
-    if prediction == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if prediction == "sample":
-        return latents
-    raise UnsupportedFeature(f"DreamBooth training does not know the prediction type {prediction!r}")
 
 
 def _plain(module: torch.nn.Module) -> torch.nn.Module:
@@ -474,7 +437,7 @@ def train_dreambooth(
 
     # 2. Latents of every image, once (the VAE does not train).
     with torch.no_grad():
-        pixels = image_tensor(paths + class_paths, size)
+        pixels = square_image_tensor(paths + class_paths, size)
         latents = torch.cat([model.encode(pixels[i : i + 16].to(device)).float() for i in range(0, len(pixels), 16)])
 
     # 3. Trainable copies; the loaded model stays untouched.
@@ -535,7 +498,7 @@ def train_dreambooth(
             timesteps = torch.randint(0, train_steps, (len(index),), generator=generator).to(device)
             noisy = scheduler.add_noise(clean, noise, timesteps)
             prediction = unet(noisy, timesteps, encoder_hidden_states=conditioning(index), return_dict=False)[0].float()
-            target = loss_target(scheduler, clean, noise, timesteps).float()
+            target = loss_target(scheduler, clean, noise, timesteps, what="DreamBooth training").float()
             loss = F.mse_loss(prediction[:batch_size], target[:batch_size])
             total = loss
             if class_prompts:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from aipaint_plugins.lora.formats import kohya_key
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.plugin.kit.training import loss_target, noise_scheduler, square_image_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -80,42 +81,6 @@ def load_captioned_images(data_dir: Path | str) -> tuple[list[Path], list[str]]:
         )
     captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
     return images, captions
-
-
-def _image_tensor(paths: Sequence[Path], size: int) -> torch.Tensor:
-    """Images in [0, 1], NCHW, centre-cropped to a square and resized to ``size``."""
-    import numpy as np
-    from PIL import Image
-
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS)
-            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _noise_scheduler(model: Any) -> Any:
-    from diffusers import DDPMScheduler
-
-    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-    return DDPMScheduler.from_config(config)
-
-
-def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        return noise
-    if prediction == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if prediction == "sample":
-        return latents
-    raise UnsupportedFeature(f"LoRA training does not know the prediction type {prediction!r}")
 
 
 def _with_lora(module: torch.nn.Module, targets: Sequence[str], rank: int, alpha: float) -> torch.nn.Module:
@@ -206,7 +171,7 @@ def train_lora(
 
     # 1. Latents of the images, once (the VAE does not train).
     with torch.no_grad():
-        pixels = _image_tensor(paths, size)
+        pixels = square_image_tensor(paths, size)
         latents = torch.cat([model.encode(pixels[i : i + 16]).float() for i in range(0, len(pixels), 16)])
 
     # 2. Trainable copies with peft LoRA layers; the loaded model stays untouched.
@@ -229,7 +194,7 @@ def train_lora(
             {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_encoder_learning_rate or learning_rate}
         )
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
-    scheduler = _noise_scheduler(model)
+    scheduler = noise_scheduler(model)
     train_steps = int(scheduler.config.num_train_timesteps)
 
     # 3. The loop: noise at a random timestep, predict what the model predicts, MSE.
@@ -250,7 +215,7 @@ def train_lora(
             else:
                 conditioning = torch.cat([encoder.encode(captions[int(i)], min_chunks=chunks) for i in index]).float()
             prediction = unet(noisy, timesteps, encoder_hidden_states=conditioning, return_dict=False)[0]
-            loss = F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps).float())
+            loss = F.mse_loss(prediction.float(), loss_target(scheduler, clean, noise, timesteps, what="LoRA training").float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

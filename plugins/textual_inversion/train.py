@@ -97,36 +97,6 @@ def training_data(data_dir: Path | str, name: str, caption: str | None) -> tuple
     return images, captions
 
 
-def _image_tensor(paths: Sequence[Path], size: int) -> torch.Tensor:
-    """Images in [0, 1], NCHW, centre-cropped to a square and resized to ``size``."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS)
-            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        return noise
-    if prediction == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if prediction == "sample":
-        return latents
-    raise UnsupportedFeature(f"embedding training does not know the prediction type {prediction!r}")
-
-
 def initial_vectors(tokenizer: Any, table: torch.Tensor, init_text: str, vectors: int) -> torch.Tensor:
     """A1111's start: the token embeddings of ``init_text``, cycled to ``vectors`` rows (an empty text: zeros)."""
     import torch
@@ -216,6 +186,8 @@ def train_embedding(
     if size % model.vae_scale_factor:
         raise InvalidParameter("resolution", size, f"must be a multiple of {model.vae_scale_factor} for this model")
 
+    from aipaint.plugin.kit.training import loss_target, noise_scheduler, square_image_tensor
+
     started = time.perf_counter()
     paths, captions = training_data(data_dir, name, caption)
     device = model.device
@@ -223,7 +195,7 @@ def train_embedding(
 
     # 1. Latents once; the VAE does not train.
     with torch.no_grad():
-        pixels = _image_tensor(paths, size)
+        pixels = square_image_tensor(paths, size)
         latents = torch.cat([model.encode(pixels[i : i + 16].to(device)).float() for i in range(0, len(pixels), 16)])
 
     # 2. A copy of the tokenizer and text encoder with the new tokens; only their rows will change.
@@ -247,9 +219,7 @@ def train_embedding(
     encoder = PromptEncoder(tokenizer, text_encoder)
     chunks = max(len(encoder.count_tokens(t)) for t in texts)
     optimizer = torch.optim.AdamW([table.new], lr=learning_rate, weight_decay=0.0)
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    scheduler = noise_scheduler(model)
     train_steps = int(scheduler.config.num_train_timesteps)
 
     # 3. The loop, with the UNet frozen (its flags restored afterwards).
@@ -272,7 +242,7 @@ def train_embedding(
             conditioning = torch.cat([encoder.encode(texts[int(i)], min_chunks=chunks) for i in index])
             dtype = next(unet.parameters()).dtype
             prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=conditioning.to(dtype), return_dict=False)[0]
-            loss = F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps).float())
+            loss = F.mse_loss(prediction.float(), loss_target(scheduler, clean, noise, timesteps, what="embedding training").float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -312,7 +312,8 @@ def main() -> None:
     report = Report()
     report("# CPU runtimes: torch, ONNX Runtime, OpenVINO")
     report(f"command: python benchmarks/cpu_runtimes.py --sections {args.sections} --sides {','.join(sides)} "
-           f"--threads {args.threads} --repeats {args.repeats}")
+           f"--threads {args.threads} --repeats {args.repeats} --latent {args.latent} --size {args.size} "
+           f"--steps {args.steps} --group-size {args.group_size} --captions {args.captions}")
     report(environment())
     report(f"CPU: {cpu_features().describe()}; {os.cpu_count()} logical CPUs shared with other work; "
            f"load average at start: {load_average()}")

@@ -118,25 +118,28 @@ def choose_precision(requested: str, model: Any, features: CpuFeatures | None = 
     """
     import torch
 
-    loaded = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.dtype, "fp32")
+    # A family's own model (one that brings its own loop) need not say its dtype or device.
+    dtype = getattr(model, "dtype", torch.float32)
+    device = torch.device(getattr(model, "device", "cpu"))
+    loaded = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     latent = hasattr(model, "unet") and hasattr(model, "unet_call") and hasattr(model, "vae")
     if requested == "bf16":
         if not latent:
             raise InvalidParameter("precision", "bf16", f"bf16 applies to a latent model's UNet and VAE; {model.family} "
                                    f"model {model.name!r} has no UNet; use auto or fp32")
-        if model.dtype == torch.float16:
+        if dtype == torch.float16:
             raise InvalidParameter("precision", "bf16", "the model was loaded in float16: load it with dtype "
                                    "float32 (or bfloat16) to run it in bf16")
         return "bf16", "requested"
     if requested == "fp32":
-        if model.dtype != torch.float32:
+        if dtype != torch.float32:
             raise InvalidParameter("precision", "fp32", f"the model was loaded as {loaded}: load it with dtype "
                                    "float32 to run it in fp32")
         return "fp32", "requested"
     if loaded != "fp32":
         return loaded, "the dtype the model was loaded with"
-    if torch.device(model.device).type != "cpu":
-        return "fp32", f"auto keeps fp32 on {torch.device(model.device).type} (pass dtype to change it there)"
+    if device.type != "cpu":
+        return "fp32", f"auto keeps fp32 on {device.type} (pass dtype to change it there)"
     if not latent:
         return "fp32", "auto: bf16 applies to latent models only"
     features = features or cpu_features()

@@ -163,6 +163,85 @@ class SchedulerPlan(SamplingPlan):
         return latents
 
 
+class FlowPlan(SchedulerPlan):
+    """A scheduler sampler's flow-matching form (``SamplerSpec.flow_scheduler_class``) over a
+    flow-matching model's sigmas: ``x_t = (1 - sigma) x0 + sigma noise``, timestep ``sigma * N``.
+
+    The model's config gives the shift: a fixed ``shift`` (SD 3), or dynamic shifting with the
+    ``mu`` the family computed for the image size (FLUX; ``LatentDiffusionModel.sampling_config``).
+    Schedulers that cannot shift dynamically get the equal fixed shift ``exp(mu)``.
+    """
+
+    def __init__(
+        self, spec: SamplerSpec, scheduler_config: dict[str, Any], schedule: str, steps: int, device: Any, seeds: Sequence[int]
+    ) -> None:
+        import math
+
+        cls = scheduler_class(spec.flow_scheduler_class)
+        keys = _init_keys(cls)
+        options = dict(spec.flow_options)
+        options.update(SCHEDULES[schedule])
+        unsupported = sorted(k for k in SCHEDULES[schedule] if k not in keys)
+        # DPM-Solver's and UniPC's Karras/exponential spacing ignores use_flow_sigmas (it yields
+        # variance-exploding sigmas): their flow form has the shifted flow spacing only.
+        if unsupported or (SCHEDULES[schedule] and "use_flow_sigmas" in keys):
+            from aipaint.errors import InvalidParameter
+
+            raise InvalidParameter("schedule", schedule, f"sampler {spec.name!r} has no {schedule} form for flow-matching models")
+        mu = scheduler_config.get("mu")
+        shift = float(scheduler_config.get("shift", 1.0))
+        dynamic = bool(scheduler_config.get("use_dynamic_shifting")) and mu is not None
+        set_kwargs: dict[str, Any] = {}
+        config = {k: v for k, v in scheduler_config.items() if k != "mu"}
+        takes_mu = "mu" in inspect.signature(cls.set_timesteps).parameters and "use_dynamic_shifting" in keys
+        if dynamic and takes_mu and "time_shift_type" in keys:
+            set_kwargs["mu"] = float(mu)
+        else:
+            # exp(mu) as a fixed shift is the same exponential time shift.
+            config["use_dynamic_shifting"] = False
+            shift = math.exp(float(mu)) if dynamic else shift
+            config["shift"] = shift
+        if "use_flow_sigmas" in keys:  # DPM-Solver and UniPC step flow sigmas when told to
+            config.update(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+        self.scheduler = _make_scheduler(cls, config, options, seeds)
+        self.scheduler.set_timesteps(steps, device=device, **set_kwargs)
+        self._train_steps = float(scheduler_config.get("num_train_timesteps", 1000))
+        self.steps = steps
+        self.order = getattr(self.scheduler, "order", 1)
+        self.total_steps = steps
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise  # sigma 1 is pure noise
+
+    def noised_after(self, clean: torch.Tensor, noise: torch.Tensor, start: int, done: int) -> torch.Tensor:
+        timesteps = self.scheduler.timesteps
+        index = start * self.order + done
+        if index >= len(timesteps):
+            return clean
+        sigmas = getattr(self.scheduler, "sigmas", None)  # the sampler's own sigma at each timestep
+        sigma = float(sigmas[index]) if sigmas is not None and len(sigmas) > index else float(timesteps[index]) / self._train_steps
+        return (1.0 - sigma) * clean + sigma * noise.to(clean)
+
+    def run(self, model_fn, latents, generators, start=0, callback=None):
+        scheduler = self.scheduler
+        timesteps = scheduler.timesteps[start * self.order :]
+        if start and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * self.order)
+        generator = list(generators) if len(generators) > 1 else (generators[0] if generators else None)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        n = len(timesteps)
+        for i, t in enumerate(timesteps):
+            step_index = start + (i * (self.steps - start)) // n
+            scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            output = model_fn(scaled, t, min(step_index, self.steps - 1))
+            latents = scheduler.step(output, t, latents, return_dict=False, **step_kwargs)[0]
+            if callback is not None:
+                replaced = callback(i, n, latents)
+                if replaced is not None:
+                    latents = replaced
+        return latents
+
+
 class FunctionPlan(SamplingPlan):
     """Adapts a k-diffusion-style function sampler to the model's discrete noise schedule."""
 

@@ -40,6 +40,14 @@ class X0Estimator:
         from diffusers import DDPMScheduler
 
         from aipaint.engine.plans import zero_snr_betas
+        from aipaint.engine.samplers import is_flow_config
+
+        # Flow matching (SD 3, FLUX): x_t = (1 - sigma) x0 + sigma noise, the output is the
+        # velocity noise - x0, and the timestep is sigma * num_train_timesteps.
+        self.flow_steps = float(scheduler_config.get("num_train_timesteps", 1000)) if is_flow_config(scheduler_config) else 0.0
+        if self.flow_steps:
+            self.prediction_type = "flow_prediction"
+            return
 
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
         config = {k: scheduler_config[k] for k in keys if k in scheduler_config}
@@ -51,6 +59,9 @@ class X0Estimator:
     def __call__(self, scaled_input: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``scaled_input`` is what the UNet saw (the variance-preserving x_t, whatever the sampler)."""
         position = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        if self.flow_steps:
+            sigma = position / self.flow_steps
+            return scaled_input[:, : output.shape[1]].float() - sigma * output.float()
         last = len(self.alphas_cumprod) - 1
         low = min(max(int(position), 0), last)
         high = min(low + 1, last)

@@ -49,6 +49,12 @@ class SamplerSpec:
     # estimate as ``denoiser.unconditional`` after each call (CFG++). The loop then asks the model
     # for the negative rows at every step, CFG scale 1 included.
     needs_unconditional: bool = False
+    # The sampler's form for flow-matching models (SD 3, FLUX: x_t = (1 - sigma) x0 + sigma noise,
+    # the network predicts the velocity noise - x0): a diffusers scheduler class (or its name)
+    # that steps that parametrisation, and its options. ``None``: the sampler has no such form,
+    # and asking a flow-matching model for it is an error that names the samplers that do.
+    flow_scheduler_class: Any = None
+    flow_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("scheduler", "function"):
@@ -76,9 +82,23 @@ class SamplerSpec:
         seeds: Sequence[int] = (),
     ) -> SamplingPlan:
         """A plan for ``steps`` steps over the model's noise schedule (``scheduler_config``)."""
-        from aipaint.engine.plans import FunctionPlan, SchedulerPlan
+        from aipaint.engine.plans import FlowPlan, FunctionPlan, SchedulerPlan
 
         schedule = self.check_schedule(schedule)
+        if is_flow_config(scheduler_config):
+            if self.flow_scheduler_class is None:
+                raise InvalidParameter(
+                    "sampler", self.name,
+                    "it has no form for flow-matching models (SD 3, FLUX); `aipaint samplers` marks the samplers that do",
+                )
+            return FlowPlan(self, scheduler_config, schedule, steps, device, seeds)
         if self.kind == "scheduler":
             return SchedulerPlan(self, scheduler_config, schedule, steps, device, seeds)
         return FunctionPlan(self, scheduler_config, schedule, steps, device)
+
+
+def is_flow_config(scheduler_config: dict[str, Any]) -> bool:
+    """Whether a model's scheduler config is a flow-matching one (SD 3, FLUX): its scheduler is
+    one of diffusers' ``FlowMatch…`` classes, or its prediction type says ``flow_prediction``."""
+    name = str(scheduler_config.get("_class_name", ""))
+    return name.startswith("FlowMatch") or scheduler_config.get("prediction_type") == "flow_prediction"

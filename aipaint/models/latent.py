@@ -142,6 +142,12 @@ class LatentDiffusionModel(GenerativeModel):
             self._hash = sha256_file(path)[:10] if path is not None and path.is_file() else ""
         return self._hash
 
+    def sampling_config(self, width: int, height: int) -> dict[str, Any]:
+        """The scheduler config a sampler plans over for a ``width`` × ``height`` image: the
+        model's own, unless the schedule depends on the size (FLUX adds the ``mu`` of its dynamic
+        shift, from the number of image tokens)."""
+        return self.scheduler_config
+
     # --- text ---------------------------------------------------------------------------
     def prompt_encoder(self, clip_skip: int = 1, normalization: str = "a1111") -> Any:
         key = (clip_skip, normalization)

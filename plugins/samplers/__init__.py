@@ -4,6 +4,9 @@ Most wrap diffusers schedulers; ``DPM++ 2S a`` (which diffusers lacks) is a
 k-diffusion-style function sampler, and shows that kind of plugin. ``Euler CFG++`` and
 ``Euler a CFG++`` (Forge's names; ComfyUI's ``euler_cfg_pp`` and ``euler_ancestral_cfg_pp``)
 are function samplers that also read the unconditional prediction.
+
+Euler, Heun, DPM++ 2M (and its SDE form), UniPC and LCM also name their flow-matching form
+(``flow_scheduler_class``), which flow-matching models (SD 3, FLUX) run.
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ def builtin_samplers() -> list[SamplerSpec]:
         )
 
     return [
-        sched("Euler", "EulerDiscreteScheduler", ALL, aliases=("euler", "k_euler")),
+        sched("Euler", "EulerDiscreteScheduler", ALL, aliases=("euler", "k_euler"),
+              flow_scheduler_class="FlowMatchEulerDiscreteScheduler"),
         sched("Euler a", "EulerAncestralDiscreteScheduler", AUTO, aliases=("euler_a", "euler ancestral", "k_euler_a"), stochastic=True),
         sched("LMS", "LMSDiscreteScheduler", ALL, aliases=("k_lms",)),
-        sched("Heun", "HeunDiscreteScheduler", ALL, aliases=("k_heun",)),
+        sched("Heun", "HeunDiscreteScheduler", ALL, aliases=("k_heun",), flow_scheduler_class="FlowMatchHeunDiscreteScheduler"),
         sched("DPM2", "KDPM2DiscreteScheduler", ALL, aliases=("k_dpm_2",)),
         sched("DPM2 a", "KDPM2AncestralDiscreteScheduler", ALL, aliases=("k_dpm_2_a",), stochastic=True),
-        sched("DPM++ 2M", "DPMSolverMultistepScheduler", ALL, aliases=("dpmpp_2m", "k_dpmpp_2m")),
+        sched("DPM++ 2M", "DPMSolverMultistepScheduler", ALL, aliases=("dpmpp_2m", "k_dpmpp_2m"),
+              flow_scheduler_class="DPMSolverMultistepScheduler"),
         sched("DPM++ SDE", "DPMSolverSDEScheduler", ALL, aliases=("dpmpp_sde", "k_dpmpp_sde"), stochastic=True),
         sched(
             "DPM++ 2M SDE",
@@ -50,6 +55,8 @@ def builtin_samplers() -> list[SamplerSpec]:
             {"algorithm_type": "sde-dpmsolver++"},
             aliases=("dpmpp_2m_sde", "k_dpmpp_2m_sde"),
             stochastic=True,
+            flow_scheduler_class="DPMSolverMultistepScheduler",
+            flow_options={"algorithm_type": "sde-dpmsolver++"},
         ),
         SamplerSpec(
             name="DPM++ 2S a",
@@ -82,8 +89,8 @@ def builtin_samplers() -> list[SamplerSpec]:
         ),
         sched("DDIM", "DDIMScheduler", AUTO, aliases=("ddim",)),
         sched("PLMS", "PNDMScheduler", AUTO, {"skip_prk_steps": True}, aliases=("plms", "pndm")),
-        sched("UniPC", "UniPCMultistepScheduler", ALL, aliases=("unipc",)),
-        sched("LCM", "LCMScheduler", AUTO, aliases=("lcm",)),
+        sched("UniPC", "UniPCMultistepScheduler", ALL, aliases=("unipc",), flow_scheduler_class="UniPCMultistepScheduler"),
+        sched("LCM", "LCMScheduler", AUTO, aliases=("lcm",), flow_scheduler_class="FlowMatchLCMScheduler"),
     ]
 
 

@@ -263,3 +263,21 @@ def test_a_model_named_by_its_source_is_installed_once_then_loaded(monkeypatch, 
     assert calls == [("civitai:123@456", "checkpoint")] and found.path == Path(tiny_sd_path) and found.kind == "folder"
     loading.resolve_source(str(tiny_sd_path))
     assert len(calls) == 1
+
+
+def test_every_zoo_cards_defaults_name_a_sampler_and_schedule_it_offers(plugin_host):
+    """A card's defaults are what a user gets by naming the model: a typo in its sampler or schedule
+    type would fail only on a connected machine, after the download."""
+    from aipaint.models import zoo
+
+    checked = 0
+    for card in zoo.cards():
+        defaults = card.defaults
+        if "sampler" in defaults:
+            spec = plugin_host.registry.samplers.get(defaults["sampler"])
+            assert spec.check_schedule(defaults.get("schedule", "Automatic")), card.id
+            checked += 1
+    assert checked >= 3
+    few_step = {c.id: c.defaults for c in zoo.cards() if c.id.startswith(("sdxl-turbo", "sdxl-lightning"))}
+    assert set(few_step) == {"sdxl-turbo", "sdxl-lightning-4step", "sdxl-lightning-8step"}
+    assert all(d["schedule"] == "SGM Uniform" and d["cfg_scale"] == 1.0 and d["steps"] <= 8 for d in few_step.values())

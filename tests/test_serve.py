@@ -126,7 +126,8 @@ def test_lists(api, server):
     samplers = [s["name"] for s in api.get_samplers()]
     assert "Euler" in samplers and "DPM++ 2M" in samplers
     assert {"tiny-a", "tiny-b", "shapes-tiny"} <= {m["model_name"] for m in api.get_sd_models()}
-    assert "Automatic" in [s["name"] for s in httpx.get(f"{server.url}/sdapi/v1/schedulers").json()]
+    schedulers = {s["label"]: s["name"] for s in httpx.get(f"{server.url}/sdapi/v1/schedulers").json()}
+    assert schedulers["Automatic"] == "automatic" and schedulers["SGM Uniform"] == "sgm_uniform"  # A1111's forms
     assert httpx.get(f"{server.url}/sdapi/v1/loras").json() == []
     assert "ram" in httpx.get(f"{server.url}/sdapi/v1/memory").json()
     assert httpx.get(f"{server.url}/sdapi/v1/cmd-flags").json()["queue_size"] == 4

@@ -36,6 +36,7 @@ REFERENCE_SCHEDULE_OPTIONS = {
     "Automatic": {},
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
 }
 
 
@@ -347,3 +348,17 @@ def test_lora_tag_without_lora_adapter_is_an_error(tiny_sd_path):
     pipe = aipaint.load(tiny_sd_path, host=host)
     with pytest.raises(UnsupportedFeature, match="lora"):
         pipe.txt2img("a cat <lora:style:0.8>", steps=2, width=32, height=32)
+
+
+@pytest.mark.parametrize("written", ["SGM Uniform", "sgm_uniform", "sgm-uniform", "Sgm Uniform"])
+def test_schedule_names_read_as_a1111_labels_or_api_names(written):
+    spec = next(s for s in builtin_samplers() if s.name == "Euler")
+    assert spec.check_schedule(written) == "SGM Uniform"
+
+
+def test_sgm_uniform_is_trailing_timesteps_ending_before_zero(tiny_pipe):
+    """k-diffusion's sgm_uniform: timesteps evenly spaced from the last training step, the last left out."""
+    spec = next(s for s in builtin_samplers() if s.name == "Euler")
+    plan = spec.plan(tiny_pipe.model.scheduler_config, "SGM Uniform", 4)
+    train = tiny_pipe.model.scheduler_config.get("num_train_timesteps", 1000)
+    assert [round(float(t)) for t in plan.scheduler.timesteps] == [train - 1, 3 * train // 4 - 1, train // 2 - 1, train // 4 - 1]

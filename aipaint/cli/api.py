@@ -82,7 +82,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int)
     g.add_argument("--cfg-scale", "--cfg", type=float, dest="cfg_scale")
     g.add_argument("--sampler", help="sampler name, e.g. 'DPM++ 2M' (see `aipaint samplers`)")
-    g.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential")
+    g.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform")
     g.add_argument("--seed", type=int, help="-1 for random (default)")
     g.add_argument("--variation-seed", type=int, dest="subseed", metavar="SEED", help="A1111's variation seed (-1: random)")
     g.add_argument("--variation-strength", type=float, dest="subseed_strength", metavar="X",

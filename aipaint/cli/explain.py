@@ -57,7 +57,7 @@ def _add_generation(p: argparse.ArgumentParser, *, sampler: bool = True, cfg: bo
     g.add_argument("--seed", type=int, help="-1 for random (default); every run of a view uses the same one")
     if sampler:
         g.add_argument("--sampler", help="sampler name, e.g. 'DPM++ 2M' (see `aipaint samplers`)")
-        g.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential")
+        g.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform")
     if cfg:
         g.add_argument("--cfg-scale", "--cfg", type=float, dest="cfg_scale")
     g.add_argument("-W", "--width", type=int)

@@ -169,6 +169,8 @@ class FlowPlan(SchedulerPlan):
 
     The model's config gives the shift: a fixed ``shift`` (SD 3), or dynamic shifting with the
     ``mu`` the family computed for the image size (FLUX; ``LatentDiffusionModel.sampling_config``).
+    A config with ``linear_sigmas`` spaces the unshifted sigmas ``linspace(1, 1/steps, steps)``
+    (FLUX's pipelines) for schedulers whose ``set_timesteps`` takes ``sigmas``.
     Schedulers that cannot shift dynamically get the equal fixed shift ``exp(mu)``.
     """
 
@@ -204,6 +206,11 @@ class FlowPlan(SchedulerPlan):
         if "use_flow_sigmas" in keys:  # DPM-Solver and UniPC step flow sigmas when told to
             config.update(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
         self.scheduler = _make_scheduler(cls, config, options, seeds)
+        takes_sigmas = "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters
+        if scheduler_config.get("linear_sigmas") and takes_sigmas and "use_flow_sigmas" not in keys:
+            # Unshifted sigmas 1 … 1/steps, as diffusers' FLUX pipelines pass them (the scheduler's
+            # own spacing ends at 1/num_train_timesteps instead).
+            set_kwargs["sigmas"] = np.linspace(1.0, 1.0 / steps, steps).tolist()
         self.scheduler.set_timesteps(steps, device=device, **set_kwargs)
         self._train_steps = float(scheduler_config.get("num_train_timesteps", 1000))
         self.steps = steps

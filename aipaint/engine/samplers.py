@@ -68,8 +68,13 @@ class SamplerSpec:
             raise ValueError(f"sampler {self.name!r}: unknown schedule types {unknown}; known: {list(SCHEDULES)}")
 
     def check_schedule(self, schedule: str) -> str:
+        """The schedule type ``schedule`` names, as A1111 labels it ("SGM Uniform") or as its API
+        names it ("sgm_uniform"): case, spaces, dashes and underscores do not matter."""
+        def key(name: str) -> str:
+            return "".join(ch for ch in name.lower() if ch not in " _-")
+
         for s in self.schedules:
-            if s.lower() == schedule.lower():
+            if key(s) == key(schedule):
                 return s
         raise InvalidParameter("schedule", schedule, f"sampler {self.name!r} supports {', '.join(self.schedules)}")
 

@@ -689,7 +689,9 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
         names: dict[str, None] = {"Automatic": None}
         for sampler in server.pipeline.host.registry.samplers:
             names.update(dict.fromkeys(sampler.schedules))
-        return [{"name": n, "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False} for n in names]
+        # A1111 names them in snake case ("sgm_uniform") and labels them as its UI does ("SGM Uniform").
+        return [{"name": n.lower().replace(" ", "_"), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for n in names]
 
     @app.get(f"{api}/upscalers")
     def upscalers() -> list[dict[str, Any]]:

@@ -22,8 +22,9 @@ from aipaint_plugins.samplers.functions import (
 from aipaint import hookimpl
 from aipaint.engine.samplers import SamplerSpec
 
-ALL = ("Automatic", "Karras", "Exponential")
+ALL = ("Automatic", "Karras", "Exponential", "SGM Uniform")
 AUTO = ("Automatic",)
+UNIFORM = ("Automatic", "SGM Uniform")
 
 
 def builtin_samplers() -> list[SamplerSpec]:
@@ -40,7 +41,7 @@ def builtin_samplers() -> list[SamplerSpec]:
     return [
         sched("Euler", "EulerDiscreteScheduler", ALL, aliases=("euler", "k_euler"),
               flow_scheduler_class="FlowMatchEulerDiscreteScheduler"),
-        sched("Euler a", "EulerAncestralDiscreteScheduler", AUTO, aliases=("euler_a", "euler ancestral", "k_euler_a"), stochastic=True),
+        sched("Euler a", "EulerAncestralDiscreteScheduler", UNIFORM, aliases=("euler_a", "euler ancestral", "k_euler_a"), stochastic=True),
         sched("LMS", "LMSDiscreteScheduler", ALL, aliases=("k_lms",)),
         sched("Heun", "HeunDiscreteScheduler", ALL, aliases=("k_heun",), flow_scheduler_class="FlowMatchHeunDiscreteScheduler"),
         sched("DPM2", "KDPM2DiscreteScheduler", ALL, aliases=("k_dpm_2",)),
@@ -87,7 +88,7 @@ def builtin_samplers() -> list[SamplerSpec]:
             needs_unconditional=True,
             description="Euler ancestral with CFG++; use CFG scale about 0.5-2",
         ),
-        sched("DDIM", "DDIMScheduler", AUTO, aliases=("ddim",)),
+        sched("DDIM", "DDIMScheduler", UNIFORM, aliases=("ddim",)),
         sched("PLMS", "PNDMScheduler", AUTO, {"skip_prk_steps": True}, aliases=("plms", "pndm")),
         sched("UniPC", "UniPCMultistepScheduler", ALL, aliases=("unipc",), flow_scheduler_class="UniPCMultistepScheduler"),
         sched("LCM", "LCMScheduler", AUTO, aliases=("lcm",), flow_scheduler_class="FlowMatchLCMScheduler"),

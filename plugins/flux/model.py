@@ -1,0 +1,215 @@
+"""The loaded FLUX.1 model: the core's latent model with a flow-matching transformer.
+
+Imported only when a model is loaded (it imports torch), so plugin registration stays light.
+
+The core loop works on unpacked latents ``(B, 16, H/8, W/8)``; :meth:`FluxModel.predict` packs
+them into 2×2 patches (the transformer's tokens), builds the image and text position ids,
+and unpacks the velocity it returns, as diffusers' ``FluxPipeline`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from aipaint_plugins.flux.options import DISTILLED_CFG_SCALE, INFOTEXT_KEY, FluxOptions
+
+from aipaint.errors import InvalidParameter, UnsupportedFeature
+from aipaint.models.latent import Conditioning, LatentDiffusionModel
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift ``mu`` (diffusers' ``calculate_shift``, same arithmetic)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, H/2 · W/2, 4C)``: one token per 2×2 patch (diffusers' ``_pack_latents``)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for latents of ``height`` × ``width``."""
+    b, _, channels = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, height, width)
+
+
+def image_ids(rows: int, cols: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``(rows · cols, 3)`` position ids of the packed image tokens: (0, row, column)."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(rows)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+
+
+class FluxModel(LatentDiffusionModel):
+    """FLUX.1 dev or schnell: a rectified-flow transformer over 16-channel latents, conditioned on
+    T5-XXL's token embeddings and CLIP-L's pooled embedding.
+
+    ``transformer`` is the denoiser. It is also ``unet``, the name the core's runtimes use for
+    the denoising network (bf16 precision, ``torch.compile``); adapters written for a UNet
+    (ControlNet, DeepCache, ToMe, IP-Adapter, PAG) are refused, not run on it.
+    ``text_encoder``/``tokenizer`` are CLIP ViT-L (pooled output only), ``text_encoder_2``/
+    ``tokenizer_2`` T5-XXL (``max_sequence_length`` tokens: 512 for dev, 256 for schnell).
+    """
+
+    # No refiner hand-off, no adapter units (ControlNet & co. are UNet adapters).
+    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint"})
+
+    def __init__(
+        self,
+        *,
+        transformer: torch.nn.Module,
+        text_encoder_2: torch.nn.Module,
+        tokenizer_2: Any,
+        max_sequence_length: int = 512,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(unet=transformer, **kwargs)
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.max_sequence_length = int(max_sequence_length)
+        self._t5 = None
+
+    # --- facts ----------------------------------------------------------------------------
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """Whether the transformer takes the distilled guidance as an input (dev: yes; schnell: no)."""
+        return bool(getattr(self.unet.config, "guidance_embeds", False))
+
+    @property
+    def variant(self) -> str:
+        return "dev" if self.guidance_embeds else "schnell"
+
+    @property
+    def unet_in_channels(self) -> int:
+        # The transformer reads packed 2×2 patches: 4 × the latent channels for a plain model, so
+        # inpainting uses latent blending (FLUX.1 Fill's extra channels are refused at load).
+        return int(self.unet.config.in_channels) // 4
+
+    @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    def sampling_config(self, width: int, height: int) -> dict[str, Any]:
+        """The scheduler config with FLUX's sigmas (``linspace(1, 1/steps, steps)`` before the shift,
+        as diffusers' FLUX pipelines space them) and, with dynamic shifting (dev), the ``mu`` of
+        the image's token count, computed as ``FluxPipeline`` does."""
+        grid = 2 * self.vae_scale_factor
+        if width % grid or height % grid:
+            raise InvalidParameter("size", f"{width}x{height}", f"must be a multiple of {grid} for FLUX (2×2 latent patches)")
+        config = {**self.scheduler_config, "linear_sigmas": True}
+        if config.get("use_dynamic_shifting"):
+            seq_len = (height // grid) * (width // grid)
+            config["mu"] = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+        return config
+
+    # --- text -----------------------------------------------------------------------------
+    def t5_encoder(self) -> Any:
+        if self._t5 is None:
+            from aipaint.plugin.kit.t5 import T5PromptEncoder
+
+            self._t5 = T5PromptEncoder(self.tokenizer_2, self.text_encoder_2, max_length=self.max_sequence_length)
+        return self._t5
+
+    def encode_texts(self, texts: list[str], clip_skip: int = 1, normalization: str = "a1111") -> list[Conditioning]:
+        """T5's token embeddings (emphasis applied) as ``embeds``, CLIP-L's pooled output of the
+        prompt's first 75 tokens as ``pooled_projections``. Plain prompts encode exactly as
+        diffusers' ``FluxPipeline.encode_prompt`` encodes them."""
+        if clip_skip != 1:
+            raise UnsupportedFeature(f"FLUX model {self.name!r} reads only CLIP's pooled output: clip_skip does not apply; leave it at 1")
+        clip = self.prompt_encoder(1, normalization)
+        t5 = self.t5_encoder()
+        t5.normalization = normalization
+        out = []
+        with torch.inference_mode():
+            for text in texts:
+                _, pooled = clip.encode_with_pooled(text)  # pooled: the first chunk's, as diffusers' 77 tokens
+                embeds = t5.encode(text)
+                out.append(Conditioning(embeds.to(self.device, self.dtype), {"pooled_projections": pooled.to(self.device, self.dtype)}))
+        return out
+
+    def distilled_guidance(self, request: Any) -> float | None:
+        """The distilled guidance this request runs with (None for schnell, which has no input for it)."""
+        value = request.option(FluxOptions).distilled_cfg_scale
+        if not self.guidance_embeds:
+            if value is not None:
+                raise UnsupportedFeature(
+                    f"FLUX.1 schnell model {self.name!r} has no distilled guidance input (flux.distilled_cfg_scale "
+                    f"is {value}); leave it unset"
+                )
+            return None
+        return DISTILLED_CFG_SCALE if value is None else float(value)
+
+    def request_conditioning(self, cond: Conditioning, *, text: str, negative: bool, request: Any) -> Conditioning:
+        guidance = self.distilled_guidance(request)
+        if guidance is None:
+            return cond
+        value = torch.full((cond.embeds.shape[0],), guidance, device=self.device, dtype=torch.float32)
+        return Conditioning(cond.embeds, {**cond.extras, "guidance": value})
+
+    def job_contributors(self, request: Any, *, prompt: Any, generators: list[torch.Generator]) -> tuple[list[Any], dict[str, str]]:
+        guidance = self.distilled_guidance(request)
+        if guidance is None:
+            return [], {}
+        from aipaint.infotext import format_number
+
+        return [], {INFOTEXT_KEY: format_number(guidance)}
+
+    # --- networks -------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        if extra:
+            raise UnsupportedFeature(
+                f"FLUX model {self.name!r}: a loop contributor passed UNet inputs ({', '.join(sorted(extra))}) "
+                "that the FLUX transformer does not take"
+            )
+        b, _, h, w = latents.shape
+        packed = pack_latents(latents).to(self.dtype)  # the loop's latents are float32
+        timestep = (t.expand(b) if t.dim() else t.reshape(1).expand(b)).to(packed.dtype) / 1000
+        kwargs: dict[str, Any] = {
+            "pooled_projections": cond.extras["pooled_projections"],
+            "txt_ids": torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=packed.dtype),
+            "img_ids": image_ids(h // 2, w // 2, latents.device, packed.dtype),
+        }
+        if self.guidance_embeds:
+            kwargs["guidance"] = cond.extras["guidance"]
+        out = self.unet_call(packed, timestep, cond.embeds, **kwargs)
+        return unpack_latents(out, h, w)
+
+    def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.unet(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1]: FLUX's VAE undoes a shift as well as a scale."""
+        images = self.vae_decode_call(latents / self.scaling_factor + self.shift_factor)
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.to(self.device, self.dtype) * 2 - 1
+        return (self.vae_encode_call(x) - self.shift_factor) * self.scaling_factor
+
+    # The FLUX VAE's config asks for float32 (force_upcast): it stays float32 under float16.
+    def _torch_vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    def _torch_vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images.to(self.vae.dtype), return_dict=False)[0].mode()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}

@@ -1,0 +1,30 @@
+"""FLUX's typed request options (light: imported when plugins register)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from aipaint.api.options import OptionGroup
+from aipaint.errors import InvalidParameter
+
+DISTILLED_CFG_SCALE = 3.5  # FLUX.1 dev's default, in diffusers (guidance_scale) and Forge
+INFOTEXT_KEY = "Distilled CFG Scale"  # Forge's name in the PNG parameters
+
+
+@dataclass(frozen=True)
+class FluxOptions(OptionGroup):
+    """FLUX.1 dev's distilled guidance: a number the transformer takes as an input (its
+    ``guidance`` embedding), not classifier-free guidance. None means the default, 3.5.
+    FLUX.1 schnell has no guidance input: setting it there is refused."""
+
+    namespace: ClassVar[str] = "flux"
+    description: ClassVar[str] = "FLUX.1 dev's distilled guidance (Forge's 'Distilled CFG Scale'; default 3.5)"
+    distilled_cfg_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        value = self.distilled_cfg_scale
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
+            raise InvalidParameter("flux.distilled_cfg_scale", value, "must be a number from 0 to 30")

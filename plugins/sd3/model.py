@@ -1,0 +1,163 @@
+"""The loaded SD 3 model: the core's latent model with an MMDiT and three text encoders.
+
+Imported only when a model is loaded (it imports torch), so plugin registration stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from aipaint.errors import UnsupportedFeature
+from aipaint.models.latent import Conditioning, LatentDiffusionModel
+
+
+class SD3Model(LatentDiffusionModel):
+    """An SD 3 / 3.5 model.
+
+    The MMDiT (``SD3Transformer2DModel``) is :attr:`transformer`; it is also stored as
+    ``unet``, the attribute runtimes and precision settings move, cast and compile, so they
+    work on it as on a UNet. Features that need a UNet's blocks (ControlNet, DeepCache, ToMe,
+    PAG, …) refuse it with :class:`aipaint.errors.UnsupportedFeature`.
+
+    ``text_encoder_3``/``tokenizer_3`` (T5-XXL) may be ``None``: its part of the conditioning
+    is then zeros, as in diffusers.
+    """
+
+    # No adapters (ControlNet, IP-Adapter: UNet-only here) and no SDXL-style refiner hand-off.
+    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint"})
+
+    def __init__(
+        self,
+        *,
+        text_encoder_2: torch.nn.Module,
+        tokenizer_2: Any,
+        text_encoder_3: torch.nn.Module | None = None,
+        tokenizer_3: Any = None,
+        max_sequence_length: int = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_3 = text_encoder_3
+        self.tokenizer_3 = tokenizer_3
+        self.max_sequence_length = int(max_sequence_length)
+        self._sd3_encoders: dict[tuple[int, str], list[Any]] = {}
+        self._t5_encoders: dict[str, Any] = {}
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.unet
+
+    def missing_hint(self, feature: str) -> str:
+        if feature == "adapters":
+            return "SD 3's MMDiT takes no UNet adapters (ControlNet, IP-Adapter units) in aipaint yet"
+        return ""
+
+    # --- facts the loop needs -------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return "flow_prediction"
+
+    @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    # --- text ----------------------------------------------------------------------------------
+    def prompt_encoders(self, clip_skip: int = 1, normalization: str = "a1111") -> list[Any]:
+        """CLIP-L and CLIP-G, read at their penultimate layer without the final layer norm (as
+        diffusers' SD 3 pipeline does; ``clip_skip`` skips further)."""
+        key = (clip_skip, normalization)
+        if key not in self._sd3_encoders:
+            from aipaint.prompt import PromptEncoder
+
+            self._sd3_encoders[key] = [
+                PromptEncoder(tok, enc, clip_skip=clip_skip, normalization=normalization, layer_offset=1, final_layer_norm=False)
+                for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+            ]
+        return self._sd3_encoders[key]
+
+    def prompt_encoder(self, clip_skip: int = 1, normalization: str = "a1111") -> Any:
+        return self.prompt_encoders(clip_skip, normalization)[0]
+
+    def t5_encoder(self, normalization: str = "a1111") -> Any:
+        if self.text_encoder_3 is None:
+            return None
+        if normalization not in self._t5_encoders:
+            from aipaint.plugin.kit.t5 import T5PromptEncoder
+
+            self._t5_encoders[normalization] = T5PromptEncoder(
+                self.tokenizer_3, self.text_encoder_3, max_length=self.max_sequence_length, normalization=normalization
+            )
+        return self._t5_encoders[normalization]
+
+    @property
+    def joint_attention_dim(self) -> int:
+        return int(self.unet.config.joint_attention_dim)
+
+    def encode_texts(self, texts: list[str], clip_skip: int = 1, normalization: str = "a1111") -> list[Conditioning]:
+        """diffusers' ``StableDiffusion3Pipeline.encode_prompt``, with A1111's prompt syntax:
+        CLIP-L and CLIP-G side by side, zero-padded to T5's width, then T5's tokens (zeros
+        without T5) on the sequence axis; the pooled projections of both CLIPs, concatenated.
+
+        Prompts past 75 CLIP tokens take more 77-token CLIP chunks (the pooled embedding is the
+        first chunk's, as A1111 does for SDXL); T5 reads up to ``max_sequence_length`` tokens."""
+        encoders = self.prompt_encoders(clip_skip, normalization)
+        t5 = self.t5_encoder(normalization)
+        chunks = max(len(enc.count_tokens(t)) for enc in encoders for t in texts)
+        width = self.joint_attention_dim
+        out = []
+        with torch.inference_mode():
+            for text in texts:
+                parts, pooled = [], []
+                for enc in encoders:
+                    embeds, pool = enc.encode_with_pooled(text, min_chunks=chunks)
+                    parts.append(embeds.to(self.device, self.dtype))
+                    pooled.append(pool.to(self.device, self.dtype))
+                clip = torch.cat(parts, dim=-1)
+                if t5 is not None:
+                    t5_embeds = t5.encode(text).to(self.device, self.dtype)
+                    width = t5_embeds.shape[-1]
+                else:
+                    t5_embeds = torch.zeros((1, self.max_sequence_length, width), device=self.device, dtype=self.dtype)
+                clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+                out.append(Conditioning(torch.cat([clip, t5_embeds], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}))
+        return out
+
+    # --- networks ----------------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        if extra:
+            raise UnsupportedFeature(
+                f"sd3 model {self.name!r} cannot take the UNet inputs {', '.join(sorted(extra))} that an adapter or "
+                "feature added: SD 3's MMDiT has no UNet blocks"
+            )
+        timestep = t.expand(latents.shape[0]) if t.dim() else t.repeat(latents.shape[0])
+        return self.unet_call(latents, timestep, cond.embeds, pooled_projections=cond.extras["pooled_projections"])
+
+    def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.unet(
+            hidden_states=latents, timestep=t, encoder_hidden_states=embeds,
+            pooled_projections=kwargs["pooled_projections"], return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1]: SD 3's VAE latents are ``(z - shift_factor) * scaling_factor``."""
+        images = self.vae_decode_call(latents / self.scaling_factor + self.shift_factor)
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        return ((self.vae_encode_call(x) - self.shift_factor) * self.scaling_factor).to(self.dtype)
+
+    # The VAE may stay in float32 (force_upcast) while the rest runs in half precision.
+    def _torch_vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        parts = {
+            "transformer": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3,
+        }
+        return {name: module for name, module in parts.items() if module is not None}

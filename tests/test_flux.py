@@ -8,6 +8,8 @@ with a small Unigram vocabulary built offline, and a small VAE with FLUX's shift
 
 from __future__ import annotations
 
+import warnings
+
 import json
 from pathlib import Path
 
@@ -412,8 +414,7 @@ def test_zoo_cards_and_offline_configs_describe_the_published_models(variant):
 
 def test_lora_with_diffusers_module_names_matches_diffusers_load_lora_weights(dev, flux_paths, tmp_path):
     """A kohya-style LoRA whose module names are diffusers' applies as diffusers applies the same
-    weights in its PEFT layout. (BFL-named kohya files and ``transformer.``-prefixed PEFT files
-    need the LoRA plugin to learn FLUX's names: see docs/flux.md.)"""
+    weights in its PEFT layout; so does that ``transformer.``-prefixed PEFT file itself."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
@@ -437,6 +438,52 @@ def test_lora_with_diffusers_module_names_matches_diffusers_load_lora_weights(de
                     guidance_scale=3.5, output_type="np").images[0]
     assert np.abs(styled - quantised(expected)).mean() < 1e-3
     assert np.abs(styled - plain).mean() > 1e-3
+    (folder / "peft.safetensors").write_bytes((tmp_path / "peft.safetensors").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key of the PEFT file must match a module
+        peft = as_array(dev.txt2img(PROMPT + " <lora:peft:1>", **kwargs).image)
+    assert np.abs(peft - quantised(expected)).mean() < 1e-3
+
+
+def test_kohya_lora_in_black_forest_labs_names_splits_fused_layers_at_the_models_widths(dev, tmp_path):
+    """sd-scripts' FLUX LoRAs name BFL's fused layers (``double_blocks_0_img_attn_qkv``,
+    ``single_blocks_0_linear1``): one down matrix, the up rows of q, k, v (and the MLP) stacked.
+    The plugin splits them into diffusers' modules; the image equals that of the same LoRA written
+    module by module in diffusers' names."""
+    from safetensors.torch import save_file
+
+    model = dev.model.transformer
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    fused, split = {}, {}
+    layers = {
+        "double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                         "transformer_blocks.0.attn.to_v"],
+        "single_blocks_0_linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                                    "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
+        "double_blocks_0_txt_mlp_2": ["transformer_blocks.0.ff_context.net.2"],
+    }
+    for bfl, modules in layers.items():
+        width_in = shapes[modules[0] + ".weight"][1]
+        down = torch.randn(2, width_in, generator=g)
+        ups = [torch.randn(shapes[m + ".weight"][0], 2, generator=g) * 3 for m in modules]
+        fused |= {f"lora_unet_{bfl}.lora_down.weight": down, f"lora_unet_{bfl}.lora_up.weight": torch.cat(ups),
+                  f"lora_unet_{bfl}.alpha": torch.tensor(1.0)}
+        for m, up in zip(modules, ups, strict=True):
+            key = "lora_unet_" + m.replace(".", "_")
+            split |= {f"{key}.lora_down.weight": down.clone(), f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)}
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file(fused, str(folder / "bfl.safetensors"))
+    save_file(split, str(folder / "split.safetensors"))
+    kwargs = dict(steps=2, seed=5, width=32, height=32, options={"lora": {"folder": str(folder)}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no key left unmatched
+        bfl_image = as_array(dev.txt2img(PROMPT + " <lora:bfl:0.8>", **kwargs).image)
+        split_image = as_array(dev.txt2img(PROMPT + " <lora:split:0.8>", **kwargs).image)
+    plain = as_array(dev.txt2img(PROMPT, **kwargs).image)
+    assert np.array_equal(bfl_image, split_image)
+    assert np.abs(bfl_image - plain).mean() > 1e-3
 
 
 # --- the command line ----------------------------------------------------------------------

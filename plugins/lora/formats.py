@@ -9,7 +9,11 @@ Formats understood (keys are grouped by the module they address):
   underscores, or, for the UNet of sd-scripts' SDXL files, the SGM (original Stability)
   name (``lora_unet_input_blocks_4_1_…``, ``middle_block_…``, ``output_blocks_…``,
   ``time_embed_…``, ``label_emb_…``, ``out_2``), which diffusers' own converter renames.
-* diffusers / PEFT: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also with a PEFT
+* kohya FLUX files in Black Forest Labs' naming (``lora_unet_double_blocks_0_img_attn_qkv``,
+  ``lora_unet_single_blocks_0_linear1``): fused q/k/v (and the single blocks' q/k/v/MLP) layers
+  are split into diffusers' modules at the model's own widths.
+* diffusers / PEFT: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``transformer.<path>``
+  for SD 3 and FLUX; also with a PEFT
   adapter name, ``base_model.model.`` prefixes, or no component prefix), ``text_encoder.…``,
   ``text_encoder_2.…``,
   diffusers' older attention-processor layout (``…attn1.processor.to_q_lora.down.weight``),
@@ -44,7 +48,11 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIXES: dict[str, str] = {
     "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
 }
-DOTTED_PREFIXES: dict[str, str] = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+# ``transformer.``: diffusers/PEFT files of transformer families (SD 3, FLUX), whose denoiser is the
+# model's ``unet`` component.
+DOTTED_PREFIXES: dict[str, str] = {
+    "unet.": "unet", "transformer.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
+}
 KOHYA_PREFIX_OF: dict[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 # Key ending -> (patch kind or None for "any kind", the tensor's role in that kind).
@@ -341,6 +349,54 @@ def _alpha_configs(metadata: Mapping[str, str] | None) -> dict[str, _AlphaConfig
     return configs
 
 
+# kohya (sd-scripts) FLUX LoRAs name Black Forest Labs' modules: ``lora_unet_double_blocks_3_img_attn_qkv``.
+_BFL_KOHYA = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(.+?)(\.(?:lora_down|lora_up)\.weight|\.alpha)$")
+_BFL_DOUBLE: dict[str, tuple[str, ...]] = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",), "txt_mod_lin": ("norm1_context.linear",),
+}
+_BFL_SINGLE: dict[str, tuple[str, ...]] = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",), "modulation_lin": ("norm.linear",),
+}
+
+
+def _from_bfl_kohya(state_dict: Mapping[str, torch.Tensor], table: ModuleTable) -> dict[str, torch.Tensor]:
+    """kohya FLUX keys in Black Forest Labs' naming rewritten as ``transformer.<diffusers path>``
+    LoRA groups; other keys pass through. A fused layer (``img_attn_qkv``, the single blocks'
+    ``linear1``) becomes one group per diffusers module, each with the shared ``lora_down`` and its
+    rows of ``lora_up``, split at the widths of this model's modules (as diffusers' converter does
+    at the published width). A group that cannot be split is left as it was, to be reported."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        m = _BFL_KOHYA.match(key)
+        names = (_BFL_DOUBLE if m and m[1] == "double" else _BFL_SINGLE).get(m[3]) if m else None
+        if m is None or names is None:
+            out[key] = tensor
+            continue
+        fused.setdefault((m[1], m[2], m[3]), {})[m[4]] = tensor
+    for (kind, index, name), parts in fused.items():
+        block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{index}"
+        targets = (_BFL_DOUBLE if kind == "double" else _BFL_SINGLE)[name]
+        up = parts.get(".lora_up.weight")
+        widths = [table.shapes.get(("unet", f"{block}.{t}"), (None,))[0] for t in targets]
+        if up is None or None in widths or sum(widths) != up.shape[0]:
+            for ending, tensor in parts.items():  # unsplittable: keep the original keys, reported later
+                out[f"lora_unet_{kind}_blocks_{index}_{name}{ending}"] = tensor
+            continue
+        for target, piece in zip(targets, torch.split(up, widths, dim=0), strict=True):
+            base = f"transformer.{block}.{target}"
+            out[f"{base}.lora_up.weight"] = piece
+            for ending in (".lora_down.weight", ".alpha"):
+                if ending in parts:
+                    out[base + ending] = parts[ending]
+    return out
+
+
 def match_patches(
     state_dict: Mapping[str, torch.Tensor], table: ModuleTable, metadata: Mapping[str, str] | None = None
 ) -> LoraPatches:
@@ -348,6 +404,8 @@ def match_patches(
 
     Every key ends up either in a patch or in ``unmatched`` with a reason.
     """
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in state_dict):
+        state_dict = _from_bfl_kohya(state_dict, table)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     kinds: dict[str, set[str]] = {}
     unmatched: dict[str, str] = {}

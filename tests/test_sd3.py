@@ -633,3 +633,30 @@ def test_zoo_cards(card_id):
     assert card.defaults["width"] == card.defaults["height"] == 1024
     if "file" in card.source:  # a single file: read offline with the shipped config
         assert card.config_path is not None and (card.config_path / "model_index.json").is_file()
+
+
+def test_a_tiny_preview_decoder_reads_latents_with_its_configs_shift():
+    """TAESD3 and TAEF1 carry the full VAE's scaling and shift factors: a preview hands them
+    ``x0 / scale + shift``, as SD 3's and FLUX's own decode does (TAESD for SD 1.x has neither)."""
+    from types import SimpleNamespace
+
+    from aipaint.engine.preview import StepPreview
+
+    seen = []
+
+    class Decoder:
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def __init__(self, **config):
+            self.config = SimpleNamespace(**config)
+
+        def decode(self, latents, return_dict=False):
+            seen.append(latents.clone())
+            return (torch.zeros(1, 3, 8, 8),)
+
+    x0 = torch.full((1, 16, 4, 4), 3.0)
+    step = StepPreview(1, 1, x0, x0, SimpleNamespace(scaling_factor=1.5))
+    step.image(decoder=Decoder(scaling_factor=1.5, shift_factor=0.25))
+    step.image(decoder=Decoder(scaling_factor=1.0))
+    assert torch.allclose(seen[0], torch.full_like(x0, 3.0 / 1.5 + 0.25))
+    assert torch.allclose(seen[1], x0)

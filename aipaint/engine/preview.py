@@ -154,9 +154,13 @@ class StepPreview:
         if decoder is None and method == "auto":
             decoder = getattr(self.model, "preview_decoder", None)
         if decoder is not None:
-            factor = float(getattr(getattr(decoder, "config", None), "scaling_factor", self.model.scaling_factor))
+            config = getattr(decoder, "config", None)
+            factor = float(getattr(config, "scaling_factor", self.model.scaling_factor))
+            # SD 3's and FLUX's latents are (z - shift) * scale; their tiny decoders (TAESD3, TAEF1)
+            # carry the same shift in their config, and read z.
+            shift = float(getattr(config, "shift_factor", None) or 0.0)
             with torch.inference_mode():
-                out = decoder.decode(x0.to(decoder.device, decoder.dtype) / factor, return_dict=False)[0]
+                out = decoder.decode(x0.to(decoder.device, decoder.dtype) / factor + shift, return_dict=False)[0]
             return to_pictures((out.float() / 2 + 0.5).clamp(0, 1).cpu())[0]
         if method == "auto":
             method = "cheap" if latent_colour_map(self.model).error <= CHEAP_MAX_ERROR else "full"

@@ -100,7 +100,7 @@ def test_second_order_samplers_report_twice_a_step(pipe):
 def test_attention_maps_sum_to_one_and_leave_the_picture_alone(pipe):
     unet = pipe.model.unet
     before = dict(unet.attn_processors)
-    result = explain.attention(pipe, PROMPT, seed=4, steps=6, layers="all")
+    result = explain.attention(pipe, PROMPT, seed=4, steps=6, layers="all", combine="probability")
     assert dict(unet.attn_processors) == before  # the model's processors are back
     run = result.data["runs"][0]
     assert np.array_equal(pixels(run["image"]), pixels(pipe.txt2img(PROMPT, seed=4, steps=6).image))
@@ -138,7 +138,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
 
 
-def colour_word_readings(pipe, layers: str) -> tuple[list[bool], list[bool]]:
+def colour_word_readings(pipe, layers: str, combine: str = "auto") -> tuple[list[bool], list[bool]]:
     """For 16 one-object prompts (each colour at each position, seeds 0-15, 10 steps): does the
     colour word's map peak inside the box of the object the evaluator finds (from pixels only),
     and is its mean higher on the object's pixels than off them?"""
@@ -147,7 +147,8 @@ def colour_word_readings(pipe, layers: str) -> tuple[list[bool], list[bool]]:
     peaks, higher = [], []
     for i, (colour, position) in enumerate((c, p) for c in COLOURS for p in POSITIONS):
         prompt = f"a big {colour} {SHAPES[i % 4]} {position}, on a white background"
-        run = explain.attention(pipe, prompt, seed=i, steps=10, layers=layers, words=[colour]).data["runs"][0]
+        run = explain.attention(pipe, prompt, seed=i, steps=10, layers=layers, combine=combine,
+                                words=[colour]).data["runs"][0]
         (phase,) = run["phases"]
         reading = read_scene(run["image"])
         assert reading.objects, prompt
@@ -162,19 +163,42 @@ def colour_word_readings(pipe, layers: str) -> tuple[list[bool], list[bool]]:
 
 
 def test_the_colour_words_map_peaks_on_the_object_the_evaluator_finds(pipe):
-    """With the default (decoder) layers the peak lands in the object's box in 15 of these 16
-    images (94%; the box covers about 18% of the image). That is this set: on 100 prompts of
-    every colour, shape and position (the centre and purple too) it is 57%, so the test asks for
-    12 of 16. docs/explain.md gives the numbers."""
-    peaks, _ = colour_word_readings(pipe, "up")
-    assert np.mean(peaks) >= 0.75, peaks
+    """With the defaults (the embedded model's card: the decoder's 4×4 layers, each standardised)
+    the peak lands in the object's box in 14 of these 16 images at 10 steps (the box covers about
+    18% of the image); on 100 prompts of every colour, shape and position at 20 steps, 94%, and 90%
+    on 100 held-out ones (benchmarks/explain_attention_peaks.py). All the decoder's layers averaged
+    as probabilities: 15 of these 16, but 61% of the 100. The test asks for 13 of 16."""
+    peaks, _ = colour_word_readings(pipe, "auto")
+    assert sum(peaks) >= 13, peaks
 
 
 def test_the_colour_words_map_is_higher_on_the_object(pipe):
     """The embedded model paints colour in its finest decoder layers: there the colour word's
     map is higher on the object than off it in 16 of these 16 images (96% of the 100 above)."""
-    _, higher = colour_word_readings(pipe, "finest")
+    _, higher = colour_word_readings(pipe, "finest", "probability")
     assert np.mean(higher) >= 0.9, higher
+
+
+def test_auto_takes_the_cards_layers_and_standardises_each_layers_map(pipe):
+    from types import SimpleNamespace
+
+    from aipaint.explain.crossattn import attention_settings
+
+    run = explain.attention(pipe, PROMPT, seed=4, steps=4).data["runs"][0]
+    assert run["combine"] == "standardised" == pipe.model.card["explain"]["attention"]["combine"]
+    assert run["layers"] and all(name.startswith("up_blocks.1.") for name in run["layers"])
+    (phase,) = run["phases"]
+    # each layer's map is rescaled to mean 0 and spread 1 before the layers are averaged
+    for word_map in phase["word_maps"]:
+        assert abs(float(word_map.mean())) < 1e-4 and 0.5 < float(word_map.std()) <= 1.0 + 1e-4
+    np.testing.assert_allclose(phase["token_maps"].sum(0), 1.0, atol=1e-4)  # the token maps stay probabilities
+    flat = int(np.argmax(phase["word_maps"][2]))
+    assert phase["peaks"][2] == (flat % 32, flat // 32)
+    # a model without such a card entry gets the decoder's layers, averaged as probabilities
+    assert attention_settings(SimpleNamespace(card=None), "auto", "auto") == ("up", "probability")
+    assert attention_settings(SimpleNamespace(card={}), "finest", "standardised") == ("finest", "standardised")
+    with pytest.raises(InvalidParameter, match="combine"):
+        attention_settings(SimpleNamespace(card=None), "up", "median")
 
 
 def test_emphasis_and_prompt_editing_show_in_the_maps(pipe):

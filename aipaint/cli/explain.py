@@ -173,10 +173,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from aipaint import explain
     from aipaint.explain.crossattn import LAYER_CHOICES
 
-    layers = args.layers if args.layers in LAYER_CHOICES else _names(args.layers)
+    layers = args.layers if args.layers in (*LAYER_CHOICES, "auto") else _names(args.layers)
     pipe, sheet, _, update, close = _prepare(args, "attention")
     try:
-        result = explain.attention(pipe, args.prompt, at=args.at, layers=layers, words=args.words, progress=update,
+        result = explain.attention(pipe, args.prompt, at=args.at, layers=layers, combine=args.combine, words=args.words,
+                                   progress=update,
                                    **_cell(args, 128), **_params(args))
     finally:
         close()
@@ -249,8 +250,13 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="+", help="one prompt, or several to compare (e.g. with and without (word:1.4))")
     p.add_argument("--at", type=_numbers(int, "steps"), metavar="S,S,…", help="1-based steps to average over "
                                                                               "(default: all)")
-    p.add_argument("--layers", default="up", help="cross-attention layers to average: all, down, mid, up (default), "
-                                                  "finest, or layer-name prefixes separated by commas")
+    p.add_argument("--layers", default="auto", help="cross-attention layers to average: auto (default: what the "
+                                                    "model's card names, else up), all, down, mid, up, finest, or "
+                                                    "layer-name prefixes separated by commas")
+    p.add_argument("--combine", default="auto", choices=("auto", "probability", "standardised"),
+                   help="how layers' maps are combined: probability (their attention shares averaged) or "
+                        "standardised (each layer's map rescaled to mean 0, spread 1 first); auto: the card's, "
+                        "else probability")
     p.add_argument("--words", type=_names, metavar="W,W,…", help="the words to draw (default: all but a, the, on, …; "
                                                                 "'all' for every one)")
     _add_generation(p)

@@ -57,6 +57,10 @@ class CrossAttentionRecord:
     calls: dict[int, int] = field(default_factory=dict)
     layers: set[str] = field(default_factory=set)
     step: int = 0
+    # With ``by_layer``, also ``layer_maps[(step, layer)]``: rows × T × g × g at the layer's own
+    # grid, summed over the layer's calls in that step (what ``combine="standardised"`` reads).
+    by_layer: bool = False
+    layer_maps: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def advance(self, *_: Any) -> None:
         self.step += 1
@@ -75,6 +79,10 @@ class CrossAttentionRecord:
         if grid[0] * grid[1] != n:
             raise InvalidParameter("latent size", f"{h}x{w}", f"a cross-attention layer of {n} positions does not tile it")
         spatial = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], *grid)
+        if self.by_layer:
+            key = (self.step, name)
+            native = spatial.cpu()
+            self.layer_maps[key] = self.layer_maps[key] + native if key in self.layer_maps else native.clone()
         if grid != (h, w):
             # bilinear weights sum to one: each pixel's attention still sums to one over the tokens
             spatial = F.interpolate(spatial, size=(h, w), mode="bilinear", align_corners=False)
@@ -132,6 +140,12 @@ ROW_CELLS = 8
 """Pictures per row of the attention sheet (the result, then the words; longer prompts wrap)."""
 
 LAYER_CHOICES = ("all", "down", "mid", "up", "finest")
+COMBINE_CHOICES = ("probability", "standardised")
+"""How :func:`attention` combines the layers' maps of a word: ``probability`` averages the
+attention probabilities (a word's map is its share of each pixel's attention); ``standardised``
+first rescales each layer's map of the word to mean 0 and standard deviation 1 over the image,
+so that every layer's picture of where the word goes counts the same, however much attention
+the layer gives the word."""
 """Which cross-attention layers :func:`attention` averages: every one, the encoder's
 (``down_blocks``), the middle block's, the decoder's (``up_blocks``), or ``finest``: the
 decoder's layers at the latent grid's own resolution (the last up block's)."""
@@ -231,7 +245,8 @@ def attention(
     prompt: str | GenerationRequest | Sequence[str],
     *,
     at: Sequence[int] | None = None,
-    layers: str | Sequence[str] = "up",
+    layers: str | Sequence[str] = "auto",
+    combine: str = "auto",
     words: str | Sequence[str] | None = None,
     cell: int = 128,
     progress: Any = None,
@@ -241,8 +256,10 @@ def attention(
 
     ``prompt`` may be a list of prompts, run with the same seed and settings, to compare them
     (``a red circle`` against ``a (red:1.5) circle``). ``at``: the 1-based steps to average over
-    (default: all). ``layers``: the cross-attention layers to average (see :data:`LAYER_CHOICES`;
-    default: the decoder's). ``words``: the words the sheet shows (default: those with a letter or
+    (default: all). ``layers``: the cross-attention layers to average (see :data:`LAYER_CHOICES`,
+    or name prefixes); ``combine``: how (see :data:`COMBINE_CHOICES`). ``"auto"`` for either takes
+    what the model's zoo card names under ``explain.attention`` (the layers that locate objects
+    best on that model, measured), else ``"up"`` (the decoder's layers) and ``"probability"``. ``words``: the words the sheet shows (default: those with a letter or
     digit, less :data:`STOP_WORDS`; ``"all"``: every one); ``data`` has every word's map.
 
     ``data["runs"]`` holds one entry per prompt, each with ``phases``: one per text in force (prompt
@@ -258,6 +275,7 @@ def attention(
 
     model = latent_model(pipe)
     unet = torch_unet(model, "attention")
+    layers, combine = attention_settings(model, layers, combine)
     prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt, Sequence) else list(prompt)
     if not prompts or len(prompts) > 8:
         raise InvalidParameter("prompt", prompt, "give 1 to 8 prompts to compare")
@@ -272,15 +290,16 @@ def attention(
         parsed = parse_prompt(request.prompt)
         factor = model.vae_scale_factor
         latent_size = (request.height // factor, request.width // factor)
-        record = CrossAttentionRecord(latent_size, conditional_rows=max(1, len(parsed.subprompts)))
+        record = CrossAttentionRecord(latent_size, conditional_rows=max(1, len(parsed.subprompts)),
+                                      by_layer=combine == "standardised")
         with job_lock(model), record_cross_attention(unet, record, layers):
             result, steps = run_watched(pipe, request, record.advance, progress=progress)
         total = len(steps)
         chosen = _check_steps(at, total)
         image = result.images[0]
-        phases = _phases(model, parsed, request, record, chosen, total, image.size, wanted, prompt_at_step)
+        phases = _phases(model, parsed, request, record, chosen, total, image.size, wanted, prompt_at_step, combine)
         run = {"prompt": request.prompt, "request": request, "seed": request.seed, "image": image,
-               "layers": sorted(record.layers), "phases": phases, "parameters": parameters_text(result)}
+               "layers": sorted(record.layers), "combine": combine, "phases": phases, "parameters": parameters_text(result)}
         runs.append(run)
         for phase in phases:
             shown = [i for i, w in enumerate(phase["words"]) if phase["shown"][i]]
@@ -295,7 +314,8 @@ def attention(
             phase["overlays"] = overlays
     notes.append(f"{runs[0]['request'].sampler}, {runs[0]['request'].steps} steps, CFG {runs[0]['request'].cfg_scale}, "
                  f"seed {runs[0]['seed']}, {model.name}; maps averaged over {len(runs[0]['layers'])} cross-attention "
-                 f"layers ({layers if isinstance(layers, str) else ', '.join(layers)}) and the steps of each row")
+                 f"layers ({layers if isinstance(layers, str) else ', '.join(layers)}"
+                 f"{', each standardised' if combine == 'standardised' else ''}) and the steps of each row")
     notes.append("each word's map is stretched from its own minimum (dark) to its maximum (bright); "
                  "emphasis (word:1.3) shows as ×1.3")
     sheet = drawing.contact_sheet(
@@ -331,8 +351,44 @@ def _span(steps: Sequence[int]) -> str:
     return f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0])
 
 
+def attention_settings(model: Any, layers: str | Sequence[str], combine: str) -> tuple[str | Sequence[str], str]:
+    """``layers`` and ``combine`` with ``"auto"`` resolved from the model's zoo card
+    (``explain.attention.layers`` / ``.combine``), else ``"up"`` and ``"probability"``."""
+    card = getattr(model, "card", None) or {}
+    settings = card.get("explain", {}).get("attention", {}) if isinstance(card, dict) else {}
+    if isinstance(layers, str) and layers == "auto":
+        layers = settings.get("layers", "up")
+    if combine == "auto":
+        combine = settings.get("combine", "probability")
+    if combine not in COMBINE_CHOICES:
+        raise InvalidParameter("combine", combine, "must be one of " + ", ".join(("auto", *COMBINE_CHOICES)))
+    return layers, combine
+
+
+def _standardised_word_maps(record: CrossAttentionRecord, ks: list[int], part: int, positions: list[list[int]],
+                            pixel_size: tuple[int, int]) -> torch.Tensor:
+    """W × H × W' at the image's size (``pixel_size`` is (height, width)): per layer, each word's map
+    summed over the steps ``ks`` (1-based), resized from the layer's own grid straight to the image
+    (resizing through the latent grid first moves a coarse layer's peaks towards the border), and
+    rescaled to mean 0 and standard deviation 1; then averaged over the layers."""
+    per_layer = []
+    for layer in sorted(record.layers):
+        maps = [record.layer_maps[(k - 1, layer)][part] for k in ks if (k - 1, layer) in record.layer_maps]
+        if not maps:
+            continue
+        summed = torch.stack(maps).sum(0)  # T × g × g
+        words = torch.stack([summed[p].sum(0) for p in positions])  # W × g × g
+        if words.shape[-2:] != pixel_size:
+            words = F.interpolate(words[None], size=pixel_size, mode="bilinear", align_corners=False)[0]
+        flat = words.flatten(1)
+        spread = flat.std(1, keepdim=True).clamp_min(1e-12)
+        per_layer.append(((flat - flat.mean(1, keepdim=True)) / spread).view_as(words))
+    return torch.stack(per_layer).mean(0)
+
+
 def _phases(model: Any, parsed: Any, request: Any, record: CrossAttentionRecord, chosen: list[int], total: int,
-            size: tuple[int, int], wanted: set[str] | None, prompt_at_step: Any) -> list[dict[str, Any]]:
+            size: tuple[int, int], wanted: set[str] | None, prompt_at_step: Any,
+            combine: str = "probability") -> list[dict[str, Any]]:
     """Group the recorded steps by the text in force (sub-prompt ``AND`` parts are rows of their own)."""
     steps = int(request.steps)
     groups: dict[tuple[int, str], list[int]] = {}
@@ -348,8 +404,11 @@ def _phases(model: Any, parsed: Any, request: Any, record: CrossAttentionRecord,
         maps = torch.stack([record.maps[k - 1][part] / record.calls[k - 1] for k in ks]).mean(0)  # T × h × w
         words = prompt_words(model.tokenizer, text)
         positions = [list(w.positions) for w in words]
-        word_maps = torch.stack([maps[p].sum(0) for p in positions]) if words else torch.zeros(0, *maps.shape[1:])
-        pixel = F.interpolate(word_maps[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+        if words and combine == "standardised":
+            pixel = _standardised_word_maps(record, ks, part, positions, (size[1], size[0]))
+        else:
+            word_maps = torch.stack([maps[p].sum(0) for p in positions]) if words else torch.zeros(0, *maps.shape[1:])
+            pixel = F.interpolate(word_maps[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
         peaks = []
         for m in pixel:
             flat = int(torch.argmax(m))

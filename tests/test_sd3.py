@@ -467,11 +467,20 @@ def _lora_pairs(rank: int = 2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for m, (o, i) in LORA_MODULES.items()}
 
 
-@pytest.mark.parametrize("form", ["peft", "kohya"])
+# SD 3's original (Stability) names of fused layers, as sd-scripts writes them, and the tiny MMDiT's modules in them.
+STABILITY_FUSED = {
+    "joint_blocks_0_x_block_attn_qkv": ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                        "transformer_blocks.0.attn.to_v"),
+    "joint_blocks_0_x_block_mlp_fc1": ("transformer_blocks.0.ff.net.0.proj",),
+}
+
+
+@pytest.mark.parametrize("form", ["peft", "kohya", "diffusers", "stability"])
 def test_lora_matches_diffusers_load_lora_weights(sd3, sd3_path, tmp_path, form):
-    """PEFT keys named as the MMDiT's modules (the bare form trainers publish) and kohya keys
-    (``lora_unet_<module path>``) patch the MMDiT exactly as diffusers' SD 3 LoRA loader does,
-    and are undone after the job."""
+    """PEFT keys named as the MMDiT's modules (the bare form trainers publish), diffusers' own
+    ``transformer.``-prefixed form, kohya keys (``lora_unet_<module path>``) and sd-scripts' keys in
+    Stability's names (``lora_unet_joint_blocks_0_x_block_attn_qkv``: q, k, v fused, one down matrix)
+    patch the MMDiT exactly as diffusers' SD 3 LoRA loader does, and are undone after the job."""
     import warnings
 
     from aipaint_plugins.lora.api import UnmatchedLoraKeys
@@ -479,13 +488,25 @@ def test_lora_matches_diffusers_load_lora_weights(sd3, sd3_path, tmp_path, form)
 
     pairs = _lora_pairs()
     ours_file, theirs_file = {}, {}
+    if form == "stability":
+        generator = torch.Generator().manual_seed(3)
+        shapes = {n: p.shape for n, p in sd3.model.transformer.named_parameters()}
+        pairs = {}
+        for fused, modules in STABILITY_FUSED.items():
+            down = torch.randn(2, shapes[modules[0] + ".weight"][1], generator=generator) * 0.5
+            ups = [torch.randn(shapes[m + ".weight"][0], 2, generator=generator) * 0.5 for m in modules]
+            pairs |= {m: (down, up) for m, up in zip(modules, ups, strict=True)}
+            ours_file |= {f"lora_unet_{fused}.lora_down.weight": down.clone(),
+                          f"lora_unet_{fused}.lora_up.weight": torch.cat(ups), f"lora_unet_{fused}.alpha": torch.tensor(2.0)}
     for module, (down, up) in pairs.items():
-        theirs_file[f"transformer.{module}.lora_A.weight"], theirs_file[f"transformer.{module}.lora_B.weight"] = down, up
+        theirs_file[f"transformer.{module}.lora_A.weight"], theirs_file[f"transformer.{module}.lora_B.weight"] = down.clone(), up
         if form == "kohya":
             key = "lora_unet_" + module.replace(".", "_")
             ours_file.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
-        else:
+        elif form == "peft":
             ours_file.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
+    if form == "diffusers":
+        ours_file = dict(theirs_file)
     (tmp_path / "ours").mkdir()
     save_file(ours_file, str(tmp_path / "ours" / "style.safetensors"))
     save_file(theirs_file, str(tmp_path / "theirs.safetensors"))

@@ -10,8 +10,9 @@ Formats understood (keys are grouped by the module they address):
   name (``lora_unet_input_blocks_4_1_…``, ``middle_block_…``, ``output_blocks_…``,
   ``time_embed_…``, ``label_emb_…``, ``out_2``), which diffusers' own converter renames.
 * kohya FLUX files in Black Forest Labs' naming (``lora_unet_double_blocks_0_img_attn_qkv``,
-  ``lora_unet_single_blocks_0_linear1``): fused q/k/v (and the single blocks' q/k/v/MLP) layers
-  are split into diffusers' modules at the model's own widths.
+  ``lora_unet_single_blocks_0_linear1``) and SD 3 files in Stability's
+  (``lora_unet_joint_blocks_0_x_block_attn_qkv``): fused q/k/v (and FLUX's single blocks'
+  q/k/v/MLP) layers are split into diffusers' modules at the model's own widths.
 * diffusers / PEFT: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``transformer.<path>``
   for SD 3 and FLUX; also with a PEFT
   adapter name, ``base_model.model.`` prefixes, or no component prefix), ``text_encoder.…``,
@@ -349,44 +350,63 @@ def _alpha_configs(metadata: Mapping[str, str] | None) -> dict[str, _AlphaConfig
     return configs
 
 
-# kohya (sd-scripts) FLUX LoRAs name Black Forest Labs' modules: ``lora_unet_double_blocks_3_img_attn_qkv``.
-_BFL_KOHYA = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(.+?)(\.(?:lora_down|lora_up)\.weight|\.alpha)$")
-_BFL_DOUBLE: dict[str, tuple[str, ...]] = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
-    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
-    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
-    "img_mod_lin": ("norm1.linear",), "txt_mod_lin": ("norm1_context.linear",),
-}
-_BFL_SINGLE: dict[str, tuple[str, ...]] = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",), "modulation_lin": ("norm.linear",),
+# kohya (sd-scripts) LoRAs of transformer families name the original checkpoints' modules, some of
+# them fused: FLUX's Black Forest Labs names (``lora_unet_double_blocks_3_img_attn_qkv``) and SD 3's
+# Stability names (``lora_unet_joint_blocks_3_x_block_attn_qkv``). Block kind → (diffusers block
+# prefix, original layer name → the diffusers modules it holds, in the order of its rows).
+_FUSED_KOHYA = re.compile(
+    r"^lora_unet_(double_blocks|single_blocks|joint_blocks)_(\d+)_(.+?)(\.(?:lora_down|lora_up)\.weight|\.alpha)$"
+)
+_FUSED_BLOCKS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "double_blocks": ("transformer_blocks", {  # FLUX
+        "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
+        "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+        "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+        "img_mod_lin": ("norm1.linear",), "txt_mod_lin": ("norm1_context.linear",),
+    }),
+    "single_blocks": ("single_transformer_blocks", {  # FLUX
+        "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+        "modulation_lin": ("norm.linear",),
+    }),
+    "joint_blocks": ("transformer_blocks", {  # SD 3 / 3.5 (MMDiT); adaLN left out: the last block's is reordered
+        "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "x_block_attn_proj": ("attn.to_out.0",),
+        "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+        "x_block_attn2_proj": ("attn2.to_out.0",),
+        "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "context_block_attn_proj": ("attn.to_add_out",),
+        "x_block_mlp_fc1": ("ff.net.0.proj",), "x_block_mlp_fc2": ("ff.net.2",),
+        "context_block_mlp_fc1": ("ff_context.net.0.proj",), "context_block_mlp_fc2": ("ff_context.net.2",),
+    }),
 }
 
 
-def _from_bfl_kohya(state_dict: Mapping[str, torch.Tensor], table: ModuleTable) -> dict[str, torch.Tensor]:
-    """kohya FLUX keys in Black Forest Labs' naming rewritten as ``transformer.<diffusers path>``
-    LoRA groups; other keys pass through. A fused layer (``img_attn_qkv``, the single blocks'
-    ``linear1``) becomes one group per diffusers module, each with the shared ``lora_down`` and its
-    rows of ``lora_up``, split at the widths of this model's modules (as diffusers' converter does
-    at the published width). A group that cannot be split is left as it was, to be reported."""
+def _from_fused_kohya(state_dict: Mapping[str, torch.Tensor], table: ModuleTable) -> dict[str, torch.Tensor]:
+    """kohya keys in FLUX's or SD 3's original names rewritten as ``transformer.<diffusers path>``
+    LoRA groups; other keys pass through. A fused layer (``img_attn_qkv``, FLUX's single blocks'
+    ``linear1``, SD 3's ``x_block_attn_qkv``) becomes one group per diffusers module, each with the
+    shared ``lora_down`` and its rows of ``lora_up``, split at the widths of this model's modules
+    (as diffusers' converters do at the published widths). A group that cannot be split is left as
+    it was, to be reported as matching nothing."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        m = _BFL_KOHYA.match(key)
-        names = (_BFL_DOUBLE if m and m[1] == "double" else _BFL_SINGLE).get(m[3]) if m else None
-        if m is None or names is None:
+        m = _FUSED_KOHYA.match(key)
+        if m is None or m[3] not in _FUSED_BLOCKS[m[1]][1]:
             out[key] = tensor
             continue
         fused.setdefault((m[1], m[2], m[3]), {})[m[4]] = tensor
     for (kind, index, name), parts in fused.items():
-        block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{index}"
-        targets = (_BFL_DOUBLE if kind == "double" else _BFL_SINGLE)[name]
+        prefix, layers = _FUSED_BLOCKS[kind]
+        block = f"{prefix}.{index}"
+        targets = layers[name]
         up = parts.get(".lora_up.weight")
         widths = [table.shapes.get(("unet", f"{block}.{t}"), (None,))[0] for t in targets]
         if up is None or None in widths or sum(widths) != up.shape[0]:
             for ending, tensor in parts.items():  # unsplittable: keep the original keys, reported later
-                out[f"lora_unet_{kind}_blocks_{index}_{name}{ending}"] = tensor
+                out[f"lora_unet_{kind}_{index}_{name}{ending}"] = tensor
             continue
         for target, piece in zip(targets, torch.split(up, widths, dim=0), strict=True):
             base = f"transformer.{block}.{target}"
@@ -404,8 +424,9 @@ def match_patches(
 
     Every key ends up either in a patch or in ``unmatched`` with a reason.
     """
-    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in state_dict):
-        state_dict = _from_bfl_kohya(state_dict, table)
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_joint_blocks_"))
+           for k in state_dict):
+        state_dict = _from_fused_kohya(state_dict, table)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     kinds: dict[str, set[str]] = {}
     unmatched: dict[str, str] = {}

@@ -520,3 +520,10 @@ def test_bfloat16_load_runs_close_to_diffusers_in_bfloat16(flux_paths, plugin_ho
     other_seed = as_array(pipe.txt2img(PROMPT, steps=2, seed=8, width=32, height=32).image)
     # Measured here: 0.002 from diffusers' bf16 image, 0.15 from the next seed's.
     assert np.abs(ours - expected).mean() < 0.01 < 0.05 < np.abs(ours - other_seed).mean()
+
+
+def test_perturbed_attention_guidance_is_refused_for_the_transformer(dev):
+    from aipaint.errors import UnsupportedFeature
+
+    with pytest.raises(UnsupportedFeature, match="PAG.*FluxTransformer2DModel"):
+        dev.txt2img(PROMPT, steps=2, seed=1, width=32, height=32, options={"pag": {}})

@@ -626,21 +626,15 @@ def test_controlnet_keys_are_plain_and_unique():
     assert _controlnet_key("..", set()) == "controlnet"
 
 
-def test_partial_export_keeps_the_rest_in_torch(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
-    manifest = export_onnx(tiny_pipe.model, tmp_path / "unet-only", components=("unet", "vae_decoder"))
-    pipe = load_with(tiny_sd_path, plugin_host, manifest.root)
-    assert type(pipe.model.text_encoder).__name__ == "CLIPTextModel"
-    image = Image.new("RGB", (32, 32), (200, 30, 30))
-    a = pixels(tiny_pipe.img2img(image, "a red circle", denoising_strength=0.5, **GEN))
-    b = pixels(pipe.img2img(image, "a red circle", denoising_strength=0.5, **GEN))
-    assert np.abs(a - b).max() <= 1
-
-
-def test_lora_is_fused_at_export_and_recorded(tiny_pipe, tiny_sd_path, plugin_host, tmp_path):
+@pytest.fixture(scope="module")
+def fused_export(tiny_pipe, tiny_sd_path, plugin_host, tmp_path_factory):
+    """A partial export (UNet and VAE decoder) with a strong LoRA fused in: the folder of LoRAs, the export's
+    manifest and a pipeline on it. The partial-export and the LoRA tests share it, an export being the slow part."""
     from safetensors.torch import save_file
 
     pytest.importorskip("aipaint_plugins.lora")
-    folder = tmp_path / "loras"
+    root = tmp_path_factory.mktemp("fused-export")
+    folder = root / "loras"
     folder.mkdir()
     g = torch.Generator().manual_seed(61)
     up, down = torch.randn(64, 4, generator=g) * 1.5, torch.randn(4, 32, generator=g) * 1.5
@@ -649,13 +643,31 @@ def test_lora_is_fused_at_export_and_recorded(tiny_pipe, tiny_sd_path, plugin_ho
               str(folder / "strong.safetensors"))
     target = tiny_pipe.model.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
     before = target.weight.detach().clone()
-    manifest = export_onnx(tiny_pipe.model, tmp_path / "fused", loras=[LoraSpec.parse("strong:0.5")], lora_dir=folder,
+    manifest = export_onnx(tiny_pipe.model, root / "fused", loras=[LoraSpec.parse("strong:0.5")], lora_dir=folder,
                            components=("unet", "vae_decoder"))
+    assert torch.equal(target.weight, before)  # the torch model is the base model again
+    return folder, manifest, load_with(tiny_sd_path, plugin_host, manifest.root), before
+
+
+def test_partial_export_keeps_the_rest_in_torch(tiny_pipe, fused_export):
+    folder, manifest, pipe, _ = fused_export
+    assert manifest.components.keys() == {"unet", "vae_decoder"}
+    assert type(pipe.model.text_encoder).__name__ == "CLIPTextModel"
+    assert list(pipe.model.unet.parameters()) == []  # the UNet runs from the export
+    image = Image.new("RGB", (32, 32), (200, 30, 30))  # img2img: the VAE encoder runs in torch, the decoder exported
+    a = pixels(tiny_pipe.img2img(image, "a red circle <lora:strong:0.5>", options={"lora": {"folder": str(folder)}},
+                                 denoising_strength=0.5, **GEN))
+    b = pixels(pipe.img2img(image, "a red circle", denoising_strength=0.5, **GEN))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_lora_is_fused_at_export_and_recorded(tiny_pipe, fused_export):
+    folder, manifest, fused, before = fused_export
     assert manifest.loras == [{"name": "strong", "weight": 0.5}]
-    fused = load_with(tiny_sd_path, plugin_host, manifest.root)
     expected = pixels(tiny_pipe.txt2img("a cat <lora:strong:0.5>", options={"lora": {"folder": str(folder)}}, **GEN))
     assert np.abs(pixels(fused.txt2img("a cat", **GEN)) - expected).max() <= 1
     assert np.abs(pixels(tiny_pipe.txt2img("a cat", **GEN)) - expected).mean() > 1  # the LoRA mattered
+    target = tiny_pipe.model.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
     assert torch.equal(target.weight, before)  # the torch model is the base model again
     with pytest.raises(InvalidParameter):
         LoraSpec.parse(":0.5")

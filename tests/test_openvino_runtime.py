@@ -100,15 +100,27 @@ def test_static_shapes_compile_once_per_shape_and_keep_a_few(tiny_sd_path, plugi
     assert np.abs(a - pixels(pipe.txt2img("a red circle", **GEN))).max() <= 1
 
 
-def test_int8_weights_stay_close_and_are_recorded(tiny_pipe, tiny_sd_path, plugin_host, onnx_dir, ov_dir, tmp_path):
+@pytest.fixture(scope="module")
+def int8_dir(onnx_dir, tmp_path_factory) -> Path:
+    """The UNet alone, int8 weights, converted once through the command line (the text encoder and VAE stay in
+    torch); the int8 test and the command-line test share it, a UNet conversion being the slow part of both."""
     pytest.importorskip("nncf")
-    int8_dir = convert_to_openvino(onnx_dir, tmp_path / "int8", weights="int8", components=["unet"]).root
+    out = tmp_path_factory.mktemp("ov-int8") / "cli-int8"
+    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(out), "--components", "unet", "--weights", "int8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_pipe(tiny_sd_path, plugin_host, int8_dir):
+    return load_with(tiny_sd_path, plugin_host, int8_dir)
+
+
+def test_int8_weights_stay_close_and_are_recorded(tiny_pipe, ov_dir, int8_dir, int8_pipe):
     manifest = read_ir_manifest(int8_dir)
     assert manifest.data["openvino"]["weights"] == "int8"
     fp32_bin = (ov_dir / "unet" / "openvino_model.bin").stat().st_size
     assert (int8_dir / "unet" / "openvino_model.bin").stat().st_size < 0.6 * fp32_bin
-    pipe = load_with(tiny_sd_path, plugin_host, int8_dir)
-    result = pipe.txt2img("a red circle", **GEN)
+    result = int8_pipe.txt2img("a red circle", **GEN)
     assert Infotext.from_text(result.infotexts[0]).params["Precision"] == "fp32 int8-weights"
     difference = np.abs(pixels(result) - pixels(tiny_pipe.txt2img("a red circle", **GEN)))
     assert difference.mean() < 6, difference.mean()
@@ -164,29 +176,43 @@ def _edit_manifest(folder: Path, change) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
 
 
-def test_damaged_or_foreign_folders_are_refused(tiny_sd_path, plugin_host, ov_dir, onnx_dir, tmp_path):
-    with pytest.raises(ModelLoadError, match="no exported model folder"):
+@pytest.fixture(scope="module")
+def untouched_model(tiny_sd_path, plugin_host):
+    """A torch model of its own for the refusals: a failed prepare checks everything before it changes anything."""
+    model = aipaint.load(tiny_sd_path, host=plugin_host).model
+    yield model
+    assert model.runtime == "torch" and type(model.unet).__name__ == "UNet2DConditionModel"
+
+
+def prepare_with(model, folder, **options) -> None:
+    from aipaint_plugins.openvino_runtime.runtime import prepare_openvino
+
+    prepare_openvino(model, {"openvino_dir": str(folder), **options})
+
+
+def test_damaged_or_foreign_folders_are_refused(tiny_sd_path, plugin_host, untouched_model, ov_dir, onnx_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="no exported model folder"):  # through aipaint.load, as users call it
         load_with(tiny_sd_path, plugin_host, tmp_path / "missing")
     with pytest.raises(ModelLoadError, match="aipaint-openvino"):
-        load_with(tiny_sd_path, plugin_host, onnx_dir)  # an ONNX export is not IR
+        prepare_with(untouched_model, onnx_dir)  # an ONNX export is not IR
     folder = damaged_copy(ov_dir, tmp_path)
     weights = folder / "unet" / "openvino_model.bin"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match="sha256 differs.*aipaint export openvino"):
-        load_with(tiny_sd_path, plugin_host, folder)
+        prepare_with(untouched_model, folder)
     weights.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(ModelLoadError, match="corrupt"):
-        load_with(tiny_sd_path, plugin_host, folder, verify="size")
+        prepare_with(untouched_model, folder, verify="size")
     shutil.rmtree(folder)
     folder = damaged_copy(ov_dir, tmp_path)
     _edit_manifest(folder, lambda m: m["components"]["unet"]["files"].update({"../../escape": {"size": 1, "sha256": "0"}}))
     with pytest.raises(ModelLoadError, match="outside the folder"):
-        load_with(tiny_sd_path, plugin_host, folder)
+        prepare_with(untouched_model, folder)
     _edit_manifest(folder, lambda m: m.pop("openvino"))
     with pytest.raises(ModelLoadError, match="'openvino' section"):
-        load_with(tiny_sd_path, plugin_host, folder)
+        prepare_with(untouched_model, folder)
     other = save_tiny_sd(tmp_path / "other", seed=1)  # same architecture, other weights
     with pytest.raises(ModelLoadError, match="has hash"):
         load_with(other, plugin_host, ov_dir)
@@ -204,6 +230,10 @@ def test_conversion_is_atomic_and_never_overwrites_unasked(onnx_dir, ov_dir, tmp
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
+    # the UNet's graph comes from the IR already converted (reading it takes a moment, converting it many);
+    # saving it fails as on a full disk, after the partial folder and the component's folder were made
+    unet_ir = str(ov_dir / "unet" / "openvino_model.xml")
+    monkeypatch.setattr(ov, "convert_model", lambda path, *args, **kwargs: ov.Core().read_model(unet_ir))
     monkeypatch.setattr(ov, "save_model", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         convert_to_openvino(onnx_dir, tmp_path / "half")
@@ -212,13 +242,12 @@ def test_conversion_is_atomic_and_never_overwrites_unasked(onnx_dir, ov_dir, tmp
         convert_to_openvino(onnx_dir, tmp_path / "x", components=["vae_decoder"])
 
 
-def test_cli_convert_subset_then_generate(tiny_sd_path, onnx_dir, tmp_path, tiny_pipe):
-    out, png = tmp_path / "cli-ov", tmp_path / "out.png"
-    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(out), "--components", "unet"]) == 0
-    assert read_ir_manifest(out).components.keys() == {"unet"}  # the text encoder and the VAE stay in torch
+def test_cli_convert_subset_then_generate(tiny_sd_path, int8_dir, int8_pipe, tmp_path):
+    png = tmp_path / "out.png"
+    assert read_ir_manifest(int8_dir).components.keys() == {"unet"}  # the text encoder and the VAE stay in torch
     code = cli_main(["generate", "a red circle", "-m", str(tiny_sd_path), "--runtime", "openvino",
-                     "--runtime-option", f"openvino_dir={out}", "--steps", "2", "-W", "32", "-H", "32", "--seed", "1",
+                     "--runtime-option", f"openvino_dir={int8_dir}", "--steps", "2", "-W", "32", "-H", "32", "--seed", "1",
                      "-o", str(png), "--no-progress"])
     assert code == 0 and png.is_file()
-    reference = tiny_pipe.txt2img("a red circle", seed=1, steps=2, width=32, height=32)
+    reference = int8_pipe.txt2img("a red circle", seed=1, steps=2, width=32, height=32)
     assert np.abs(np.asarray(Image.open(png).convert("RGB"), dtype=np.int16) - pixels(reference)[0]).max() <= 1

@@ -27,8 +27,16 @@ def colour_share(image, colour: str) -> float:
     return float(np.mean(nearest == NAMES.index(colour)))
 
 
+def images_over_seeds(pipe, prompt: str, negative: str = "", **params) -> list:
+    """One image per seed of SEEDS, drawn as one batch (image i of a batch has seed + i, as in A1111; against
+    one call per seed a pixel differs by at most 1 of 255, from the batched arithmetic, and a batch is ~5x faster)."""
+    result = pipe.txt2img(prompt, negative, seed=SEEDS[0], batch_size=len(SEEDS), **params)
+    assert result.seeds == list(SEEDS)
+    return result.images
+
+
 def mean_share(pipe, prompt: str, colour: str, negative: str = "", **params) -> float:
-    return float(np.mean([colour_share(pipe.txt2img(prompt, negative, seed=s, **params).image, colour) for s in SEEDS]))
+    return float(np.mean([colour_share(image, colour) for image in images_over_seeds(pipe, prompt, negative, **params)]))
 
 
 @pytest.mark.parametrize(
@@ -64,8 +72,8 @@ def test_negative_prompt_lowers_a_colour(pipe):
 def test_prompt_editing_ends_with_the_to_content(pipe):
     prompt = "a big [red:blue:0.3] square in the center, on a white background"
     colours = []
-    for s in SEEDS:
-        objects = read_scene(pipe.txt2img(prompt, seed=s).image).objects
+    for image in images_over_seeds(pipe, prompt):
+        objects = read_scene(image).objects
         colours.append(objects[0].colour if objects else None)
     assert colours.count("blue") >= 0.75 * len(colours) and colours.count("red") <= 0.25 * len(colours)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from aipaint.engine.loop import LoopContributor
-from aipaint.errors import InvalidParameter
+from aipaint.errors import InvalidParameter, UnsupportedFeature
 
 
 def identity_attention(attn: Any, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,6 +84,12 @@ def self_attention_layers(unet: torch.nn.Module, layers: Sequence[str]) -> dict[
     diffusers' ``pag_applied_layers``: ``mid``, ``down_blocks.2``, ``up_blocks.0.attentions.1``)."""
     from diffusers.models.attention_processor import Attention
 
+    if not hasattr(getattr(unet, "_orig_mod", unet), "down_blocks"):
+        raise UnsupportedFeature(
+            f"perturbed-attention guidance (PAG) perturbs a UNet's self-attention layers; this model's denoiser is a "
+            f"{type(getattr(unet, '_orig_mod', unet)).__name__} (joint-attention transformers such as SD 3 and FLUX "
+            "are not supported yet)"
+        )
     found: dict[str, Any] = {}
     for layer in layers:
         try:

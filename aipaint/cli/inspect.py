@@ -30,7 +30,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     registry = default_host().registry.samplers
     for spec in registry:
         flow = "  flow-matching models too" if spec.flow_scheduler_class is not None else ""
-        print(f"{spec.name:<14} schedules: {', '.join(spec.schedules):<32} ({registry.owners[spec.name]}){flow}")
+        print(f"{spec.name:<14} schedules: {', '.join(spec.schedules):<44} ({registry.owners[spec.name]}){flow}")
     return 0
 
 

@@ -8,10 +8,11 @@ with a small Unigram vocabulary built offline, and a small VAE with FLUX's shift
 
 from __future__ import annotations
 
-import warnings
-
+import dataclasses
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -527,3 +528,23 @@ def test_perturbed_attention_guidance_is_refused_for_the_transformer(dev):
 
     with pytest.raises(UnsupportedFeature, match="PAG.*FluxTransformer2DModel"):
         dev.txt2img(PROMPT, steps=2, seed=1, width=32, height=32, options={"pag": {}})
+
+
+def test_forges_api_field_sets_the_distilled_guidance_and_its_default_leaves_it_unset(dev):
+    """Forge's API bodies carry ``distilled_cfg_scale`` (3.5 when the user set nothing, for every
+    model): the FLUX option group declares it, so ``aipaint serve`` reads it instead of listing it
+    as ignored, and its default leaves the option unset (schnell refuses a set value)."""
+    from aipaint.serve import a1111
+    from aipaint.serve.app import Server
+
+    fields = Server.api_fields(SimpleNamespace(pipeline=dev))
+    assert fields["distilled_cfg_scale"] == ("flux", "distilled_cfg_scale", 3.5)
+    job = a1111.build_job({"prompt": "a fox", "distilled_cfg_scale": 5}, "txt2img", api_fields=fields,
+                          request_options={"lora": {"folder": "/tmp"}})
+    assert job.request.options == {"lora": {"folder": "/tmp"}, "flux": {"distilled_cfg_scale": 5}}
+    assert "distilled_cfg_scale" not in job.ignored
+    unset = a1111.build_job({"prompt": "a fox", "distilled_cfg_scale": 3.5}, "txt2img", api_fields=fields)
+    assert "flux" not in unset.request.options and "distilled_cfg_scale" not in unset.ignored
+    assert "distilled_cfg_scale" in a1111.build_job({"prompt": "a fox", "distilled_cfg_scale": 5}, "txt2img").ignored
+    result = dev.generate(dataclasses.replace(job.request, steps=2, seed=3, width=32, height=32))
+    assert "Distilled CFG Scale: 5" in result.infotexts[0]

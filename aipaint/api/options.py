@@ -116,6 +116,9 @@ class OptionGroup:
 
     namespace: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: Fields of A1111/Forge HTTP API bodies this group reads (``aipaint serve``): body key →
+    #: (field name, the value the API sends when the user set nothing, which leaves the option unset).
+    api_fields: ClassVar[dict[str, tuple[str, Any]]] = {}
 
     @classmethod
     def from_mapping(cls: type[G], values: Mapping[str, Any]) -> G:

@@ -239,13 +239,21 @@ def hires_size(width: int, height: int, options: Mapping[str, Any]) -> tuple[int
 
 
 def build_job(body: Any, kind: str, *, request_options: Mapping[str, Any] | None = None,
-              styles: Mapping[str, PromptStyle] | None = None) -> Job:
+              styles: Mapping[str, PromptStyle] | None = None,
+              api_fields: Mapping[str, tuple[str, str, Any]] | None = None) -> Job:
     """The :class:`Job` an A1111 ``txt2img`` or ``img2img`` body describes (``kind``). Every
     value is checked here, before the job waits in the queue; ``styles`` are the saved
-    prompt styles a body's ``styles`` may name."""
+    prompt styles a body's ``styles`` may name. ``api_fields``: body fields that plugins' option
+    groups read (``OptionGroup.api_fields``: key → (namespace, field, the API's unset value))."""
     if not isinstance(body, Mapping):
         raise InvalidParameter("body", body, "must be a JSON object")
-    known = set(_DIRECT) | _HANDLED | (set(_IMG2IMG_DIRECT) if kind == "img2img" else _HIRES_FIELDS)
+    api_fields = api_fields or {}
+    known = set(_DIRECT) | _HANDLED | (set(_IMG2IMG_DIRECT) if kind == "img2img" else _HIRES_FIELDS) | set(api_fields)
+    plugin_options: dict[str, dict[str, Any]] = {}
+    for key, (namespace, name, unset) in api_fields.items():
+        value = body.get(key)
+        if value is not None and value != unset:
+            plugin_options.setdefault(namespace, {})[name] = value
     fields: dict[str, Any] = {}
     for name in _DIRECT + (_IMG2IMG_DIRECT if kind == "img2img" else ()):
         value = body.get(name)
@@ -297,7 +305,10 @@ def build_job(body: Any, kind: str, *, request_options: Mapping[str, Any] | None
     n_iter = body.get("n_iter", 1)
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= MAX_N_ITER:
         raise InvalidParameter("n_iter", n_iter, f"must be an integer from 1 to {MAX_N_ITER}")
-    request = GenerationRequest(adapters=units, options=dict(request_options or {}), **fields)
+    options = dict(request_options or {})
+    for namespace, values in plugin_options.items():
+        options[namespace] = {**options.get(namespace, {}), **values}
+    request = GenerationRequest(adapters=units, options=options, **fields)
     return Job(request, n_iter, _flag(body, "send_images", True), _flag(body, "save_images", False), ignored, checkpoint,
                hires, hires_checkpoint, _flag(body, "restore_faces", False))
 

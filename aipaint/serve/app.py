@@ -365,7 +365,12 @@ class Server:
 
     def _job(self, body: Any, kind: str) -> a1111.Job:
         options = {"lora": {"folder": str(self.config.lora_dir)}} if self.config.lora_dir is not None else None
-        return a1111.build_job(body, kind, request_options=options, styles=self.styles)
+        return a1111.build_job(body, kind, request_options=options, styles=self.styles, api_fields=self.api_fields())
+
+    def api_fields(self) -> dict[str, tuple[str, str, Any]]:
+        """Body fields the registered option groups read (e.g. Forge's ``distilled_cfg_scale``)."""
+        return {key: (group.namespace, name, unset) for group in self.pipeline.host.registry.options
+                for key, (name, unset) in getattr(group, "api_fields", {}).items()}
 
     def _post_steps(self, job: a1111.Job, request: Any) -> list[PostStep]:
         """The post-processors a job runs after each generation: ``hires`` (``enable_hr``), then

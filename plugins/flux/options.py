@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aipaint.api.options import OptionGroup
 from aipaint.errors import InvalidParameter
@@ -21,6 +21,8 @@ class FluxOptions(OptionGroup):
     namespace: ClassVar[str] = "flux"
     description: ClassVar[str] = "FLUX.1 dev's distilled guidance (Forge's 'Distilled CFG Scale'; default 3.5)"
     distilled_cfg_scale: float | None = None
+    # Forge's API sends its default, 3.5, with every job, for any model: that leaves the option unset.
+    api_fields: ClassVar[dict[str, tuple[str, Any]]] = {"distilled_cfg_scale": ("distilled_cfg_scale", DISTILLED_CFG_SCALE)}
 
     def __post_init__(self) -> None:
         value = self.distilled_cfg_scale

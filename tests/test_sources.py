@@ -568,7 +568,7 @@ def test_trigger_words_are_added_on_request(servers, capsys):
 
 @pytest.mark.parametrize(("base", "family"), [
     ("SD 1.5", "sd15"), ("SD 1.4", "sd15"), ("SDXL 1.0", "sdxl"), ("Pony", "sdxl"), ("Illustrious", "sdxl"),
-    ("SD 2.1 Unclip", "stable-unclip"), ("SD 2.1 768", "sd2"), ("Flux.1 D", "flux1"), ("SD 3.5 Large", "sd3"),
+    ("SD 2.1 Unclip", "stable-unclip"), ("SD 2.1 768", "sd2"), ("Flux.1 D", "flux"), ("black-forest-labs/FLUX.1-dev", "flux"), ("Flux.2 D", "flux2"), ("SD 3.5 Large", "sd3"),
     ("Pony V7", "auraflow"), ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd15"), ("Other", None), ("", None),
 ])

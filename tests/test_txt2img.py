@@ -362,3 +362,10 @@ def test_sgm_uniform_is_trailing_timesteps_ending_before_zero(tiny_pipe):
     plan = spec.plan(tiny_pipe.model.scheduler_config, "SGM Uniform", 4)
     train = tiny_pipe.model.scheduler_config.get("num_train_timesteps", 1000)
     assert [round(float(t)) for t in plan.scheduler.timesteps] == [train - 1, 3 * train // 4 - 1, train // 2 - 1, train // 4 - 1]
+
+
+def test_a_schedule_named_as_a1111s_api_names_it_is_recorded_as_its_label(tiny_pipe):
+    result = tiny_pipe.txt2img("a cat", steps=2, seed=1, width=32, height=32, sampler="Euler", schedule="sgm_uniform")
+    assert "Schedule type: SGM Uniform" in result.infotexts[0]
+    same = tiny_pipe.txt2img("a cat", steps=2, seed=1, width=32, height=32, sampler="Euler", schedule="SGM Uniform")
+    assert np.array_equal(np.asarray(result.image), np.asarray(same.image))

@@ -9,6 +9,8 @@ adapters and the family add.
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -123,7 +125,9 @@ def settle(model: LatentDiffusionModel, request: GenerationRequest, *, host: Plu
     size checked. What a user interface shows before it generates."""
     mode = mode or mode_for(request)
     request = mode.settle(request, model).with_defaults(model.defaults).with_seed()
-    host.registry.samplers.get(request.sampler).check_schedule(request.schedule)
+    schedule = host.registry.samplers.get(request.sampler).check_schedule(request.schedule)
+    if schedule != request.schedule:  # as A1111 labels it ("sgm_uniform" from its API → "SGM Uniform")
+        request = dataclasses.replace(request, schedule=schedule)
     factor = model.vae_scale_factor
     if request.width % factor or request.height % factor:
         raise InvalidParameter("size", f"{request.width}x{request.height}", f"must be a multiple of {factor} for this model")

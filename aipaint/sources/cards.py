@@ -89,7 +89,7 @@ def _families() -> list[Any]:
 def family_of_base_model(base_model: str | None) -> str | None:
     """The aipaint family a source's base model means, by the families' own ``base_models``
     patterns (e.g. "SD 1.5" → the SD 1.5 family, "Pony" → the SDXL one); an architecture aipaint
-    has no family for gets a name of its own (``flux1``, ``sd3``, ``sd2``); None when unknown
+    has no family for gets a name of its own (``sd2``, ``flux2``, ``auraflow``); None when unknown
     ("Other", empty)."""
     if not isinstance(base_model, str) or not base_model.strip():
         return None

@@ -49,7 +49,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 class Flux(ModelFamily):
     name = "flux"
     aliases = ("flux1", "flux.1", "flux-dev", "flux-schnell", "flux1-dev", "flux1-schnell")
-    base_models = (r"flux\.?1?", r"black-forest-labs/flux")
+    base_models = (r"flux[.\- ]?1(?!\d)", r"black-forest-labs/flux\.1")  # FLUX.1, not FLUX.2
     air_ecosystem = "flux1"
     description = "FLUX.1 dev and schnell (rectified-flow transformer; T5-XXL + CLIP-L; dev's distilled guidance)"
     default_size = (1024, 1024)

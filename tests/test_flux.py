@@ -548,3 +548,108 @@ def test_forges_api_field_sets_the_distilled_guidance_and_its_default_leaves_it_
     assert "distilled_cfg_scale" in a1111.build_job({"prompt": "a fox", "distilled_cfg_scale": 5}, "txt2img").ignored
     result = dev.generate(dataclasses.replace(job.request, steps=2, seed=3, width=32, height=32))
     assert "Distilled CFG Scale: 5" in result.infotexts[0]
+
+
+# --- ControlNet (diffusers' FluxControlNetModel) --------------------------------------------
+
+FLUX_CONTROLNETS = {
+    "instantx": {},  # the control image's VAE latents, packed like the image's
+    "xlabs": {"patch_size": 2, "conditioning_embedding_channels": 4},  # its own input block on the pixels
+    "narrow": {"joint_attention_dim": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def flux_controlnets(tmp_path_factory) -> dict[str, Path]:
+    """ControlNets in the tiny transformer's shapes; diffusers zero-initialises their input and
+    output projections, so they are drawn at random here for the control to show."""
+    from diffusers import FluxControlNetModel
+
+    root = tmp_path_factory.mktemp("flux-controlnets")
+    for i, (name, overrides) in enumerate(FLUX_CONTROLNETS.items()):
+        torch.manual_seed(10 + i)
+        controlnet = FluxControlNetModel(**{
+            "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8],
+            "guidance_embeds": True, **overrides,
+        })
+        with torch.no_grad():
+            for p in controlnet.parameters():
+                if not p.abs().max():
+                    p.normal_(0.0, 0.3)
+        controlnet.save_pretrained(root / name)
+    return {name: root / name for name in FLUX_CONTROLNETS}
+
+
+@pytest.fixture(scope="module")
+def dev_8x(tmp_path_factory) -> Path:
+    """The tiny dev model with a VAE of FLUX's 8x downsampling, for XLabs-layout ControlNets,
+    whose input block makes one token of 16x16 pixels."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    components = build_tiny_flux_components(0, dev=True)
+    torch.manual_seed(4)
+    components["vae"] = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+    ).eval()
+    root = tmp_path_factory.mktemp("tiny-flux-8x") / "dev"
+    FluxPipeline(**components).save_pretrained(root)
+    return root
+
+
+def flux_control_unit(path, **options):
+    from aipaint.plugin.adapters import AdapterUnit
+
+    return AdapterUnit("controlnet", {"model": path, "image": noise_picture(32, seed=5), **options})
+
+
+@pytest.mark.parametrize("kind", ["instantx", "xlabs"])
+def test_controlnet_matches_diffusers_flux_controlnet_pipeline(request, plugin_host, flux_paths, flux_controlnets,
+                                                               monkeypatch, kind):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    # diffusers samples the control image's VAE posterior (with the generator); aipaint takes its mean.
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    path = request.getfixturevalue("dev_8x") if kind == "xlabs" else flux_paths["dev"]
+    dev = aipaint.load(path, host=plugin_host) if kind == "xlabs" else request.getfixturevalue("dev")
+    kw = dict(steps=3, seed=7, width=32, height=32)
+    result = dev.txt2img(PROMPT, adapters=(flux_control_unit(flux_controlnets[kind], weight=0.8),), **kw)
+    controlnet = FluxControlNetModel.from_pretrained(flux_controlnets[kind])
+    ref = FluxControlNetPipeline.from_pretrained(path, controlnet=controlnet, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, control_image=noise_picture(32, seed=5), controlnet_conditioning_scale=0.8, guidance_scale=3.5,
+                   num_inference_steps=3, generator=torch.Generator().manual_seed(7), width=32, height=32,
+                   max_sequence_length=dev.model.max_sequence_length, output_type="np").images[0]
+    ours = as_array(result.image)
+    plain = as_array(dev.txt2img(PROMPT, **kw).image)
+    assert np.abs(ours - quantised(expected)).mean() < 1e-3
+    assert np.abs(ours - plain).mean() > 0.01  # the control changed the picture
+    assert "ControlNet 0: " in result.parameters and "Distilled CFG Scale: 3.5" in result.parameters
+
+
+def test_flux_controlnet_at_weight_zero_is_plain_generation_and_misfits_are_refused(dev, schnell, flux_controlnets):
+    kw = dict(steps=2, seed=4, width=32, height=32)
+    plain = as_array(dev.txt2img(PROMPT, **kw).image)
+    for options in ({"weight": 0.0}, {"guidance_start": 1.0}):
+        unit = flux_control_unit(flux_controlnets["instantx"], **options)
+        np.testing.assert_array_equal(as_array(dev.txt2img(PROMPT, adapters=(unit,), **kw).image), plain)
+    with pytest.raises(ModelLoadError, match="joint_attention_dim 16 vs the transformer's 32"):
+        dev.txt2img(PROMPT, adapters=(flux_control_unit(flux_controlnets["narrow"]),), **kw)
+    with pytest.raises(ModelLoadError, match="distilled guidance.*schnell"):
+        schnell.txt2img(PROMPT, adapters=(flux_control_unit(flux_controlnets["instantx"]),), **kw)
+    with pytest.raises(ModelLoadError, match="not a FLUX ControlNet"):  # a UNet ControlNet from the zoo
+        dev.txt2img(PROMPT, adapters=(flux_control_unit("shapes-tiny-controlnet-layout"),), **kw)
+    with pytest.raises(ModelLoadError, match="one token of 16x16 pixels vs the transformer's 4x4"):
+        dev.txt2img(PROMPT, adapters=(flux_control_unit(flux_controlnets["xlabs"]),), **kw)
+
+
+@pytest.mark.parametrize("name", ["deepcache", "tome", "reference"])
+def test_unet_adapters_still_refuse_the_flux_transformer(dev, name):
+    from aipaint.plugin.adapters import AdapterUnit
+
+    options = {"image": noise_picture()} if name == "reference" else {}
+    with pytest.raises(UnsupportedFeature, match="UNet2DConditionModel"):
+        dev.txt2img(PROMPT, steps=2, width=32, height=32, adapters=(AdapterUnit(name, options),))

@@ -574,7 +574,7 @@ def test_unet_features_are_refused_with_a_clear_error(sd3):
     (cond,) = model.encode_texts([PROMPT])
     with pytest.raises(UnsupportedFeature, match="MMDiT"):
         model.predict(x, torch.tensor(500.0), cond, down_block_additional_residuals=[x])
-    assert "adapters" not in model.capabilities and "refiner" not in model.capabilities
+    assert "adapters" in model.capabilities and "refiner" not in model.capabilities  # adapters: SD 3 ControlNets
 
 
 def test_unknown_sampler_forms_are_refused(sd3):
@@ -681,3 +681,129 @@ def test_a_tiny_preview_decoder_reads_latents_with_its_configs_shift():
     step.image(decoder=Decoder(scaling_factor=1.0))
     assert torch.allclose(seen[0], torch.full_like(x0, 3.0 / 1.5 + 0.25))
     assert torch.allclose(seen[1], x0)
+
+
+# --- ControlNet (diffusers' SD3ControlNetModel) ---------------------------------------------
+
+
+def build_tiny_sd3_controlnet(seed: int = 3, **overrides):
+    """A ControlNet in the tiny MMDiT's shapes; diffusers zero-initialises its input and output
+    projections, so they are drawn at random here for the control to show."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    config = dict(sample_size=32, patch_size=1, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+                  caption_projection_dim=32, joint_attention_dim=96, pooled_projection_dim=64, out_channels=16)
+    controlnet = SD3ControlNetModel(**{**config, **overrides})
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            if not p.abs().max():
+                p.normal_(0.0, 0.3)
+    return controlnet.eval()
+
+
+@pytest.fixture(scope="module")
+def sd3_two_blocks_path(tmp_path_factory) -> Path:
+    """The tiny SD 3 with two joint blocks: the MMDiT adds ControlNet outputs to every block but
+    the last (which updates no text tokens), so the one-block model would show no control."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    components = build_tiny_sd3_components(0)
+    torch.manual_seed(2)
+    components["transformer"] = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=96, pooled_projection_dim=64, out_channels=16,
+    ).eval()
+    root = tmp_path_factory.mktemp("tiny-sd3-two-blocks") / "sd3"
+    StableDiffusion3Pipeline(**components).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd3_two_blocks(sd3_two_blocks_path, plugin_host):
+    return aipaint.load(sd3_two_blocks_path, host=plugin_host)
+
+
+@pytest.fixture(scope="module")
+def sd3_controlnets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sd3-controlnets")
+    paths = {}
+    for name, overrides in {"instantx": {}, "shifted": {"force_zeros_for_pooled_projection": False},
+                            "wide": {"joint_attention_dim": 64}}.items():
+        build_tiny_sd3_controlnet(**overrides).save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def sd3_control_unit(path: Path, **options):
+    from aipaint.plugin.adapters import AdapterUnit
+
+    return AdapterUnit("controlnet", {"model": path, "image": noise_picture(32, seed=5), **options})
+
+
+@pytest.fixture
+def mean_vae_posterior(monkeypatch):
+    """diffusers' ControlNet pipelines sample the control image's VAE posterior; aipaint takes its
+    mean (deterministic): make diffusers take the mean too, for a like-for-like comparison."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+
+
+@pytest.mark.parametrize("kind", ["instantx", "shifted"])
+def test_controlnet_matches_diffusers_sd3_controlnet_pipeline(sd3_two_blocks, sd3_two_blocks_path, sd3_controlnets,
+                                                              mean_vae_posterior, kind):
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    kw = dict(sampler="Euler", steps=3, cfg_scale=5.0, seed=7, width=32, height=32)
+    result = sd3_two_blocks.txt2img(PROMPT, "blue", adapters=(sd3_control_unit(sd3_controlnets[kind], weight=0.8),), **kw)
+    controlnet = SD3ControlNetModel.from_pretrained(sd3_controlnets[kind])
+    ref = StableDiffusion3ControlNetPipeline.from_pretrained(sd3_two_blocks_path, controlnet=controlnet, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, negative_prompt="blue", control_image=noise_picture(32, seed=5), controlnet_conditioning_scale=0.8,
+                   num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(7), width=32,
+                   height=32, output_type="np").images[0]
+    ours = as_array(result.image)
+    plain = as_array(sd3_two_blocks.txt2img(PROMPT, "blue", **kw).image)
+    assert np.abs(ours - quantised(expected)).mean() < 1e-3
+    assert np.abs(ours - plain).mean() > 0.01  # the control changed the picture
+    assert "ControlNet 0: " in result.parameters and "Weight: 0.8" in result.parameters
+
+
+def test_controlnet_at_weight_zero_or_outside_its_window_is_plain_generation(sd3_two_blocks, sd3_controlnets):
+    kw = dict(sampler="Euler", steps=3, cfg_scale=5.0, seed=4, width=32, height=32)
+    plain = as_array(sd3_two_blocks.txt2img(PROMPT, **kw).image)
+    for options in ({"weight": 0.0}, {"guidance_start": 1.0}):
+        unit = sd3_control_unit(sd3_controlnets["instantx"], **options)
+        np.testing.assert_array_equal(as_array(sd3_two_blocks.txt2img(PROMPT, adapters=(unit,), **kw).image), plain)
+    # Two units add up: the same one twice at half weight is the unit at full weight.
+    half = sd3_control_unit(sd3_controlnets["instantx"], weight=0.5)
+    full = sd3_control_unit(sd3_controlnets["instantx"], weight=1.0)
+    twice = as_array(sd3_two_blocks.txt2img(PROMPT, adapters=(half, half), **kw).image)
+    once = as_array(sd3_two_blocks.txt2img(PROMPT, adapters=(full,), **kw).image)
+    assert np.abs(twice - once).mean() < 2e-3 < np.abs(once - plain).mean()
+
+
+def test_controlnets_that_do_not_fit_are_refused_with_a_clear_error(sd3, sd3_controlnets, tiny_sd_path, plugin_host):
+    from aipaint.errors import ModelLoadError, UnsupportedFeature
+
+    kw = dict(steps=2, width=32, height=32)
+    with pytest.raises(ModelLoadError, match="text width 64 vs 96"):
+        sd3.txt2img(PROMPT, adapters=(sd3_control_unit(sd3_controlnets["wide"]),), **kw)
+    with pytest.raises(ModelLoadError, match="not an SD 3 ControlNet"):  # a UNet ControlNet from the zoo
+        sd3.txt2img(PROMPT, adapters=(sd3_control_unit("shapes-tiny-controlnet-layout"),), **kw)
+    with pytest.raises(UnsupportedFeature, match="Balanced"):
+        sd3.txt2img(PROMPT, adapters=(sd3_control_unit(sd3_controlnets["instantx"], control_mode="prompt"),), **kw)
+    sd15 = aipaint.load(tiny_sd_path, host=plugin_host)
+    with pytest.raises(UnsupportedFeature, match="SD3ControlNetModel.*UNet ControlNets"):
+        sd15.txt2img(PROMPT, adapters=(sd3_control_unit(sd3_controlnets["instantx"]),), **kw)
+
+
+@pytest.mark.parametrize("name", ["deepcache", "tome", "reference"])
+def test_unet_adapters_still_refuse_the_mmdit(sd3, name):
+    from aipaint.errors import UnsupportedFeature
+    from aipaint.plugin.adapters import AdapterUnit
+
+    options = {"image": noise_picture()} if name == "reference" else {}
+    with pytest.raises(UnsupportedFeature, match="UNet2DConditionModel"):
+        sd3.txt2img(PROMPT, steps=2, width=32, height=32, adapters=(AdapterUnit(name, options),))

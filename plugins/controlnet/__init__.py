@@ -7,6 +7,10 @@
 
 Several units combine (their residuals add up), each with its weight and its window of
 steps; they work in every mode that runs the core loop (txt2img, img2img, inpaint).
+UNet ControlNets (``ControlNetModel``) join through the loop's UNet residuals; the
+transformer families (SD 3, FLUX) run diffusers' ``SD3ControlNetModel`` /
+``FluxControlNetModel`` themselves, inside ``predict``
+(:class:`aipaint.plugin.kit.controlnets.TransformerControlNetRuns`).
 This plugin registers the ``controlnet`` adapter, the built-in preprocessors
 (:mod:`.preprocessors`), ``aipaint preprocess``, ``aipaint controlnets``, and the
 ``--controlnet`` / ``--control-image`` options of the generation commands. See

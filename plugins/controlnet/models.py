@@ -10,7 +10,11 @@ A unit names its model as
   users and from PNGs, so they never resolve outside the folder: absolute paths, ``..``
   and symbolic links leading out are refused before anything is opened;
 * an explicit :class:`pathlib.Path` (API callers; the CLI turns an existing path into one);
-* a loaded ``diffusers.ControlNetModel``.
+* a loaded ``diffusers.ControlNetModel`` (or ``SD3ControlNetModel`` / ``FluxControlNetModel``).
+
+ControlNets for the transformer families (diffusers' ``SD3ControlNetModel`` for SD 3,
+``FluxControlNetModel`` for FLUX) load from diffusers folders only (``config.json`` names the
+class); the family runs them inside its ``predict`` (:data:`TRANSFORMER_CLASSES`).
 
 Single files load offline: diffusers-layout weights go into a model built from a config,
 original-layout ones (``control_model.*`` keys) through diffusers' converter. The config
@@ -51,6 +55,14 @@ FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mode
 DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"
 _HASH_SUFFIX = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{6,64})\]$")
 CACHE_SIZE = 2
+TRANSFORMER_CLASSES = ("SD3ControlNetModel", "FluxControlNetModel")
+"""diffusers' ControlNets for transformer families: the family model runs them (see
+:class:`aipaint.plugin.kit.controlnets.TransformerControlNetRuns`), not the UNet seam."""
+
+
+def is_transformer_controlnet(controlnet: Any) -> bool:
+    """Whether ``controlnet`` is one of :data:`TRANSFORMER_CLASSES` (its class or a subclass)."""
+    return any(c.__name__ in TRANSFORMER_CLASSES for c in type(controlnet).__mro__)
 
 
 class ControlNetNotFound(UnknownName):
@@ -145,8 +157,10 @@ def resolve(model: Any, *, allow_pickle: bool = False, folder: Path | None = Non
     if model is None:
         raise InvalidParameter("ControlNet model", model, "is required: a zoo id, a name in the ControlNet folder or a path")
     if not isinstance(model, (str, Path)):
-        if type(model).__name__ != "ControlNetModel" and not hasattr(model, "controlnet_cond_embedding"):
-            raise InvalidParameter("ControlNet model", model, "must be a name, a path or a diffusers ControlNetModel")
+        if (type(model).__name__ != "ControlNetModel" and not hasattr(model, "controlnet_cond_embedding")
+                and not is_transformer_controlnet(model)):
+            raise InvalidParameter("ControlNet model", model, "must be a name, a path or a diffusers ControlNetModel, "
+                                   "SD3ControlNetModel or FluxControlNetModel")
         name = Path(str(getattr(model.config, "_name_or_path", "") or "controlnet")).name
         return ControlNetRef(name, None, module=model)
     if isinstance(model, Path):
@@ -252,17 +266,39 @@ def _on(controlnet: Any, model: LatentDiffusionModel) -> Any:
 
 def _unet_signature(model: LatentDiffusionModel) -> tuple[Any, ...]:
     c = model.unet.config
+    if not hasattr(c, "block_out_channels"):  # a transformer: its ControlNets load from their own config
+        return (type(model.unet).__name__, c.in_channels)
     return (tuple(c.block_out_channels), c.cross_attention_dim, c.in_channels)
+
+
+def _folder_class(path: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((path / "config.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the ControlNet config {path / 'config.json'}: {exc}") from exc
 
 
 def _load_uncached(path: Path, model: LatentDiffusionModel, *, config: Path | None, allow_pickle: bool) -> Any:
     from diffusers import ControlNetModel
 
     if path.is_dir():
+        cls = ControlNetModel
+        name = _folder_class(path)
+        if name in TRANSFORMER_CLASSES:
+            import diffusers
+
+            cls = getattr(diffusers, name)
         try:
-            return ControlNetModel.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+            return cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the ControlNet folder {path}: {exc}") from exc
+    if hasattr(model, "controlnet_problems"):  # a transformer family: no UNet to derive a config from
+        raise ModelLoadError(
+            f"{path.name}: {model.family} ControlNets load from diffusers folders (config.json + "
+            "diffusion_pytorch_model.safetensors), not from single files"
+        )
     state = _read_state_dict(path, allow_pickle)
     if DIFFUSERS_KEY in state:
         return _from_diffusers_state(state, path, model, config)
@@ -341,9 +377,23 @@ def _from_original_state(state: dict[str, Any], path: Path, model: LatentDiffusi
 
 
 def check_fits(controlnet: Any, model: LatentDiffusionModel, name: str) -> None:
-    """A ControlNet copies its base UNet's encoder; one made for another model would crash mid-run."""
+    """A ControlNet copies its base UNet's encoder; one made for another model would crash mid-run.
+    A transformer family says itself whether a ControlNet fits it (``controlnet_problems``)."""
     from aipaint.errors import UnsupportedFeature
 
+    family_check = getattr(model, "controlnet_problems", None)
+    if is_transformer_controlnet(controlnet) or family_check is not None:
+        if family_check is None:
+            raise UnsupportedFeature(
+                f"ControlNet {name!r} is a {type(controlnet).__name__}, for a transformer family; "
+                f"{model.family} model {model.name!r} runs only UNet ControlNets (ControlNetModel)"
+            )
+        problems = family_check(controlnet)
+        if problems:
+            raise ModelLoadError(
+                f"ControlNet {name!r} does not fit {model.family} model {model.name!r}: " + "; ".join(problems)
+            )
+        return
     cn, unet = controlnet.config, model.unet.config
     if getattr(unet, "addition_embed_type", None) == "text_time":
         raise UnsupportedFeature(

@@ -305,6 +305,59 @@ class ControlNetContributor(LoopContributor):
         return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
 
 
+class TransformerControlNetContributor(LoopContributor):
+    """Asks a transformer family (SD 3, FLUX) to run one ControlNet inside its ``predict``.
+
+    The family builds the ControlNet's inputs as it builds its transformer's (packed tokens,
+    position ids, pooled projections, guidance) and adds the block outputs, scaled by the
+    unit's weight; ``condition`` is the family's encoding of the control images, one row per
+    batch item. Outside [guidance_start, guidance_end] the unit adds nothing.
+    """
+
+    def __init__(self, controlnet: Any, condition: torch.Tensor, *, weight: float, guidance_start: float,
+                 guidance_end: float, total_steps: int) -> None:
+        self.controlnet = controlnet
+        self.condition = condition
+        self.weight = weight
+        self.guidance_start = guidance_start
+        self.guidance_end = guidance_end
+        self.total_steps = max(1, total_steps)
+        self.calls = 0
+
+    def active(self, step: int) -> bool:
+        fraction = step / self.total_steps
+        return self.weight > 0 and self.guidance_start <= fraction <= self.guidance_end
+
+    def unet_kwargs(self, step: int, latent_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> dict[str, Any]:
+        from aipaint.plugin.kit.controlnets import transformer_controlnet_kwargs
+
+        if not self.active(step):
+            return {}
+        self.calls += 1
+        return transformer_controlnet_kwargs(self.controlnet, self.condition, self.weight)
+
+
+def transformer_contributor(unit: UnitOptions, controlnet: Any, control: torch.Tensor, model: Any,
+                            request: Any) -> TransformerControlNetContributor:
+    """The contributor for a transformer family's ControlNet (balanced control mode only)."""
+    import torch
+
+    from aipaint.errors import UnsupportedFeature
+
+    if unit.control_mode != BALANCED:
+        raise UnsupportedFeature(
+            f"ControlNet {unit.index} control_mode {unit.control_mode!r}: {model.family} ControlNets run only in "
+            f"{BALANCED!r} mode (soft injection and conditional-only control are defined for UNet residuals)"
+        )
+    per_item = control if control.shape[0] == request.batch_size else control.expand(request.batch_size, -1, -1, -1)
+    with torch.inference_mode():
+        condition = model.controlnet_condition(controlnet, per_item)
+    return TransformerControlNetContributor(
+        controlnet, condition, weight=unit.weight, guidance_start=unit.guidance_start,
+        guidance_end=unit.guidance_end, total_steps=int(request.steps),
+    )
+
+
 # --------------------------------------------------------------------------- infotext
 # sd-webui-controlnet's entry, declared once for writing and for --from-png.
 INFOTEXT = FieldsCodec(
@@ -374,6 +427,9 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
         controlnet = models.load(ref, context.model, config=unit.config, allow_pickle=unit.allow_pickle)
         control = control_tensor(maps).to(context.model.device, context.model.dtype)
         infotext.update(infotext_entry(unit, spec, ref.display_name, width, height))
+        if models.is_transformer_controlnet(controlnet):  # check_fits made sure the family runs it
+            contributors.append(transformer_contributor(unit, controlnet, control, context.model, request))
+            continue
         contributors.append(
             ControlNetContributor(
                 controlnet,

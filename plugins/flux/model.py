@@ -54,13 +54,16 @@ class FluxModel(LatentDiffusionModel):
 
     ``transformer`` is the denoiser. It is also ``unet``, the name the core's runtimes use for
     the denoising network (bf16 precision, ``torch.compile``); adapters written for a UNet
-    (ControlNet, DeepCache, ToMe, IP-Adapter, PAG) are refused, not run on it.
+    (UNet ControlNets, DeepCache, ToMe, IP-Adapter, PAG) are refused, not run on it. diffusers'
+    ``FluxControlNetModel`` runs inside :meth:`predict` on the same packed tokens (see
+    :class:`aipaint.plugin.kit.controlnets.TransformerControlNetRuns`).
     ``text_encoder``/``tokenizer`` are CLIP ViT-L (pooled output only), ``text_encoder_2``/
     ``tokenizer_2`` T5-XXL (``max_sequence_length`` tokens: 512 for dev, 256 for schnell).
     """
 
-    # No refiner hand-off, no adapter units (ControlNet & co. are UNet adapters).
-    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint"})
+    # Adapter units: FLUX ControlNets; the UNet-only adapters refuse the transformer themselves.
+    # No refiner hand-off.
+    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "adapters"})
 
     def __init__(
         self,
@@ -174,6 +177,10 @@ class FluxModel(LatentDiffusionModel):
 
     # --- networks -------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        from aipaint.plugin.kit.controlnets import pop_transformer_controlnets
+
+        extra = dict(extra)
+        runs = pop_transformer_controlnets(extra)
         if extra:
             raise UnsupportedFeature(
                 f"FLUX model {self.name!r}: a loop contributor passed UNet inputs ({', '.join(sorted(extra))}) "
@@ -189,8 +196,73 @@ class FluxModel(LatentDiffusionModel):
         }
         if self.guidance_embeds:
             kwargs["guidance"] = cond.extras["guidance"]
+        if runs:
+            kwargs.update(self._controlnet_samples(runs, packed, timestep, cond, kwargs))
         out = self.unet_call(packed, timestep, cond.embeds, **kwargs)
         return unpack_latents(out, h, w)
+
+    # --- ControlNet (diffusers' FluxControlNetModel) ------------------------------------------
+    def controlnet_problems(self, controlnet: Any) -> list[str]:
+        """Why ``controlnet`` cannot steer this transformer (empty when it can)."""
+        if type(controlnet).__name__ != "FluxControlNetModel":
+            return [f"it is a {type(controlnet).__name__}, not a FLUX ControlNet (FluxControlNetModel)"]
+        cn, tr = controlnet.config, self.unet.config
+        problems = []
+        for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
+            if getattr(cn, key) != getattr(tr, key):
+                problems.append(f"{key} {getattr(cn, key)} vs the transformer's {getattr(tr, key)}")
+        inner, tr_inner = cn.num_attention_heads * cn.attention_head_dim, tr.num_attention_heads * tr.attention_head_dim
+        if inner != tr_inner:
+            problems.append(f"width {inner} vs the transformer's {tr_inner}")
+        if tuple(cn.axes_dims_rope) != tuple(tr.axes_dims_rope):
+            problems.append(f"rotary axes {tuple(cn.axes_dims_rope)} vs {tuple(tr.axes_dims_rope)}")
+        if cn.guidance_embeds and not self.guidance_embeds:
+            problems.append("it takes FLUX.1 dev's distilled guidance, which this schnell model has not")
+        if controlnet.input_hint_block is not None:
+            # XLabs' layout: its input block reads the pixels, 8x smaller, in patch_size² patches.
+            hint, tokens = 8 * int(cn.patch_size), 2 * int(self.vae_scale_factor)
+            if hint != tokens:
+                problems.append(f"its input block makes one token of {hint}x{hint} pixels vs the transformer's {tokens}x{tokens}")
+        if cn.num_mode is not None:
+            problems.append("it is a union ControlNet, whose control type (controlnet_mode) aipaint does not pass yet")
+        return problems
+
+    def controlnet_condition(self, controlnet: Any, images: torch.Tensor) -> torch.Tensor:
+        """Control images in [0, 1] → what the ControlNet reads, as diffusers' ``FluxControlNetPipeline``
+        makes it: VAE latents ``(latents - shift) * scale`` packed into tokens (InstantX's layout), or
+        the image in [-1, 1] for ControlNets with their own input block (XLabs' layout). aipaint takes
+        the VAE posterior's mean where diffusers samples it."""
+        if controlnet.input_hint_block is not None:
+            return images.to(self.device, self.dtype) * 2 - 1
+        return pack_latents(self.encode(images)).to(self.dtype)
+
+    def _controlnet_samples(self, runs: Any, packed: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+                            kwargs: dict[str, Any]) -> dict[str, Any]:
+        from aipaint.plugin.kit.controlnets import add_samples, condition_rows
+
+        if self.unet_call != self._torch_unet:
+            raise UnsupportedFeature(f"FLUX ControlNets need the torch runtime; model {self.name!r} runs its transformer elsewhere")
+        repeats = {c.input_hint_block is not None for c, _, _ in runs}
+        if len(repeats) > 1:
+            raise UnsupportedFeature("FLUX ControlNets with and without an input block (XLabs' and InstantX's layouts) cannot be combined")
+        blocks = singles = None
+        rows = packed.shape[0]
+        for controlnet, condition, scale in runs:
+            block, single = controlnet(
+                hidden_states=packed.to(controlnet.dtype),
+                controlnet_cond=condition_rows(condition, rows),
+                conditioning_scale=scale,
+                timestep=timestep,
+                guidance=kwargs.get("guidance") if controlnet.config.guidance_embeds else None,
+                pooled_projections=kwargs["pooled_projections"],
+                encoder_hidden_states=cond.embeds,
+                txt_ids=kwargs["txt_ids"],
+                img_ids=kwargs["img_ids"],
+                return_dict=False,
+            )
+            blocks, singles = add_samples(blocks, block), add_samples(singles, single)
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
+                "controlnet_blocks_repeat": repeats.pop()}
 
     def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.unet(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]

@@ -18,15 +18,18 @@ class SD3Model(LatentDiffusionModel):
 
     The MMDiT (``SD3Transformer2DModel``) is :attr:`transformer`; it is also stored as
     ``unet``, the attribute runtimes and precision settings move, cast and compile, so they
-    work on it as on a UNet. Features that need a UNet's blocks (ControlNet, DeepCache, ToMe,
-    PAG, …) refuse it with :class:`aipaint.errors.UnsupportedFeature`.
+    work on it as on a UNet. Features that need a UNet's blocks (UNet ControlNets, DeepCache,
+    ToMe, PAG, …) refuse it with :class:`aipaint.errors.UnsupportedFeature`; diffusers'
+    ``SD3ControlNetModel`` runs inside :meth:`predict` (see
+    :class:`aipaint.plugin.kit.controlnets.TransformerControlNetRuns`).
 
     ``text_encoder_3``/``tokenizer_3`` (T5-XXL) may be ``None``: its part of the conditioning
     is then zeros, as in diffusers.
     """
 
-    # No adapters (ControlNet, IP-Adapter: UNet-only here) and no SDXL-style refiner hand-off.
-    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint"})
+    # Adapter units: SD 3 ControlNets; the UNet-only adapters refuse the MMDiT themselves.
+    # No SDXL-style refiner hand-off.
+    capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "adapters"})
 
     def __init__(
         self,
@@ -51,10 +54,6 @@ class SD3Model(LatentDiffusionModel):
     def transformer(self) -> torch.nn.Module:
         return self.unet
 
-    def missing_hint(self, feature: str) -> str:
-        if feature == "adapters":
-            return "SD 3's MMDiT takes no UNet adapters (ControlNet, IP-Adapter units) in aipaint yet"
-        return ""
 
     # --- facts the loop needs -------------------------------------------------------------
     @property
@@ -128,19 +127,82 @@ class SD3Model(LatentDiffusionModel):
 
     # --- networks ----------------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        from aipaint.plugin.kit.controlnets import pop_transformer_controlnets
+
+        extra = dict(extra)
+        runs = pop_transformer_controlnets(extra)
         if extra:
             raise UnsupportedFeature(
                 f"sd3 model {self.name!r} cannot take the UNet inputs {', '.join(sorted(extra))} that an adapter or "
                 "feature added: SD 3's MMDiT has no UNet blocks"
             )
         timestep = t.expand(latents.shape[0]) if t.dim() else t.repeat(latents.shape[0])
-        return self.unet_call(latents, timestep, cond.embeds, pooled_projections=cond.extras["pooled_projections"])
+        kwargs: dict[str, Any] = {"pooled_projections": cond.extras["pooled_projections"]}
+        if runs:
+            kwargs["block_controlnet_hidden_states"] = self._controlnet_samples(runs, latents, timestep, cond)
+        return self.unet_call(latents, timestep, cond.embeds, **kwargs)
 
     def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.unet(
             hidden_states=latents, timestep=t, encoder_hidden_states=embeds,
-            pooled_projections=kwargs["pooled_projections"], return_dict=False,
+            pooled_projections=kwargs["pooled_projections"],
+            block_controlnet_hidden_states=kwargs.get("block_controlnet_hidden_states"), return_dict=False,
         )[0]
+
+    # --- ControlNet (diffusers' SD3ControlNetModel) ----------------------------------------------
+    def controlnet_problems(self, controlnet: Any) -> list[str]:
+        """Why ``controlnet`` cannot steer this MMDiT (empty when it can)."""
+        if type(controlnet).__name__ != "SD3ControlNetModel":
+            return [f"it is a {type(controlnet).__name__}, not an SD 3 ControlNet (SD3ControlNetModel)"]
+        cn, tr = controlnet.config, self.unet.config
+        problems = []
+        for key in ("in_channels", "patch_size", "pooled_projection_dim"):
+            if getattr(cn, key) != getattr(tr, key):
+                problems.append(f"{key} {getattr(cn, key)} vs the MMDiT's {getattr(tr, key)}")
+        inner, tr_inner = cn.num_attention_heads * cn.attention_head_dim, tr.num_attention_heads * tr.attention_head_dim
+        if inner != tr_inner:
+            problems.append(f"width {inner} vs the MMDiT's {tr_inner}")
+        if cn.joint_attention_dim is not None and cn.joint_attention_dim != tr.joint_attention_dim:
+            problems.append(f"text width {cn.joint_attention_dim} vs {tr.joint_attention_dim}")
+        if getattr(cn, "extra_conditioning_channels", 0):
+            problems.append("it takes extra conditioning channels (an inpainting ControlNet), which aipaint does not pass")
+        if cn.num_layers > tr.num_layers:
+            problems.append(f"{cn.num_layers} blocks vs the MMDiT's {tr.num_layers}")
+        return problems
+
+    def controlnet_condition(self, controlnet: Any, images: torch.Tensor) -> torch.Tensor:
+        """Control images in [0, 1] → VAE latents ``(latents - shift) * scale``, as diffusers'
+        ``StableDiffusion3ControlNetPipeline`` (InstantX's ControlNets, with zero pooled projections,
+        skip the shift); aipaint takes the posterior's mean where diffusers samples it."""
+        if getattr(controlnet.config, "use_pos_embed", True) is False and getattr(controlnet, "pos_embed", None) is None:
+            # SD 3.5's own ControlNets share the MMDiT's patch embedding.
+            controlnet.pos_embed = controlnet._get_pos_embed_from_transformer(self.unet).to(self.device, controlnet.dtype)
+        latents = self.encode(images)
+        if controlnet.config.force_zeros_for_pooled_projection:
+            latents = latents + self.shift_factor * self.scaling_factor
+        return latents
+
+    def _controlnet_samples(self, runs: Any, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> list[Any]:
+        from aipaint.plugin.kit.controlnets import add_samples, condition_rows
+
+        if self.unet_call != self._torch_unet:
+            raise UnsupportedFeature(f"SD 3 ControlNets need the torch runtime; model {self.name!r} runs its MMDiT elsewhere")
+        total = None
+        rows = latents.shape[0]
+        pooled = cond.extras["pooled_projections"]
+        for controlnet, condition, scale in runs:
+            config = controlnet.config
+            samples = controlnet(
+                hidden_states=latents.to(controlnet.dtype),
+                controlnet_cond=condition_rows(condition, rows),
+                conditioning_scale=scale,
+                encoder_hidden_states=cond.embeds if config.joint_attention_dim is not None else None,
+                pooled_projections=torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
+            total = add_samples(total, samples)
+        return total
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [0, 1]: SD 3's VAE latents are ``(z - shift_factor) * scaling_factor``."""

@@ -47,3 +47,66 @@ def load_controlnet(name: str | Path, model: Any, *, allow_pickle: bool = False)
     if not _loaders:
         raise UnsupportedFeature(f"loading ControlNet {str(name)!r} needs the controlnet plugin, which is not loaded")
     return _loaders[0](name, model, allow_pickle)
+
+
+# --------------------------------------------------------------------------- transformer ControlNets
+TRANSFORMER_CONTROLNETS = "transformer_controlnets"
+"""The ``predict`` keyword through which ControlNets reach a transformer family (SD 3, FLUX):
+a transformer ControlNet needs the very inputs the family builds inside ``predict`` (packed
+tokens, position ids, pooled projections, guidance), so the family runs it there."""
+
+
+class TransformerControlNetRuns:
+    """ControlNets for a transformer family to run inside ``predict`` on the current inputs.
+
+    A family that takes them offers two methods: ``controlnet_problems(controlnet)`` (a list
+    of reasons the ControlNet does not fit it; empty when it does) and
+    ``controlnet_condition(controlnet, images)`` (the control images, ``(N, 3, H, W)`` in
+    [0, 1], as the ControlNet reads them: VAE latents, packed tokens, …), and its ``predict``
+    takes ``transformer_controlnets=[runs]``, where each run is ``(controlnet, condition, scale)``
+    with one condition row per batch item. The loop merges its contributors' keyword lists
+    item by item with ``+``, so each contributor passes a one-item list and the runs add up.
+    """
+
+    def __init__(self, runs: tuple[tuple[Any, Any, float], ...]) -> None:
+        self.runs = tuple(runs)
+
+    def __add__(self, other: TransformerControlNetRuns) -> TransformerControlNetRuns:
+        return TransformerControlNetRuns(self.runs + other.runs)
+
+
+def transformer_controlnet_kwargs(controlnet: Any, condition: Any, scale: float) -> dict[str, Any]:
+    """A loop contributor's ``unet_kwargs`` asking the family to run ``controlnet`` this step."""
+    return {TRANSFORMER_CONTROLNETS: [TransformerControlNetRuns(((controlnet, condition, float(scale)),))]}
+
+
+def pop_transformer_controlnets(extra: dict[str, Any]) -> tuple[tuple[Any, Any, float], ...]:
+    """The runs a family's ``predict`` was given (removed from ``extra``); empty if none."""
+    value = extra.pop(TRANSFORMER_CONTROLNETS, None)
+    if not value:
+        return ()
+    runs: tuple[tuple[Any, Any, float], ...] = ()
+    for item in value:
+        runs += item.runs
+    return runs
+
+
+def condition_rows(condition: Any, rows: int) -> Any:
+    """A condition with one row per batch item, repeated for ``rows`` (the loop's
+    ``[negative, positive, …] × batch`` layout)."""
+    batch = condition.shape[0]
+    return condition.repeat(rows // batch, *([1] * (condition.dim() - 1)))
+
+
+def add_samples(total: list[Any] | None, samples: Any) -> list[Any] | None:
+    """Sum two ControlNets' block outputs, block by block (None: no outputs)."""
+    if samples is None:
+        return total
+    samples = list(samples)
+    if total is None:
+        return samples
+    if len(total) != len(samples):
+        raise UnsupportedFeature(
+            f"two ControlNets with different block counts ({len(total)} and {len(samples)}) cannot be combined"
+        )
+    return [a + b for a, b in zip(total, samples, strict=True)]

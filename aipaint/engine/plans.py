@@ -153,7 +153,8 @@ class SchedulerPlan(SamplingPlan):
         for i, t in enumerate(timesteps):
             # Second-order schedulers call the model more than once per step.
             step_index = start + (i * (self.steps - start)) // n
-            scaled = scheduler.scale_model_input(latents, t)
+            # Flow-matching schedulers (FlowPlan) have no input scaling.
+            scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
             output = model_fn(scaled, t, min(step_index, self.steps - 1))
             latents = scheduler.step(output, t, latents, return_dict=False, **step_kwargs)[0]
             if callback is not None:
@@ -228,25 +229,6 @@ class FlowPlan(SchedulerPlan):
         sigmas = getattr(self.scheduler, "sigmas", None)  # the sampler's own sigma at each timestep
         sigma = float(sigmas[index]) if sigmas is not None and len(sigmas) > index else float(timesteps[index]) / self._train_steps
         return (1.0 - sigma) * clean + sigma * noise.to(clean)
-
-    def run(self, model_fn, latents, generators, start=0, callback=None):
-        scheduler = self.scheduler
-        timesteps = scheduler.timesteps[start * self.order :]
-        if start and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start * self.order)
-        generator = list(generators) if len(generators) > 1 else (generators[0] if generators else None)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        n = len(timesteps)
-        for i, t in enumerate(timesteps):
-            step_index = start + (i * (self.steps - start)) // n
-            scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-            output = model_fn(scaled, t, min(step_index, self.steps - 1))
-            latents = scheduler.step(output, t, latents, return_dict=False, **step_kwargs)[0]
-            if callback is not None:
-                replaced = callback(i, n, latents)
-                if replaced is not None:
-                    latents = replaced
-        return latents
 
 
 class FunctionPlan(SamplingPlan):

@@ -10,7 +10,6 @@ adapters and the family add.
 from __future__ import annotations
 
 import dataclasses
-
 import threading
 import time
 from collections.abc import Callable, Iterator

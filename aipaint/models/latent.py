@@ -129,6 +129,11 @@ class LatentDiffusionModel(GenerativeModel):
         return float(self.vae.config.scaling_factor)
 
     @property
+    def shift_factor(self) -> float:
+        """The VAE's latent shift (SD 3, FLUX: latents are ``(z - shift) * scale``; 0 for SD 1.5/SDXL)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
     def prediction_type(self) -> str:
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
@@ -185,13 +190,13 @@ class LatentDiffusionModel(GenerativeModel):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [0, 1], NCHW float32 on the CPU."""
-        images = self.vae_decode_call(latents / self.scaling_factor)
+        images = self.vae_decode_call(latents / self.scaling_factor + self.shift_factor)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] (NCHW) → scaled latents (the mean of the VAE posterior)."""
         x = (images.to(self.device, self.dtype) * 2 - 1)
-        return self.vae_encode_call(x) * self.scaling_factor
+        return (self.vae_encode_call(x) - self.shift_factor) * self.scaling_factor
 
     def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]

@@ -100,10 +100,6 @@ class FluxModel(LatentDiffusionModel):
         # inpainting uses latent blending (FLUX.1 Fill's extra channels are refused at load).
         return int(self.unet.config.in_channels) // 4
 
-    @property
-    def shift_factor(self) -> float:
-        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-
     def sampling_config(self, width: int, height: int) -> dict[str, Any]:
         """The scheduler config with FLUX's sigmas (``linspace(1, 1/steps, steps)`` before the shift,
         as diffusers' FLUX pipelines space them) and, with dynamic shifting (dev), the ``mu`` of
@@ -266,15 +262,6 @@ class FluxModel(LatentDiffusionModel):
 
     def _torch_unet(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.unet(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [0, 1]: FLUX's VAE undoes a shift as well as a scale."""
-        images = self.vae_decode_call(latents / self.scaling_factor + self.shift_factor)
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = images.to(self.device, self.dtype) * 2 - 1
-        return (self.vae_encode_call(x) - self.shift_factor) * self.scaling_factor
 
     # The FLUX VAE's config asks for float32 (force_upcast): it stays float32 under float16.
     def _torch_vae_decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,6 @@ class SD3Model(LatentDiffusionModel):
     def prediction_type(self) -> str:
         return "flow_prediction"
 
-    @property
-    def shift_factor(self) -> float:
-        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     # --- text ----------------------------------------------------------------------------------
     def prompt_encoders(self, clip_skip: int = 1, normalization: str = "a1111") -> list[Any]:
@@ -204,11 +201,8 @@ class SD3Model(LatentDiffusionModel):
             total = add_samples(total, samples)
         return total
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [0, 1]: SD 3's VAE latents are ``(z - shift_factor) * scaling_factor``."""
-        images = self.vae_decode_call(latents / self.scaling_factor + self.shift_factor)
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
-
+    # The VAE may run in float32 (force_upcast) under a half-precision transformer: its input and
+    # output are cast here (decode, with the VAE's shift, is the base model's).
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.to(self.device, self.vae.dtype) * 2 - 1
         return ((self.vae_encode_call(x) - self.shift_factor) * self.scaling_factor).to(self.dtype)

@@ -807,3 +807,12 @@ def test_unet_adapters_still_refuse_the_mmdit(sd3, name):
     options = {"image": noise_picture()} if name == "reference" else {}
     with pytest.raises(UnsupportedFeature, match="UNet2DConditionModel"):
         sd3.txt2img(PROMPT, steps=2, width=32, height=32, adapters=(AdapterUnit(name, options),))
+
+
+@pytest.mark.parametrize("view", ["denoise", "attention", "samplers", "cfg"])
+def test_explain_views_refuse_a_flow_matching_model_clearly(sd3, view):
+    from aipaint import explain
+    from aipaint.errors import UnsupportedFeature
+
+    with pytest.raises(UnsupportedFeature, match="flow-matching"):
+        getattr(explain, view)(sd3, PROMPT, steps=2, seed=1, width=32, height=32)

@@ -102,10 +102,17 @@ def latent_model(pipe: Pipeline) -> LatentDiffusionModel:
     noise schedule, and watch its loop)."""
     from aipaint.models.latent import LatentDiffusionModel
 
+    from aipaint.engine.samplers import is_flow_config
+
     model = getattr(pipe, "model", None)
     if not isinstance(model, LatentDiffusionModel):
         raise UnsupportedFeature(
             f"explain needs a latent diffusion model (a UNet, a VAE and a text encoder in the core engine), {model!r} runs its own loop"
+        )
+    if is_flow_config(model.scheduler_config):
+        raise UnsupportedFeature(
+            f"explain's views read a variance-preserving noise schedule and a UNet's cross-attention; {model.family} "
+            f"model {model.name!r} is a flow-matching transformer, which they do not support yet"
         )
     return model
 

@@ -100,9 +100,8 @@ def matplotlib_figure() -> Any:
 def latent_model(pipe: Pipeline) -> LatentDiffusionModel:
     """The pipeline's model, which must be a latent diffusion model (the views read its VAE and
     noise schedule, and watch its loop)."""
-    from aipaint.models.latent import LatentDiffusionModel
-
     from aipaint.engine.samplers import is_flow_config
+    from aipaint.models.latent import LatentDiffusionModel
 
     model = getattr(pipe, "model", None)
     if not isinstance(model, LatentDiffusionModel):

@@ -173,7 +173,10 @@ def load_model(
         raise ModelLoadError(f"runtime {runtime_spec.name!r} cannot run here: {problem}")
     resolved = resolve_source(source, allow_pickle=allow_pickle)
     chosen = named_family or identify_family(resolved, host)
-    options = LoadOptions(device=device, dtype=dtype, runtime=runtime, config=Path(config) if config else None, extra=extra)
+    runtime_options = dict(extra.get("runtime_options", {}))
+    weights_device = runtime_spec.weights_device(device, runtime_options) if runtime_spec.weights_device else device
+    options = LoadOptions(device=weights_device, dtype=dtype, runtime=runtime, config=Path(config) if config else None,
+                          extra=extra)
     try:
         with library_progress_bars_off():
             model = chosen.load(resolved, options)
@@ -184,6 +187,10 @@ def load_model(
         defaults = {k: v for k, v in resolved.card.get("defaults", {}).items() if k in ModelDefaults.__dataclass_fields__}
         model.defaults = ModelDefaults(**{**model.defaults.__dict__, **defaults})
         model.name = resolved.card.get("name", model.name)
-    runtime_spec.prepare(model, dict(extra.get("runtime_options", {})))
+    if weights_device != device:  # the weights stay where they were loaded; the model computes on ``device``
+        import torch
+
+        model.device = torch.device(device)
+    runtime_spec.prepare(model, runtime_options)
     model.runtime = runtime_spec.name
     return model

@@ -5,6 +5,12 @@ A runtime's ``prepare(model, options)`` swaps the callables a
 ``vae_encode_call``) for its own, so the denoise loop never knows what runs beneath it.
 ``unavailable()`` returns ``None`` when the runtime can run here, or a sentence saying
 what is missing (e.g. "the tensorrt package is not installed").
+
+``weights_device(device, options)``, when given, says where the family should load the
+weights for a model that computes on ``device``: a runtime that offloads weights to the CPU
+(the torch runtime's ``offload`` option) answers ``"cpu"``, so a model larger than the GPU's
+memory never has to fit on it whole. The model's ``device`` is then set to ``device`` after
+loading, and ``prepare`` moves each network there when it runs.
 """
 
 from __future__ import annotations
@@ -28,3 +34,4 @@ class RuntimeSpec:
     unavailable: Callable[[], str | None] = _always_available
     aliases: tuple[str, ...] = ()
     description: str = ""
+    weights_device: Callable[[str, dict[str, Any]], str] | None = None

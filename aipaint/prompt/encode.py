@@ -217,10 +217,9 @@ class PromptEncoder:
         return chunks + [_empty_chunk(self.tokenizer, self.chunk_length) for _ in range(missing)]
 
     def _device(self) -> Any:
-        device = getattr(self.text_encoder, "device", None)
-        if device is None:
-            device = next(self.text_encoder.parameters()).device
-        return device
+        from aipaint.models.devices import execution_device
+
+        return execution_device(self.text_encoder)
 
     def _final_layer_norm(self) -> Any:
         # transformers 5's CLIPTextModel holds it directly; CLIPTextModelWithProjection (and

@@ -19,6 +19,9 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
 * ``channels_last`` (bool, default True): the bf16 UNet and VAE in channels-last memory
   format, oneDNN's preferred layout for convolutions (a bf16 UNet call 15 % faster on an
   AMX Xeon: benchmarks/results/cpu_bf16_unet.txt). fp32 models are left as they are.
+* ``offload``: ``none`` (default), ``model`` or ``sequential``: keep the weights in CPU memory
+  and move each network (``model``) or each layer (``sequential``) to the GPU when it runs,
+  for models larger than the GPU's memory; see :mod:`aipaint_plugins.torch_runtime.offload`.
 
 Compilation happens lazily at the first generation and takes minutes for SD-sized
 UNets (223 s for a tiny one on a 2-core CPU, with no speed-up there): it pays off on
@@ -41,8 +44,8 @@ if TYPE_CHECKING:
     from aipaint.models.latent import LatentDiffusionModel
 
 OPTIONS = ("compile", "compile_components", "compile_mode", "compile_backend", "compile_fullgraph", "compile_dynamic",
-           "precision", "channels_last")
-PRECISION_OPTIONS = ("precision", "channels_last")
+           "precision", "channels_last", "offload")
+PRECISION_OPTIONS = ("precision", "channels_last", "offload")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_COMPONENTS = ("unet", "vae")
 
@@ -106,6 +109,7 @@ def is_compiled(module: Any) -> bool:
 
 def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
     import torch
+    from aipaint_plugins.torch_runtime.offload import install_offload, parse_offload
     from aipaint_plugins.torch_runtime.precision import apply_bf16, choose_precision, parse_precision
 
     settings = CompileOptions.parse(options, torch.device(model.device).type)
@@ -113,8 +117,15 @@ def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
     channels_last = options.get("channels_last", True)
     if not isinstance(channels_last, bool):
         raise InvalidParameter("channels_last", channels_last, "true or false")
+    offload = parse_offload(options)
     for module in model.modules().values():
         module.eval()
+    if offload != "none" and torch.device(model.device).type in ("cpu", "meta"):
+        raise InvalidParameter("offload", offload, "offloading moves the weights to a GPU when they run; "
+                               f"the model computes on {model.device}")
+    if offload != "none" and settings is not None:
+        raise InvalidParameter("compile", True, f"compiling and offload={offload} do not go together: the offload "
+                               "hooks move weights inside the compiled call; choose one")
     precision, reason = choose_precision(requested, model)
     model.precision = precision  # type: ignore[attr-defined]
     model.precision_reason = reason  # type: ignore[attr-defined]
@@ -122,6 +133,9 @@ def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
         apply_bf16(model, channels_last=channels_last)
     if precision == "bf16":
         model.runtime_infotext = {"Precision": "bf16"}  # type: ignore[attr-defined]
+    if offload != "none":
+        install_offload(model.modules(), offload, torch.device(model.device))
+        model.offload = offload  # type: ignore[attr-defined]
     if settings is None:
         return
     if not hasattr(model, "unet"):
@@ -134,4 +148,7 @@ def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
 
 @hookimpl
 def register_runtimes(register: Callable[[RuntimeSpec], None]) -> None:
-    register(RuntimeSpec(name="torch", prepare=prepare_torch, description="PyTorch eager (default); compile=True for torch.compile"))
+    from aipaint_plugins.torch_runtime.offload import weights_device
+
+    register(RuntimeSpec(name="torch", prepare=prepare_torch, weights_device=weights_device,
+                         description="PyTorch eager (default); compile=True for torch.compile; offload=model|sequential"))

@@ -68,6 +68,10 @@ class PatchSet:
 
         if key in self.parameters and self.parameters[key] is not parameter:
             raise ValueError(f"patch key {key!r} already names another parameter")
+        if parameter.device.type == "meta":
+            raise UnsupportedFeature(
+                f"patching the weight {key!r}: it holds no data between calls (the model's weights are offloaded "
+                "layer by layer, offload=sequential); weight patches such as LoRA need offload=model or none")
         self.parameters[key] = parameter
         delta = delta.to(parameter.device, torch.float32)
         self.deltas[key] = self.deltas[key] + delta if key in self.deltas else delta

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from aipaint.models.devices import execution_device
 from aipaint.prompt.parser import WeightedText, parse_attention
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class T5PromptEncoder:
             # Without emphasis, tokenize the text in one call, exactly as diffusers does; pieces
             # tokenised one by one can differ at their joins (SentencePiece's word-start marks).
             ids = self.plain_ids("".join(p.text for p in pieces))
-        device = next(self.encoder.parameters()).device
+        device = execution_device(self.encoder)  # not the weights': they may be offloaded
         with torch.inference_mode():
             z = self.encoder(torch.tensor([ids], device=device), output_hidden_states=False)[0]
         if weights is None:

@@ -25,11 +25,13 @@ and on the CLI ``--option apg.eta=0`` (``--option apg.enabled=true`` for the def
   ``mimic_scale`` would give, so a high CFG scale keeps a lower one's range.
 
 * **PAG** (Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
-  Guidance"): the step's UNet call carries one more copy of the positive rows, whose
-  self-attention in the chosen ``layers`` (``mid`` by default) is the identity; the output moves
-  by ``scale * (positive - perturbed)``, as diffusers' PAG pipelines. Works with CFG on or off
-  (CFG scale 1), through the loop's ``perturbed_pass`` seam; torch runtime only. Recorded as
-  Forge's ``PerturbedAttentionGuidance_scale``.
+  Guidance"): the step's denoiser call carries one more copy of the positive rows, whose
+  self-attention in the chosen ``layers`` is the identity (in SD 3's joint attention: among the
+  image tokens); the output moves by ``scale * (positive - perturbed)``, as diffusers' PAG
+  pipelines. The default layers are the model's: ``mid`` for a UNet, ``blocks.1`` for SD 3 (a
+  family declares them as its model's ``pag_default_layers``); other denoisers (FLUX) are
+  refused. Works with CFG on or off (CFG scale 1), through the loop's ``perturbed_pass`` seam;
+  torch runtime only. Recorded as Forge's ``PerturbedAttentionGuidance_scale``.
 
 They compose: CFG-Zero* scales the unconditional prediction, APG (when on) combines, dynamic
 thresholding then clamps the combined result. With ``AND``-ed sub-prompts the weighted positive
@@ -112,23 +114,24 @@ class DynamicThresholdingOptions(OptionGroup):
 
 @dataclass(frozen=True)
 class PAGOptions(OptionGroup):
-    """Perturbed-attention guidance; the defaults are the paper's scale 3 on the middle block."""
+    """Perturbed-attention guidance; the defaults are the paper's scale 3 on the model's default
+    layers (``layers=""``: the middle block of a UNet, ``blocks.1`` of SD 3's MMDiT)."""
 
     namespace: ClassVar[str] = "pag"
     description: ClassVar[str] = "perturbed-attention guidance (Ahn et al. 2024): identity self-attention in chosen layers"
     enabled: bool = True
     scale: float = 3.0
-    layers: str = "mid"
+    layers: str = ""
     adaptive_scale: float = 0.0
 
     def __post_init__(self) -> None:
         _check("pag.scale", self.scale, 0.0 <= self.scale <= 100.0, "must be from 0 to 100")
         _check("pag.adaptive_scale", self.adaptive_scale, 0.0 <= self.adaptive_scale <= 1.0,
                "must be from 0 (off) to 1 (the scale drops by this much per timestep from 1000)")
-        names = self.layer_list()
-        if not names or len(self.layers) > 400:
-            raise InvalidParameter("pag.layers", self.layers, "must name one or more UNet layers, comma-separated "
-                                                              "(e.g. mid or down_blocks.2,up_blocks.0), at most 400 characters")
+        if (self.layers.strip() and not self.layer_list()) or len(self.layers) > 400:
+            raise InvalidParameter("pag.layers", self.layers, "must name one or more layers of the denoiser, comma-"
+                                   "separated (e.g. mid or down_blocks.2,up_blocks.0 in a UNet, blocks.1 in SD 3's "
+                                   "MMDiT), at most 400 characters, or be empty for the model's default")
 
     def layer_list(self) -> list[str]:
         return [part.strip() for part in self.layers.split(",") if part.strip()]
@@ -199,9 +202,14 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
         return
     if getattr(context.model, "runtime", "torch") != "torch":
         raise UnsupportedFeature(f"perturbed-attention guidance needs the torch runtime (this model runs on "
-                                 f"{context.model.runtime}): it swaps attention processors inside the UNet")
-    from aipaint_plugins.guidance.pag import PAGContributor, perturbed_layers
+                                 f"{context.model.runtime}): it swaps attention processors inside the denoiser")
+    from dataclasses import replace
 
+    from aipaint_plugins.guidance.pag import PAGContributor, default_layers, perturbed_layers
+
+    fallback = default_layers(context.model)  # refuses a denoiser PAG cannot perturb, layers given or not
+    if not pag.layer_list():  # type: ignore[attr-defined]
+        pag = groups["pag"] = replace(pag, layers=fallback)  # type: ignore[type-var]  # recorded as run
     with perturbed_layers(context.model.unet, pag.layer_list()) as rows:  # type: ignore[attr-defined]
         contributors.append(PAGContributor(scale=pag.scale, rows=rows, adaptive_scale=pag.adaptive_scale))  # type: ignore[attr-defined]
         yield AdapterActivation(contributors=contributors, infotext=infotext(groups))

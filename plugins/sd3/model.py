@@ -19,9 +19,11 @@ class SD3Model(LatentDiffusionModel):
     The MMDiT (``SD3Transformer2DModel``) is :attr:`transformer`; it is also stored as
     ``unet``, the attribute runtimes and precision settings move, cast and compile, so they
     work on it as on a UNet. Features that need a UNet's blocks (UNet ControlNets, DeepCache,
-    ToMe, PAG, …) refuse it with :class:`aipaint.errors.UnsupportedFeature`; diffusers'
+    ToMe, …) refuse it with :class:`aipaint.errors.UnsupportedFeature`; diffusers'
     ``SD3ControlNetModel`` runs inside :meth:`predict` (see
-    :class:`aipaint.plugin.kit.controlnets.TransformerControlNetRuns`).
+    :class:`aipaint.plugin.kit.controlnets.TransformerControlNetRuns`). Perturbed-attention
+    guidance perturbs the MMDiT's joint attention itself (its processors); the model only names
+    the default layers, :attr:`pag_default_layers`.
 
     ``text_encoder_3``/``tokenizer_3`` (T5-XXL) may be ``None``: its part of the conditioning
     is then zeros, as in diffusers.
@@ -30,6 +32,10 @@ class SD3Model(LatentDiffusionModel):
     # Adapter units: SD 3 ControlNets; the UNet-only adapters refuse the MMDiT themselves.
     # No SDXL-style refiner hand-off.
     capabilities = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "adapters"})
+    # The layers perturbed-attention guidance perturbs when a request names none: diffusers'
+    # StableDiffusion3PAGPipeline's default (a regular expression searched in module names; like
+    # diffusers it also matches transformer_blocks.10-19 in SD 3's 24- and 38-block MMDiTs).
+    pag_default_layers = "blocks.1"
 
     def __init__(
         self,

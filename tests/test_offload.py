@@ -127,3 +127,4 @@ def test_a_runtime_can_load_the_weights_on_another_device_than_the_model_compute
     pipe = aipaint.load(tiny_sd_path, host=host, device="meta", runtime="elsewhere", runtime_options={"x": 1})
     assert WeightsElsewhere.seen == {"device": "meta", "unet": "cpu", "options": {"x": 1}}
     assert str(pipe.model.device) == "meta"
+

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Command", "ProgressCallback", "GENERATION_COMMANDS",
     "add_model_options", "add_generation_options", "add_run_options", "add_overwrite_option", "add_post_option",
-    "parse_key_values", "load_pipeline", "build_request", "progress_bar", "run_and_save",
+    "parse_key_values", "load_option_values", "load_pipeline", "build_request", "progress_bar", "run_and_save",
     "command_group", "generation_parsers", "mark_generation_command",
     "add_adapter_unit_builder", "add_request_options_builder", "check_post_chain",
 ]
@@ -68,6 +68,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", default="torch", help="runtime plugin (default: torch)")
     g.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE", dest="runtime_options",
                    help="runtime option, repeatable (e.g. onnx_dir=exported/ for --runtime onnxruntime)")
+    g.add_argument("--load-option", action="append", default=[], metavar="KEY=VALUE", dest="load_options",
+                   help="the model family's own load setting, repeatable (each family's page in docs/ lists its "
+                        "settings); a name the family does not take is refused")
     g.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt/.pt files with torch.load(weights_only=True): the model, and files plugins load "
                         "by name (e.g. LoRAs, embeddings, --post upscalers and face restorers)")
@@ -161,6 +164,17 @@ def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
     return parsed
 
 
+def load_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """``--load-option KEY=VALUE`` items as keyword arguments of ``aipaint.load``; the names
+    ``aipaint.load`` takes itself (``device``, ``runtime_options``, …) have their own flags."""
+    values = parse_key_values(getattr(args, "load_options", None) or [], "--load-option")
+    reserved = sorted(set(values) & {"family", "device", "dtype", "runtime", "allow_pickle", "config", "runtime_options",
+                                     "host", "source"})
+    if reserved:
+        raise InvalidParameter("--load-option", reserved[0], f"{reserved[0]} has its own flag (see --help)")
+    return values
+
+
 # --- the model and the request ------------------------------------------------------------
 def load_pipeline(args: argparse.Namespace) -> Pipeline:
     """The pipeline the :func:`add_model_options` options name, loaded once per command (a
@@ -183,6 +197,7 @@ def load_pipeline(args: argparse.Namespace) -> Pipeline:
         allow_pickle=args.allow_pickle,
         config=args.config,
         runtime_options=parse_key_values(getattr(args, "runtime_options", None) or [], "--runtime-option"),
+        **load_option_values(args),
     )
     setattr(args, _LOADED_PIPELINE, loaded)
     return loaded

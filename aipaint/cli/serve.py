@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aipaint.cli.api import add_model_options, parse_key_values
+from aipaint.cli.api import add_model_options, load_option_values, parse_key_values
 from aipaint.errors import InvalidParameter
 
 
@@ -42,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "family": args.family, "device": args.device, "dtype": args.dtype, "runtime": args.runtime,
             "allow_pickle": args.allow_pickle, "config": args.config,
             "runtime_options": parse_key_values(args.runtime_options, "--runtime-option"),
+            **load_option_values(args),
         },
     )
     serve(config, host=args.host, port=args.port)

@@ -18,6 +18,7 @@ from aipaint.cli.api import (
     add_post_option,
     build_request,
     check_post_chain,
+    load_option_values,
     load_pipeline,
     mark_generation_command,
     parse_key_values,
@@ -195,7 +196,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         load_options = {"family": args.family, "device": args.device, "dtype": args.dtype, "runtime": args.runtime,
                         "allow_pickle": args.allow_pickle, "config": args.config,
-                        "runtime_options": parse_key_values(args.runtime_options or [], "--runtime-option")}
+                        "runtime_options": parse_key_values(args.runtime_options or [], "--runtime-option"),
+                        **load_option_values(args)}
         report = ray_batch(lines, out_dir, model=args.model, load_options=load_options, base=base, dynamic=dynamic,
                            combinatorial=args.combinatorial, max_prompts=args.max_prompts, post=post,
                            address=args.ray or None, workers=args.ray_workers, on_progress=on_progress)

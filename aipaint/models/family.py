@@ -56,6 +56,13 @@ class GenerativeModel:
     #: Plugins read their own sections from it, e.g. ``card.get("lora_training")``.
     card: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickling for another process) gets its own job lock when it
+        # first runs a job (aipaint.engine.run.job_lock); a lock can be neither copied nor pickled.
+        state = self.__dict__.copy()
+        state.pop("_job_lock", None)
+        return state
+
     def modules(self) -> dict[str, Any]:
         """The model's torch modules by name (what runtimes put in eval mode, compile or replace)."""
         return {}
@@ -222,6 +229,10 @@ class ModelFamily:
     base_models: tuple[str, ...] = ()
     #: The ecosystem part of a Civitai AIR (``urn:air:ECOSYSTEM:…``) of this family's files ("sd1").
     air_ecosystem: str = ""
+    #: The family's own settings that ``aipaint.load(..., name=value)`` (CLI ``--load-option
+    #: name=value``) passes in ``LoadOptions.extra``, e.g. SD 3's ``t5``. Any other name is refused
+    #: before loading, so a typo is never silently ignored. ``None`` (not declared) skips the check.
+    load_options: tuple[str, ...] | None = None
 
     def identify(self, source: ModelSource) -> bool:
         """Return True when this family can load ``source``. Be conservative."""

@@ -13,6 +13,7 @@ from typing import Any
 from aipaint.errors import (
     AipaintError,
     AipaintWarning,
+    InvalidParameter,
     ModelLoadError,
     UnknownName,
     shown,
@@ -173,6 +174,13 @@ def load_model(
         raise ModelLoadError(f"runtime {runtime_spec.name!r} cannot run here: {problem}")
     resolved = resolve_source(source, allow_pickle=allow_pickle)
     chosen = named_family or identify_family(resolved, host)
+    if chosen.load_options is not None:
+        unknown = sorted(set(extra) - {"runtime_options"} - set(chosen.load_options))
+        if unknown:
+            accepted = ", ".join(chosen.load_options) or "none"
+            raise InvalidParameter(unknown[0], extra[unknown[0]],
+                                   f"not a load option of the {chosen.name} family (its own: {accepted}; runtime "
+                                   "settings go in runtime_options / --runtime-option)")
     runtime_options = dict(extra.get("runtime_options", {}))
     weights_device = runtime_spec.weights_device(device, runtime_options) if runtime_spec.weights_device else device
     options = LoadOptions(device=weights_device, dtype=dtype, runtime=runtime, config=Path(config) if config else None,

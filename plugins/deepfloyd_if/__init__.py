@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 class DeepFloydIF(ModelFamily):
     name = "deepfloyd-if"
+    load_options = ("stage2", "stage3")
     aliases = ("if", "deepfloyd", "deepfloyd_if")
     base_models = (r"deepfloyd", r"^if-i")
     description = "DeepFloyd IF: T5-conditioned pixel cascade (64 px, ×4 super-resolution, ×4 upscaler)"

@@ -48,6 +48,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 class Flux(ModelFamily):
     name = "flux"
+    load_options = ()
     aliases = ("flux1", "flux.1", "flux-dev", "flux-schnell", "flux1-dev", "flux1-schnell")
     base_models = (r"flux[.\- ]?1(?!\d)", r"black-forest-labs/flux\.1")  # FLUX.1, not FLUX.2
     air_ecosystem = "flux1"

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 class GANFamily(ModelFamily):
     name = "gan"
+    load_options = ()
     aliases = ("wgan", "dcgan")
     description = "a DCGAN-style generator trained as a Wasserstein GAN (aipaint train gan); 32×32, txt2img only"
     default_size = (32, 32)

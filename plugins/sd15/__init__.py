@@ -32,6 +32,7 @@ def _torch_dtype(name: str):
 
 class StableDiffusion15(ModelFamily):
     name = "sd15"
+    load_options = ()
     aliases = ("sd1", "sd1.5", "stable-diffusion-1.5", "sd")
     base_models = (r"^sd ?1\.", r"stable-diffusion-v1", r"sd-v1-", r"v1-5", r"sd15", r"^sd1\b")
     air_ecosystem = "sd1"

@@ -57,6 +57,7 @@ def config_for_keys(keys: set[str], pos_embed_tokens: int | None) -> str:
 
 class StableDiffusion3(ModelFamily):
     name = "sd3"
+    load_options = ("t5", "text_encoder_device")
     aliases = ("sd3.5", "sd35", "sd-3", "stable-diffusion-3", "stable-diffusion-3.5", "sd3-medium", "sd3.5-large", "sd3.5-medium")
     # Civitai's "SD 3", "SD 3.5", "SD 3.5 Large", "SD 3.5 Large Turbo", "SD 3.5 Medium"; hub ids.
     base_models = (r"\bsd ?3(\.5)?\b", r"stable-diffusion-3", r"\bsd3")

@@ -40,6 +40,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
+    load_options = ()
     aliases = ("sdxl-base", "sdxl-refiner", "stable-diffusion-xl", "sd-xl")
     # Pony (up to V6), Illustrious and NoobAI are SDXL fine-tunes; Pony V7 is AuraFlow.
     base_models = (r"sdxl", r"stable-diffusion-xl", r"^pony(?! v7)", r"illustrious", r"noobai", r"playground v2", r"sd-xl")

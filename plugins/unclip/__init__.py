@@ -68,6 +68,7 @@ def _check_torch_folder(family: str, source: ModelSource, options: LoadOptions) 
 
 class UnCLIP(ModelFamily):
     name = "unclip"
+    load_options = ("image_encoder",)
     aliases = ("karlo", "dalle2", "dall-e-2")
     base_models = (r"karlo",)
     description = "unCLIP / Karlo (DALL·E 2 style): text→image-embedding prior, image-embedding decoder; variations, blend"
@@ -100,6 +101,7 @@ class UnCLIP(ModelFamily):
 
 class StableUnCLIP(ModelFamily):
     name = "stable-unclip"
+    load_options = ("prior", "image_encoder")
     aliases = ("stable-unclip-2.1", "sd21-unclip")
     base_models = (r"2\.1.?unclip", r"stable-diffusion-2-1-unclip", r"unclip-2")
     description = ("Stable unCLIP (SD 2.1 conditioned on a noise-augmented CLIP image embedding): variations, blend; "

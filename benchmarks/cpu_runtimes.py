@@ -15,9 +15,17 @@ so that load from other processes on a shared machine falls on every side alike:
 
 bf16 sides compute in bf16 only where the CPU has bf16 units; elsewhere torch emulates bf16
 (slower than fp32: the time is not what a bf16 CPU gives, the error is) and OpenVINO falls back
-to fp32 (the side is then skipped and said so). optimum-intel's own pipeline is not run here.
+to fp32 (the side is then skipped and said so).
 
+The references, in the image section: ``optimum-default`` and ``optimum-f32`` are optimum-intel's
+own ``OVStableDiffusionPipeline`` (static shapes) at its default precision and at forced f32, run
+by ``benchmarks/optimum_reference.py`` in its own virtual environment as a separate process that
+makes one image per request, so it is timed in turns with aipaint's sides from the same initial
+noise. Build that environment once:
+
+    python benchmarks/optimum_reference.py --setup .optimum-venv
     python benchmarks/cpu_runtimes.py --sections unet --threads 2
+    python benchmarks/cpu_runtimes.py --sections image --sides torch-fp32,ov-fp32,optimum-default,optimum-f32
     python benchmarks/cpu_runtimes.py --sections embedded --captions 40
 """
 
@@ -26,8 +34,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -39,7 +49,10 @@ import numpy as np
 import torch
 from _runtime_bench import Report, environment, random_sd15_model, relative_error
 
-SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8")
+SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "optimum-default",
+         "optimum-f32")
+REFERENCE_SIDES = ("optimum-default", "optimum-f32")  # the image section only
+REFERENCE_PYTHON = Path(__file__).resolve().parent.parent / ".optimum-venv" / "bin" / "python"
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
 
@@ -191,8 +204,61 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+class OptimumSide:
+    """optimum-intel's pipeline in its own environment (benchmarks/optimum_reference.py ``serve``):
+    calling it makes one image from ``noise`` and returns it as a uint8 array."""
+
+    def __init__(self, python: Path, folder: Path, work: Path, precision: str, threads: int, size: int, steps: int,
+                 noise: Path, report: Report) -> None:
+        script = Path(__file__).resolve().parent / "optimum_reference.py"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        command = [str(python), str(script), "serve", "--model", str(folder), "--work", str(work),
+                   "--precision", precision, "--threads", str(threads), "--size", str(size), "--steps", str(steps),
+                   "--cfg", "7", "--prompt", PROMPT]
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.noise, self.out = noise, work / f"image-{precision}.npy"
+        info = self._reply()
+        report(f"(optimum-intel {info.get('optimum_intel')}, OpenVINO {info.get('openvino')}, diffusers "
+               f"{info.get('diffusers')}, transformers {info.get('transformers')}: precision {precision} → UNet "
+               f"inference precision {info.get('unet_precision')}; export {info.get('export_seconds', 'reused')} s, "
+               f"load + reshape + compile {info.get('load_seconds')} s; ready after {time.perf_counter() - started:.0f} s)")
+
+    def _reply(self) -> dict:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"the optimum-intel reference stopped (exit code {self.process.wait()}); see its stderr")
+
+    def __call__(self) -> np.ndarray:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"latents": str(self.noise), "out": str(self.out)}) + "\n")
+        self.process.stdin.flush()
+        self._reply()
+        return np.load(self.out)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=120)
+
+
+def save_diffusers_folder(model: Any, folder: Path) -> Path:
+    """``model`` (an SD1.5 LatentDiffusionModel) as a diffusers folder with an Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    if not (folder / "model_index.json").is_file():
+        StableDiffusionPipeline(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                                tokenizer=model.tokenizer,
+                                scheduler=EulerDiscreteScheduler.from_config(model.scheduler_config),
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
 def image_section(report: Report, sides: list[str], work: Path, size: int, steps: int, repeats: int, threads: int,
-                  group_size: int) -> None:
+                  group_size: int, reference_python: Path = REFERENCE_PYTHON) -> None:
     from aipaint.pipeline import Pipeline
     from aipaint.plugin.host import default_host
 
@@ -202,22 +268,45 @@ def image_section(report: Report, sides: list[str], work: Path, size: int, steps
     reference = random_sd15_model()
     exports = Exports(reference, work, ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report)
     params = dict(seed=5, steps=steps, width=size, height=size, sampler="Euler", cfg_scale=7.0)
-    anchor = Pipeline(reference, host)
-    expected = np.asarray(anchor.txt2img(PROMPT, **params).images[0])
+    noise = work / "noise.npy"
+    work.mkdir(parents=True, exist_ok=True)
+    latent = size // 2 ** (len(reference.vae.config.block_out_channels) - 1)
+    shape = (1, reference.unet.config.in_channels, latent, latent)  # aipaint's noise for the seed, handed to the reference
+    np.save(noise, torch.randn(shape, generator=torch.Generator().manual_seed(params["seed"])).numpy())
+    if any(side in REFERENCE_SIDES for side in sides):
+        if not reference_python.is_file():
+            raise SystemExit(f"no optimum-intel environment at {reference_python}: build it with "
+                             "`python benchmarks/optimum_reference.py --setup .optimum-venv` or pass --reference-python")
+        save_diffusers_folder(reference, work / "sd15-random")
+
+    def aipaint_side(pipe: Pipeline) -> Callable[[], np.ndarray]:
+        return lambda: np.asarray(pipe.txt2img(PROMPT, **params).images[0])
+
+    anchor = aipaint_side(Pipeline(reference, host))
+    expected = anchor()
     others = [s for s in sides if s != "torch-fp32"]
     rows = []
     for index in range(0, len(others), group_size):
-        pipes = {"torch-fp32": anchor}
+        calls: dict[str, Callable[[], np.ndarray]] = {"torch-fp32": anchor}
         for side in others[index:index + group_size]:
+            if side in REFERENCE_SIDES:
+                calls[side] = OptimumSide(reference_python, work / "sd15-random", work / "optimum",
+                                          side.split("-")[1], threads, size, steps, noise, report)
+                continue
             model = prepare_side(side, reference, exports, threads)
             if model is not None:
-                pipes[side] = Pipeline(model, host)
-        quality = {side: psnr(expected, np.asarray(pipe.txt2img(PROMPT, **params).images[0])) for side, pipe in pipes.items()}
-        times = in_turns({side: (lambda p=pipe: p.txt2img(PROMPT, **params)) for side, pipe in pipes.items()}, repeats)
-        for side in pipes:
+                calls[side] = aipaint_side(Pipeline(model, host))
+        quality = {side: psnr(expected, call()) for side, call in calls.items()}
+        times = in_turns(calls, repeats)
+        for side in calls:
             rows.append((f"group {index // group_size + 1}", side, times[side], quality[side], load_average()))
-        del pipes
+        for call in calls.values():
+            if isinstance(call, OptimumSide):
+                call.close()
+        del calls
         gc.collect()
+        report(f"(group {index // group_size + 1} done)")
+        checkpoint(report)
     report("")
     report(f"| group | side | s / image (median of {repeats}) | all | vs torch fp32 in the group | PSNR vs torch fp32 (dB) | load avg |")
     report("|---|---|---|---|---|---|---|")
@@ -298,6 +387,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=2, help="sides besides torch fp32 held in memory at once")
     parser.add_argument("--captions", type=int, default=40, help="embedded section: captions (images per side)")
     parser.add_argument("--save", default="cpu_runtimes.txt", help="file under benchmarks/results ('' to not save)")
+    parser.add_argument("--reference-python", type=Path, default=REFERENCE_PYTHON,
+                        help="the optimum-intel environment's python (benchmarks/optimum_reference.py --setup)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -322,12 +413,12 @@ def main() -> None:
         work = Path(tmp)
         for section in [s.strip() for s in args.sections.split(",")]:
             if section == "unet":
-                unet_section(report, sides, work / "unet", args.latent, args.repeats, args.threads, args.group_size)
+                unet_section(report, [s for s in sides if s not in REFERENCE_SIDES], work / "unet", args.latent, args.repeats, args.threads, args.group_size)
             elif section == "image":
                 image_section(report, sides, work / "image", args.size, args.steps, args.repeats, args.threads,
-                              args.group_size)
+                              args.group_size, args.reference_python)
             elif section == "embedded":
-                embedded_section(report, sides, work, args.captions, args.threads)
+                embedded_section(report, [s for s in sides if s not in REFERENCE_SIDES], work, args.captions, args.threads)
             else:
                 parser.error(f"unknown section {section!r}")
             checkpoint(report)

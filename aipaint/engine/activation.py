@@ -47,6 +47,35 @@ class ActiveAdapters:
         return rewrite
 
 
+def adapter_defaults(model: LatentDiffusionModel, request: GenerationRequest, host: PluginHost) -> dict[str, Any]:
+    """What the request's adapters ask for where the request leaves a setting unset (a few-step
+    LoRA's sampler, steps, CFG): each adapter with ``request_defaults`` whose tags or units the
+    request uses is asked; the first to set a field wins. Fields the request sets are kept."""
+    from aipaint.plugin.adapters import REQUEST_DEFAULT_FIELDS
+    from aipaint.prompt import parse_prompt
+
+    registry = host.registry.adapters
+    specs = [spec for spec in registry if spec.request_defaults is not None]
+    if not specs:
+        return {}
+    parsed = parse_prompt(request.prompt)
+    tags: tuple[Any, ...] = (*parsed.loras, *parsed.extra_networks)
+    found: dict[str, Any] = {}
+    for spec in specs:
+        refs = tuple(r for r in tags if getattr(r, "kind", "lora") in spec.prompt_tags)
+        units = tuple(u for u in request.adapters if registry.get(u.kind) is spec) if request.adapters else ()
+        if not refs and not units:
+            continue
+        context = AdapterContext(model, request, refs, units, request.height or 0, request.width or 0, host=host)
+        for name, value in (spec.request_defaults(context) or {}).items():  # type: ignore[misc]
+            if name not in REQUEST_DEFAULT_FIELDS:
+                raise ValueError(f"adapter {spec.name!r} asked for a default of {name!r}; it may set "
+                                 f"{', '.join(REQUEST_DEFAULT_FIELDS)}")
+            if getattr(request, name) is None and name not in found:
+                found[name] = value
+    return found
+
+
 def activate_adapters(
     model: LatentDiffusionModel, request: GenerationRequest, parsed: ParsedPrompt, host: PluginHost, stack: ExitStack
 ) -> ActiveAdapters:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aipaint.engine.activation import activate_adapters
+from aipaint.engine.activation import activate_adapters, adapter_defaults
 from aipaint.engine.conditioning import conditioning_schedule, parse_prompts
 from aipaint.engine.loop import DenoiseJob, ModelHandoff, denoise
 from aipaint.engine.modes import Mode, mode_for
@@ -123,7 +123,11 @@ def settle(model: LatentDiffusionModel, request: GenerationRequest, *, host: Plu
     strength), the model's (size, steps, sampler, CFG), a fixed seed; sampler, schedule and
     size checked. What a user interface shows before it generates."""
     mode = mode or mode_for(request)
-    request = mode.settle(request, model).with_defaults(model.defaults).with_seed()
+    request = mode.settle(request, model)
+    asked = adapter_defaults(model, request, host)  # a few-step LoRA's sampler, steps, CFG
+    if asked:
+        request = dataclasses.replace(request, **asked)
+    request = request.with_defaults(model.defaults).with_seed()
     schedule = host.registry.samplers.get(request.sampler).check_schedule(request.schedule)
     if schedule != request.schedule:  # as A1111 labels it ("sgm_uniform" from its API → "SGM Uniform")
         request = dataclasses.replace(request, schedule=schedule)

@@ -8,7 +8,7 @@ active it may patch weights (reversibly: restore them when the context exits) an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -73,3 +73,12 @@ class AdapterSpec:
     # For adapters that join without a tag or a unit (textual inversion joins when a prompt
     # names one of its embeddings): called with the context of each generation.
     wants: Callable[[AdapterContext], bool] | None = None
+    # Settings the adapter asks for when the request leaves them unset (None), before the
+    # model's defaults fill the rest: a few-step LoRA's sampler, schedule, steps and CFG scale.
+    # Called with the job's context (its tags and units) while the request is settled; returns
+    # a mapping of REQUEST_DEFAULT_FIELDS names to values.
+    request_defaults: Callable[[AdapterContext], Mapping[str, Any]] | None = None
+
+
+#: The request fields an adapter's ``request_defaults`` may fill.
+REQUEST_DEFAULT_FIELDS = ("steps", "cfg_scale", "sampler", "schedule")

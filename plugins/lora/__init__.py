@@ -151,6 +151,14 @@ def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
     register(LoraOptions)
 
 
+def request_defaults(context: AdapterContext) -> dict[str, Any]:
+    """A few-step LoRA's sampler, steps and CFG, for settings the request leaves unset (see
+    :mod:`aipaint_plugins.lora.defaults`)."""
+    from aipaint_plugins.lora.defaults import request_defaults as asked
+
+    return asked(context)
+
+
 @hookimpl
 def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     register(
@@ -160,6 +168,7 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             prompt_tags=("lora", "lyco"),
             aliases=("lycoris", "locon"),
             description="LoRA / LyCORIS (LoHa, LoKr) weight patches from the LoRA folder",
+            request_defaults=request_defaults,
         )
     )
 

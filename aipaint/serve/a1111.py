@@ -156,7 +156,8 @@ def _controlnet_units(scripts: Any) -> tuple[tuple[Any, ...], list[str]]:
             module = unit.get("module")
             if module and str(module).lower() != "none":
                 options["preprocessor"] = module
-            for key in ("weight", "guidance_start", "guidance_end", "control_mode", "resize_mode"):
+            for key in ("weight", "guidance_start", "guidance_end", "control_mode", "resize_mode",
+                        "union_control_type"):
                 if unit.get(key) is not None:
                     options[key] = unit[key]
             image, mask = unit.get("image") or unit.get("input_image"), unit.get("mask")

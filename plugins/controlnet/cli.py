@@ -1,7 +1,8 @@
 """Command line: ``aipaint preprocess``, ``aipaint controlnets`` and ``--controlnet`` for generation.
 
 ``--controlnet MODEL:IMAGE[:PREPROCESSOR][:WEIGHT][:KEY=VALUE…]`` adds a unit (repeatable);
-keys are unit options or the short forms ``start``, ``end``, ``mode``, ``resize``.
+keys are unit options or the short forms ``start``, ``end``, ``mode``, ``resize``, ``type``
+(``union_control_type``).
 ``--control-image IMAGE`` (repeatable) gives the control images again for ``--from-png``:
 PNGs record the units (model, preprocessor, weight, window, mode) but not the images.
 """
@@ -15,7 +16,8 @@ from typing import Any
 
 from aipaint.errors import AipaintError, shown
 
-SHORT_KEYS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode"}
+SHORT_KEYS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode",
+              "type": "union_control_type"}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

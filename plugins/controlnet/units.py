@@ -10,6 +10,11 @@ A unit is ``AdapterUnit("controlnet", {...})`` with these options (A1111's API n
 ``guidance_start``  fraction of the steps where the unit starts, default 0
 ``guidance_end``    fraction of the steps where it stops, default 1
 ``control_mode``    ``Balanced`` | ``My prompt is more important`` | ``ControlNet is more important``
+``union_control_type``
+                    a union ControlNet's control type (sd-webui-controlnet's API field): a name
+                    the family knows (FLUX, InstantX's: ``canny``, ``tile``, ``depth``, ``blur``,
+                    ``pose``, ``gray``, ``lq``) or the ControlNet's integer index; required for a
+                    union ControlNet, refused for others (unset: absent, None, ``""`` or ``Unknown``)
 ``resize_mode``     ``Crop and Resize`` (default) | ``Just Resize`` | ``Resize and Fill``
 ``mask``            the inpaint preprocessor's mask (white = repaint)
 ``threshold_a/b``   the preprocessor's two settings (or their names, e.g. ``low_threshold``)
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +68,9 @@ SOFT_INJECTION_BASE = 0.825
 UNIT_KEYS = (
     "model", "image", "preprocessor", "module", "weight", "guidance_start", "guidance_end", "control_mode",
     "resize_mode", "mask", "config", "allow_pickle", "threshold_a", "threshold_b", "model_hash", "processor_res",
-    "pixel_perfect",
+    "pixel_perfect", "union_control_type",
 )
+UNSET_UNION_TYPES = ("", "unknown")  # sd-webui-controlnet's API sends "Unknown" when no type is chosen
 
 
 def _number(name: str, value: Any, lo: float, hi: float, index: int) -> float:
@@ -78,6 +84,20 @@ def _choice(name: str, value: Any, table: dict[str, str], index: int) -> str:
     if key not in table:
         raise InvalidParameter(f"ControlNet {index} {name}", value, "must be one of " + ", ".join(repr(v) for v in dict.fromkeys(table.values())))
     return table[key]
+
+
+def _union_control_type(value: Any, index: int) -> str | int | None:
+    """A unit's ``union_control_type`` as given (None when unset); the family reads it."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():  # the command line reads numbers as floats
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidParameter(f"ControlNet {index} union_control_type", value, "must be a control type's name or index")
+    if isinstance(value, str):
+        value = value.strip()
+        return None if value.lower() in UNSET_UNION_TYPES else value
+    return value
 
 
 def load_image(value: Any, what: str) -> Image.Image:
@@ -113,6 +133,7 @@ class UnitOptions:
     config: Path | None = None
     allow_pickle: bool = False
     preprocessor_params: dict[str, Any] = field(default_factory=dict)
+    union_control_type: str | int | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], index: int, batch_size: int, request: Any = None) -> UnitOptions:
@@ -159,6 +180,7 @@ class UnitOptions:
         expected = options.pop("model_hash", "")
         if expected and isinstance(unit.model, str) and "[" not in unit.model:
             unit.model = f"{unit.model} [{expected}]"
+        unit.union_control_type = _union_control_type(options.pop("union_control_type", None), index)
         options.pop("processor_res", None)  # maps are always made at the generation's size (pixel perfect)
         options.pop("pixel_perfect", None)
         unit.preprocessor_params = options  # the rest: checked against the preprocessor by check_keys
@@ -315,9 +337,10 @@ class TransformerControlNetContributor(LoopContributor):
     """
 
     def __init__(self, controlnet: Any, condition: torch.Tensor, *, weight: float, guidance_start: float,
-                 guidance_end: float, total_steps: int) -> None:
+                 guidance_end: float, total_steps: int, control_type: int | None = None) -> None:
         self.controlnet = controlnet
         self.condition = condition
+        self.control_type = control_type
         self.weight = weight
         self.guidance_start = guidance_start
         self.guidance_end = guidance_end
@@ -334,11 +357,29 @@ class TransformerControlNetContributor(LoopContributor):
         if not self.active(step):
             return {}
         self.calls += 1
-        return transformer_controlnet_kwargs(self.controlnet, self.condition, self.weight)
+        return transformer_controlnet_kwargs(self.controlnet, self.condition, self.weight, self.control_type)
+
+
+def union_control_type(unit: UnitOptions, controlnet: Any, model: Any) -> tuple[int, str] | None:
+    """The unit's control type as ``(index, name)`` for a union ControlNet (the family reads the
+    value: ``controlnet_control_type``), None for a ControlNet of one type; a type given to a
+    ControlNet of a family without union ControlNets is refused."""
+    from . import models
+
+    label = f"ControlNet {unit.index} union_control_type"
+    transformer = models.is_transformer_controlnet(controlnet)
+    choose = getattr(model, "controlnet_control_type", None) if transformer else None
+    if choose is None:
+        if unit.union_control_type is not None:
+            raise InvalidParameter(label, unit.union_control_type,
+                                   f"applies to union ControlNets only; {type(controlnet).__name__} on "
+                                   f"{model.family} model {model.name!r} takes none: leave it unset")
+        return None
+    return choose(controlnet, unit.union_control_type, label)
 
 
 def transformer_contributor(unit: UnitOptions, controlnet: Any, control: torch.Tensor, model: Any,
-                            request: Any) -> TransformerControlNetContributor:
+                            request: Any, control_type: int | None = None) -> TransformerControlNetContributor:
     """The contributor for a transformer family's ControlNet (balanced control mode only)."""
     import torch
 
@@ -354,7 +395,7 @@ def transformer_contributor(unit: UnitOptions, controlnet: Any, control: torch.T
         condition = model.controlnet_condition(controlnet, per_item)
     return TransformerControlNetContributor(
         controlnet, condition, weight=unit.weight, guidance_start=unit.guidance_start,
-        guidance_end=unit.guidance_end, total_steps=int(request.steps),
+        guidance_end=unit.guidance_end, total_steps=int(request.steps), control_type=control_type,
     )
 
 
@@ -374,16 +415,22 @@ INFOTEXT = FieldsCodec(
         Field("Guidance End", "guidance_end", float),
         Field("Pixel Perfect", None),
         Field("Control Mode", "control_mode"),
+        Field("Union Control Type", "union_control_type"),
     ),
     required=("model",),
 )
+# Without a control type (every ControlNet but a union one) the entry is sd-webui-controlnet's, as it was.
+_INFOTEXT_ONE_TYPE = replace(INFOTEXT, fields=INFOTEXT.fields[:-1])
 
 
-def infotext_entry(unit: UnitOptions, spec: PreprocessorSpec, model_display: str, width: int, height: int) -> dict[str, str]:
-    """One unit as sd-webui-controlnet writes it into PNG parameters: ``{"ControlNet <index>": text}``."""
+def infotext_entry(unit: UnitOptions, spec: PreprocessorSpec, model_display: str, width: int, height: int,
+                   control_type: str | None = None) -> dict[str, str]:
+    """One unit as sd-webui-controlnet writes it into PNG parameters: ``{"ControlNet <index>": text}``;
+    a union ControlNet's control type (its name) ends the entry as ``Union Control Type: <name>``."""
     params = spec.resolve_params(unit.preprocessor_params)
     thresholds = [params[p.name] for p in spec.params] + [-1, -1]
-    return INFOTEXT.write({
+    codec = INFOTEXT if control_type is not None else _INFOTEXT_ONE_TYPE
+    return codec.write({
         "preprocessor": spec.name,
         "model": model_display,
         "weight": unit.weight,
@@ -395,6 +442,7 @@ def infotext_entry(unit: UnitOptions, spec: PreprocessorSpec, model_display: str
         "guidance_end": unit.guidance_end,
         "Pixel Perfect": True,
         "control_mode": unit.control_mode,
+        "union_control_type": control_type,
     }, index=unit.index)
 
 
@@ -426,9 +474,12 @@ def activate(context: AdapterContext) -> Iterator[AdapterActivation]:
         ref = models.resolve(unit.model, allow_pickle=unit.allow_pickle)
         controlnet = models.load(ref, context.model, config=unit.config, allow_pickle=unit.allow_pickle)
         control = control_tensor(maps).to(context.model.device, context.model.dtype)
-        infotext.update(infotext_entry(unit, spec, ref.display_name, width, height))
+        control_type = union_control_type(unit, controlnet, context.model)
+        infotext.update(infotext_entry(unit, spec, ref.display_name, width, height,
+                                       control_type[1] if control_type is not None else None))
         if models.is_transformer_controlnet(controlnet):  # check_fits made sure the family runs it
-            contributors.append(transformer_contributor(unit, controlnet, control, context.model, request))
+            contributors.append(transformer_contributor(unit, controlnet, control, context.model, request,
+                                                        control_type[0] if control_type is not None else None))
             continue
         contributors.append(
             ControlNetContributor(

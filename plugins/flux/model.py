@@ -40,6 +40,39 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x.reshape(b, channels // 4, height, width)
 
 
+# InstantX's FLUX.1-dev-Controlnet-Union (and Shakker-Labs' Union-Pro) control types, by the
+# index its model card gives them; aliases: sd-webui-controlnet's names and the long forms.
+UNION_CONTROL_TYPES: dict[str, int] = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
+UNION_ALIASES: dict[str, str] = {
+    "hard edge": "canny", "openpose": "pose", "grey": "gray", "low quality": "lq", "low_quality": "lq",
+}
+
+
+def union_control_index(value: Any, num_mode: int, label: str) -> tuple[int, str]:
+    """A union ControlNet's control type (a name of :data:`UNION_CONTROL_TYPES`, an alias, or an
+    index below ``num_mode``, also as text) → ``(index, name)``; the name is the index's when it
+    has none."""
+    names = ", ".join(UNION_CONTROL_TYPES)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < num_mode:
+            raise InvalidParameter(label, value, f"must be a control type index from 0 to {num_mode - 1} "
+                                                 f"(this union ControlNet has {num_mode} modes) or one of {names}")
+        index = value
+    else:
+        key = str(value).strip().lower()
+        key = UNION_ALIASES.get(key, key)
+        if key not in UNION_CONTROL_TYPES:
+            raise InvalidParameter(label, value, f"must be one of {names} (InstantX's FLUX union control types) "
+                                                 f"or an index from 0 to {num_mode - 1}")
+        index = UNION_CONTROL_TYPES[key]
+        if index >= num_mode:
+            raise InvalidParameter(label, value, f"is mode {index}; this union ControlNet has {num_mode} modes")
+    name = next((n for n, i in UNION_CONTROL_TYPES.items() if i == index), str(index))
+    return index, name
+
+
 def image_ids(rows: int, cols: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
     """``(rows · cols, 3)`` position ids of the packed image tokens: (0, row, column)."""
     ids = torch.zeros(rows, cols, 3)
@@ -219,9 +252,22 @@ class FluxModel(LatentDiffusionModel):
             hint, tokens = 8 * int(cn.patch_size), 2 * int(self.vae_scale_factor)
             if hint != tokens:
                 problems.append(f"its input block makes one token of {hint}x{hint} pixels vs the transformer's {tokens}x{tokens}")
-        if cn.num_mode is not None:
-            problems.append("it is a union ControlNet, whose control type (controlnet_mode) aipaint does not pass yet")
         return problems
+
+    def controlnet_control_type(self, controlnet: Any, value: Any, label: str) -> tuple[int, str] | None:
+        """A unit's ``union_control_type`` for ``controlnet``: ``(index, name)`` for a union
+        ControlNet (``num_mode`` in its config; the type is required), None for a ControlNet of
+        one type (which refuses a type)."""
+        num_mode = controlnet.config.num_mode
+        if num_mode is None:
+            if value is None:
+                return None
+            raise InvalidParameter(label, value, "applies to union ControlNets only (num_mode in their config); this "
+                                                 "FLUX ControlNet has one control type: leave it unset")
+        if value is None:
+            raise InvalidParameter(label, None, "is required for a union ControlNet (num_mode in its config): one of "
+                                                f"{', '.join(UNION_CONTROL_TYPES)} or an index from 0 to {num_mode - 1}")
+        return union_control_index(value, int(num_mode), label)
 
     def controlnet_condition(self, controlnet: Any, images: torch.Tensor) -> torch.Tensor:
         """Control images in [0, 1] → what the ControlNet reads, as diffusers' ``FluxControlNetPipeline``
@@ -238,15 +284,19 @@ class FluxModel(LatentDiffusionModel):
 
         if self.unet_call != self._torch_unet:
             raise UnsupportedFeature(f"FLUX ControlNets need the torch runtime; model {self.name!r} runs its transformer elsewhere")
-        repeats = {c.input_hint_block is not None for c, _, _ in runs}
+        repeats = {run[0].input_hint_block is not None for run in runs}
         if len(repeats) > 1:
             raise UnsupportedFeature("FLUX ControlNets with and without an input block (XLabs' and InstantX's layouts) cannot be combined")
         blocks = singles = None
         rows = packed.shape[0]
-        for controlnet, condition, scale in runs:
+        for controlnet, condition, scale, control_type in runs:
+            mode = None
+            if control_type is not None:  # a union ControlNet: one mode per row, as FluxControlNetPipeline expands it
+                mode = torch.full((rows, 1), control_type, device=packed.device, dtype=torch.long)
             block, single = controlnet(
                 hidden_states=packed.to(controlnet.dtype),
                 controlnet_cond=condition_rows(condition, rows),
+                controlnet_mode=mode,
                 conditioning_scale=scale,
                 timestep=timestep,
                 guidance=kwargs.get("guidance") if controlnet.config.guidance_embeds else None,

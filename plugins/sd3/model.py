@@ -193,7 +193,7 @@ class SD3Model(LatentDiffusionModel):
         total = None
         rows = latents.shape[0]
         pooled = cond.extras["pooled_projections"]
-        for controlnet, condition, scale in runs:
+        for controlnet, condition, scale, _control_type in runs:  # SD 3 has no union ControlNets
             config = controlnet.config
             samples = controlnet(
                 hidden_states=latents.to(controlnet.dtype),

@@ -63,29 +63,40 @@ class TransformerControlNetRuns:
     of reasons the ControlNet does not fit it; empty when it does) and
     ``controlnet_condition(controlnet, images)`` (the control images, ``(N, 3, H, W)`` in
     [0, 1], as the ControlNet reads them: VAE latents, packed tokens, …), and its ``predict``
-    takes ``transformer_controlnets=[runs]``, where each run is ``(controlnet, condition, scale)``
-    with one condition row per batch item. The loop merges its contributors' keyword lists
-    item by item with ``+``, so each contributor passes a one-item list and the runs add up.
+    takes ``transformer_controlnets=[runs]``, where each run is
+    ``(controlnet, condition, scale, control_type)`` with one condition row per batch item.
+    ``control_type`` is the index a *union* ControlNet (one network, several control types
+    chosen by an input) takes, None for a ControlNet of one type. A family with union
+    ControlNets offers a third method, ``controlnet_control_type(controlnet, value, label)``:
+    the unit's ``union_control_type`` (None when not given) → ``(index, name)`` (the name
+    recorded in the PNG parameters), or None for a ControlNet of one type; it raises
+    ``InvalidParameter`` (naming ``label``) for a missing or unknown type, and for a type given
+    to a ControlNet that takes none. Units of a family without it take no control type.
+    The loop merges its contributors' keyword lists item by item with ``+``, so each
+    contributor passes a one-item list and the runs add up.
     """
 
-    def __init__(self, runs: tuple[tuple[Any, Any, float], ...]) -> None:
+    def __init__(self, runs: tuple[tuple[Any, Any, float, int | None], ...]) -> None:
         self.runs = tuple(runs)
 
     def __add__(self, other: TransformerControlNetRuns) -> TransformerControlNetRuns:
         return TransformerControlNetRuns(self.runs + other.runs)
 
 
-def transformer_controlnet_kwargs(controlnet: Any, condition: Any, scale: float) -> dict[str, Any]:
-    """A loop contributor's ``unet_kwargs`` asking the family to run ``controlnet`` this step."""
-    return {TRANSFORMER_CONTROLNETS: [TransformerControlNetRuns(((controlnet, condition, float(scale)),))]}
+def transformer_controlnet_kwargs(controlnet: Any, condition: Any, scale: float,
+                                  control_type: int | None = None) -> dict[str, Any]:
+    """A loop contributor's ``unet_kwargs`` asking the family to run ``controlnet`` this step
+    (with ``control_type``, a union ControlNet's control-type index)."""
+    run = (controlnet, condition, float(scale), None if control_type is None else int(control_type))
+    return {TRANSFORMER_CONTROLNETS: [TransformerControlNetRuns((run,))]}
 
 
-def pop_transformer_controlnets(extra: dict[str, Any]) -> tuple[tuple[Any, Any, float], ...]:
+def pop_transformer_controlnets(extra: dict[str, Any]) -> tuple[tuple[Any, Any, float, int | None], ...]:
     """The runs a family's ``predict`` was given (removed from ``extra``); empty if none."""
     value = extra.pop(TRANSFORMER_CONTROLNETS, None)
     if not value:
         return ()
-    runs: tuple[tuple[Any, Any, float], ...] = ()
+    runs: tuple[tuple[Any, Any, float, int | None], ...] = ()
     for item in value:
         runs += item.runs
     return runs

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aipaint_plugins.dreambooth.train import class_images, kohya_key, train_dreambooth
+from aipaint_plugins.dreambooth.train import class_images, train_dreambooth
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -113,12 +113,6 @@ def test_dreambooth_lora_file_loads_through_the_lora_adapter(tiny_pipe, tmp_path
     tuned = np.asarray(tiny_pipe.txt2img("a sks circle <lora:sks_circle:1>", options=options, **GEN).images[0])
     assert not np.array_equal(plain, tuned)
     assert json.loads((out / "training.json").read_text())["method"] == "dreambooth-lora"
-
-
-def test_kohya_keys_name_text_encoder_modules_from_text_model():
-    assert kohya_key("text_encoder", "encoder.layers.0.self_attn.q_proj") == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    assert kohya_key("text_encoder", "text_model.encoder.layers.1.mlp.fc1") == "lora_te_text_model_encoder_layers_1_mlp_fc1"
-    assert kohya_key("unet", "mid_block.attentions.0.proj_in") == "lora_unet_mid_block_attentions_0_proj_in"
 
 
 def test_an_interrupted_run_resumes_exactly(tiny_pipe, tmp_path):

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.plugin.kit.training import loss_target, noise_scheduler, square_image_tensor
+from aipaint.plugin.kit.kohya import kohya_state
+from aipaint.plugin.kit.training import loss_target, noise_scheduler, peft_lora_copy, square_image_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -203,44 +204,11 @@ def _plain(module: torch.nn.Module) -> torch.nn.Module:
 
 def _trainable_copy(module: torch.nn.Module, lora: bool, targets: Sequence[str], rank: int, alpha: float) -> torch.nn.Module:
     """A float32 copy of ``module``: every weight trains, or (``lora``) only peft LoRA layers on ``targets``."""
+    if lora:
+        return peft_lora_copy(module, targets, rank, alpha, adapter_name=ADAPTER_NAME)
     trainable = copy.deepcopy(_plain(module)).float()
-    if not lora:
-        trainable.requires_grad_(True)
-        return trainable
-    from peft import LoraConfig, inject_adapter_in_model
-
-    trainable.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
-    return inject_adapter_in_model(config, trainable, adapter_name=ADAPTER_NAME)
-
-
-def kohya_key(component: str, module: str) -> str:
-    """kohya / A1111's base key of a module: ``lora_unet_down_blocks_0_…_to_q``,
-    ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (text-encoder paths are named from
-    ``text_model.``, the transformers 4 layout the files use, whatever transformers is installed)."""
-    if component == "text_encoder":
-        if not module.startswith("text_model."):
-            module = "text_model." + module
-        return "lora_te_" + module.replace(".", "_")
-    return "lora_unet_" + module.replace(".", "_")
-
-
-def kohya_state(module: torch.nn.Module, component: str, alpha: float) -> dict[str, torch.Tensor]:
-    """peft's LoRA tensors under kohya keys (lora_A → lora_down, lora_B → lora_up, plus alpha)."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        for peft_part, kohya_part in ((".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")):
-            if key.endswith(peft_part):
-                base = kohya_key(component, key[: -len(peft_part)])
-                out[f"{base}.{kohya_part}.weight"] = tensor.detach().to("cpu", torch.float32).contiguous()
-                out[f"{base}.alpha"] = torch.tensor(float(alpha))
-                break
-        else:
-            raise RuntimeError(f"unexpected peft tensor {key!r}")
-    return out
+    trainable.requires_grad_(True)
+    return trainable
 
 
 def _progress_bar(total: int, desc: str) -> Any:
@@ -528,9 +496,9 @@ def train_dreambooth(
     name = output_dir.name or "dreambooth"
     files: list[Path] = []
     if lora:
-        state = kohya_state(unet, "unet", alpha)
+        state = kohya_state(unet, "unet", alpha, adapter_name=ADAPTER_NAME)
         if text_encoder is not None:
-            state.update(kohya_state(text_encoder, "text_encoder", alpha))
+            state.update(kohya_state(text_encoder, "text_encoder", alpha, adapter_name=ADAPTER_NAME))
         info = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(rank),

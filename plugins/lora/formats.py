@@ -44,8 +44,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+# kohya key naming is the kit's: the training commands save under the same keys this reads.
+from aipaint.plugin.kit.kohya import KOHYA_PREFIX_OF, canonical_path, kohya_key
+
 # Component names are those of aipaint.models.latent.LatentDiffusionModel.modules() (text_encoder_2: SDXL's).
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIXES: dict[str, str] = {
     "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
 }
@@ -54,7 +56,6 @@ KOHYA_PREFIXES: dict[str, str] = {
 DOTTED_PREFIXES: dict[str, str] = {
     "unet.": "unet", "transformer.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
 }
-KOHYA_PREFIX_OF: dict[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 # Key ending -> (patch kind or None for "any kind", the tensor's role in that kind).
 _ROLES: dict[str, tuple[str | None, str]] = {
@@ -213,15 +214,6 @@ def patchable_modules(root: nn.Module) -> dict[str, nn.Module]:
     """Linear and Conv2d modules by path (a ``torch.compile`` wrapper is looked through)."""
     root = getattr(root, "_orig_mod", root)
     return {name: m for name, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and name}
-
-
-def canonical_path(component: str, path: str) -> str:
-    """The module path LoRA files use. kohya and diffusers name text-encoder modules from
-    ``text_model.`` (the transformers 4 layout); transformers 5 dropped that level in
-    ``CLIPTextModel``. ``text_projection`` (SDXL's second encoder) sits beside it in both."""
-    if component in TEXT_ENCODERS and not path.startswith("text_model.") and path != "text_projection":
-        return "text_model." + path
-    return path
 
 
 @dataclass
@@ -487,8 +479,3 @@ def match_patches(
         formats[_format_of(base, kind)] = None
     return LoraPatches(patches, unmatched, tuple(formats))
 
-
-def kohya_key(component: str, module: str) -> str:
-    """The kohya / A1111 base key of a module: ``lora_unet_down_blocks_0_…_to_q``,
-    ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
-    return KOHYA_PREFIX_OF[component] + canonical_path(component, module).replace(".", "_")

@@ -14,7 +14,6 @@ loads it back through the LoRA folder.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -26,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from aipaint_plugins.lora.formats import kohya_key
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
-from aipaint.plugin.kit.training import loss_target, noise_scheduler, square_image_tensor
+from aipaint.plugin.kit.kohya import kohya_state
+from aipaint.plugin.kit.training import loss_target, noise_scheduler, peft_lora_copy, square_image_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -83,32 +82,10 @@ def load_captioned_images(data_dir: Path | str) -> tuple[list[Path], list[str]]:
     return images, captions
 
 
-def _with_lora(module: torch.nn.Module, targets: Sequence[str], rank: int, alpha: float) -> torch.nn.Module:
-    """A float32 copy of ``module`` with peft LoRA layers on ``targets``; only they train."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    trainable = copy.deepcopy(getattr(module, "_orig_mod", module)).float()
-    trainable.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
-    return inject_adapter_in_model(config, trainable, adapter_name=ADAPTER_NAME)
-
-
 def _kohya_state(module: torch.nn.Module, component: str, alpha: float) -> dict[str, torch.Tensor]:
-    """peft's LoRA tensors renamed to kohya keys (lora_A → lora_down, lora_B → lora_up, plus alpha)."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        for peft_part, kohya_part in ((".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")):
-            if key.endswith(peft_part):
-                base = kohya_key(component, key[: -len(peft_part)])
-                out[f"{base}.{kohya_part}.weight"] = tensor.detach().to("cpu", torch.float32).contiguous()
-                out[f"{base}.alpha"] = torch.tensor(float(alpha))
-                break
-        else:
-            raise RuntimeError(f"unexpected peft tensor {key!r}")
-    return out
+    """This trainer's peft LoRA tensors under kohya keys (lora_A → lora_down, lora_B → lora_up, plus
+    alpha); also what benchmarks/lcm_lora.py saves its student with."""
+    return kohya_state(module, component, alpha, adapter_name=ADAPTER_NAME)
 
 
 def _progress_bar(total: int) -> Any:
@@ -179,8 +156,9 @@ def train_lora(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _with_lora(model.unet, unet_targets, rank, alpha).to(device)
-        text_encoder = _with_lora(model.text_encoder, text_encoder_targets, rank, alpha).to(device) if train_text_encoder else None
+        unet = peft_lora_copy(model.unet, unet_targets, rank, alpha, adapter_name=ADAPTER_NAME).to(device)
+        text_encoder = (peft_lora_copy(model.text_encoder, text_encoder_targets, rank, alpha, adapter_name=ADAPTER_NAME)
+                        .to(device) if train_text_encoder else None)
     encoder = PromptEncoder(model.tokenizer, text_encoder if text_encoder is not None else model.text_encoder)
     chunks = max(len(encoder.count_tokens(c)) for c in captions)
     fixed_conditioning = None

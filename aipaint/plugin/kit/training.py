@@ -1,5 +1,6 @@
 """What the training commands share (LoRA, DreamBooth, textual inversion): their pictures as
-tensors, the model's own noise schedule for training, and the loss target it implies."""
+tensors, the model's own noise schedule for training, the loss target it implies, and a
+trainable copy of a network with peft LoRA layers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from aipaint.errors import UnsupportedFeature
 
-__all__ = ["loss_target", "noise_scheduler", "square_image_tensor"]
+__all__ = ["loss_target", "noise_scheduler", "peft_lora_copy", "square_image_tensor"]
 
 
 def square_image_tensor(paths: Sequence[Path], size: int) -> torch.Tensor:
@@ -54,3 +55,20 @@ def loss_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, time
     if prediction == "sample":
         return latents
     raise UnsupportedFeature(f"{what} does not know the prediction type {prediction!r}")
+
+
+def peft_lora_copy(module: torch.nn.Module, targets: Sequence[str], rank: int, alpha: float, *,
+                   adapter_name: str) -> torch.nn.Module:
+    """A float32 copy of ``module`` (a ``torch.compile`` wrapper looked through) with peft LoRA
+    layers of ``rank`` and ``alpha`` on the modules ``targets`` names (peft's ``target_modules``),
+    as adapter ``adapter_name``; only they train, ``module`` is left as it was. peft's default
+    initialisation (``lora_B`` zero) draws from torch's global generator: seed it for a repeatable
+    run. :func:`aipaint.plugin.kit.kohya.kohya_state` saves the layers under kohya keys."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    trainable = copy.deepcopy(getattr(module, "_orig_mod", module)).float()
+    trainable.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    return inject_adapter_in_model(config, trainable, adapter_name=adapter_name)

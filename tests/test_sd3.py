@@ -729,7 +729,11 @@ def sd3_controlnets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sd3-controlnets")
     paths = {}
     for name, overrides in {"instantx": {}, "shifted": {"force_zeros_for_pooled_projection": False},
-                            "wide": {"joint_attention_dim": 64}}.items():
+                            "wide": {"joint_attention_dim": 64},
+                            # configured as Stability's SD 3.5 ControlNets: no position embedding of its own (it
+                            # takes the MMDiT's), no text input (single-stream blocks), the prompt's pooled projection
+                            "sd35": {"use_pos_embed": False, "force_zeros_for_pooled_projection": False,
+                                     "joint_attention_dim": None, "pos_embed_type": None}}.items():
         build_tiny_sd3_controlnet(**overrides).save_pretrained(root / name)
         paths[name] = root / name
     return paths
@@ -750,7 +754,7 @@ def mean_vae_posterior(monkeypatch):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
 
 
-@pytest.mark.parametrize("kind", ["instantx", "shifted"])
+@pytest.mark.parametrize("kind", ["instantx", "shifted", "sd35"])
 def test_controlnet_matches_diffusers_sd3_controlnet_pipeline(sd3_two_blocks, sd3_two_blocks_path, sd3_controlnets,
                                                               mean_vae_posterior, kind):
     from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
@@ -758,6 +762,8 @@ def test_controlnet_matches_diffusers_sd3_controlnet_pipeline(sd3_two_blocks, sd
     kw = dict(sampler="Euler", steps=3, cfg_scale=5.0, seed=7, width=32, height=32)
     result = sd3_two_blocks.txt2img(PROMPT, "blue", adapters=(sd3_control_unit(sd3_controlnets[kind], weight=0.8),), **kw)
     controlnet = SD3ControlNetModel.from_pretrained(sd3_controlnets[kind])
+    if kind == "sd35":
+        assert controlnet.pos_embed is None and controlnet.context_embedder is None
     ref = StableDiffusion3ControlNetPipeline.from_pretrained(sd3_two_blocks_path, controlnet=controlnet, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     expected = ref(PROMPT, negative_prompt="blue", control_image=noise_picture(32, seed=5), controlnet_conditioning_scale=0.8,

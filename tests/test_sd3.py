@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import aipaint
 from aipaint.models.family import ModelSource
@@ -344,6 +345,32 @@ def test_txt2img_matches_diffusers_sd3_pipeline(sd3, sd3_no_t5, sd3_path, negati
     assert ours.shape == (height, width, 3)
     assert np.abs(ours - quantised(expected)).mean() < 1e-3
     assert ours.std() > 0.01
+
+
+def test_a_per_job_shift_matches_diffusers_with_that_shift_and_is_recorded(sd3, sd3_path, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from aipaint.cli.main import main
+    from aipaint.errors import InvalidParameter
+
+    kw = dict(sampler="Euler", steps=3, cfg_scale=5.0, seed=7, width=32, height=32)
+    shifted = sd3.txt2img(PROMPT, options={"sd3": {"shift": 1.0}}, **kw)
+    ref = reference(sd3_path, fresh=True)
+    ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref.scheduler.config, shift=1.0)
+    expected = ref(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+                   width=32, height=32, output_type="np").images[0]
+    ours = as_array(shifted.image)
+    assert np.abs(ours - quantised(expected)).mean() < 1e-3
+    plain = sd3.txt2img(PROMPT, **kw)
+    assert np.abs(ours - as_array(plain.image)).mean() > 1e-3  # the model's own shift is 3
+    assert "Shift: 1," in shifted.parameters and "Shift" not in plain.parameters
+    with pytest.raises(InvalidParameter, match="sd3.shift"):
+        sd3.txt2img(PROMPT, options={"sd3": {"shift": 0}}, **kw)
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    shifted.save(first)
+    assert main(["generate", "--from-png", str(first), "-m", str(sd3_path), "-o", str(again)]) == 0
+    with Image.open(again) as rerun:
+        assert np.array_equal(np.asarray(rerun.convert("RGB")), np.asarray(shifted.image.convert("RGB")))
 
 
 def test_dpm_2m_flow_form_matches_diffusers_with_flow_sigmas(sd3, sd3_path):

@@ -74,7 +74,7 @@ def generate(
     # 2. Parse the prompts once.
     parsed, negative = parse_prompts(request, stacklevel=4)
     # 3. The sampler's plan over the model's own noise schedule, and one generator per image.
-    plan = sampler.plan(model.sampling_config(run.width, run.height), run.schedule, run.steps, device=model.device, seeds=run.seeds)
+    plan = sampler.plan(model.request_sampling_config(run), run.schedule, run.steps, device=model.device, seeds=run.seeds)
     generators = make_generators(run.seeds)
     shape = (model.latent_channels, run.height // factor, run.width // factor)
     refiner = refiner_model(run.refiner) if run.refiner is not None else None

@@ -153,6 +153,11 @@ class LatentDiffusionModel(GenerativeModel):
         shift, from the number of image tokens)."""
         return self.scheduler_config
 
+    def request_sampling_config(self, request: GenerationRequest) -> dict[str, Any]:
+        """The scheduler config a request's plan uses: :meth:`sampling_config` at the request's
+        size, unless the family adjusts it per request (e.g. a flow shift a request option sets)."""
+        return self.sampling_config(request.width, request.height)
+
     # --- text ---------------------------------------------------------------------------
     def prompt_encoder(self, clip_skip: int = 1, normalization: str = "a1111") -> Any:
         key = (clip_skip, normalization)

@@ -14,12 +14,14 @@ leaves T5-XXL out (about 9.5 GB less at fp16, as diffusers' ``text_encoder_3=Non
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aipaint import hookimpl
+from aipaint.api.options import OptionGroup
 from aipaint.errors import ModelLoadError
 from aipaint.models.family import LoadOptions, ModelFamily, ModelSource
 
@@ -252,6 +254,29 @@ def t5_tokenizer(config: Path) -> Any:
             f"the file has T5-XXL weights but no T5 tokenizer is at hand ({T5_TOKENIZER_REPO} could not be read: {exc}); "
             "connect once to cache it, pass config= a folder with tokenizer_3/, or load with t5=False"
         ) from exc
+
+
+def options_from_png(args: argparse.Namespace, png_params: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The "Shift" a ``--from-png`` image recorded (an explicit ``--option sd3.shift=…`` still wins)."""
+    from aipaint_plugins.sd3.options import INFOTEXT_KEY
+
+    recorded = png_params.get(INFOTEXT_KEY, "").strip()
+    return {"sd3": {"shift": recorded}} if recorded else {}
+
+
+@hookimpl
+def register_options(register: Callable[[type[OptionGroup]], None]) -> None:
+    from aipaint_plugins.sd3.options import SD3Options
+
+    register(SD3Options)
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    from aipaint.cli.api import add_request_options_builder, generation_parsers
+
+    for parser in generation_parsers(subparsers):
+        add_request_options_builder(parser, options_from_png)
 
 
 @hookimpl

@@ -129,6 +129,23 @@ class SD3Model(LatentDiffusionModel):
         return out
 
     # --- networks ----------------------------------------------------------------------------------
+    # --- the flow shift per job (sd3.shift) ------------------------------------------------
+    def request_sampling_config(self, request: Any) -> dict[str, Any]:
+        """The model's scheduler config, with the request's ``sd3.shift`` when it sets one."""
+        from aipaint_plugins.sd3.options import SD3Options
+
+        config = super().request_sampling_config(request)
+        shift = request.option(SD3Options).shift
+        return config if shift is None else {**config, "shift": float(shift), "use_dynamic_shifting": False}
+
+    def job_contributors(self, request: Any, *, prompt: Any, generators: list[torch.Generator]) -> tuple[list[Any], dict[str, str]]:
+        from aipaint_plugins.sd3.options import INFOTEXT_KEY, SD3Options
+
+        from aipaint.infotext import format_number
+
+        shift = request.option(SD3Options).shift
+        return [], ({INFOTEXT_KEY: format_number(float(shift))} if shift is not None else {})
+
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, **extra: Any) -> torch.Tensor:
         from aipaint.plugin.kit.controlnets import pop_transformer_controlnets
 

@@ -34,7 +34,7 @@ from aipaint.plugin.kit.patches import AppliedPatches
 CACHE_SIZE = 8
 HASHES = MappingCodec("Lora hashes")
 UNMATCHED_KEYS = MappingCodec("Lora unmatched keys")
-PATCHED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PATCHED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")  # _3: SD 3's T5
 
 
 class UnmatchedLoraKeys(AipaintWarning):
@@ -101,7 +101,7 @@ _patch_cache: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], LoraPa
 
 def patch_components(model: Any) -> dict[str, Any]:
     """The networks a LoRA may patch that this model has: the UNet and its text encoders
-    (SDXL's base has two; its refiner only ``text_encoder_2``)."""
+    (SDXL's base has two; its refiner only ``text_encoder_2``; SD 3 has three)."""
     return {name: module for name in PATCHED_COMPONENTS if (module := getattr(model, name, None)) is not None}
 
 

@@ -13,6 +13,8 @@ Formats understood (keys are grouped by the module they address):
   ``lora_unet_single_blocks_0_linear1``) and SD 3 files in Stability's
   (``lora_unet_joint_blocks_0_x_block_attn_qkv``): fused q/k/v (and FLUX's single blocks'
   q/k/v/MLP) layers are split into diffusers' modules at the model's own widths.
+* a T5 text encoder's modules (SD 3's and FLUX's) under sd-scripts' ``lora_te3_<path>``
+  (``lora_te3_encoder_block_0_layer_0_SelfAttention_q``), whatever the model calls that encoder.
 * diffusers / PEFT: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``transformer.<path>``
   for SD 3 and FLUX; also with a PEFT
   adapter name, ``base_model.model.`` prefixes, or no component prefix), ``text_encoder.…``,
@@ -45,7 +47,7 @@ import torch
 from torch import nn
 
 # kohya key naming is the kit's: the training commands save under the same keys this reads.
-from aipaint.plugin.kit.kohya import KOHYA_PREFIX_OF, canonical_path, kohya_key
+from aipaint.plugin.kit.kohya import KOHYA_PREFIX_OF, T5_PREFIX, canonical_path, is_t5_path, kohya_key
 
 # Component names are those of aipaint.models.latent.LatentDiffusionModel.modules() (text_encoder_2: SDXL's).
 KOHYA_PREFIXES: dict[str, str] = {
@@ -238,7 +240,9 @@ class ModuleTable:
             for path, module in patchable_modules(root).items():
                 shapes[(component, path)] = module.weight.shape
                 modules[(component, canonical_path(component, path))] = path
-                if component in KOHYA_PREFIX_OF:
+                if component != "unet" and is_t5_path(path):  # sd-scripts' lora_te3_, whatever the component
+                    kohya.setdefault(T5_PREFIX + path.replace(".", "_"), (component, path))
+                elif component in KOHYA_PREFIX_OF:
                     kohya.setdefault(kohya_key(component, path), (component, path))
         unet = components.get("unet")
         config = getattr(getattr(unet, "_orig_mod", unet), "config", None)
@@ -247,6 +251,8 @@ class ModuleTable:
 
     def find(self, base: str) -> tuple[str, str] | None:
         """The (component, actual module path) a key's base name addresses, or None."""
+        if base.startswith(T5_PREFIX):
+            return self.kohya.get(base)
         for prefix, component in KOHYA_PREFIXES.items():
             if base.startswith(prefix):
                 found = self.kohya.get(KOHYA_PREFIX_OF[component] + base[len(prefix):])

@@ -6,20 +6,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KOHYA_PREFIX_OF", "TEXT_ENCODERS", "canonical_path", "kohya_key", "kohya_state"]
+__all__ = ["KOHYA_PREFIX_OF", "T5_PREFIX", "TEXT_ENCODERS", "canonical_path", "is_t5_path", "kohya_key", "kohya_state"]
 
 # Component names are those of aipaint.models.latent.LatentDiffusionModel.modules() (text_encoder_2: the
 # second text encoder of two-encoder models).
 TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIX_OF: dict[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# sd-scripts' (and ComfyUI's) prefix for a T5 text encoder's modules (SD 3, FLUX), whatever the model calls
+# that component: ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``.
+T5_PREFIX = "lora_te3_"
 _PEFT_TO_KOHYA = ((".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up"))
+
+
+def is_t5_path(path: str) -> bool:
+    """Whether ``path`` is a module of a T5 encoder (``T5EncoderModel``: ``encoder.block.N…``, ``shared``)."""
+    return path.startswith(("encoder.block.", "encoder.final_layer_norm", "shared"))
 
 
 def canonical_path(component: str, path: str) -> str:
     """The module path LoRA files use. kohya and diffusers name text-encoder modules from
     ``text_model.`` (the transformers 4 layout); transformers 5 dropped that level in
-    ``CLIPTextModel``. ``text_projection`` (a second encoder's projection) sits beside it in both."""
-    if component in TEXT_ENCODERS and not path.startswith("text_model.") and path != "text_projection":
+    ``CLIPTextModel``. ``text_projection`` (a second encoder's projection) sits beside it in both,
+    and a T5 encoder never had it."""
+    if (component in TEXT_ENCODERS and not path.startswith("text_model.") and path != "text_projection"
+            and not is_t5_path(path)):  # a T5 (FLUX's second encoder) has no text_model level
         return "text_model." + path
     return path
 

@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -105,17 +104,11 @@ def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 def timed_in_turns(fns: dict[str, Callable[[], object]], n: int) -> dict[str, float]:
     """Median seconds of each function over ``n`` rounds; each round runs every function once, in turns,
-    so load on a shared machine falls on all of them alike. One warm-up round first."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    so load on a shared machine falls on all of them alike. One warm-up round first. Inference mode."""
+    from _runtime_bench import alternating_medians
+
     with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        for _ in range(n):
-            for k, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+        return alternating_medians(fns, n, warmup=1)
 
 
 def folder_size(folder: Path) -> int:

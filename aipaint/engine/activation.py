@@ -56,7 +56,7 @@ def adapter_defaults(model: LatentDiffusionModel, request: GenerationRequest, ho
 
     registry = host.registry.adapters
     specs = [spec for spec in registry if spec.request_defaults is not None]
-    if not specs:
+    if not specs or ("<" not in request.prompt and not request.adapters):  # no tags, no units: nothing to ask
         return {}
     parsed = parse_prompt(request.prompt)
     tags: tuple[Any, ...] = (*parsed.loras, *parsed.extra_networks)

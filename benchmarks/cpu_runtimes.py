@@ -1,4 +1,4 @@
-"""CPU runtimes side by side: torch fp32/bf16, ONNX Runtime fp32, OpenVINO fp32/bf16/int8 weights.
+"""CPU runtimes side by side: torch fp32/bf16, ONNX Runtime fp32/int8, OpenVINO fp32/bf16/int8 weights/int8 activations.
 
 Three sections, each run in one process with the sides timed in turns (a, b, c, a, b, c, …)
 so that load from other processes on a shared machine falls on every side alike:
@@ -12,6 +12,11 @@ so that load from other processes on a shared machine falls on every side alike:
 3. ``embedded``: the embedded model (32 px): seconds per image and adherence
    (``aipaint_plugins.shapes_world.evaluate.adherence``, mean score × 100 over N captions)
    for every side.
+
+``ov-int8a`` is OpenVINO with int8 weights and int8 convolution activations (``aipaint export
+openvino --weights int8 --activations int8``: optimum-intel's hybrid recipe), calibrated by
+generating 4 ordinary prompts × 20 steps with the model at the section's size (on the embedded
+model: 8 training-style captions that are not among the evaluated ones).
 
 bf16 sides compute in bf16 only where the CPU has bf16 units; elsewhere torch emulates bf16
 (slower than fp32: the time is not what a bf16 CPU gives, the error is) and OpenVINO falls back
@@ -49,8 +54,8 @@ import numpy as np
 import torch
 from _runtime_bench import Report, environment, random_sd15_model, relative_error
 
-SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "optimum-default",
-         "optimum-f32")
+SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "ov-int8a",
+         "optimum-default", "optimum-f32")
 REFERENCE_SIDES = ("optimum-default", "optimum-f32")  # the image section only
 REFERENCE_PYTHON = Path(__file__).resolve().parent.parent / ".optimum-venv" / "bin" / "python"
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -88,8 +93,10 @@ def checkpoint(report: Report) -> None:
 class Exports:
     """The ONNX export and OpenVINO conversions of one model, made on first use."""
 
-    def __init__(self, model: Any, work: Path, components: tuple[str, ...], report: Report) -> None:
+    def __init__(self, model: Any, work: Path, components: tuple[str, ...], report: Report,
+                 calibration: Any = None) -> None:
         self.model, self.work, self.components, self.report = model, work, components, report
+        self.calibration = calibration  # for ov-int8a: a Calibration whose model is ``model``
         self.folders: dict[str, Path] = {}
         work.mkdir(parents=True, exist_ok=True)
 
@@ -112,15 +119,31 @@ class Exports:
             self.report(f"(ONNX export with int8 UNet MatMul weights: {time.perf_counter() - started:.0f} s)")
         return self.folders["onnx-int8"]
 
-    def openvino(self, weights: str) -> Path:
-        key = f"ov-{weights}"
+    def openvino(self, weights: str, activations: str = "float") -> Path:
+        key = f"ov-{weights}" + ("a" if activations == "int8" else "")
         if key not in self.folders:
             from aipaint_plugins.openvino_runtime.convert import convert_to_openvino
 
             started = time.perf_counter()
-            self.folders[key] = convert_to_openvino(self.onnx(), self.work / key, weights=weights).root
-            self.report(f"(OpenVINO IR, {weights} weights: {time.perf_counter() - started:.0f} s)")
+            calibration = self.calibration if activations == "int8" else None
+            self.folders[key] = convert_to_openvino(self.onnx(), self.work / key, weights=weights,
+                                                    activations=activations, calibration=calibration).root
+            detail = (f", int8 convolution activations calibrated on {len(calibration.prompts)} prompts × "
+                      f"{calibration.steps} steps" if calibration else "")
+            self.report(f"(OpenVINO IR, {weights} weights{detail}: {time.perf_counter() - started:.0f} s)")
         return self.folders[key]
+
+    def openvino_side(self, side: str) -> Path:
+        return self.openvino("int8" if side in ("ov-int8", "ov-int8a") else "fp32",
+                             "int8" if side == "ov-int8a" else "float")
+
+
+def calibration_for(model: Any, size: int | None, steps: int, prompts: Any = None) -> Any:
+    """ov-int8a's calibration: ``model`` generating 4 ordinary prompts (or ``prompts``) at the benchmark's size
+    (``None``: the model's default size)."""
+    from aipaint_plugins.openvino_runtime.quantize import DEFAULT_PROMPTS, Calibration
+
+    return Calibration(model, list(prompts or DEFAULT_PROMPTS[:4]), steps=steps, width=size, height=size)
 
 
 def prepare_side(side: str, reference: Any, exports: Exports, threads: int) -> Any | None:
@@ -142,7 +165,7 @@ def prepare_side(side: str, reference: Any, exports: Exports, threads: int) -> A
         precision = "bf16" if side == "ov-bf16" else "auto"
         if side == "ov-bf16" and planned_precision(ov.Core(), OvOptions.parse({"openvino_dir": "-", "precision": "bf16"})) != "bf16":
             return None
-        folder = exports.openvino("int8" if side == "ov-int8" else "fp32")
+        folder = exports.openvino_side(side)
         prepare_openvino(model, {"openvino_dir": str(folder), "threads": threads, "verify": "size", "precision": precision})
     return model
 
@@ -153,7 +176,8 @@ def unet_section(report: Report, sides: list[str], work: Path, latent: int, repe
     started = time.perf_counter()
     reference = random_sd15_model()
     report(f"(model built in {time.perf_counter() - started:.0f} s; load average before: {load_average()})")
-    exports = Exports(reference, work, ("unet",), report)
+    exports = Exports(reference, work, ("unet",), report,
+                      calibration_for(reference, latent * 8, 20))
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, latent, latent, generator=g)
     embeds = torch.randn(2, 77, 768, generator=g)
@@ -266,7 +290,8 @@ def image_section(report: Report, sides: list[str], work: Path, size: int, steps
            f"{threads} thread(s)")
     host = default_host()
     reference = random_sd15_model()
-    exports = Exports(reference, work, ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report)
+    exports = Exports(reference, work, ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report,
+                      calibration_for(reference, size, steps))
     params = dict(seed=5, steps=steps, width=size, height=size, sampler="Euler", cfg_scale=7.0)
     noise = work / "noise.npy"
     work.mkdir(parents=True, exist_ok=True)
@@ -330,7 +355,11 @@ def embedded_section(report: Report, sides: list[str], work: Path, captions: int
     rng = np.random.default_rng(0)
     texts = [random_scene(rng, "train").caption for _ in range(captions)]
     base = aipaint.load(zoo.DEFAULT_MODEL)
-    exports = Exports(base.model, work / "embedded", ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report)
+    calibration_rng = np.random.default_rng(1)  # calibration captions: not the evaluated ones
+    calibration = calibration_for(base.model, None, 20,
+                                  [random_scene(calibration_rng, "train").caption for _ in range(8)])
+    exports = Exports(base.model, work / "embedded", ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report,
+                      calibration)
     pipes = {}
     for side in sides:
         if side == "torch-fp32":
@@ -350,7 +379,7 @@ def embedded_section(report: Report, sides: list[str], work: Path, captions: int
             if side == "ov-bf16" and planned_precision(ov.Core(), OvOptions.parse({"openvino_dir": "-", "precision": "bf16"})) != "bf16":
                 report(f"{side}: skipped, this CPU has no bf16 units")
                 continue
-            folder = exports.openvino("int8" if side == "ov-int8" else "fp32")
+            folder = exports.openvino_side(side)
             runtime = "openvino"
             options = {"openvino_dir": str(folder), "threads": threads, "precision": "bf16" if side == "ov-bf16" else "auto"}
         pipes[side] = aipaint.load(zoo.DEFAULT_MODEL, runtime=runtime, runtime_options=options)

@@ -251,3 +251,73 @@ def test_cli_convert_subset_then_generate(tiny_sd_path, int8_dir, int8_pipe, tmp
     assert code == 0 and png.is_file()
     reference = int8_pipe.txt2img("a red circle", seed=1, steps=2, width=32, height=32)
     assert np.abs(np.asarray(Image.open(png).convert("RGB"), dtype=np.int16) - pixels(reference)[0]).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def int8a_dir(tiny_sd_path, onnx_dir, tmp_path_factory) -> Path:
+    """int8 weights and int8 convolution activations (the hybrid recipe), through the command line, calibrated on
+    two prompts × 3 steps with the model loaded from its folder."""
+    pytest.importorskip("nncf")
+    folder = tmp_path_factory.mktemp("ov-int8a")
+    (folder / "prompts.txt").write_text("a red circle\na blue square on a black background\n")
+    out = folder / "tiny-int8a"
+    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(out), "--weights", "int8", "--activations", "int8",
+                     "-m", str(tiny_sd_path), "--calibration-prompts", str(folder / "prompts.txt"),
+                     "--calibration-steps", "3", "--calibration-size", "32x32"]) == 0
+    return out
+
+
+def test_int8_activations_are_calibrated_on_the_model_and_stay_close(tiny_sd_path, plugin_host, tiny_pipe, int8a_dir):
+    import openvino as ov
+
+    manifest = read_ir_manifest(int8a_dir)
+    section = manifest.data["openvino"]
+    assert (section["weights"], section["activations"]) == ("int8", "int8")
+    assert section["calibration"]["samples"] == 2 * 3  # one recorded UNet call per step and prompt
+    assert manifest.components["unet"]["activations"] == "int8"
+    assert manifest.components["vae_decoder"]["activations"] == "float"
+    kinds = {}
+    for op in ov.Core().read_model(str(int8a_dir / "unet" / "openvino_model.xml")).get_ops():
+        kinds[op.get_type_name()] = kinds.get(op.get_type_name(), 0) + 1
+    assert kinds.get("FakeQuantize", 0) >= kinds["Convolution"] // 2, kinds  # the convolutions' inputs are quantised
+    for name in ("text_encoder", "vae_decoder"):  # no activation quantisation outside the UNet
+        assert not any(op.get_type_name() == "FakeQuantize"
+                       for op in ov.Core().read_model(str(int8a_dir / name / "openvino_model.xml")).get_ops())
+    pipe = load_with(tiny_sd_path, plugin_host, int8a_dir)
+    result = pipe.txt2img("a red circle", **GEN)
+    assert Infotext.from_text(result.infotexts[0]).params["Precision"] == "fp32 int8-weights int8-activations"
+    difference = np.abs(pixels(result) - pixels(tiny_pipe.txt2img("a red circle", **GEN)))
+    assert difference.mean() < 8, difference.mean()
+
+
+def test_int8_activations_need_int8_weights_a_calibration_and_the_same_model(tiny_pipe, onnx_dir, ov_dir, tmp_path,
+                                                                             capsys):
+    from aipaint_plugins.openvino_runtime.quantize import Calibration, read_prompts
+
+    calibration = Calibration(tiny_pipe, ["a red circle"], steps=1, width=32, height=32)
+    with pytest.raises(InvalidParameter, match="int8 weights"):
+        convert_to_openvino(onnx_dir, tmp_path / "a", activations="int8", calibration=calibration)
+    with pytest.raises(InvalidParameter, match="calibrated by generating"):
+        convert_to_openvino(onnx_dir, tmp_path / "b", weights="int8", activations="int8")
+    with pytest.raises(InvalidParameter, match="activations"):
+        convert_to_openvino(onnx_dir, tmp_path / "c", activations="int4")
+    with pytest.raises(InvalidParameter, match="steps"):
+        Calibration(tiny_pipe, ["a red circle"], steps=0)
+    with pytest.raises(InvalidParameter, match="prompts"):
+        Calibration(tiny_pipe, ["  "])
+    from aipaint_plugins.openvino_runtime.quantize import collect_unet_inputs
+
+    feeds = collect_unet_inputs(calibration, ov_dir)  # a loaded model is copied, not changed
+    assert len(feeds) == 1 and set(feeds[0]) == {io["name"] for io in read_ir_manifest(ov_dir).components["unet"]["inputs"]}
+    assert feeds[0]["sample"].shape[0] == 2  # the classifier-free-guidance batch
+    assert tiny_pipe.model.runtime == "torch" and type(tiny_pipe.model.unet).__name__ == "UNet2DConditionModel"
+    (tmp_path / "prompts.txt").write_text("# calibration\na red circle\n\n a blue square \n")
+    assert read_prompts(tmp_path / "prompts.txt") == ["a red circle", "a blue square"]
+    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(tmp_path / "d"), "--weights", "int8",
+                     "--activations", "int8"]) != 0
+    assert "needs --model" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    other = save_tiny_sd(tmp_path / "other-model", seed=123)  # same architecture, other weights
+    with pytest.raises(ModelLoadError, match="exported from"):
+        convert_to_openvino(onnx_dir, tmp_path / "e", weights="int8", activations="int8",
+                            calibration=Calibration(str(other), ["a red circle"], steps=1, width=32, height=32))
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.partial*"))  # nothing half-written is left

@@ -61,10 +61,36 @@ def cmd_export_openvino(args: argparse.Namespace) -> int:
     if problem:
         raise AipaintError(f"cannot convert to OpenVINO IR: {problem}")
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
-    manifest = convert_to_openvino(args.onnx_dir, args.output, weights=args.weights, components=components,
-                                   overwrite=args.overwrite, log=lambda message: print(message, file=sys.stderr))
+    calibration = None
+    if args.activations == "int8":
+        from aipaint_plugins.openvino_runtime.quantize import DEFAULT_PROMPTS, Calibration, read_prompts
+
+        if not args.model:
+            raise AipaintError("--activations int8 needs --model: the model the ONNX export was made from (its "
+                               "activation ranges are measured by generating with it)")
+        size = _size(args.calibration_size) if args.calibration_size else (None, None)
+        calibration = Calibration(
+            args.model, read_prompts(args.calibration_prompts) if args.calibration_prompts else DEFAULT_PROMPTS,
+            steps=args.calibration_steps, width=size[0], height=size[1],
+        )
+    manifest = convert_to_openvino(args.onnx_dir, args.output, weights=args.weights, activations=args.activations,
+                                   calibration=calibration, components=components, overwrite=args.overwrite,
+                                   log=lambda message: print(message, file=sys.stderr))
     print(manifest.root)
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    from aipaint.errors import InvalidParameter
+
+    width, _, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height or width))
+    except ValueError:
+        raise InvalidParameter("calibration-size", text, "WIDTHxHEIGHT in pixels, e.g. 512x512") from None
+    if min(size) < 8 or max(size) > 4096:
+        raise InvalidParameter("calibration-size", text, "sides from 8 to 4096 pixels")
+    return size
 
 
 @hookimpl
@@ -77,6 +103,14 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to write (created atomically)")
     p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                    help="int8: compress the weights with NNCF (activations keep the compute precision)")
+    p.add_argument("--activations", choices=("float", "int8"), default="float",
+                   help="int8 (with --weights int8): also quantise the UNet's convolution activations, calibrated by "
+                        "generating with --model (optimum-intel's hybrid recipe; faster on the CPU)")
+    p.add_argument("-m", "--model", help="with --activations int8: the model the ONNX export was made from")
+    p.add_argument("--calibration-prompts", metavar="FILE",
+                   help="with --activations int8: prompts to calibrate on, one per line (default: 8 ordinary prompts)")
+    p.add_argument("--calibration-steps", type=int, default=20, help="steps per calibration prompt (default 20)")
+    p.add_argument("--calibration-size", metavar="WxH", help="calibration image size (default: the model's)")
     p.add_argument("--components", help="comma-separated subset of the export's components (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OpenVINO export in that folder")
     p.set_defaults(func=cmd_export_openvino)

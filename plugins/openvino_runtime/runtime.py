@@ -208,7 +208,10 @@ def prepare_openvino(model: LatentDiffusionModel, options: dict[str, Any]) -> No
     install_sessions(model, sessions)
     precision = planned_precision(core, opts)
     weights = manifest.data["openvino"]["weights"]
+    activations = manifest.data["openvino"].get("activations", "float")
     model.precision = precision  # type: ignore[attr-defined]
     recorded = precision if weights == "fp32" else f"{precision} {weights}-weights"
+    if activations != "float":
+        recorded += f" {activations}-activations"
     if recorded != "fp32":
         model.runtime_infotext = {"Precision": recorded}  # type: ignore[attr-defined]

@@ -62,14 +62,15 @@ def psnr(a, b) -> float:
     return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def generated_swaps(pipe, n: int, steps: int, tolerance: float, cross: float, self_: float) -> dict[str, float]:
+def generated_swaps(pipe, n: int, steps: int, tolerance: float, cross: float, self_: float,
+                    reweights: tuple[float, ...] = ()) -> dict[str, float]:
     from aipaint_plugins.prompt_to_prompt import edit
     from aipaint_plugins.shapes_world.evaluate import read_scene
     from aipaint_plugins.shapes_world.scene import random_scene
 
     rng = np.random.default_rng(2026)
-    counts: dict[str, float] = {f"{name}_{what}": 0.0 for name in ("edit", "full", "neg", "plain")
-                                for what in ("kept", "ok", "iou", "shift")}
+    names = ("edit", "full", "neg", "plain", *(f"rw{w:g}" for w in reweights))
+    counts: dict[str, float] = {f"{name}_{what}": 0.0 for name in names for what in ("kept", "ok", "iou", "shift")}
     counts["pairs"] = 0
     started = time.perf_counter()
     for i in range(n):
@@ -85,8 +86,10 @@ def generated_swaps(pipe, n: int, steps: int, tolerance: float, cross: float, se
             continue
         counts["pairs"] += 1
         plain_image = pipe.txt2img(b, seed=i, steps=steps).image
+        weighted = [(f"rw{w:g}", edit(pipe, a, b, seed=i, steps=steps, cross_steps=cross, self_steps=self_,
+                                      reweight={new: w}).images[0]) for w in reweights]
         for name, image in (("edit", result.images[0]), ("full", full.images[0]), ("neg", neg.images[0]),
-                            ("plain", plain_image)):
+                            ("plain", plain_image), *weighted):
             reading = read_scene(image)
             counts[f"{name}_iou"] += foreground_iou(result.images[1], image)
             if reading.objects:
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inv-steps", type=int, default=10, help="DDIM steps of the inversions")
     parser.add_argument("--learning-rate", type=float, action="append", default=None,
                         help="null-text learning rate(s) to compare (default: 0.01, the paper's, and 0.05)")
+    parser.add_argument("--reweight", type=float, action="append", default=[],
+                        help="also an edit row with B's new colour word's attention re-weighted by this factor (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -154,17 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {pipe.model.name}, {args.steps} steps, CFG {pipe.model.defaults.cfg_scale:g}, "
           f"sampler {pipe.model.defaults.sampler} (generated) / DDIM (inversions), tolerance {args.tolerance:g} px")
     if args.n:
-        c = generated_swaps(pipe, args.n, args.steps, args.tolerance, args.cross_steps, args.self_steps)
+        c = generated_swaps(pipe, args.n, args.steps, args.tolerance, args.cross_steps, args.self_steps,
+                            tuple(args.reweight))
         pairs = max(c["pairs"], 1)
         print(f"\n1. colour-word swap on generated images: {c['pairs']} of {args.n} sources read as one object "
               f"(cross {args.cross_steps:g}, self {args.self_steps:g}; {c['seconds']:.0f} s)")
         print(f"{'':38}{'layout kept':>14}{'kept + new colour':>20}{'footprint IoU':>16}{'centre shift px':>17}")
         for name, label in (("edit", f"P2P, cross {args.cross_steps:g}"), ("full", "P2P, cross 1"),
                             ("neg", f"P2P, cross {args.cross_steps:g}, negative rows"),
-                            ("plain", "plain re-generation of B")):
+                            ("plain", "plain re-generation of B"),
+                            *((f"rw{w:g}", f"P2P, cross {args.cross_steps:g}, new colour x{w:g}") for w in args.reweight)):
             print(f"{label:38}{c[f'{name}_kept'] / pairs:>14.1%}{c[f'{name}_ok'] / pairs:>20.1%}"
                   f"{c[f'{name}_iou'] / pairs:>16.3f}{c[f'{name}_shift'] / pairs:>17.2f}")
-        best = max(c[f"{name}_ok"] for name in ("edit", "full", "neg")) / pairs
+        best = max(c[f"{name}_ok"] for name in ("edit", "full", "neg", *(f"rw{w:g}" for w in args.reweight))) / pairs
         print(f"target: edit success >= 90%: {'met' if best >= 0.9 else 'NOT met'} (best P2P row {best:.1%})")
     if args.n_real:
         rates = args.learning_rate or [0.01, 0.05]

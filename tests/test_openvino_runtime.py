@@ -329,3 +329,48 @@ def test_int8_activations_need_int8_weights_a_calibration_and_the_same_model(tin
         convert_to_openvino(onnx_dir, tmp_path / "e", weights="int8", activations="int8",
                             calibration=Calibration(str(other), ["a red circle"], steps=1, width=32, height=32))
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.partial*"))  # nothing half-written is left
+
+
+# --- ControlNets exported with the model ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cn_ov_dir(tiny_pipe, tmp_path_factory):
+    """The UNet and one ControlNet (named ``tiny-cn`` in ``AIPAINT_CONTROLNET_DIR``), exported and converted;
+    the text encoder and VAE stay in torch."""
+    from test_controlnet import _tiny_controlnet
+
+    folder = tmp_path_factory.mktemp("ov-controlnets")
+    _tiny_controlnet(tiny_pipe.model.unet, 1).save_pretrained(folder / "tiny-cn")
+    _tiny_controlnet(tiny_pipe.model.unet, 2).save_pretrained(folder / "Other-CN")
+    onnx = export_onnx(tiny_pipe.model, folder / "onnx", components=("unet",), controlnets=[folder / "tiny-cn"]).root
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIPAINT_CONTROLNET_DIR", str(folder))
+        yield convert_to_openvino(onnx, folder / "ov").root
+
+
+def test_exported_controlnets_run_in_openvino_and_match_torch(tiny_sd_path, plugin_host, tiny_pipe, cn_ov_dir):
+    from test_onnx_runtime import cn_unit, controlnets_used
+
+    from aipaint.errors import UnsupportedFeature
+    from aipaint.plugin.kit.stand_ins import ExportedControlNet
+
+    manifest = read_ir_manifest(cn_ov_dir)
+    assert list(manifest.controlnets) == ["tiny-cn"]
+    assert manifest.controlnets["tiny-cn"]["file"] == "controlnet/tiny-cn/openvino_model.xml"
+    pipe = load_with(tiny_sd_path, plugin_host, cn_ov_dir)
+    [used] = controlnets_used(pipe, cn_unit())
+    assert type(used) is ExportedControlNet and used.providers == ["OpenVINO CPU"]
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    for run in (lambda p, u: p.txt2img("a red square", adapters=u, **GEN),
+                lambda p, u: p.img2img(image, "a red square", adapters=u, denoising_strength=0.6, **GEN)):
+        for units in ((cn_unit(),), (cn_unit(weight=0.7), cn_unit("Other-CN", preprocessor="none"))):
+            assert np.abs(pixels(run(tiny_pipe, units)) - pixels(run(pipe, units))).max() <= 1
+    controlled = pixels(pipe.txt2img("a red square", adapters=(cn_unit(),), **GEN))
+    assert np.abs(controlled - pixels(pipe.txt2img("a red square", **GEN))).mean() > 1  # it steered the image
+    strict = load_with(tiny_sd_path, plugin_host, cn_ov_dir, torch_controlnets=False)
+    with pytest.raises(UnsupportedFeature, match="'Other-CN' cannot run through OpenVINO.*not in the export") as caught:
+        controlnets_used(strict, cn_unit("Other-CN"))
+    assert "aipaint export openvino" in str(caught.value)
+    with pytest.raises(InvalidParameter, match="torch_controlnets"):
+        OvOptions.parse({"openvino_dir": "x", "torch_controlnets": "no"})

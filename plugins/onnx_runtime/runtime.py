@@ -37,11 +37,16 @@ from aipaint.plugin.kit.exports import (
     CONTROLNET_PREFIX,
     Manifest,
     bind_symbols,
-    controlnet_source_matches,
     read_manifest,
     resolve_shape,
 )
-from aipaint.plugin.kit.stand_ins import TORCH_DTYPES, ExportedComponent, install_sessions
+from aipaint.plugin.kit.stand_ins import (
+    TORCH_DTYPES,
+    ExportedControlNet,
+    ExportedControlNets,
+    check_controlnets_fit,
+    install_sessions,
+)
 
 if TYPE_CHECKING:
     from aipaint.models.latent import LatentDiffusionModel
@@ -229,96 +234,6 @@ class OrtSession:
         return outputs
 
 
-class ExportedControlNet(ExportedComponent):
-    """An exported ControlNet as a session, called like diffusers' ``ControlNetModel``."""
-
-    def __init__(self, key: str, entry: Mapping[str, Any], session: OrtSession, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        from diffusers.configuration_utils import FrozenDict
-
-        super().__init__(FrozenDict(entry["config"]), session, dtype, device)
-        self.key = key
-        self.source = dict(entry["source"])
-        self.residual_names = list(session.outputs)
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
-        return_dict: bool = True,
-        **unsupported: Any,
-    ) -> Any:
-        used = {k: v for k, v in unsupported.items() if v is not None and v is not False}
-        if used:
-            raise UnsupportedFeature(
-                f"the exported ControlNet {self.key!r} does not take {', '.join(sorted(used))}; scale its residuals "
-                "afterwards, or use the torch runtime"
-            )
-        batch = sample.shape[0]
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(batch)
-        out = self.session(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                           controlnet_cond=controlnet_cond)
-        residuals = [out[name].to(self.dtype) for name in self.residual_names]
-        down, mid = tuple(residuals[:-1]), residuals[-1]
-        if not return_dict:
-            return down, mid
-        from diffusers.models.controlnets.controlnet import ControlNetOutput
-
-        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
-
-
-class ExportedControlNets:
-    """What the ControlNet adapter asks when a unit loads a ControlNet (see
-    :func:`aipaint.plugin.kit.controlnets.use_runtime_controlnets`).
-
-    The exported ControlNet whose source file the unit names is returned; a name alone
-    never matches, because a different file of the same name would give other images. A
-    ControlNet that is not in the export gives ``None`` (it runs in torch), or an error
-    with ``torch_controlnets=False``.
-    """
-
-    def __init__(self, manifest: Manifest, stand_ins: Mapping[str, ExportedControlNet], torch_controlnets: bool) -> None:
-        self.root = manifest.root
-        self.stand_ins = dict(stand_ins)
-        self.torch_controlnets = torch_controlnets
-
-    def __call__(self, ref: Any, config: Path | None) -> ExportedControlNet | None:
-        for stand_in in self.stand_ins.values():
-            if controlnet_source_matches(stand_in.source, ref, config):
-                return stand_in
-        if self.torch_controlnets:
-            return None
-        exported = ", ".join(f"{s.source['name']!r}" for s in self.stand_ins.values()) or "none"
-        if ref.module is not None:
-            why = "it was given as a ControlNetModel object, which has no file to recognise it by; name it instead"
-        elif any(s.source["name"].lower() == ref.name.lower() for s in self.stand_ins.values()):
-            why = "the export holds a ControlNet of that name, but made from another file or config"
-        else:
-            why = "it is not in the export"
-        raise UnsupportedFeature(
-            f"ControlNet {ref.name!r} cannot run through ONNX Runtime: {why} (exported: {exported}); re-export with "
-            f"`aipaint export onnx MODEL -o {self.root} --overwrite --controlnet NAME`, or set the runtime option "
-            "torch_controlnets=true to run such ControlNets in torch"
-        )
-
-
-def check_controlnets_fit(manifest: Manifest) -> None:
-    """Each exported ControlNet must produce exactly the residuals the exported UNet takes."""
-    unet_residuals = [(io["name"], io["shape"]) for io in manifest.io("unet", "inputs") if "residual" in io["name"]]
-    for key in manifest.controlnets:
-        outputs = [(io["name"], io["shape"]) for io in manifest.io(CONTROLNET_PREFIX + key, "outputs")]
-        if not unet_residuals:
-            problem = "the UNet was exported without ControlNet inputs"
-        elif outputs != unet_residuals:
-            problem = f"it makes the residuals {outputs}, the UNet takes {unet_residuals}"
-        else:
-            continue
-        raise ModelLoadError(f"{manifest.root}: the exported ControlNet {key!r} does not fit the exported UNet ({problem}); "
-                             f"{manifest.hint}")
-
-
 # --- prepare ---------------------------------------------------------------------------------------
 
 
@@ -339,4 +254,5 @@ def prepare_onnxruntime(model: LatentDiffusionModel, options: dict[str, Any]) ->
     install_sessions(model, {name: sessions[name] for name in manifest.components})
     if manifest.components["unet"].get("weights") == "int8":
         model.runtime_infotext = {"Precision": "fp32 int8-weights"}  # type: ignore[attr-defined]
-    use_runtime_controlnets(model, ExportedControlNets(manifest, controlnets, opts.torch_controlnets))
+    use_runtime_controlnets(model, ExportedControlNets(manifest, controlnets, opts.torch_controlnets, "ONNX Runtime",
+                                                       "aipaint export onnx MODEL -o {root} --overwrite --controlnet NAME"))

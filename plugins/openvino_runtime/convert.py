@@ -16,8 +16,11 @@ per output channel); activations stay in the compute precision. ``activations="i
 generations with the model the export was made from (:mod:`.quantize`): the hybrid recipe
 optimum-intel uses for Stable Diffusion, the one setting here that makes the CPU multiply in int8.
 
-ControlNets in the ONNX export are not converted: ControlNet units run in torch beside the
-OpenVINO UNet and feed its residual inputs (the UNet is converted with them).
+ControlNets in the ONNX export (``aipaint export onnx --controlnet NAME``) are converted too
+and listed under the manifest's ``controlnets`` with their source files' identity, so a
+ControlNet unit that names that same file runs in OpenVINO; any other ControlNet runs in torch
+beside the OpenVINO UNet and feeds its residual inputs. Their weights follow ``weights``; their
+activations stay float.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from aipaint_plugins.openvino_runtime.quantize import Calibration, collect_unet_
 
 from aipaint import __version__
 from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError
-from aipaint.plugin.kit.exports import FORMAT_VERSION, MANIFEST_NAME, Manifest, file_record, read_manifest
+from aipaint.plugin.kit.exports import (
+    CONTROLNET_PREFIX,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    file_record,
+    read_manifest,
+)
 
 IR_FORMAT = "aipaint-openvino"
 WEIGHTS = ("fp32", "int8")
@@ -52,7 +62,7 @@ def read_ir_manifest(folder: Path | str) -> Manifest:
     if section.get("activations", "float") not in ACTIVATIONS:
         raise ModelLoadError(f"{manifest.root}/{MANIFEST_NAME}: unknown activations {section.get('activations')!r}; "
                              f"{manifest.hint}")
-    for name, entry in manifest.components.items():
+    for name, entry in manifest.entries.items():
         if not entry["file"].endswith(".xml") or entry["file"].removesuffix(".xml") + ".bin" not in entry["files"]:
             raise ModelLoadError(f"{manifest.root}/{MANIFEST_NAME}: component {name!r} does not list an IR pair "
                                  f"(.xml and .bin); {manifest.hint}")
@@ -110,6 +120,7 @@ def convert_to_openvino(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     entries: dict[str, Any] = {}
+    controlnets: dict[str, Any] = {}
     try:
         for name in chosen:
             log(f"converting {name}…")
@@ -121,8 +132,16 @@ def convert_to_openvino(
                                   "fp32" if quantise else weights, "float")
             del graph
             log(f"  {name}: {time.perf_counter() - started:.0f} s")
+        for key, entry in onnx.controlnets.items():
+            name = CONTROLNET_PREFIX + key
+            log(f"converting the ControlNet {key}…")
+            graph = ov.convert_model(str(onnx.component_path(name)))
+            if weights == "int8":
+                graph = nncf.compress_weights(graph)
+            controlnets[key] = {**entry, **_save(ov, graph, partial, name, entry, weights, "float")}
+            del graph
         if quantise:
-            _write_manifest(partial, onnx, entries, ov.__version__, "fp32", "float", None)
+            _write_manifest(partial, onnx, entries, controlnets, ov.__version__, "fp32", "float", None)
             log(f"calibrating: {len(calibration.prompts)} prompt(s) × {calibration.steps} steps with the fp32 IR…")
             feeds = collect_unet_inputs(calibration, partial, log)
             core = ov.Core()
@@ -145,7 +164,8 @@ def convert_to_openvino(
                 log(f"  {name}: {time.perf_counter() - started:.0f} s")
             record = _calibration_record(calibration, len(feeds))
             del feeds
-        _write_manifest(partial, onnx, entries, ov.__version__, weights, activations, record if quantise else None)
+        _write_manifest(partial, onnx, entries, controlnets, ov.__version__, weights, activations,
+                        record if quantise else None)
         read_ir_manifest(partial)
         _publish(partial, out_dir)
     except BaseException:
@@ -157,7 +177,7 @@ def convert_to_openvino(
 def _save(ov: Any, graph: Any, partial: Path, name: str, source: dict[str, Any], weights: str,
           activations: str) -> dict[str, Any]:
     folder = partial / name
-    folder.mkdir()
+    folder.mkdir(parents=True)
     ov.save_model(graph, str(folder / IR_FILE), compress_to_fp16=False)
     return _entry(partial, name, source, weights, activations)
 
@@ -181,8 +201,8 @@ def _calibration_record(calibration: Calibration, samples: int) -> dict[str, Any
             "samples": samples}
 
 
-def _write_manifest(partial: Path, onnx: Manifest, entries: dict[str, Any], version: str, weights: str,
-                    activations: str, calibration: dict[str, Any] | None) -> None:
+def _write_manifest(partial: Path, onnx: Manifest, entries: dict[str, Any], controlnets: dict[str, Any], version: str,
+                    weights: str, activations: str, calibration: dict[str, Any] | None) -> None:
     section: dict[str, Any] = {"version": version, "weights": weights, "activations": activations,
                                "source": {"onnx_dir": str(onnx.root), "created": onnx.data.get("created")}}
     if calibration is not None:
@@ -199,6 +219,8 @@ def _write_manifest(partial: Path, onnx: Manifest, entries: dict[str, Any], vers
         "components": entries,
         "openvino": section,
     }
+    if controlnets:
+        data["controlnets"] = controlnets
     (partial / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
 

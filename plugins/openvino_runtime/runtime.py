@@ -15,6 +15,11 @@ Precision: ``precision`` sets OpenVINO's ``INFERENCE_PRECISION_HINT``. ``auto`` 
 OpenVINO's default, which is bf16 on CPUs with AMX or AVX512_BF16 and fp32 elsewhere;
 ``fp32`` forces fp32; ``bf16`` asks for bf16 (OpenVINO falls back to fp32 on CPUs without
 bf16 support). The precision the compiled UNet reports is what the PNG parameters record.
+
+ControlNets converted with the model run as OpenVINO stand-ins (the kit's
+:class:`~aipaint.plugin.kit.stand_ins.ExportedControlNets`, matched to a unit by its source
+file as with ONNX Runtime); any other ControlNet runs in torch, or is refused with
+``torch_controlnets=false``.
 """
 
 from __future__ import annotations
@@ -28,13 +33,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
-from aipaint.plugin.kit.exports import Manifest, bind_symbols
-from aipaint.plugin.kit.stand_ins import TORCH_DTYPES, install_sessions
+from aipaint.plugin.kit.exports import CONTROLNET_PREFIX, Manifest, bind_symbols
+from aipaint.plugin.kit.stand_ins import (
+    TORCH_DTYPES,
+    ExportedControlNet,
+    ExportedControlNets,
+    check_controlnets_fit,
+    install_sessions,
+)
 
 if TYPE_CHECKING:
     from aipaint.models.latent import LatentDiffusionModel
 
-OPTIONS = ("openvino_dir", "precision", "threads", "verify", "static_shapes", "max_shapes", "device", "cache_dir")
+OPTIONS = ("openvino_dir", "precision", "threads", "verify", "static_shapes", "max_shapes", "device", "cache_dir",
+           "torch_controlnets")
 PRECISIONS = {"auto": None, "fp32": "f32", "bf16": "bf16"}
 OV_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
@@ -57,6 +69,7 @@ class OvOptions:
     max_shapes: int
     device: str
     cache_dir: Path | None
+    torch_controlnets: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> OvOptions:
@@ -85,8 +98,12 @@ class OvOptions:
             raise InvalidParameter("max_shapes", max_shapes, "a whole number ≥ 1 of compiled shapes kept per network")
         device = str(options.get("device", "CPU")).upper()
         cache = options.get("cache_dir")
+        torch_controlnets = options.get("torch_controlnets", True)
+        if not isinstance(torch_controlnets, bool):
+            raise InvalidParameter("torch_controlnets", torch_controlnets,
+                                   "true (a ControlNet not in the export runs in torch) or false (it is refused)")
         return cls(Path(options["openvino_dir"]).expanduser(), precision, threads, verify, static, max_shapes, device,
-                   Path(cache).expanduser() if cache else None)
+                   Path(cache).expanduser() if cache else None, torch_controlnets)
 
     def compile_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
@@ -102,7 +119,7 @@ class OvSession:
 
     def __init__(self, core: Any, manifest: Manifest, component: str, options: OvOptions, device: torch.device) -> None:
         self.component = component
-        self.entry = manifest.components[component]
+        self.entry = manifest.entries[component]
         self.inputs = {io["name"]: io for io in self.entry["inputs"]}
         self.outputs = {io["name"]: io for io in self.entry["outputs"]}
         self.device = device
@@ -204,8 +221,19 @@ def prepare_openvino(model: LatentDiffusionModel, options: dict[str, Any]) -> No
     if opts.cache_dir is not None:
         opts.cache_dir.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(opts.cache_dir)})
-    sessions = {name: OvSession(core, manifest, name, opts, model.device) for name in manifest.components}
-    install_sessions(model, sessions)
+    check_controlnets_fit(manifest)
+    sessions = {name: OvSession(core, manifest, name, opts, model.device) for name in manifest.entries}
+    controlnets = {
+        key: ExportedControlNet(key, entry, sessions[CONTROLNET_PREFIX + key], model.dtype, model.device)
+        for key, entry in manifest.controlnets.items()
+    }
+    install_sessions(model, {name: sessions[name] for name in manifest.components})
+    from aipaint.plugin.kit.controlnets import use_runtime_controlnets
+
+    use_runtime_controlnets(model, ExportedControlNets(
+        manifest, controlnets, opts.torch_controlnets, "OpenVINO",
+        "aipaint export onnx MODEL -o ONNX_DIR --overwrite --controlnet NAME, then aipaint export openvino ONNX_DIR "
+        "-o {root} --overwrite"))
     precision = planned_precision(core, opts)
     weights = manifest.data["openvino"]["weights"]
     activations = manifest.data["openvino"].get("activations", "float")

@@ -676,7 +676,7 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
     elapsed_before = 0.0  # training time of earlier processes of this run (--state)
     state_path = Path(a.state) if a.state else None
     if state_path and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         with torch.no_grad():
             for p, v in zip(params, st["params"]):
                 p.copy_(v)

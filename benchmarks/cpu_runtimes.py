@@ -15,8 +15,9 @@ so that load from other processes on a shared machine falls on every side alike:
 
 ``ov-int8a`` is OpenVINO with int8 weights and int8 convolution activations (``aipaint export
 openvino --weights int8 --activations int8``: optimum-intel's hybrid recipe), calibrated by
-generating 4 ordinary prompts × 20 steps with the model at the section's size (on the embedded
-model: 8 training-style captions that are not among the evaluated ones).
+generating 4 ordinary prompts × 20 steps (``--calibration-prompts``, ``--calibration-steps``) with the
+model at the section's size (on the embedded model: 8 training-style captions that are not among
+the evaluated ones, 20 steps).
 
 bf16 sides compute in bf16 only where the CPU has bf16 units; elsewhere torch emulates bf16
 (slower than fp32: the time is not what a bf16 CPU gives, the error is) and OpenVINO falls back
@@ -138,12 +139,16 @@ class Exports:
                              "int8" if side == "ov-int8a" else "float")
 
 
-def calibration_for(model: Any, size: int | None, steps: int, prompts: Any = None) -> Any:
-    """ov-int8a's calibration: ``model`` generating 4 ordinary prompts (or ``prompts``) at the benchmark's size
-    (``None``: the model's default size)."""
+CALIBRATION = {"prompts": 4, "steps": 20}  # --calibration-prompts, --calibration-steps
+
+
+def calibration_for(model: Any, size: int | None, steps: int | None = None, prompts: Any = None) -> Any:
+    """ov-int8a's calibration: ``model`` generating ``--calibration-prompts`` ordinary prompts (or ``prompts``) at
+    the benchmark's size (``None``: the model's default size), ``--calibration-steps`` steps each."""
     from aipaint_plugins.openvino_runtime.quantize import DEFAULT_PROMPTS, Calibration
 
-    return Calibration(model, list(prompts or DEFAULT_PROMPTS[:4]), steps=steps, width=size, height=size)
+    return Calibration(model, list(prompts or DEFAULT_PROMPTS[:CALIBRATION["prompts"]]),
+                       steps=steps or CALIBRATION["steps"], width=size, height=size)
 
 
 def prepare_side(side: str, reference: Any, exports: Exports, threads: int) -> Any | None:
@@ -177,7 +182,7 @@ def unet_section(report: Report, sides: list[str], work: Path, latent: int, repe
     reference = random_sd15_model()
     report(f"(model built in {time.perf_counter() - started:.0f} s; load average before: {load_average()})")
     exports = Exports(reference, work, ("unet",), report,
-                      calibration_for(reference, latent * 8, 20))
+                      calibration_for(reference, latent * 8))
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, latent, latent, generator=g)
     embeds = torch.randn(2, 77, 768, generator=g)
@@ -291,7 +296,7 @@ def image_section(report: Report, sides: list[str], work: Path, size: int, steps
     host = default_host()
     reference = random_sd15_model()
     exports = Exports(reference, work, ("unet", "text_encoder", "vae_decoder", "vae_encoder"), report,
-                      calibration_for(reference, size, steps))
+                      calibration_for(reference, size))
     params = dict(seed=5, steps=steps, width=size, height=size, sampler="Euler", cfg_scale=7.0)
     noise = work / "noise.npy"
     work.mkdir(parents=True, exist_ok=True)
@@ -415,6 +420,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=2, help="sides besides torch fp32 held in memory at once")
     parser.add_argument("--captions", type=int, default=40, help="embedded section: captions (images per side)")
+    parser.add_argument("--calibration-prompts", type=int, default=4, help="ov-int8a: prompts calibrated on (full size)")
+    parser.add_argument("--calibration-steps", type=int, default=20, help="ov-int8a: steps per calibration prompt")
     parser.add_argument("--save", default="cpu_runtimes.txt", help="file under benchmarks/results ('' to not save)")
     parser.add_argument("--reference-python", type=Path, default=REFERENCE_PYTHON,
                         help="the optimum-intel environment's python (benchmarks/optimum_reference.py --setup)")
@@ -423,6 +430,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     global SAVE_AS
     SAVE_AS = args.save
+    CALIBRATION.update(prompts=args.calibration_prompts, steps=args.calibration_steps)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
@@ -433,7 +441,8 @@ def main() -> None:
     report("# CPU runtimes: torch, ONNX Runtime, OpenVINO")
     report(f"command: python benchmarks/cpu_runtimes.py --sections {args.sections} --sides {','.join(sides)} "
            f"--threads {args.threads} --repeats {args.repeats} --latent {args.latent} --size {args.size} "
-           f"--steps {args.steps} --group-size {args.group_size} --captions {args.captions}")
+           f"--steps {args.steps} --group-size {args.group_size} --captions {args.captions} "
+           f"--calibration-prompts {args.calibration_prompts} --calibration-steps {args.calibration_steps}")
     report(environment())
     report(f"CPU: {cpu_features().describe()}; {os.cpu_count()} logical CPUs shared with other work; "
            f"load average at start: {load_average()}")

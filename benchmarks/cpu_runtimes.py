@@ -13,8 +13,10 @@ so that load from other processes on a shared machine falls on every side alike:
    (``aipaint_plugins.shapes_world.evaluate.adherence``, mean score × 100 over N captions)
    for every side.
 
-``ov-int8a`` is OpenVINO with int8 weights and int8 convolution activations (``aipaint export
-openvino --weights int8 --activations int8``: optimum-intel's hybrid recipe), calibrated by
+``ov-int8a`` is OpenVINO with the UNet's convolutions in int8, weights and activations
+(``aipaint export openvino --activations int8``; everything else fp32), and ``ov-int8wa`` the
+same with int8 weights everywhere (``--weights int8 --activations int8``: optimum-intel's hybrid
+recipe); both calibrated by
 generating 4 ordinary prompts × 20 steps (``--calibration-prompts``, ``--calibration-steps``) with the
 model at the section's size (on the embedded model: 8 training-style captions that are not among
 the evaluated ones, 20 steps).
@@ -56,7 +58,7 @@ import torch
 from _runtime_bench import Report, environment, random_sd15_model, relative_error
 
 SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "ov-int8a",
-         "optimum-default", "optimum-f32")
+         "ov-int8wa", "optimum-default", "optimum-f32")
 REFERENCE_SIDES = ("optimum-default", "optimum-f32")  # the image section only
 REFERENCE_PYTHON = Path(__file__).resolve().parent.parent / ".optimum-venv" / "bin" / "python"
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -121,7 +123,7 @@ class Exports:
         return self.folders["onnx-int8"]
 
     def openvino(self, weights: str, activations: str = "float") -> Path:
-        key = f"ov-{weights}" + ("a" if activations == "int8" else "")
+        key = f"ov-{weights}" + ("-int8a" if activations == "int8" else "")
         if key not in self.folders:
             from aipaint_plugins.openvino_runtime.convert import convert_to_openvino
 
@@ -129,14 +131,14 @@ class Exports:
             calibration = self.calibration if activations == "int8" else None
             self.folders[key] = convert_to_openvino(self.onnx(), self.work / key, weights=weights,
                                                     activations=activations, calibration=calibration).root
-            detail = (f", int8 convolution activations calibrated on {len(calibration.prompts)} prompts × "
-                      f"{calibration.steps} steps" if calibration else "")
+            detail = (f", int8 convolutions (weights and activations) calibrated on {len(calibration.prompts)} "
+                      f"prompts × {calibration.steps} steps" if calibration else "")
             self.report(f"(OpenVINO IR, {weights} weights{detail}: {time.perf_counter() - started:.0f} s)")
         return self.folders[key]
 
     def openvino_side(self, side: str) -> Path:
-        return self.openvino("int8" if side in ("ov-int8", "ov-int8a") else "fp32",
-                             "int8" if side == "ov-int8a" else "float")
+        return self.openvino("int8" if side in ("ov-int8", "ov-int8wa") else "fp32",
+                             "int8" if side in ("ov-int8a", "ov-int8wa") else "float")
 
 
 CALIBRATION = {"prompts": 4, "steps": 20}  # --calibration-prompts, --calibration-steps

@@ -255,56 +255,80 @@ def test_cli_convert_subset_then_generate(tiny_sd_path, int8_dir, int8_pipe, tmp
 
 @pytest.fixture(scope="module")
 def int8a_dir(tiny_sd_path, onnx_dir, tmp_path_factory) -> Path:
-    """int8 weights and int8 convolution activations (the hybrid recipe), through the command line, calibrated on
+    """int8 convolutions (weights and activations; everything else fp32), through the command line, calibrated on
     two prompts × 3 steps with the model loaded from its folder."""
     pytest.importorskip("nncf")
     folder = tmp_path_factory.mktemp("ov-int8a")
     (folder / "prompts.txt").write_text("a red circle\na blue square on a black background\n")
     out = folder / "tiny-int8a"
-    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(out), "--weights", "int8", "--activations", "int8",
+    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(out), "--activations", "int8",
                      "-m", str(tiny_sd_path), "--calibration-prompts", str(folder / "prompts.txt"),
                      "--calibration-steps", "3", "--calibration-size", "32x32"]) == 0
     return out
 
 
-def test_int8_activations_are_calibrated_on_the_model_and_stay_close(tiny_sd_path, plugin_host, tiny_pipe, int8a_dir):
+def quantised_convolutions(xml: Path) -> list[bool]:
+    """Per convolution, in the graph's order: is its activation input a FakeQuantize (through reshapes)?"""
+    import openvino as ov
+
+    flags = []
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            node = op.input_value(0).get_node()
+            while node.get_type_name() in ("Reshape", "Transpose"):
+                node = node.input_value(0).get_node()
+            flags.append(node.get_type_name() == "FakeQuantize")
+    return flags
+
+
+def test_int8_activations_are_calibrated_on_the_model_and_stay_close(tiny_sd_path, plugin_host, tiny_pipe, ov_dir,
+                                                                     int8a_dir):
     import openvino as ov
 
     manifest = read_ir_manifest(int8a_dir)
     section = manifest.data["openvino"]
-    assert (section["weights"], section["activations"]) == ("int8", "int8")
+    assert (section["weights"], section["activations"]) == ("fp32", "int8")
     assert section["calibration"]["samples"] == 2 * 3  # one recorded UNet call per step and prompt
     assert manifest.components["unet"]["activations"] == "int8"
     assert manifest.components["vae_decoder"]["activations"] == "float"
-    unet = ov.Core().read_model(str(int8a_dir / "unet" / "openvino_model.xml"))
-    convolutions = [op for op in unet.get_ordered_ops() if op.get_type_name() == "Convolution"]
-
-    def quantised(op) -> bool:  # the activation input comes from a FakeQuantize (through reshapes)
-        node = op.input_value(0).get_node()
-        while node.get_type_name() in ("Reshape", "Transpose"):
-            node = node.input_value(0).get_node()
-        return node.get_type_name() == "FakeQuantize"
-
-    inner = [quantised(op) for op in convolutions[1:-1]]
+    flags = quantised_convolutions(int8a_dir / "unet" / "openvino_model.xml")
+    inner = flags[1:-1]
     assert sum(inner) >= 0.8 * len(inner), f"{sum(inner)} of {len(inner)} inner convolutions quantised"
-    assert not quantised(convolutions[0]) and not quantised(convolutions[-1])  # conv_in and conv_out stay float
-    for name in ("text_encoder", "vae_decoder"):  # no activation quantisation outside the UNet
+    assert not flags[0] and not flags[-1]  # conv_in and conv_out stay float
+    for name in ("text_encoder", "vae_decoder"):  # untouched outside the UNet: the fp32 conversion's files
         assert not any(op.get_type_name() == "FakeQuantize"
                        for op in ov.Core().read_model(str(int8a_dir / name / "openvino_model.xml")).get_ops())
+        weights = f"{name}/openvino_model.bin"  # the same weights as the fp32 conversion's
+        assert manifest.components[name]["files"][weights] == read_ir_manifest(ov_dir).components[name]["files"][weights]
     pipe = load_with(tiny_sd_path, plugin_host, int8a_dir)
     result = pipe.txt2img("a red circle", **GEN)
-    assert Infotext.from_text(result.infotexts[0]).params["Precision"] == "fp32 int8-weights int8-activations"
+    assert Infotext.from_text(result.infotexts[0]).params["Precision"] == "fp32 int8-activations"
     difference = np.abs(pixels(result) - pixels(tiny_pipe.txt2img("a red circle", **GEN)))
     assert difference.mean() < 8, difference.mean()
 
 
-def test_int8_activations_need_int8_weights_a_calibration_and_the_same_model(tiny_pipe, onnx_dir, ov_dir, tmp_path,
-                                                                             capsys):
+def test_int8_weights_and_activations_are_the_hybrid_recipe(tiny_sd_path, plugin_host, tiny_pipe, onnx_dir, ov_dir,
+                                                            int8a_dir, tmp_path):
+    """With int8 weights too, the matrix products' and the other networks' weights are compressed as well."""
+    from aipaint_plugins.openvino_runtime.quantize import Calibration
+
+    calibration = Calibration(tiny_pipe, ["a red circle"], steps=2, width=32, height=32)
+    hybrid = convert_to_openvino(onnx_dir, tmp_path / "hybrid", weights="int8", activations="int8",
+                                 calibration=calibration).root
+    section = read_ir_manifest(hybrid).data["openvino"]
+    assert (section["weights"], section["activations"], section["calibration"]["samples"]) == ("int8", "int8", 2)
+    assert quantised_convolutions(hybrid / "unet" / "openvino_model.xml")[1:-1].count(True) >= 1
+    size = lambda folder, name: (folder / name / "openvino_model.bin").stat().st_size  # noqa: E731
+    assert size(hybrid, "unet") < size(int8a_dir, "unet") and size(hybrid, "text_encoder") < 0.6 * size(ov_dir, "text_encoder")
+    result = load_with(tiny_sd_path, plugin_host, hybrid).txt2img("a red circle", **GEN)
+    assert Infotext.from_text(result.infotexts[0]).params["Precision"] == "fp32 int8-weights int8-activations"
+    assert np.abs(pixels(result) - pixels(tiny_pipe.txt2img("a red circle", **GEN))).mean() < 8
+
+
+def test_int8_activations_need_a_calibration_on_the_same_model(tiny_pipe, onnx_dir, ov_dir, tmp_path, capsys):
     from aipaint_plugins.openvino_runtime.quantize import Calibration, read_prompts
 
     calibration = Calibration(tiny_pipe, ["a red circle"], steps=1, width=32, height=32)
-    with pytest.raises(InvalidParameter, match="int8 weights"):
-        convert_to_openvino(onnx_dir, tmp_path / "a", activations="int8", calibration=calibration)
     with pytest.raises(InvalidParameter, match="calibrated by generating"):
         convert_to_openvino(onnx_dir, tmp_path / "b", weights="int8", activations="int8")
     with pytest.raises(InvalidParameter, match="activations"):
@@ -321,12 +345,11 @@ def test_int8_activations_need_int8_weights_a_calibration_and_the_same_model(tin
     assert tiny_pipe.model.runtime == "torch" and type(tiny_pipe.model.unet).__name__ == "UNet2DConditionModel"
     (tmp_path / "prompts.txt").write_text("# calibration\na red circle\n\n a blue square \n")
     assert read_prompts(tmp_path / "prompts.txt") == ["a red circle", "a blue square"]
-    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(tmp_path / "d"), "--weights", "int8",
-                     "--activations", "int8"]) != 0
+    assert cli_main(["export", "openvino", str(onnx_dir), "-o", str(tmp_path / "d"), "--activations", "int8"]) != 0
     assert "needs --model" in capsys.readouterr().err and not (tmp_path / "d").exists()
     other = save_tiny_sd(tmp_path / "other-model", seed=123)  # same architecture, other weights
     with pytest.raises(ModelLoadError, match="exported from"):
-        convert_to_openvino(onnx_dir, tmp_path / "e", weights="int8", activations="int8",
+        convert_to_openvino(onnx_dir, tmp_path / "e", activations="int8",
                             calibration=Calibration(str(other), ["a red circle"], steps=1, width=32, height=32))
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.partial*"))  # nothing half-written is left
 

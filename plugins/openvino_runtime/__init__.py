@@ -104,8 +104,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                    help="int8: compress the weights with NNCF (activations keep the compute precision)")
     p.add_argument("--activations", choices=("float", "int8"), default="float",
-                   help="int8 (with --weights int8): also quantise the UNet's convolution activations, calibrated by "
-                        "generating with --model (optimum-intel's hybrid recipe; faster on the CPU)")
+                   help="int8: quantise the UNet's convolutions (weights and activations), calibrated by generating "
+                        "with --model; faster on the CPU (with --weights int8: optimum-intel's hybrid recipe)")
     p.add_argument("-m", "--model", help="with --activations int8: the model the ONNX export was made from")
     p.add_argument("--calibration-prompts", metavar="FILE",
                    help="with --activations int8: prompts to calibrate on, one per line (default: 8 ordinary prompts)")

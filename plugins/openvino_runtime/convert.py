@@ -12,9 +12,10 @@ the runtime compiles the graphs (bf16 on CPUs with bf16 units), and fp16-rounded
 would add error even to fp32 runs. ``weights="int8"`` compresses the weights of the large
 matrix products and convolutions to int8 with NNCF (``nncf.compress_weights``, asymmetric
 per output channel); activations stay in the compute precision. ``activations="int8"``
-(with int8 weights) also quantises the UNet's convolutions' activations, calibrated on
-generations with the model the export was made from (:mod:`.quantize`): the hybrid recipe
-optimum-intel uses for Stable Diffusion, the one setting here that makes the CPU multiply in int8.
+quantises the UNet's convolutions (weights and activations), calibrated on generations with
+the model the export was made from (:mod:`.quantize`), the one setting here that makes the
+CPU multiply in int8; with int8 weights as well it is the hybrid recipe optimum-intel uses for
+Stable Diffusion.
 
 ControlNets in the ONNX export (``aipaint export onnx --controlnet NAME``) are converted too
 and listed under the manifest's ``controlnets`` with their source files' identity, so a
@@ -33,7 +34,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aipaint_plugins.openvino_runtime.quantize import Calibration, collect_unet_inputs, hybrid_quantize
+from aipaint_plugins.openvino_runtime.quantize import (
+    Calibration,
+    collect_unet_inputs,
+    conv_quantize,
+    hybrid_quantize,
+)
 
 from aipaint import __version__
 from aipaint.errors import AipaintError, InvalidParameter, ModelLoadError
@@ -83,10 +89,10 @@ def convert_to_openvino(
     """Convert the components of the ONNX export in ``onnx_dir`` to OpenVINO IR in ``out_dir``.
 
     ``components`` chooses a subset (the UNet is required; what is left out runs in torch).
-    ``activations="int8"`` needs ``weights="int8"`` and a :class:`Calibration`: every
-    component is converted in fp32 first, the model generates the calibration prompts with
-    that IR, then the UNet is quantised (:func:`.quantize.hybrid_quantize`) and the other
-    components' weights compressed. The folder is written under a temporary name and
+    ``activations="int8"`` needs a :class:`Calibration`: every component is converted in fp32
+    first, the model generates the calibration prompts with that IR, then the UNet's
+    convolutions are quantised (:func:`.quantize.conv_quantize`, or with ``weights="int8"``
+    :func:`.quantize.hybrid_quantize`, and the other components' weights compressed). The folder is written under a temporary name and
     renamed into place when complete.
     """
     import openvino as ov
@@ -103,17 +109,14 @@ def convert_to_openvino(
     if activations not in ACTIVATIONS:
         raise InvalidParameter("activations", activations, f"one of {', '.join(ACTIVATIONS)}")
     quantise = activations == "int8"
-    if quantise and weights != "int8":
-        raise InvalidParameter("activations", activations, "int8 activations with int8 weights (--weights int8): "
-                               "the convolutions' weights and activations both become int8")
     if quantise and calibration is None:
         raise InvalidParameter("calibration", None, "a Calibration (the model the export was made from, and prompts)",
                                "int8 activations are calibrated by generating with the model (CLI: --model)")
-    if weights == "int8":
+    if weights == "int8" or quantise:
         try:
             import nncf
         except ImportError as exc:
-            raise AipaintError("int8 weights need NNCF: pip install nncf (or 'aipaint[openvino]')") from exc
+            raise AipaintError("int8 weights and activations need NNCF: pip install nncf (or 'aipaint[openvino]')") from exc
     out_dir = Path(out_dir).expanduser()
     _check_destination(out_dir, overwrite)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -145,12 +148,12 @@ def convert_to_openvino(
             log(f"calibrating: {len(calibration.prompts)} prompt(s) × {calibration.steps} steps with the fp32 IR…")
             feeds = collect_unet_inputs(calibration, partial, log)
             core = ov.Core()
-            for name in chosen:
+            for name in chosen if weights == "int8" else ["unet"]:  # fp32 weights: the rest stays as converted
                 started = time.perf_counter()
                 graph = core.read_model(str(partial / name / IR_FILE))
                 if name == "unet":
-                    log(f"quantising the unet (int8 weights, int8 convolution activations, {len(feeds)} samples)…")
-                    graph = hybrid_quantize(graph, feeds)
+                    log(f"quantising the unet's convolutions ({len(feeds)} calibration samples)…")
+                    graph = (hybrid_quantize if weights == "int8" else conv_quantize)(graph, feeds)
                 else:
                     graph = nncf.compress_weights(graph)
                 fresh = partial / f".{name}.int8"

@@ -1,22 +1,25 @@
-"""int8 activations for the OpenVINO UNet: calibration on real generations, then NNCF's hybrid recipe.
+"""int8 activations for the OpenVINO UNet: calibration on real generations, then NNCF's post-training quantisation.
 
 Weight compression (``--weights int8``) makes the files smaller but leaves the arithmetic
 in the compute precision: the weights are expanded back before each product, so on the
-CPU it is rarely faster. Quantising the **activations** too lets the CPU multiply in int8.
-Diffusion UNets lose quality when every product is quantised, so this follows the hybrid
-recipe optimum-intel uses for Stable Diffusion (``quant_method="hybrid"``):
+CPU it is rarely faster (0.90x fp32 per image on our AVX2 machines). Quantising the
+**activations** too lets the CPU multiply in int8. Diffusion UNets lose quality when every
+product is quantised, so only the **convolutions** get int8 weights and int8 activations
+(NNCF's post-training quantisation, ``model_type=TRANSFORMER``); the matrix products
+(attention projections, feed-forward layers, the time embedding) keep float activations:
 
-* the weights of the matrix products (attention projections, feed-forward layers, the
-  time embedding) are compressed to int8 and their activations stay in the compute
-  precision;
-* the convolutions get int8 weights *and* int8 activations (NNCF's post-training
-  quantisation, ``model_type=TRANSFORMER``, SmoothQuant off for the already-compressed
-  matrix products);
-* except the first and the last convolution (``conv_in``, ``conv_out``), which read and write
-  the latents themselves: they stay float with int8 weights. Quantising them too cost 6.4
-  adherence points on the embedded model (87.1 against 93.6 in fp32, 60 captions); keeping
-  them float, 0.9 (92.6; ``benchmarks/results/cpu_runtimes_int8a_embedded.txt``). They are a
-  few percent of the UNet's work.
+* ``activations="int8"`` alone (:func:`conv_quantize`): the matrix products keep fp32
+  weights too. The fastest on CPUs where weight decompression costs (ours: 1.33x fp32 per
+  UNet call, against 1.29x for the hybrid recipe and 1.31x for every product in int8);
+* with ``weights="int8"`` (:func:`hybrid_quantize`): optimum-intel's hybrid recipe for
+  Stable Diffusion (``quant_method="hybrid"``), the matrix products' weights compressed to
+  int8 as well: smaller files.
+
+The first and the last convolution (``conv_in``, ``conv_out``), which read and write the
+latents themselves, stay float in both. Quantising them too cost 6.4 adherence points on
+the embedded model (87.1 against 93.6 in fp32, 60 captions); keeping them float, 0.1–0.9
+(``benchmarks/results/cpu_runtimes_int8a_embedded.txt``). They are a few percent of the
+UNet's work.
 
 Activation ranges come from calibration: the fp32 IR is loaded into the model it was
 exported from, a few prompts are generated with it, and every UNet call's inputs are kept
@@ -149,9 +152,25 @@ def edge_convolutions(graph: Any) -> list[str]:
     return sorted({convolutions[0], convolutions[-1]}) if convolutions else []
 
 
+def conv_quantize(graph: Any, feeds: Sequence[dict[str, Any]]) -> Any:
+    """The UNet ``graph`` (fp32 IR) with int8 weights and activations in its convolutions (but the first and
+    the last), everything else as it was (see the module's docstring)."""
+    return _quantize(graph, feeds, weighted_products(graph) + edge_convolutions(graph))
+
+
 def hybrid_quantize(graph: Any, feeds: Sequence[dict[str, Any]]) -> Any:
     """The UNet ``graph`` (fp32 IR) with int8 weights everywhere and int8 activations in its convolutions
     (but the first and the last, see the module's docstring)."""
+    import nncf
+
+    ignored = weighted_products(graph) + edge_convolutions(graph)
+    convolutions = any(op.get_type_name() == "Convolution" for op in graph.get_ops())
+    compressed = nncf.compress_weights(graph, ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if convolutions
+                                       else None)
+    return _quantize(compressed, feeds, ignored)
+
+
+def _quantize(graph: Any, feeds: Sequence[dict[str, Any]], ignored: list[str]) -> Any:
     import nncf
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
@@ -160,15 +179,11 @@ def hybrid_quantize(graph: Any, feeds: Sequence[dict[str, Any]]) -> Any:
 
     if not feeds:
         raise InvalidParameter("calibration", 0, "at least one recorded UNet call")
-    weighted = weighted_products(graph) + edge_convolutions(graph)
-    convolutions = any(op.get_type_name() == "Convolution" for op in graph.get_ops())
-    compressed = nncf.compress_weights(graph, ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if convolutions
-                                       else None)
     return nncf.quantize(
-        compressed,
+        graph,
         nncf.Dataset(list(feeds)),
         model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(names=weighted, validate=False),
+        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
         subset_size=len(feeds),
         advanced_parameters=AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),

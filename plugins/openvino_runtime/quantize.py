@@ -9,8 +9,9 @@ product is quantised, so only the **convolutions** get int8 weights and int8 act
 (attention projections, feed-forward layers, the time embedding) keep float activations:
 
 * ``activations="int8"`` alone (:func:`conv_quantize`): the matrix products keep fp32
-  weights too. The fastest on CPUs where weight decompression costs (ours: 1.33x fp32 per
-  UNet call, against 1.29x for the hybrid recipe and 1.31x for every product in int8);
+  weights too. The fastest on CPUs where weight decompression costs (ours: 66.9 s per 256 px
+  full-size image against 69.1 s for the hybrid recipe and 87.4 s for optimum-intel's default,
+  ``benchmarks/results/cpu_runtimes_int8a_image*.txt``);
 * with ``weights="int8"`` (:func:`hybrid_quantize`): optimum-intel's hybrid recipe for
   Stable Diffusion (``quant_method="hybrid"``), the matrix products' weights compressed to
   int8 as well: smaller files.

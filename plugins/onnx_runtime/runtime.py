@@ -34,18 +34,17 @@ import torch
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
 from aipaint.plugin.kit.exports import (
-    CONTROLNET_PREFIX,
     Manifest,
     bind_symbols,
     read_manifest,
     resolve_shape,
 )
-from aipaint.plugin.kit.stand_ins import (
+from aipaint.plugin.kit.stand_ins import (  # the ControlNet stand-ins live in the kit, shared with OpenVINO
     TORCH_DTYPES,
-    ExportedControlNet,
-    ExportedControlNets,
+    ExportedControlNet,  # noqa: F401  (imported from here by users and tests)
+    ExportedControlNets,  # noqa: F401
     check_controlnets_fit,
-    install_sessions,
+    install_exported,
 )
 
 if TYPE_CHECKING:
@@ -245,14 +244,7 @@ def prepare_onnxruntime(model: LatentDiffusionModel, options: dict[str, Any]) ->
     manifest.check_model(model, model.modules())
     check_controlnets_fit(manifest)
     sessions = {name: OrtSession(manifest, name, opts, model.device) for name in manifest.entries}
-    controlnets = {
-        key: ExportedControlNet(key, entry, sessions[CONTROLNET_PREFIX + key], model.dtype, model.device)
-        for key, entry in manifest.controlnets.items()
-    }
-    from aipaint.plugin.kit.controlnets import use_runtime_controlnets
-
-    install_sessions(model, {name: sessions[name] for name in manifest.components})
+    install_exported(model, manifest, sessions, torch_controlnets=opts.torch_controlnets, runtime="ONNX Runtime",
+                     reexport="aipaint export onnx MODEL -o {root} --overwrite --controlnet NAME")
     if manifest.components["unet"].get("weights") == "int8":
         model.runtime_infotext = {"Precision": "fp32 int8-weights"}  # type: ignore[attr-defined]
-    use_runtime_controlnets(model, ExportedControlNets(manifest, controlnets, opts.torch_controlnets, "ONNX Runtime",
-                                                       "aipaint export onnx MODEL -o {root} --overwrite --controlnet NAME"))

@@ -89,10 +89,10 @@ def convert_to_openvino(
     """Convert the components of the ONNX export in ``onnx_dir`` to OpenVINO IR in ``out_dir``.
 
     ``components`` chooses a subset (the UNet is required; what is left out runs in torch).
-    ``activations="int8"`` needs a :class:`Calibration`: every component is converted in fp32
-    first, the model generates the calibration prompts with that IR, then the UNet's
+    ``activations="int8"`` needs a :class:`Calibration`: the UNet is converted in fp32 first,
+    the model generates the calibration prompts with the converted networks, then the UNet's
     convolutions are quantised (:func:`.quantize.conv_quantize`, or with ``weights="int8"``
-    :func:`.quantize.hybrid_quantize`, and the other components' weights compressed). The folder is written under a temporary name and
+    :func:`.quantize.hybrid_quantize`). The folder is written under a temporary name and
     renamed into place when complete.
     """
     import openvino as ov
@@ -129,10 +129,11 @@ def convert_to_openvino(
             log(f"converting {name}…")
             started = time.perf_counter()
             graph = ov.convert_model(str(onnx.component_path(name)))
-            if weights == "int8" and not quantise:
+            calibrated_later = quantise and name == "unet"  # saved in fp32 to calibrate with, quantised below
+            if weights == "int8" and not calibrated_later:
                 graph = nncf.compress_weights(graph)
             entries[name] = _save(ov, graph, partial, name, onnx.components[name],
-                                  "fp32" if quantise else weights, "float")
+                                  "fp32" if calibrated_later else weights, "float")
             del graph
             log(f"  {name}: {time.perf_counter() - started:.0f} s")
         for key, entry in onnx.controlnets.items():
@@ -145,26 +146,20 @@ def convert_to_openvino(
             del graph
         if quantise:
             _write_manifest(partial, onnx, entries, controlnets, ov.__version__, "fp32", "float", None)
-            log(f"calibrating: {len(calibration.prompts)} prompt(s) × {calibration.steps} steps with the fp32 IR…")
+            log(f"calibrating: {len(calibration.prompts)} prompt(s) × {calibration.steps} steps with the fp32 UNet…")
             feeds = collect_unet_inputs(calibration, partial, log)
-            core = ov.Core()
-            for name in chosen if weights == "int8" else ["unet"]:  # fp32 weights: the rest stays as converted
-                started = time.perf_counter()
-                graph = core.read_model(str(partial / name / IR_FILE))
-                if name == "unet":
-                    log(f"quantising the unet's convolutions ({len(feeds)} calibration samples)…")
-                    graph = (hybrid_quantize if weights == "int8" else conv_quantize)(graph, feeds)
-                else:
-                    graph = nncf.compress_weights(graph)
-                fresh = partial / f".{name}.int8"
-                fresh.mkdir()
-                ov.save_model(graph, str(fresh / IR_FILE), compress_to_fp16=False)
-                del graph
-                shutil.rmtree(partial / name)
-                os.replace(fresh, partial / name)
-                entries[name] = _entry(partial, name, onnx.components[name], weights,
-                                       activations if name == "unet" else "float")
-                log(f"  {name}: {time.perf_counter() - started:.0f} s")
+            started = time.perf_counter()
+            log(f"quantising the unet's convolutions ({len(feeds)} calibration samples)…")
+            graph = ov.Core().read_model(str(partial / "unet" / IR_FILE))
+            graph = (hybrid_quantize if weights == "int8" else conv_quantize)(graph, feeds)
+            fresh = partial / ".unet.int8"
+            fresh.mkdir()
+            ov.save_model(graph, str(fresh / IR_FILE), compress_to_fp16=False)
+            del graph
+            shutil.rmtree(partial / "unet")
+            os.replace(fresh, partial / "unet")
+            entries["unet"] = _entry(partial, "unet", onnx.components["unet"], weights, activations)
+            log(f"  unet: {time.perf_counter() - started:.0f} s")
             record = _calibration_record(calibration, len(feeds))
             del feeds
         _write_manifest(partial, onnx, entries, controlnets, ov.__version__, weights, activations,

@@ -33,14 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aipaint.errors import InvalidParameter, ModelLoadError, UnsupportedFeature
-from aipaint.plugin.kit.exports import CONTROLNET_PREFIX, Manifest, bind_symbols
-from aipaint.plugin.kit.stand_ins import (
-    TORCH_DTYPES,
-    ExportedControlNet,
-    ExportedControlNets,
-    check_controlnets_fit,
-    install_sessions,
-)
+from aipaint.plugin.kit.exports import Manifest, bind_symbols
+from aipaint.plugin.kit.stand_ins import TORCH_DTYPES, check_controlnets_fit, install_exported
 
 if TYPE_CHECKING:
     from aipaint.models.latent import LatentDiffusionModel
@@ -223,17 +217,9 @@ def prepare_openvino(model: LatentDiffusionModel, options: dict[str, Any]) -> No
         core.set_property({"CACHE_DIR": str(opts.cache_dir)})
     check_controlnets_fit(manifest)
     sessions = {name: OvSession(core, manifest, name, opts, model.device) for name in manifest.entries}
-    controlnets = {
-        key: ExportedControlNet(key, entry, sessions[CONTROLNET_PREFIX + key], model.dtype, model.device)
-        for key, entry in manifest.controlnets.items()
-    }
-    install_sessions(model, {name: sessions[name] for name in manifest.components})
-    from aipaint.plugin.kit.controlnets import use_runtime_controlnets
-
-    use_runtime_controlnets(model, ExportedControlNets(
-        manifest, controlnets, opts.torch_controlnets, "OpenVINO",
-        "aipaint export onnx MODEL -o ONNX_DIR --overwrite --controlnet NAME, then aipaint export openvino ONNX_DIR "
-        "-o {root} --overwrite"))
+    install_exported(model, manifest, sessions, torch_controlnets=opts.torch_controlnets, runtime="OpenVINO",
+                     reexport="aipaint export onnx MODEL -o ONNX_DIR --overwrite --controlnet NAME, then aipaint "
+                              "export openvino ONNX_DIR -o {root} --overwrite")
     precision = planned_precision(core, opts)
     weights = manifest.data["openvino"]["weights"]
     activations = manifest.data["openvino"].get("activations", "float")

@@ -354,3 +354,18 @@ def check_controlnets_fit(manifest: Manifest) -> None:
             continue
         raise ModelLoadError(f"{manifest.root}: the exported ControlNet {key!r} does not fit the exported UNet ({problem}); "
                              f"{manifest.hint}")
+
+
+def install_exported(model: LatentDiffusionModel, manifest: Manifest, sessions: Mapping[str, Any], *,
+                     torch_controlnets: bool, runtime: str, reexport: str) -> None:
+    """:func:`install_sessions` for the manifest's components, and its ControlNets as stand-ins the ControlNet
+    adapter asks for (``sessions`` holds one per :attr:`Manifest.entries` name; see :class:`ExportedControlNets`
+    for ``torch_controlnets``, ``runtime`` and ``reexport``)."""
+    from aipaint.plugin.kit.controlnets import use_runtime_controlnets
+
+    controlnets = {
+        key: ExportedControlNet(key, entry, sessions[CONTROLNET_PREFIX + key], model.dtype, model.device)
+        for key, entry in manifest.controlnets.items()
+    }
+    install_sessions(model, {name: sessions[name] for name in manifest.components})
+    use_runtime_controlnets(model, ExportedControlNets(manifest, controlnets, torch_controlnets, runtime, reexport))

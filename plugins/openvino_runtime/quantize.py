@@ -22,7 +22,7 @@ the embedded model (87.1 against 93.6 in fp32, 60 captions); keeping them float,
 (``benchmarks/results/cpu_runtimes_int8a_embedded.txt``). They are a few percent of the
 UNet's work.
 
-Activation ranges come from calibration: the fp32 IR is loaded into the model it was
+Activation ranges come from calibration: the IR (its UNet still fp32) is loaded into the model it was
 exported from, a few prompts are generated with it, and every UNet call's inputs are kept
 (one calibration sample per step, the classifier-free-guidance batch included). The
 calibration prompts should look like the prompts the model will be used with; the default
@@ -99,7 +99,7 @@ class RecordingSession:
 
 
 def collect_unet_inputs(calibration: Calibration, ir_dir: Path, log: Log | None = None) -> list[dict[str, Any]]:
-    """Generate ``calibration.prompts`` with the fp32 IR in ``ir_dir`` and return every UNet call's inputs.
+    """Generate ``calibration.prompts`` with the IR in ``ir_dir`` (its UNet in fp32) and return every UNet call's inputs.
 
     Loading checks that the IR was made from ``calibration.model`` (the runtime's usual
     checks), so calibrating with another model is refused.

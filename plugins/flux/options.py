@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from aipaint.api.options import OptionGroup
-from aipaint.errors import InvalidParameter
+from aipaint.api.request import check_range
 
 DISTILLED_CFG_SCALE = 3.5  # FLUX.1 dev's default, in diffusers (guidance_scale) and Forge
 INFOTEXT_KEY = "Distilled CFG Scale"  # Forge's name in the PNG parameters
@@ -25,8 +25,5 @@ class FluxOptions(OptionGroup):
     api_fields: ClassVar[dict[str, tuple[str, Any]]] = {"distilled_cfg_scale": ("distilled_cfg_scale", DISTILLED_CFG_SCALE)}
 
     def __post_init__(self) -> None:
-        value = self.distilled_cfg_scale
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
-            raise InvalidParameter("flux.distilled_cfg_scale", value, "must be a number from 0 to 30")
+        if self.distilled_cfg_scale is not None:
+            check_range("flux.distilled_cfg_scale", self.distilled_cfg_scale, 0, 30, float)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from aipaint.api.options import OptionGroup
-from aipaint.errors import InvalidParameter
+from aipaint.api.request import check_range
 
 INFOTEXT_KEY = "Shift"  # the flow shift, recorded when the request sets it
 
@@ -22,8 +22,5 @@ class SD3Options(OptionGroup):
     shift: float | None = None
 
     def __post_init__(self) -> None:
-        value = self.shift
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 20:
-            raise InvalidParameter("sd3.shift", value, "must be a number from 0.1 to 20")
+        if self.shift is not None:
+            check_range("sd3.shift", self.shift, 0.1, 20, float)

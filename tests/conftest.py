@@ -11,6 +11,12 @@ import torch
 # The suite shares a 2-core machine; one thread keeps timings predictable.
 torch.set_num_threads(int(os.environ.get("AIPAINT_TEST_THREADS", "1")))
 
+# The tests are offline. With usage stats on, Ray Data starts a thread that polls a Prometheus server every few
+# seconds and outlives the cluster; each failed poll logs a traceback, and on Python 3.11 before 3.11.8 formatting
+# a traceback parses source with `ast`, which races with any `ast.parse` in the main thread (CPython gh-106905:
+# "SystemError: AST constructor recursion depth mismatch"). Ray workers inherit the setting.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 def build_tiny_sd_components(seed: int = 0, *, in_channels: int = 4, prediction_type: str = "epsilon") -> dict:
     """diffusers' test-sized SD1.5 components with the real CLIP tokenizer."""

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def cluster():
     """A head (no CPUs: the driver's) and two worker nodes of one CPU each, on this machine."""
     from ray.cluster_utils import Cluster
 
+    threads_before = set(threading.enumerate())
     with deadline(120, "starting the Ray cluster"):
         local = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False})
@@ -98,6 +100,10 @@ def cluster():
         with deadline(60, "stopping the Ray cluster"):
             ray.shutdown()
             local.shutdown()
+        # Nothing the cluster started may outlive it in the test process (see conftest: a leftover poller thread
+        # once made an unrelated test fail).
+        left = [t.name for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        assert not left, f"threads left running after the Ray cluster stopped: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning learning rate")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="DreamBooth-LoRA learning rate")
     parser.add_argument("--lora-rank", type=int, default=4, help="DreamBooth-LoRA rank")
+    parser.add_argument("--lora-te-lr", type=float, help="DreamBooth-LoRA text-encoder learning rate (default: --lora-lr)")
     parser.add_argument("--batch-size", type=int, default=4, help="instance images per step (and as many class images)")
     parser.add_argument("--class-images", type=int, default=64)
     parser.add_argument("--eval-prompts", type=int, default=12, help="prompts per measure")
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "lora":
             report = train_dreambooth(pipe, work / "instances", work / "loras" / "subject", lora=True,
                                       learning_rate=args.lora_lr, rank=args.lora_rank, class_prompts=class_prompts,
+                                      text_encoder_learning_rate=args.lora_te_lr,
                                       class_dir=class_dir,
                                       show_progress=sys.stderr.isatty(), **common)
             lora_dir = work / "loras" / "subject"
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"DreamBooth on the embedded model — subject: an orange circle (the held-out colour), identifier "
         f"'{IDENTIFIER}'; torch {torch.__version__}, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} subject images, {args.steps} steps x batch {args.batch_size} (+{args.batch_size} class "
-        f"images with prior), UNet + text encoder, lr {args.lr:g} (LoRA: rank {args.lora_rank}, lr {args.lora_lr:g}); prior: "
+        f"images with prior), UNet + text encoder, lr {args.lr:g} (LoRA: rank {args.lora_rank}, lr {args.lora_lr:g}"
+        f"{f', text encoder {args.lora_te_lr:g}' if args.lora_te_lr else ''}); prior: "
         f"{args.class_images} class images drawn by the base model for {len(class_prompts)} class prompts")
     say(f"evaluation (model defaults): subject = {k} identifier prompts x {n} seeds (adherence: of those images to "
         f"the prompt with 'orange'); class = {len(eval_class)} coloured-circle prompts x {n} (not among the class "

@@ -25,9 +25,10 @@ POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in t
 
 
 def main() -> None:
+    from aipaint_plugins.shapes_world.evaluate import read_scene
+
     import aipaint
     from aipaint import explain
-    from aipaint_plugins.shapes_world.evaluate import read_scene
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
@@ -65,11 +66,10 @@ def main() -> None:
             k = [w.text for w in phase["words"]].index(colour)
             word_map = phase["word_maps"][k]
 
-            def inside(x: float, y: float) -> bool:
-                return abs(x + 0.5 - found.cx) <= found.extent / 2 and abs(y + 0.5 - found.cy) <= found.extent / 2
-
             flat = int(np.argmax(word_map))
-            raw_hits.append(inside(flat % word_map.shape[1], flat // word_map.shape[1]))
+            peak_x, peak_y = flat % word_map.shape[1], flat // word_map.shape[1]
+            raw_hits.append(abs(peak_x + 0.5 - found.cx) <= found.extent / 2
+                            and abs(peak_y + 0.5 - found.cy) <= found.extent / 2)
             image = np.asarray(run["image"].convert("RGB"), dtype=np.int16)
             on = np.linalg.norm(image - np.array(reading.background_rgb), axis=2) > 60
             higher.append(bool(word_map[on].mean() > word_map[~on].mean()))

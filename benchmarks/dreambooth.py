@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="DreamBooth-LoRA learning rate")
     parser.add_argument("--lora-rank", type=int, default=4, help="DreamBooth-LoRA rank")
     parser.add_argument("--lora-te-lr", type=float, help="DreamBooth-LoRA text-encoder learning rate (default: --lora-lr)")
+    parser.add_argument("--lr-scheduler", default="constant", help="learning-rate schedule of every variant")
+    parser.add_argument("--lr-warmup-steps", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4, help="instance images per step (and as many class images)")
     parser.add_argument("--class-images", type=int, default=64)
     parser.add_argument("--eval-prompts", type=int, default=12, help="prompts per measure")
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     base_orange = subject_rate(pipe, orange_prompts, n, seed_subject)[0]
 
     common = dict(identifier=IDENTIFIER, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                  train_text_encoder=True, num_class_images=args.class_images)
+                  train_text_encoder=True, num_class_images=args.class_images, lr_scheduler=args.lr_scheduler,
+                  lr_warmup_steps=args.lr_warmup_steps)
     class_dir = work / "class_images"  # drawn once by the base model, shared by the variants
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         started = time.perf_counter()
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         f"'{IDENTIFIER}'; torch {torch.__version__}, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} subject images, {args.steps} steps x batch {args.batch_size} (+{args.batch_size} class "
         f"images with prior), UNet + text encoder, lr {args.lr:g} (LoRA: rank {args.lora_rank}, lr {args.lora_lr:g}"
-        f"{f', text encoder {args.lora_te_lr:g}' if args.lora_te_lr else ''}); prior: "
+        f"{f', text encoder {args.lora_te_lr:g}' if args.lora_te_lr else ''}); schedule {args.lr_scheduler}"
+        f"{f' after {args.lr_warmup_steps} warm-up steps' if args.lr_warmup_steps else ''}; prior: "
         f"{args.class_images} class images drawn by the base model for {len(class_prompts)} class prompts")
     say(f"evaluation (model defaults): subject = {k} identifier prompts x {n} seeds (adherence: of those images to "
         f"the prompt with 'orange'); class = {len(eval_class)} coloured-circle prompts x {n} (not among the class "

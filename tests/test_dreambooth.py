@@ -117,10 +117,13 @@ def test_dreambooth_lora_file_loads_through_the_lora_adapter(tiny_pipe, tmp_path
 
 def test_an_interrupted_run_resumes_exactly(tiny_pipe, tmp_path):
     data = write_subject(tmp_path / "subject", 2)
+    # a cosine schedule with a warm-up: the resumed run must pick the rates up where the checkpoint left them
     settings = dict(identifier="sks", steps=4, learning_rate=1e-3, resolution=32, lora=True, rank=2, checkpoint_every=2,
                     class_prompts=["a red circle"], num_class_images=2, class_dir=tmp_path / "class",
-                    class_generation=CLASS_GEN)
+                    class_generation=CLASS_GEN, lr_scheduler="cosine", lr_warmup_steps=1)
     straight = train_dreambooth(tiny_pipe, data, tmp_path / "straight", **settings)
+    record = json.loads((tmp_path / "straight" / "training.json").read_text())
+    assert record["lr_scheduler"] == "cosine" and record["lr_warmup_steps"] == 1
 
     class Stop(Exception):
         pass
@@ -134,6 +137,8 @@ def test_an_interrupted_run_resumes_exactly(tiny_pipe, tmp_path):
     assert (tmp_path / "resumed" / "checkpoint.safetensors").is_file()
     with pytest.raises(InvalidParameter, match="other settings"):
         train_dreambooth(tiny_pipe, data, tmp_path / "resumed", resume=True, **{**settings, "learning_rate": 2e-3})
+    with pytest.raises(InvalidParameter, match="other settings"):
+        train_dreambooth(tiny_pipe, data, tmp_path / "resumed", resume=True, **{**settings, "lr_scheduler": "linear"})
     resumed = train_dreambooth(tiny_pipe, data, tmp_path / "resumed", resume=True, **settings)
     assert resumed.resumed_from == 2 and resumed.losses == straight.losses
     a = load_file(str(tmp_path / "straight" / "straight.safetensors"))
@@ -161,7 +166,10 @@ def test_train_dreambooth_command(tiny_sd_path, tmp_path, capsys):
     data = write_subject(tmp_path / "subject", 2, captions=False)
     out = tmp_path / "cli"
     code = main(["train", "dreambooth", str(data), "-o", str(out), "-m", str(tiny_sd_path), "--instance-prompt",
-                 "a sks circle", "--identifier", "sks", "--steps", "2", "--resolution", "32", "--lora", "--rank", "2"])
+                 "a sks circle", "--identifier", "sks", "--steps", "2", "--resolution", "32", "--lora", "--rank", "2",
+                 "--lr-scheduler", "cosine", "--lr-warmup-steps", "1"])
     assert code == 0 and (out / "cli.safetensors").is_file()
+    with safe_open(str(out / "cli.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_lr_scheduler"] == "cosine" and f.metadata()["ss_lr_warmup_steps"] == "1"
     captured = capsys.readouterr()
     assert str(out / "cli.safetensors") in captured.out and "2 steps on 2 images; no prior preservation" in captured.err

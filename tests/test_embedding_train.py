@@ -91,6 +91,9 @@ def test_bad_input_is_a_typed_error(tiny_pipe, tmp_path):
         train_embedding(tiny_pipe, write_subject(tmp_path / "bare", 1, captions=False), tmp_path / "sks.safetensors")
     with pytest.raises(InvalidParameter, match="vectors"):
         train_embedding(tiny_pipe, data, tmp_path / "sks.safetensors", vectors=0)
+    with pytest.raises(InvalidParameter, match="lr_scheduler"):
+        train_embedding(tiny_pipe, data, tmp_path / "sks.safetensors", steps=2, lr_scheduler="exponential")
+    assert not (tmp_path / "sks.safetensors").exists()
 
 
 def test_train_embedding_command(tiny_sd_path, tmp_path, capsys):
@@ -99,7 +102,10 @@ def test_train_embedding_command(tiny_sd_path, tmp_path, capsys):
     data = write_subject(tmp_path / "data", 2, captions=False)
     out = tmp_path / "emb" / "zwx.safetensors"
     code = main(["train", "embedding", str(data), "-o", str(out), "-m", str(tiny_sd_path), "--caption",
-                 "a zwx circle", "--steps", "2", "--batch-size", "1", "--resolution", "32", "--init-text", "circle"])
+                 "a zwx circle", "--steps", "2", "--batch-size", "1", "--resolution", "32", "--init-text", "circle",
+                 "--lr-scheduler", "linear", "--lr-warmup-steps", "1"])
     assert code == 0 and out.is_file()
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["lr_scheduler"] == "linear" and f.metadata()["lr_warmup_steps"] == "1"
     captured = capsys.readouterr()
     assert str(out) in captured.out and "zwx: 1 vector(s), 2 steps on 2 images" in captured.err

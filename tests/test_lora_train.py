@@ -15,7 +15,12 @@ from aipaint_plugins.lora.train import train_lora
 from safetensors import safe_open
 
 from aipaint.errors import InvalidParameter
-from aipaint.plugin.kit.training import loss_target, noise_scheduler
+from aipaint.plugin.kit.training import (
+    check_lr_schedule,
+    learning_rate_schedule,
+    loss_target,
+    noise_scheduler,
+)
 
 GEN = dict(seed=2, width=32, height=32, steps=2, cfg_scale=5.0)
 EMBEDDED = Path(__file__).resolve().parents[1] / "zoo" / "models" / "shapes-tiny"
@@ -95,6 +100,54 @@ def test_the_loss_follows_the_models_prediction_type():
     assert torch.equal(loss_target(noise_scheduler(model), x0, noise, t), noise)
 
 
+def rates(name: str, *, warmup: int, total: int, start: int = 0, peaks=(1e-3, 2e-3)) -> list[list[float]]:
+    """Each step's learning rate per parameter group, stepping a schedule from ``start`` to the end."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in peaks]
+    optimizer = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(params, peaks)])
+    schedule = learning_rate_schedule(optimizer, name, warmup_steps=warmup, total_steps=total, start_step=start)
+    seen = []
+    for _ in range(start, total):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    return seen
+
+
+def test_the_learning_rate_schedule_warms_up_decays_per_group_and_resumes_in_place():
+    cosine = rates("cosine", warmup=2, total=10)
+    assert [round(r[0] / 1e-3, 4) for r in cosine[:3]] == [0.0, 0.5, 1.0]  # linear warm-up, then the peak
+    # half-way through the decay (step 6 of the 8 after warm-up) the cosine is at half the peak, in each group
+    assert cosine[6] == pytest.approx([0.5e-3, 1e-3])
+    assert all(a[0] > b[0] for a, b in zip(cosine[2:], cosine[3:]))  # falls every step after the warm-up
+    assert rates("cosine", warmup=2, total=10, start=4) == cosine[4:]  # a resumed run follows the same rates
+    assert rates("constant", warmup=0, total=3) == [[1e-3, 2e-3]] * 3
+    # "constant" with a warm-up keeps the warm-up (diffusers' own "constant" would silently drop it)
+    assert check_lr_schedule("constant", 2, 5) == "constant_with_warmup"
+    assert [r[0] for r in rates("constant", warmup=2, total=4)] == pytest.approx([0.0, 0.5e-3, 1e-3, 1e-3])
+    with pytest.raises(InvalidParameter, match="lr_scheduler"):
+        check_lr_schedule("cosine_annealing", 0, 5)
+    with pytest.raises(InvalidParameter, match="lr_warmup_steps"):
+        check_lr_schedule("cosine", 5, 5)
+    with pytest.raises(InvalidParameter, match="lr_warmup_steps"):
+        check_lr_schedule("cosine", -1, 5)
+
+
+def test_lora_training_follows_its_schedule_and_records_it(tiny_pipe, tmp_path):
+    data = write_dataset(tmp_path / "data", 2)
+    common = dict(rank=2, steps=3, learning_rate=1e-2, batch_size=1, resolution=32)
+    constant = train_lora(tiny_pipe, data, tmp_path / "c.safetensors", **common)
+    warmed = train_lora(tiny_pipe, data, tmp_path / "w.safetensors", lr_scheduler="linear", lr_warmup_steps=1, **common)
+    # the first step runs at rate 0 during the warm-up, so it changes nothing: the same first loss, then the
+    # runs part (the second step's weights differ)
+    assert warmed.losses[0] == constant.losses[0] and warmed.losses[1] != constant.losses[1]
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_lr_scheduler"] == "linear" and meta["ss_lr_warmup_steps"] == "1"
+    with pytest.raises(InvalidParameter, match="lr_warmup_steps"):
+        train_lora(tiny_pipe, data, tmp_path / "x.safetensors", lr_warmup_steps=3, **common)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_bad_training_input_is_a_typed_error(tiny_pipe, tmp_path):
     data = write_dataset(tmp_path / "data", 2)
     (data / "0001.txt").unlink()
@@ -145,13 +198,15 @@ def test_train_lora_command_takes_unset_settings_from_the_model_card(monkeypatch
             k: recipe[k] for k in ("steps", "learning_rate", "batch_size", "train_text_encoder")}
         assert "from the model card: steps 300" in capsys.readouterr().err
         assert main(["train", "lora", str(data), "-o", str(tmp_path / "b.safetensors"), "--steps", "7",
-                     "--no-train-text-encoder"]) == 0
+                     "--no-train-text-encoder", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2"]) == 0
         assert seen[-1]["steps"] == 7 and seen[-1]["train_text_encoder"] is False
+        assert seen[-1]["lr_scheduler"] == "cosine" and seen[-1]["lr_warmup_steps"] == 2
         assert seen[-1]["learning_rate"] == recipe["learning_rate"]
 
     from aipaint_plugins.lora.commands import TRAINING_DEFAULTS, training_settings
 
-    args = argparse.Namespace(steps=None, learning_rate=None, batch_size=None, train_text_encoder=None)
+    args = argparse.Namespace(steps=None, learning_rate=None, batch_size=None, train_text_encoder=None,
+                              lr_scheduler=None, lr_warmup_steps=None)
     assert training_settings(args, {}) == (TRAINING_DEFAULTS, [])
     assert training_settings(args, None) == (TRAINING_DEFAULTS, [])
 

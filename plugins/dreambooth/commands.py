@@ -9,6 +9,7 @@ from pathlib import Path
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from aipaint.cli.api import command_group
+    from aipaint.plugin.kit.training import add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -32,6 +33,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate",
                    help="AdamW learning rate (default 5e-6; with --lora 1e-4)")
     p.add_argument("--text-encoder-lr", type=float, help="learning rate of the text encoder (default: --lr)")
+    add_lr_schedule_options(p)
     p.add_argument("--batch-size", type=int, default=1, help="instance images per step, and as many class images (1)")
     p.add_argument("--resolution", type=int, help="training size in pixels (default: the model's default size)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +72,8 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
         steps=args.steps,
         learning_rate=args.learning_rate,
         text_encoder_learning_rate=args.text_encoder_lr,
+        lr_scheduler=args.lr_scheduler or "constant",
+        lr_warmup_steps=args.lr_warmup_steps or 0,
         batch_size=args.batch_size,
         resolution=args.resolution,
         seed=args.seed,

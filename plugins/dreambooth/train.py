@@ -47,7 +47,14 @@ import torch.nn.functional as F
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.plugin.kit.kohya import kohya_state
-from aipaint.plugin.kit.training import loss_target, noise_scheduler, peft_lora_copy, square_image_tensor
+from aipaint.plugin.kit.training import (
+    check_lr_schedule,
+    learning_rate_schedule,
+    loss_target,
+    noise_scheduler,
+    peft_lora_copy,
+    square_image_tensor,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -306,6 +313,8 @@ def train_dreambooth(
     seed: int = 0,
     train_text_encoder: bool = False,
     text_encoder_learning_rate: float | None = None,
+    lr_scheduler: str = "constant",
+    lr_warmup_steps: int = 0,
     lora: bool = False,
     rank: int = 4,
     alpha: float | None = None,
@@ -341,6 +350,7 @@ def train_dreambooth(
     _check_rate("learning_rate", learning_rate)
     if text_encoder_learning_rate is not None:
         _check_rate("text_encoder_learning_rate", text_encoder_learning_rate)
+    lr_scheduler = check_lr_schedule(lr_scheduler, lr_warmup_steps, steps)
     class_prompts = [p.strip() for p in class_prompts if p and p.strip()]
     if class_prompts:
         _check_int("num_class_images", num_class_images, 1)
@@ -390,6 +400,8 @@ def train_dreambooth(
         "class_generation": class_generation or {},
         "learning_rate": learning_rate,
         "text_encoder_learning_rate": text_encoder_learning_rate if train_text_encoder else None,
+        "lr_scheduler": lr_scheduler,
+        "lr_warmup_steps": lr_warmup_steps,
         "batch_size": batch_size,
         "resolution": size,
         "seed": seed,
@@ -443,6 +455,8 @@ def train_dreambooth(
         start, losses, prior_losses = _load_checkpoint(checkpoint, fingerprint, params, optimizer, generator)
         if start > steps:
             raise InvalidParameter("steps", steps, f"must be at least the checkpoint's {start} steps to resume")
+    rates = learning_rate_schedule(optimizer, lr_scheduler, warmup_steps=lr_warmup_steps, total_steps=steps,
+                                   start_step=start)
 
     def conditioning(indices: torch.Tensor) -> torch.Tensor:
         if fixed is not None:
@@ -478,6 +492,7 @@ def train_dreambooth(
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            rates.step()
             value = float(loss.detach())
             losses.append(value)
             if bar is not None:
@@ -506,6 +521,8 @@ def train_dreambooth(
             "ss_output_name": name,
             "ss_steps": str(steps),
             "ss_learning_rate": f"{learning_rate:g}",
+            "ss_lr_scheduler": lr_scheduler,
+            "ss_lr_warmup_steps": str(lr_warmup_steps),
             "ss_resolution": f"({size}, {size})",
             "ss_num_train_images": str(len(paths)),
             "ss_num_reg_images": str(len(class_paths)),

@@ -15,6 +15,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         command_group,
         generation_parsers,
     )
+    from aipaint.plugin.kit.training import add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -31,6 +32,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimiser steps (default: the model card's, else 500)")
     p.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate",
                    help="AdamW learning rate (default: the model card's, else 1e-4)")
+    add_lr_schedule_options(p, defaults="the model card's, else constant, no warm-up")
     p.add_argument("--batch-size", type=int, help="images per step (default: the model card's, else 4)")
     p.add_argument("--resolution", type=int, help="training size in pixels (default: the model's default size)")
     p.add_argument("--seed", type=int, default=0)
@@ -78,7 +80,8 @@ def recorded_units(args: argparse.Namespace, png_params: dict[str, str]) -> list
 
 
 #: ``aipaint train lora``'s own defaults, for a model whose card has no ``lora_training`` section.
-TRAINING_DEFAULTS: dict[str, Any] = {"steps": 500, "learning_rate": 1e-4, "batch_size": 4, "train_text_encoder": False}
+TRAINING_DEFAULTS: dict[str, Any] = {"steps": 500, "learning_rate": 1e-4, "batch_size": 4, "train_text_encoder": False,
+                                     "lr_scheduler": "constant", "lr_warmup_steps": 0}
 
 
 def training_settings(args: argparse.Namespace, card: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.plugin.kit.kohya import kohya_state
-from aipaint.plugin.kit.training import loss_target, noise_scheduler, peft_lora_copy, square_image_tensor
+from aipaint.plugin.kit.training import (
+    check_lr_schedule,
+    learning_rate_schedule,
+    loss_target,
+    noise_scheduler,
+    peft_lora_copy,
+    square_image_tensor,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -108,6 +115,8 @@ def train_lora(
     seed: int = 0,
     train_text_encoder: bool = False,
     text_encoder_learning_rate: float | None = None,
+    lr_scheduler: str = "constant",
+    lr_warmup_steps: int = 0,
     unet_targets: Sequence[str] = UNET_TARGETS,
     text_encoder_targets: Sequence[str] = TEXT_ENCODER_TARGETS,
     progress: Progress | None = None,
@@ -116,8 +125,10 @@ def train_lora(
 ) -> TrainReport:
     """Train a LoRA on ``data_dir`` and write it to ``out_file`` (kohya keys). The model is not modified.
 
-    ``alpha`` defaults to ``rank`` (scale 1). ``progress(step, steps, loss)`` is called after
-    every step; ``show_progress`` draws a tqdm bar with the running loss on stderr.
+    ``alpha`` defaults to ``rank`` (scale 1). ``lr_scheduler`` is diffusers' (and kohya's) schedule
+    name, ``lr_warmup_steps`` its linear warm-up from 0 (see
+    :func:`aipaint.plugin.kit.training.learning_rate_schedule`). ``progress(step, steps, loss)`` is
+    called after every step; ``show_progress`` draws a tqdm bar with the running loss on stderr.
     """
     model = getattr(model_or_pipeline, "model", model_or_pipeline)
     if getattr(model, "text_encoder_2", None) is not None or model.text_encoder is None:
@@ -131,6 +142,7 @@ def train_lora(
             raise InvalidParameter(name, value, f"must be a whole number of at least {low}")
     if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < 1):
         raise InvalidParameter("learning_rate", learning_rate, "must be a number between 0 and 1", "1e-4 is a common start")
+    lr_scheduler = check_lr_schedule(lr_scheduler, lr_warmup_steps, steps)
     alpha = float(rank if alpha is None else alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise InvalidParameter("alpha", alpha, "must be a positive number", "the LoRA's scale is alpha / rank")
@@ -172,6 +184,7 @@ def train_lora(
             {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_encoder_learning_rate or learning_rate}
         )
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
+    rates = learning_rate_schedule(optimizer, lr_scheduler, warmup_steps=lr_warmup_steps, total_steps=steps)
     scheduler = noise_scheduler(model)
     train_steps = int(scheduler.config.num_train_timesteps)
 
@@ -197,6 +210,7 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            rates.step()
             value = float(loss.detach())
             losses.append(value)
             if bar is not None:
@@ -219,6 +233,8 @@ def train_lora(
         "ss_output_name": out_file.stem,
         "ss_steps": str(steps),
         "ss_learning_rate": f"{learning_rate:g}",
+        "ss_lr_scheduler": lr_scheduler,
+        "ss_lr_warmup_steps": str(lr_warmup_steps),
         "ss_resolution": f"({size}, {size})",
         "ss_num_train_images": str(len(paths)),
         "ss_sd_model_name": str(getattr(model, "name", "")),

@@ -147,6 +147,8 @@ def train_embedding(
     init_text: str = "*",
     steps: int = 500,
     learning_rate: float = 5e-3,
+    lr_scheduler: str = "constant",
+    lr_warmup_steps: int = 0,
     batch_size: int = 4,
     resolution: int | None = None,
     seed: int = 0,
@@ -157,8 +159,9 @@ def train_embedding(
 
     ``vectors`` tokens per use (A1111's "number of vectors per token"), started from
     ``init_text``'s token embeddings; AdamW at ``learning_rate`` (A1111's default 0.005), no
-    weight decay. ``progress(step, steps, loss)`` is called after every step; ``show_progress``
-    draws a tqdm bar on stderr. The model is not modified.
+    weight decay, on the schedule ``lr_scheduler`` with ``lr_warmup_steps`` of warm-up (see
+    :func:`aipaint.plugin.kit.training.learning_rate_schedule`). ``progress(step, steps, loss)`` is
+    called after every step; ``show_progress`` draws a tqdm bar on stderr. The model is not modified.
     """
     import torch
     import torch.nn.functional as F
@@ -182,11 +185,18 @@ def train_embedding(
         raise InvalidParameter("vectors", vectors, "must be at most 75 (one prompt chunk)")
     if isinstance(learning_rate, bool) or not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < 1):
         raise InvalidParameter("learning_rate", learning_rate, "must be a number between 0 and 1", "A1111 uses 0.005")
+    from aipaint.plugin.kit.training import (
+        check_lr_schedule,
+        learning_rate_schedule,
+        loss_target,
+        noise_scheduler,
+        square_image_tensor,
+    )
+
+    lr_scheduler = check_lr_schedule(lr_scheduler, lr_warmup_steps, steps)
     size = int(resolution or model.defaults.width)
     if size % model.vae_scale_factor:
         raise InvalidParameter("resolution", size, f"must be a multiple of {model.vae_scale_factor} for this model")
-
-    from aipaint.plugin.kit.training import loss_target, noise_scheduler, square_image_tensor
 
     started = time.perf_counter()
     paths, captions = training_data(data_dir, name, caption)
@@ -219,6 +229,7 @@ def train_embedding(
     encoder = PromptEncoder(tokenizer, text_encoder)
     chunks = max(len(encoder.count_tokens(t)) for t in texts)
     optimizer = torch.optim.AdamW([table.new], lr=learning_rate, weight_decay=0.0)
+    rates = learning_rate_schedule(optimizer, lr_scheduler, warmup_steps=lr_warmup_steps, total_steps=steps)
     scheduler = noise_scheduler(model)
     train_steps = int(scheduler.config.num_train_timesteps)
 
@@ -246,6 +257,7 @@ def train_embedding(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            rates.step()
             value = float(loss.detach())
             losses.append(value)
             if bar is not None:
@@ -267,6 +279,8 @@ def train_embedding(
         "vectors": str(vectors),
         "init_text": init_text,
         "learning_rate": f"{learning_rate:g}",
+        "lr_scheduler": lr_scheduler,
+        "lr_warmup_steps": str(lr_warmup_steps),
         "batch_size": str(batch_size),
         "resolution": str(size),
         "images": str(len(paths)),
@@ -294,6 +308,7 @@ def _save_atomic(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     """``aipaint train embedding DATA_DIR -o NAME.safetensors``."""
     from aipaint.cli.api import command_group
+    from aipaint.plugin.kit.training import add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -311,6 +326,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-text", default="*", help="initialization text (A1111's default '*')")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate", default=5e-3)
+    add_lr_schedule_options(p)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resolution", type=int, help="training size in pixels (default: the model's default size)")
     p.add_argument("--seed", type=int, default=0)
@@ -329,7 +345,8 @@ def _cmd_train_embedding(args: argparse.Namespace) -> int:
     pipe = aipaint.load(args.model, device=args.device)
     report = train_embedding(
         pipe, args.data_dir, args.output, caption=args.caption, vectors=args.vectors, init_text=args.init_text,
-        steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size, resolution=args.resolution,
+        steps=args.steps, learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler or "constant",
+        lr_warmup_steps=args.lr_warmup_steps or 0, batch_size=args.batch_size, resolution=args.resolution,
         seed=args.seed, show_progress=True,
     )
     print(report.output)

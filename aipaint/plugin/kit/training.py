@@ -1,24 +1,31 @@
 """What the training commands share (LoRA, DreamBooth, textual inversion): their pictures as
-tensors, the model's own noise schedule for training, the loss target it implies, and a
-trainable copy of a network with peft LoRA layers."""
+tensors, the model's own noise schedule for training, the loss target it implies, a
+trainable copy of a network with peft LoRA layers, and the learning-rate schedule."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from aipaint.errors import InvalidParameter, UnsupportedFeature
 
-from aipaint.errors import UnsupportedFeature
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads LR_SCHEDULERS without it
+    import torch
 
-__all__ = ["loss_target", "noise_scheduler", "peft_lora_copy", "square_image_tensor"]
+__all__ = ["LR_SCHEDULERS", "add_lr_schedule_options", "check_lr_schedule", "learning_rate_schedule", "loss_target", "noise_scheduler", "peft_lora_copy",
+           "square_image_tensor"]
+
+# diffusers' schedule names (kohya's and the diffusers training examples' --lr_scheduler), less
+# piecewise_constant, whose rules string no training command takes.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def square_image_tensor(paths: Sequence[Path], size: int) -> torch.Tensor:
     """Images in [0, 1], NCHW, each centre-cropped to a square and resized to ``size``
     (bicubic when enlarging, Lanczos when shrinking)."""
     import numpy as np
+    import torch
     from PIL import Image
 
     arrays = []
@@ -72,3 +79,54 @@ def peft_lora_copy(module: torch.nn.Module, targets: Sequence[str], rank: int, a
     trainable.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
     return inject_adapter_in_model(config, trainable, adapter_name=adapter_name)
+
+
+def check_lr_schedule(name: str, warmup_steps: int, total_steps: int) -> str:
+    """The schedule a training of ``total_steps`` steps will follow: ``name`` checked against
+    :data:`LR_SCHEDULERS` and the warm-up against the steps (clear errors before any work), and
+    ``"constant"`` with a warm-up read as ``"constant_with_warmup"`` (diffusers would drop the
+    warm-up without a word)."""
+    if name not in LR_SCHEDULERS:
+        raise InvalidParameter("lr_scheduler", name, f"one of {', '.join(LR_SCHEDULERS)}")
+    for what, value, low in (("total_steps", total_steps, 1), ("lr_warmup_steps", warmup_steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidParameter(what, value, f"must be a whole number, at least {low}")
+    if warmup_steps >= total_steps:
+        raise InvalidParameter("lr_warmup_steps", warmup_steps, f"must be fewer than the {total_steps} training steps")
+    return "constant_with_warmup" if name == "constant" and warmup_steps else name
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, name: str = "constant", *, warmup_steps: int = 0,
+                           total_steps: int, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' learning-rate schedule ``name`` (one of :data:`LR_SCHEDULERS`, checked by
+    :func:`check_lr_schedule`) over ``total_steps`` optimiser steps, the first ``warmup_steps`` of
+    them rising linearly from 0; call its ``step()`` after each ``optimizer.step()``. Each parameter
+    group's own learning rate is the peak it scales. ``start_step`` puts the schedule where a run
+    resumed at that step left it (create it after loading the optimizer's state), so a resumed run
+    follows the same rates as one that never stopped."""
+    from diffusers.optimization import get_scheduler
+
+    name = check_lr_schedule(name, warmup_steps, total_steps)
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= total_steps:
+        raise InvalidParameter("start_step", start_step, f"must be a whole number from 0 to {total_steps}")
+    # LambdaLR reads each group's peak from "initial_lr": set on a fresh start, restored with a saved state.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    if start_step:
+        import warnings
+
+        schedule.last_epoch = start_step - 1
+        with warnings.catch_warnings():  # a resumed optimizer has stepped, in the run that saved it
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            schedule.step()  # every group's rate for step start_step, as start_step calls of step() set it
+    return schedule
+
+
+def add_lr_schedule_options(parser: Any, *, defaults: str = "constant, no warm-up") -> None:
+    """``--lr-scheduler`` and ``--lr-warmup-steps`` on a training command's argparse ``parser``,
+    both ``None`` when not given (the command applies its defaults, said in ``defaults``)."""
+    parser.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=None,
+                        help=f"learning-rate schedule, diffusers' and kohya's names (default: {defaults})")
+    parser.add_argument("--lr-warmup-steps", type=int, default=None, metavar="N",
+                        help="steps over which the learning rate rises linearly from 0 (default: 0)")

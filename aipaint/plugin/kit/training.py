@@ -13,8 +13,8 @@ from aipaint.errors import InvalidParameter, UnsupportedFeature
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads LR_SCHEDULERS without it
     import torch
 
-__all__ = ["LR_SCHEDULERS", "add_lr_schedule_options", "check_lr_schedule", "learning_rate_schedule", "loss_target", "noise_scheduler", "peft_lora_copy",
-           "square_image_tensor"]
+__all__ = ["LR_SCHEDULERS", "add_lr_schedule_options", "check_lr_schedule", "learning_rate_schedule", "loss_target",
+           "noise_scheduler", "peft_lora_copy", "square_image_tensor"]
 
 # diffusers' schedule names (kohya's and the diffusers training examples' --lr_scheduler), less
 # piecewise_constant, whose rules string no training command takes.
@@ -109,9 +109,7 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer, name: str = "consta
     name = check_lr_schedule(name, warmup_steps, total_steps)
     if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= total_steps:
         raise InvalidParameter("start_step", start_step, f"must be a whole number from 0 to {total_steps}")
-    # LambdaLR reads each group's peak from "initial_lr": set on a fresh start, restored with a saved state.
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
+    # LambdaLR scales each group's "initial_lr", which it sets from "lr" unless a loaded state has it.
     schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     if start_step:
         import warnings

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning learning rate")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="DreamBooth-LoRA learning rate")
     parser.add_argument("--lora-rank", type=int, default=4, help="DreamBooth-LoRA rank")
+    parser.add_argument("--lora-targets", default="attention", choices=("attention", "kohya"),
+                        help="DreamBooth-LoRA layers (aipaint.plugin.kit.training.LORA_TARGETS)")
     parser.add_argument("--lora-te-lr", type=float, help="DreamBooth-LoRA text-encoder learning rate (default: --lora-lr)")
     parser.add_argument("--lr-scheduler", default="constant", help="learning-rate schedule of every variant")
     parser.add_argument("--lr-warmup-steps", type=int, default=0)
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from aipaint_plugins.dreambooth.train import train_dreambooth
 
     import aipaint
+    from aipaint.plugin.kit.training import lora_targets
 
     lines: list[str] = []
 
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             report = train_dreambooth(pipe, work / "instances", work / "loras" / "subject", lora=True,
                                       learning_rate=args.lora_lr, rank=args.lora_rank, class_prompts=class_prompts,
                                       text_encoder_learning_rate=args.lora_te_lr,
+                                      unet_targets=lora_targets(args.lora_targets)[0],
+                                      text_encoder_targets=lora_targets(args.lora_targets)[1],
                                       class_dir=class_dir,
                                       show_progress=sys.stderr.isatty(), **common)
             lora_dir = work / "loras" / "subject"
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"DreamBooth on the embedded model — subject: an orange circle (the held-out colour), identifier "
         f"'{IDENTIFIER}'; torch {torch.__version__}, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} subject images, {args.steps} steps x batch {args.batch_size} (+{args.batch_size} class "
-        f"images with prior), UNet + text encoder, lr {args.lr:g} (LoRA: rank {args.lora_rank}, lr {args.lora_lr:g}"
+        f"images with prior), UNet + text encoder, lr {args.lr:g} (LoRA: rank {args.lora_rank}, lr {args.lora_lr:g}, {args.lora_targets} layers"
         f"{f', text encoder {args.lora_te_lr:g}' if args.lora_te_lr else ''}); schedule {args.lr_scheduler}"
         f"{f' after {args.lr_warmup_steps} warm-up steps' if args.lr_warmup_steps else ''}; prior: "
         f"{args.class_images} class images drawn by the base model for {len(class_prompts)} class prompts")

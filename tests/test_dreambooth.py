@@ -92,13 +92,18 @@ def test_full_fine_tune_with_prior_writes_a_folder_and_a_single_file_that_load_b
     assert again.generated_class_images == 0 and again.class_images == 3
 
 
-def test_dreambooth_lora_file_loads_through_the_lora_adapter(tiny_pipe, tmp_path):
+@pytest.mark.parametrize("targets", ["attention", "kohya"])
+def test_dreambooth_lora_file_loads_through_the_lora_adapter(tiny_pipe, tmp_path, targets):
     from aipaint_plugins.lora.api import lora_patches
+
+    from aipaint.plugin.kit.training import lora_targets
 
     data = write_subject(tmp_path / "subject", 2, captions=False)
     out = tmp_path / "loras" / "sks_circle"
+    unet_targets, text_encoder_targets = lora_targets(targets)
     report = train_dreambooth(tiny_pipe, data, out, instance_prompt="a sks circle", lora=True, rank=2,
-                              steps=2, learning_rate=1e-2, resolution=32, train_text_encoder=True)
+                              steps=2, learning_rate=1e-2, resolution=32, train_text_encoder=True,
+                              unet_targets=unet_targets, text_encoder_targets=text_encoder_targets)
     lora_file = out / "sks_circle.safetensors"
     assert report.files == [lora_file] and report.class_images == 0
     with safe_open(str(lora_file), framework="pt") as f:
@@ -112,7 +117,11 @@ def test_dreambooth_lora_file_loads_through_the_lora_adapter(tiny_pipe, tmp_path
     plain = np.asarray(tiny_pipe.txt2img("a sks circle", options=options, **GEN).images[0])
     tuned = np.asarray(tiny_pipe.txt2img("a sks circle <lora:sks_circle:1>", options=options, **GEN).images[0])
     assert not np.array_equal(plain, tuned)
-    assert json.loads((out / "training.json").read_text())["method"] == "dreambooth-lora"
+    record = json.loads((out / "training.json").read_text())
+    assert record["method"] == "dreambooth-lora" and record["unet_targets"] == list(unet_targets)
+    assert record["text_encoder_targets"] == list(text_encoder_targets)
+    assert any(k.endswith("ff_net_2.lora_up.weight") for k in keys) == (targets == "kohya")
+    assert any(k.endswith("mlp_fc1.lora_up.weight") for k in keys) == (targets == "kohya")
 
 
 def test_an_interrupted_run_resumes_exactly(tiny_pipe, tmp_path):
@@ -173,3 +182,6 @@ def test_train_dreambooth_command(tiny_sd_path, tmp_path, capsys):
         assert f.metadata()["ss_lr_scheduler"] == "cosine" and f.metadata()["ss_lr_warmup_steps"] == "1"
     captured = capsys.readouterr()
     assert str(out / "cli.safetensors") in captured.out and "2 steps on 2 images; no prior preservation" in captured.err
+    assert main(["train", "dreambooth", str(data), "-o", str(tmp_path / "full"), "-m", str(tiny_sd_path),
+                 "--instance-prompt", "a sks circle", "--steps", "1", "--targets", "kohya"]) == 2
+    assert "targets" in capsys.readouterr().err and not (tmp_path / "full").exists()

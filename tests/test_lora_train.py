@@ -148,6 +148,27 @@ def test_lora_training_follows_its_schedule_and_records_it(tiny_pipe, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_kohya_targets_adapt_feed_forward_projection_and_mlp_layers_and_load_back(tiny_sd_path, tiny_pipe, tmp_path):
+    from aipaint.cli.main import main
+
+    data = write_dataset(tmp_path / "data", 2)
+    out = tmp_path / "loras" / "wide.safetensors"
+    assert main(["train", "lora", str(data), "-o", str(out), "-m", str(tiny_sd_path), "--steps", "2", "--rank", "2",
+                 "--batch-size", "1", "--resolution", "32", "--train-text-encoder", "--targets", "kohya"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        keys = list(f.keys())
+        proj_in = next(f.get_tensor(k) for k in keys if k.endswith("proj_in.lora_down.weight"))
+    bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    for layer in ("attn1_to_q", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out", "self_attn_q_proj", "mlp_fc1",
+                  "mlp_fc2"):
+        assert any(base.endswith(layer) for base in bases), layer
+    assert proj_in.dim() == 4  # a 1x1 convolution's LoRA, as kohya writes it
+    patches = lora_patches(tiny_pipe.model, out)  # every layer found again by the LoRA adapter
+    assert patches.unmatched == {} and len(patches.patches) == len(bases)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["train", "lora", str(data), "-o", str(tmp_path / "x.safetensors"), "--targets", "everything"])
+
+
 def test_bad_training_input_is_a_typed_error(tiny_pipe, tmp_path):
     data = write_dataset(tmp_path / "data", 2)
     (data / "0001.txt").unlink()

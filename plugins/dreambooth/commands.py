@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from aipaint.cli.api import command_group
-    from aipaint.plugin.kit.training import add_lr_schedule_options
+    from aipaint.plugin.kit.training import LORA_TARGETS, add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -41,6 +41,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="store_true", help="train peft LoRA layers and write one LoRA file instead")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (with --lora)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--targets", choices=tuple(LORA_TARGETS), default=None,
+                   help="with --lora, the " + "layers the LoRA adapts: attention (the attention projections; the default) or kohya (also the transformer blocks' feed-forward and proj_in/proj_out layers and the text encoder's MLP, as kohya's networks.lora)")
     p.add_argument("--no-single-file", action="store_true", help="write only the diffusers folder")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save a resumable checkpoint every N steps (0: never)")
@@ -55,7 +57,12 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
     from aipaint_plugins.dreambooth.train import train_dreambooth
 
     import aipaint
+    from aipaint.errors import InvalidParameter
+    from aipaint.plugin.kit.training import lora_targets
 
+    if args.targets and not args.lora:
+        raise InvalidParameter("targets", args.targets, "only means something with --lora (full fine-tuning trains every layer)")
+    unet_targets, text_encoder_targets = lora_targets(args.targets or "attention")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = aipaint.load(args.model, device=args.device)
@@ -81,6 +88,8 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
         lora=args.lora,
         rank=args.rank,
         alpha=args.alpha,
+        unet_targets=unet_targets,
+        text_encoder_targets=text_encoder_targets,
         single_file=not args.no_single_file,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,

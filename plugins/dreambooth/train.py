@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.plugin.kit.kohya import kohya_state
 from aipaint.plugin.kit.training import (
+    LORA_TARGETS,
     check_lr_schedule,
     learning_rate_schedule,
     loss_target,
@@ -57,8 +58,7 @@ from aipaint.plugin.kit.training import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_TARGETS, TEXT_ENCODER_TARGETS = LORA_TARGETS["attention"]
 ADAPTER_NAME = "aipaint_dreambooth"
 CHECKPOINT = "checkpoint.safetensors"
 SETTINGS_FILE = "training.json"
@@ -318,6 +318,8 @@ def train_dreambooth(
     lora: bool = False,
     rank: int = 4,
     alpha: float | None = None,
+    unet_targets: Sequence[str] = UNET_TARGETS,
+    text_encoder_targets: Sequence[str] = TEXT_ENCODER_TARGETS,
     max_grad_norm: float = 1.0,
     checkpoint_every: int = 0,
     resume: bool = False,
@@ -408,6 +410,8 @@ def train_dreambooth(
         "train_text_encoder": train_text_encoder,
         "rank": rank if lora else None,
         "alpha": alpha if lora else None,
+        "unet_targets": list(unet_targets) if lora else None,
+        "text_encoder_targets": list(text_encoder_targets) if lora and train_text_encoder else None,
         "max_grad_norm": max_grad_norm,
         "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
     }
@@ -425,9 +429,9 @@ def train_dreambooth(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _trainable_copy(model.unet, lora, UNET_TARGETS, rank, alpha).to(device)
+        unet = _trainable_copy(model.unet, lora, unet_targets, rank, alpha).to(device)
         text_encoder = (
-            _trainable_copy(model.text_encoder, lora, TEXT_ENCODER_TARGETS, rank, alpha).to(device)
+            _trainable_copy(model.text_encoder, lora, text_encoder_targets, rank, alpha).to(device)
             if train_text_encoder else None
         )
     encoder = PromptEncoder(model.tokenizer, text_encoder if text_encoder is not None else model.text_encoder)

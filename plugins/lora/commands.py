@@ -15,7 +15,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         command_group,
         generation_parsers,
     )
-    from aipaint.plugin.kit.training import add_lr_schedule_options
+    from aipaint.plugin.kit.training import LORA_TARGETS, add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -29,6 +29,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", help="base model (default: the embedded shapes-tiny)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--targets", choices=tuple(LORA_TARGETS), default="attention",
+                   help="layers the LoRA adapts: attention (the attention projections; the default) or kohya (also the transformer blocks' feed-forward and proj_in/proj_out layers and the text encoder's MLP, as kohya's networks.lora)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the model card's, else 500)")
     p.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate",
                    help="AdamW learning rate (default: the model card's, else 1e-4)")
@@ -105,6 +107,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     from aipaint_plugins.lora.train import train_lora
 
     import aipaint
+    from aipaint.plugin.kit.training import lora_targets
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +121,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         args.output,
         rank=args.rank,
         alpha=args.alpha,
+        unet_targets=lora_targets(args.targets)[0],
+        text_encoder_targets=lora_targets(args.targets)[1],
         resolution=args.resolution,
         seed=args.seed,
         show_progress=True,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from aipaint.errors import InvalidParameter, UnsupportedFeature
 from aipaint.plugin.kit.kohya import kohya_state
 from aipaint.plugin.kit.training import (
+    LORA_TARGETS,
     check_lr_schedule,
     learning_rate_schedule,
     loss_target,
@@ -38,8 +39,7 @@ from aipaint.plugin.kit.training import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_TARGETS, TEXT_ENCODER_TARGETS = LORA_TARGETS["attention"]
 ADAPTER_NAME = "aipaint_train"
 Progress = Callable[[int, int, float], None]
 

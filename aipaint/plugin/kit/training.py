@@ -13,8 +13,18 @@ from aipaint.errors import InvalidParameter, UnsupportedFeature
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads LR_SCHEDULERS without it
     import torch
 
-__all__ = ["LR_SCHEDULERS", "add_lr_schedule_options", "check_lr_schedule", "learning_rate_schedule", "loss_target",
+__all__ = ["LORA_TARGETS", "LR_SCHEDULERS", "add_lr_schedule_options", "lora_targets", "check_lr_schedule", "learning_rate_schedule", "loss_target",
            "noise_scheduler", "peft_lora_copy", "square_image_tensor"]
+
+# Which layers a trained LoRA adapts, as peft target_modules for (the UNet, the text encoder):
+# "attention", the diffusers training examples' choice (the attention projections), and "kohya",
+# kohya sd-scripts' networks.lora default (every Linear and 1x1 Conv2d of the UNet's transformer
+# blocks: attention, feed-forward, proj_in / proj_out; the text encoder's attention and MLP).
+LORA_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "attention": (("to_q", "to_k", "to_v", "to_out.0"), ("q_proj", "k_proj", "v_proj", "out_proj")),
+    "kohya": (("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+              ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+}
 
 # diffusers' schedule names (kohya's and the diffusers training examples' --lr_scheduler), less
 # piecewise_constant, whose rules string no training command takes.
@@ -128,3 +138,10 @@ def add_lr_schedule_options(parser: Any, *, defaults: str = "constant, no warm-u
                         help=f"learning-rate schedule, diffusers' and kohya's names (default: {defaults})")
     parser.add_argument("--lr-warmup-steps", type=int, default=None, metavar="N",
                         help="steps over which the learning rate rises linearly from 0 (default: 0)")
+
+
+def lora_targets(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (UNet, text encoder) peft ``target_modules`` of the :data:`LORA_TARGETS` set ``name``."""
+    if name not in LORA_TARGETS:
+        raise InvalidParameter("targets", name, f"one of {', '.join(LORA_TARGETS)}")
+    return LORA_TARGETS[name]

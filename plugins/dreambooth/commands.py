@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from aipaint.cli.api import command_group
-    from aipaint.plugin.kit.training import LORA_TARGETS, add_lr_schedule_options
+    from aipaint.plugin.kit.training import add_lora_targets_option, add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -41,8 +41,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="store_true", help="train peft LoRA layers and write one LoRA file instead")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (with --lora)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--targets", choices=tuple(LORA_TARGETS), default=None,
-                   help="with --lora, the " + "layers the LoRA adapts: attention (the attention projections; the default) or kohya (also the transformer blocks' feed-forward and proj_in/proj_out layers and the text encoder's MLP, as kohya's networks.lora)")
+    add_lora_targets_option(p, when="with --lora, ")
     p.add_argument("--no-single-file", action="store_true", help="write only the diffusers folder")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save a resumable checkpoint every N steps (0: never)")

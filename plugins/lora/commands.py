@@ -15,7 +15,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         command_group,
         generation_parsers,
     )
-    from aipaint.plugin.kit.training import LORA_TARGETS, add_lr_schedule_options
+    from aipaint.plugin.kit.training import add_lora_targets_option, add_lr_schedule_options
 
     train = command_group(subparsers, "train", "train adapters (LoRA, …) on your images")
     p = train.add_parser(
@@ -29,8 +29,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", help="base model (default: the embedded shapes-tiny)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--targets", choices=tuple(LORA_TARGETS), default="attention",
-                   help="layers the LoRA adapts: attention (the attention projections; the default) or kohya (also the transformer blocks' feed-forward and proj_in/proj_out layers and the text encoder's MLP, as kohya's networks.lora)")
+    add_lora_targets_option(p)
     p.add_argument("--steps", type=int, help="optimiser steps (default: the model card's, else 500)")
     p.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate",
                    help="AdamW learning rate (default: the model card's, else 1e-4)")
@@ -109,6 +108,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     import aipaint
     from aipaint.plugin.kit.training import lora_targets
 
+    unet_targets, text_encoder_targets = lora_targets(args.targets or "attention")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = aipaint.load(args.model, device=args.device)
@@ -121,8 +121,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         args.output,
         rank=args.rank,
         alpha=args.alpha,
-        unet_targets=lora_targets(args.targets)[0],
-        text_encoder_targets=lora_targets(args.targets)[1],
+        unet_targets=unet_targets,
+        text_encoder_targets=text_encoder_targets,
         resolution=args.resolution,
         seed=args.seed,
         show_progress=True,

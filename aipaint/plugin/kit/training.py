@@ -13,7 +13,7 @@ from aipaint.errors import InvalidParameter, UnsupportedFeature
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads LR_SCHEDULERS without it
     import torch
 
-__all__ = ["LORA_TARGETS", "LR_SCHEDULERS", "add_lr_schedule_options", "lora_targets", "check_lr_schedule", "learning_rate_schedule", "loss_target",
+__all__ = ["LORA_TARGETS", "LR_SCHEDULERS", "add_lora_targets_option", "add_lr_schedule_options", "lora_targets", "check_lr_schedule", "learning_rate_schedule", "loss_target",
            "noise_scheduler", "peft_lora_copy", "square_image_tensor"]
 
 # Which layers a trained LoRA adapts, as peft target_modules for (the UNet, the text encoder):
@@ -145,3 +145,12 @@ def lora_targets(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if name not in LORA_TARGETS:
         raise InvalidParameter("targets", name, f"one of {', '.join(LORA_TARGETS)}")
     return LORA_TARGETS[name]
+
+
+def add_lora_targets_option(parser: Any, *, when: str = "") -> None:
+    """``--targets`` (a :data:`LORA_TARGETS` name, ``None`` when not given: the command reads that as
+    ``"attention"``) on a training command's argparse ``parser``; ``when`` says when it applies."""
+    parser.add_argument("--targets", choices=tuple(LORA_TARGETS), default=None,
+                        help=f"{when}the layers the LoRA adapts: attention (the attention projections; the default) "
+                        "or kohya (also the transformer blocks' feed-forward and proj_in/proj_out layers and the "
+                        "text encoder's MLP, as kohya's networks.lora)")

@@ -13,6 +13,15 @@ so that load from other processes on a shared machine falls on every side alike:
    (``aipaint_plugins.shapes_world.evaluate.adherence``, mean score × 100 over N captions)
    for every side.
 
+``torch-fp32`` is plain torch eager, the model unprepared (aipaint's default before the torch
+runtime prepacked weights); ``torch-prepack`` is the torch runtime's default for an SD-sized fp32
+model on the CPU since then: eager, with the convolution and linear weights laid out once for
+oneDNN (``prepack``, :mod:`aipaint_plugins.torch_runtime.prepack`).
+
+``torch-compile`` is the torch runtime with ``compile=true`` on the UNet and the VAE decoder
+(``--runtime-option compile=true --runtime-option compile_components=unet,vae``): inductor,
+fp32. Its first call compiles (a minute or more; the untimed round).
+
 ``ov-int8a`` is OpenVINO with the UNet's convolutions in int8, weights and activations
 (``aipaint export openvino --activations int8``; everything else fp32), and ``ov-int8wa`` the
 same with int8 weights everywhere (``--weights int8 --activations int8``: optimum-intel's hybrid
@@ -57,8 +66,8 @@ import numpy as np
 import torch
 from _runtime_bench import Report, environment, random_sd15_model, relative_error
 
-SIDES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "ov-int8a",
-         "ov-int8wa", "optimum-default", "optimum-f32")
+SIDES = ("torch-fp32", "torch-prepack", "torch-bf16", "torch-compile", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16",
+         "ov-int8", "ov-int8a", "ov-int8wa", "optimum-default", "optimum-f32")
 REFERENCE_SIDES = ("optimum-default", "optimum-f32")  # the image section only
 REFERENCE_PYTHON = Path(__file__).resolve().parent.parent / ".optimum-venv" / "bin" / "python"
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -158,7 +167,11 @@ def prepare_side(side: str, reference: Any, exports: Exports, threads: int) -> A
     from aipaint_plugins.torch_runtime import prepare_torch
 
     model = copy.deepcopy(reference)
-    if side.startswith("torch"):
+    if side == "torch-prepack":  # what the torch runtime does by default for an SD-sized fp32 model on the CPU
+        prepare_torch(model, {"precision": "fp32", "prepack": True})
+    elif side == "torch-compile":  # fp32, UNet and VAE decoder through inductor
+        prepare_torch(model, {"precision": "fp32", "compile": True, "compile_components": ["unet", "vae"]})
+    elif side.startswith("torch"):
         prepare_torch(model, {"precision": side.split("-")[1]})
     elif side.startswith("ort-"):
         from aipaint_plugins.onnx_runtime.runtime import prepare_onnxruntime
@@ -210,7 +223,12 @@ def unet_section(report: Report, sides: list[str], work: Path, latent: int, repe
             else:
                 models[side] = model
         calls = {"torch-fp32": anchor, **{side: caller(model) for side, model in models.items()}}
-        errors = {side: relative_error(expected, call()) for side, call in calls.items()}
+        errors, first = {}, {}
+        for side, call in calls.items():
+            started = time.perf_counter()
+            errors[side] = relative_error(expected, call())
+            first[side] = time.perf_counter() - started
+        report(f"(first call, with any compilation: {', '.join(f'{k} {v:.1f} s' for k, v in first.items())})")
         times = in_turns(calls, repeats)
         load = load_average()
         for side in calls:
@@ -328,7 +346,12 @@ def image_section(report: Report, sides: list[str], work: Path, size: int, steps
             model = prepare_side(side, reference, exports, threads)
             if model is not None:
                 calls[side] = aipaint_side(Pipeline(model, host))
-        quality = {side: psnr(expected, call()) for side, call in calls.items()}
+        quality, first = {}, {}
+        for side, call in calls.items():
+            started = time.perf_counter()
+            quality[side] = psnr(expected, call())
+            first[side] = time.perf_counter() - started
+        report(f"(first image, with any compilation: {', '.join(f'{k} {v:.1f} s' for k, v in first.items())})")
         times = in_turns(calls, repeats)
         for side in calls:
             rows.append((f"group {index // group_size + 1}", side, times[side], quality[side], load_average()))

@@ -19,13 +19,22 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
 * ``channels_last`` (bool, default True): the bf16 UNet and VAE in channels-last memory
   format, oneDNN's preferred layout for convolutions (a bf16 UNet call 15 % faster on an
   AMX Xeon: benchmarks/results/cpu_bf16_unet.txt). fp32 models are left as they are.
+* ``prepack``: ``auto`` (default), ``true`` or ``false``: run a float32 model's UNet and VAE
+  convolutions and linear layers on the CPU with their weights laid out once for oneDNN instead of
+  at every call (:mod:`aipaint_plugins.torch_runtime.prepack`; eager, nothing compiled; 1.2x
+  per full-size SD1.5 UNet call on a 2-core AVX2 EPYC, at the cost of a second copy of those
+  weights). ``auto`` uses it for float32 models on the CPU whose UNet is SD-sized, and not with
+  ``compile``.
 * ``offload``: ``none`` (default), ``model`` or ``sequential``: keep the weights in CPU memory
   and move each network (``model``) or each layer (``sequential``) to the GPU when it runs,
   for models larger than the GPU's memory; see :mod:`aipaint_plugins.torch_runtime.offload`.
 
-Compilation happens lazily at the first generation and takes minutes for SD-sized
-UNets (223 s for a tiny one on a 2-core CPU, with no speed-up there): it pays off on
-GPUs, where it removes Python and kernel-launch overhead.
+Compilation happens lazily at the first generation and takes a minute or more for SD-sized
+UNets (45-80 s at one thread on a 2-core CPU, again in every new process), and on that CPU the
+compiled full-size SD1.5 UNet was slower than eager (0.74x per call,
+benchmarks/results/cpu_runtimes_prepack.txt): it is meant for GPUs, where it removes Python
+and kernel-launch overhead. On the CPU, ``prepack`` (on by default for SD-sized models) is
+the faster route.
 """
 
 from __future__ import annotations
@@ -44,8 +53,8 @@ if TYPE_CHECKING:
     from aipaint.models.latent import LatentDiffusionModel
 
 OPTIONS = ("compile", "compile_components", "compile_mode", "compile_backend", "compile_fullgraph", "compile_dynamic",
-           "precision", "channels_last", "offload")
-PRECISION_OPTIONS = ("precision", "channels_last", "offload")
+           "precision", "channels_last", "offload", "prepack")
+PRECISION_OPTIONS = ("precision", "channels_last", "offload", "prepack")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_COMPONENTS = ("unet", "vae")
 
@@ -136,6 +145,8 @@ def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
     if offload != "none":
         install_offload(model.modules(), offload, torch.device(model.device))
         model.offload = offload  # type: ignore[attr-defined]
+    model.prepacked = apply_prepack(model, options.get("prepack", "auto"), precision,  # type: ignore[attr-defined]
+                                    compiling=settings is not None)
     if settings is None:
         return
     if not hasattr(model, "unet"):
@@ -144,6 +155,43 @@ def prepare_torch(model: LatentDiffusionModel, options: dict[str, Any]) -> None:
     targets = {"unet": model.unet, "vae": model.vae.decoder}
     for name in settings.components:
         settings.apply(targets[name])
+
+
+PREPACK_COMPONENTS = ("unet", "transformer", "vae")
+
+
+def apply_prepack(model: Any, value: Any, precision: str, *, compiling: bool) -> int:
+    """Install :mod:`~aipaint_plugins.torch_runtime.prepack` on the model's denoiser and VAE as the
+    ``prepack`` option asks; returns how many layers got it (0: not used)."""
+    import torch
+    from aipaint_plugins.torch_runtime import prepack
+    from aipaint_plugins.torch_runtime.precision import AUTO_MIN_UNET_PARAMETERS, unet_parameters
+
+    if value not in ("auto", True, False):
+        raise InvalidParameter("prepack", value, "auto, true or false")
+    if value is False:
+        return 0
+    device = torch.device(getattr(model, "device", "cpu")).type
+    dtype = getattr(model, "dtype", torch.float32)
+    problem = None
+    if device != "cpu":
+        problem = f"the model computes on {device}; prepacking lays weights out for the CPU's oneDNN kernels"
+    elif precision != "fp32" or dtype != torch.float32:
+        problem = f"the model runs in {precision}; prepacking is for float32 weights"
+    elif compiling:
+        problem = "compile is on: the compiled graph has its own kernels"
+    elif getattr(model, "offload", "none") != "none":
+        problem = "the weights are offloaded"
+    elif not prepack.available():
+        problem = "this torch build has no oneDNN CPU kernels"
+    if problem is not None:
+        if value is True:
+            raise InvalidParameter("prepack", True, problem)
+        return 0
+    if value == "auto" and unet_parameters(model) < AUTO_MIN_UNET_PARAMETERS:
+        return 0  # no UNet, or a small one (measured on SD-sized UNets only)
+    modules = model.modules()
+    return sum(prepack.install_prepacked(modules[name]) for name in PREPACK_COMPONENTS if name in modules)
 
 
 @hookimpl

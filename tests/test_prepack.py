@@ -1,0 +1,152 @@
+"""The torch runtime's oneDNN weight prepacking (``prepack``): same outputs as eager, the packed copy
+rebuilt when a weight changes (LoRA patches and their restore), the layers' own forward for
+autograd, tracing and other dtypes, copies and pickles, and the runtime option's policy.
+benchmarks/cpu_runtimes.py (side ``torch-prepack``) measures the speed."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from aipaint_plugins.lora.formats import kohya_key
+from aipaint_plugins.torch_runtime import apply_prepack
+from aipaint_plugins.torch_runtime.prepack import available, install_prepacked, is_prepacked, remove_prepacked
+from safetensors.torch import save_file
+
+import aipaint
+from aipaint.errors import InvalidParameter
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN CPU kernels")
+
+GEN = dict(seed=3, width=32, height=32, steps=2, cfg_scale=5.0)
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.circular = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")
+        self.linear = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.circular(self.down(torch.nn.functional.silu(self.conv(x))))
+        return self.linear(h.flatten(2).transpose(1, 2))  # (batch, tokens, 6): a 3-D input to the linear layer
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+
+def test_packed_layers_give_the_eager_outputs():
+    model, x = net(), torch.randn(2, 4, 16, 16)
+    with torch.inference_mode():
+        expected = model(x)
+        assert install_prepacked(model) == 3  # both zero-padded convolutions and the linear layer
+        assert is_prepacked(model.conv) and is_prepacked(model.linear) and not is_prepacked(model.circular)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        other = torch.randn(1, 4, 24, 24)  # another shape repacks the convolutions for it
+        remove_prepacked(model)
+        assert not is_prepacked(model.conv)
+        plain = model(other)
+        install_prepacked(model)
+        torch.testing.assert_close(model(other), plain, rtol=1e-4, atol=1e-5)
+
+
+def test_a_weight_written_in_place_is_repacked_at_the_next_call():
+    model, x = net(), torch.randn(1, 4, 16, 16)
+    install_prepacked(model)
+    with torch.inference_mode():
+        before = model(x)
+        packed = vars(model.conv)["forward"].packed
+        with torch.no_grad():  # what a LoRA patch does, and its restore
+            model.conv.weight.mul_(2)
+            model.linear.weight.add_(0.5)
+        after = model(x)
+        assert vars(model.conv)["forward"].packed is not packed
+        remove_prepacked(model)
+        torch.testing.assert_close(after, model(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(after, before)
+
+
+def test_autograd_tracing_and_other_dtypes_use_the_layers_own_forward():
+    model, x = net(), torch.randn(1, 4, 16, 16)
+    install_prepacked(model)
+    out = model(x)  # autograd on, weights require grad: training works as without packing
+    out.sum().backward()
+    assert model.conv.weight.grad is not None
+    assert vars(model.conv)["forward"].packed is None  # nothing packed
+    traced = torch.jit.trace(model, x)
+    assert "mkldnn" not in str(traced.graph)  # exporters see plain convolutions
+    model = net()
+    install_prepacked(model)
+    with torch.inference_mode():
+        model.double()
+        torch.testing.assert_close(model(x.double()), type(model).forward(model, x.double()))
+        assert vars(model.conv)["forward"].packed is None
+
+
+def test_copies_and_pickles_drop_the_packed_weights_and_still_work():
+    model, x = net(), torch.randn(1, 4, 16, 16)
+    install_prepacked(model)
+    with torch.inference_mode():
+        expected = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert is_prepacked(clone.conv) and vars(clone.conv)["forward"].module is clone.conv
+        assert vars(clone.conv)["forward"].packed is None
+        with torch.inference_mode():
+            torch.testing.assert_close(clone(x), expected)
+        assert vars(clone.conv)["forward"].packed is not None
+    with torch.inference_mode():  # weights made in inference mode have no version counter: not packed
+        inner = copy.deepcopy(model)
+        torch.testing.assert_close(inner(x), expected)
+        assert vars(inner.conv)["forward"].packed is None
+
+
+def test_the_runtime_option_prepacks_and_generates_the_same_images_with_and_without_a_lora(
+        tiny_sd_path, plugin_host, tiny_pipe, tmp_path):
+    pipe = aipaint.load(tiny_sd_path, host=plugin_host, runtime_options={"prepack": True})
+    assert pipe.model.prepacked > 0 and tiny_pipe.model.prepacked == 0  # auto: the tiny UNet is left alone
+    assert is_prepacked(pipe.model.unet.conv_in) and not any(
+        is_prepacked(m) for m in pipe.model.text_encoder.modules())
+    base = kohya_key("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
+    torch.manual_seed(1)
+    save_file({f"{base}.lora_up.weight": torch.randn(64, 4), f"{base}.lora_down.weight": torch.randn(4, 32)},
+              str(tmp_path / "style.safetensors"))
+    options = {"lora": {"folder": str(tmp_path)}}
+    for prompt in ("a cat", "a cat <lora:style:1>", "a cat"):  # the LoRA patched in, then restored
+        packed = pixels(pipe.txt2img(prompt, options=options, **GEN))
+        plain = pixels(tiny_pipe.txt2img(prompt, options=options, **GEN))
+        assert np.abs(packed - plain).max() <= 1, prompt
+    assert not np.array_equal(pixels(pipe.txt2img("a cat <lora:style:1>", options=options, **GEN)),
+                              pixels(pipe.txt2img("a cat", options=options, **GEN)))
+
+
+def test_the_option_is_refused_where_it_cannot_apply(tiny_sd_path, plugin_host):
+    with pytest.raises(InvalidParameter, match="prepack.*auto, true or false"):
+        aipaint.load(tiny_sd_path, host=plugin_host, runtime_options={"prepack": "yes"})
+    with pytest.raises(InvalidParameter, match="compile is on"):
+        aipaint.load(tiny_sd_path, host=plugin_host, runtime_options={"prepack": True, "compile": True})
+    with pytest.raises(InvalidParameter, match="runs in bf16"):
+        aipaint.load(tiny_sd_path, host=plugin_host, runtime_options={"prepack": True, "precision": "bf16"})
+    off = aipaint.load(tiny_sd_path, host=plugin_host, runtime_options={"prepack": False})
+    assert off.model.prepacked == 0 and not is_prepacked(off.model.unet.conv_in)
+
+
+def test_auto_prepacks_an_sd_sized_float32_unet_on_the_cpu(tiny_pipe, monkeypatch):
+    import aipaint_plugins.torch_runtime.precision as precision
+
+    model = copy.deepcopy(tiny_pipe.model)
+    assert apply_prepack(model, "auto", "fp32", compiling=False) == 0  # 0.1M parameters: too small
+    monkeypatch.setattr(precision, "AUTO_MIN_UNET_PARAMETERS", 1)
+    assert apply_prepack(model, "auto", "fp32", compiling=False) > 0
+    assert apply_prepack(copy.deepcopy(tiny_pipe.model), "auto", "bf16", compiling=False) == 0
+    assert apply_prepack(copy.deepcopy(tiny_pipe.model), "auto", "fp32", compiling=True) == 0

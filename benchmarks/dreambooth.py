@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-targets", default="attention", choices=("attention", "kohya"),
                         help="DreamBooth-LoRA layers (aipaint.plugin.kit.training.LORA_TARGETS)")
     parser.add_argument("--lora-te-lr", type=float, help="DreamBooth-LoRA text-encoder learning rate (default: --lora-lr)")
+    parser.add_argument("--lora-unet-only", action="store_true",
+                        help="DreamBooth-LoRA on the UNet only (the text encoder frozen, as diffusers' script by default)")
     parser.add_argument("--lr-scheduler", default="constant", help="learning-rate schedule of every variant")
     parser.add_argument("--lr-warmup-steps", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4, help="instance images per step (and as many class images)")
@@ -221,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                                       text_encoder_learning_rate=args.lora_te_lr,
                                       unet_targets=lora_targets(args.lora_targets)[0],
                                       text_encoder_targets=lora_targets(args.lora_targets)[1],
-                                      class_dir=class_dir,
-                                      show_progress=sys.stderr.isatty(), **common)
+                                      class_dir=class_dir, show_progress=sys.stderr.isatty(),
+                                      **{**common, "train_text_encoder": not args.lora_unet_only})
             lora_dir = work / "loras" / "subject"
             options = {"lora": {"folder": str(lora_dir)}}
             tag = " <lora:subject:1>"
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         f"'{IDENTIFIER}'; torch {torch.__version__}, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     say(f"training: {args.images} subject images, {args.steps} steps x batch {args.batch_size} (+{args.batch_size} class "
         f"images with prior), UNet + text encoder, lr {args.lr:g} (LoRA: rank {args.lora_rank}, lr {args.lora_lr:g}, {args.lora_targets} layers"
-        f"{f', text encoder {args.lora_te_lr:g}' if args.lora_te_lr else ''}); schedule {args.lr_scheduler}"
+        f"{', UNet only' if args.lora_unet_only else ''}"
+        f"{f', text encoder {args.lora_te_lr:g}' if args.lora_te_lr and not args.lora_unet_only else ''}); schedule {args.lr_scheduler}"
         f"{f' after {args.lr_warmup_steps} warm-up steps' if args.lr_warmup_steps else ''}; prior: "
         f"{args.class_images} class images drawn by the base model for {len(class_prompts)} class prompts")
     say(f"evaluation (model defaults): subject = {k} identifier prompts x {n} seeds (adherence: of those images to "

@@ -13,6 +13,7 @@ import pytest
 import torch
 from aipaint_plugins.lora.formats import kohya_key
 from aipaint_plugins.torch_runtime import apply_prepack
+from aipaint_plugins.torch_runtime import prepack
 from aipaint_plugins.torch_runtime.prepack import available, install_prepacked, is_prepacked, remove_prepacked
 from safetensors.torch import save_file
 
@@ -141,12 +142,32 @@ def test_the_option_is_refused_where_it_cannot_apply(tiny_sd_path, plugin_host):
     assert off.model.prepacked == 0 and not is_prepacked(off.model.unet.conv_in)
 
 
-def test_auto_prepacks_an_sd_sized_float32_unet_on_the_cpu(tiny_pipe, monkeypatch):
+def test_auto_prepacks_an_sd_sized_float32_unet_on_the_cpu_when_the_copies_fit(tiny_pipe, monkeypatch):
     import aipaint_plugins.torch_runtime.precision as precision
 
     model = copy.deepcopy(tiny_pipe.model)
     assert apply_prepack(model, "auto", "fp32", compiling=False) == 0  # 0.1M parameters: too small
+    assert "not SD-sized" in model.prepack_reason
     monkeypatch.setattr(precision, "AUTO_MIN_UNET_PARAMETERS", 1)
+    needed = prepack.packed_bytes(model.unet) + prepack.packed_bytes(model.vae)
+    for free in (None, 2 * needed - 1):  # unknown, or too little room for the copies
+        monkeypatch.setattr(prepack, "available_memory", lambda free=free: free)
+        assert apply_prepack(model, "auto", "fp32", compiling=False) == 0
+        assert "packed weights would take" in model.prepack_reason
+        assert not is_prepacked(model.unet.conv_in)
+    assert apply_prepack(model, True, "fp32", compiling=False) > 0  # asked for: memory is the user's call
+    assert model.prepack_reason == "requested"
+    monkeypatch.setattr(prepack, "available_memory", lambda: 2 * needed)
+    model = copy.deepcopy(tiny_pipe.model)
     assert apply_prepack(model, "auto", "fp32", compiling=False) > 0
+    assert model.prepack_reason == "auto: float32 on the CPU"
     assert apply_prepack(copy.deepcopy(tiny_pipe.model), "auto", "bf16", compiling=False) == 0
     assert apply_prepack(copy.deepcopy(tiny_pipe.model), "auto", "fp32", compiling=True) == 0
+
+
+def test_packed_bytes_and_available_memory(tmp_path):
+    assert prepack.packed_bytes(net()) == 4 * (8 * 4 * 9 + 8 * 8 * 9 + 6 * 8)  # the circular conv is not packed
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   16000000 kB\n")
+    assert prepack.available_memory(meminfo) == 16000000 * 1024
+    assert prepack.available_memory(tmp_path / "missing") is None

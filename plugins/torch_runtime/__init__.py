@@ -23,8 +23,8 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
   convolutions and linear layers on the CPU with their weights laid out once for oneDNN instead of
   at every call (:mod:`aipaint_plugins.torch_runtime.prepack`; eager, nothing compiled; 1.2x
   per full-size SD1.5 UNet call on a 2-core AVX2 EPYC, at the cost of a second copy of those
-  weights). ``auto`` uses it for float32 models on the CPU whose UNet is SD-sized, and not with
-  ``compile``.
+  weights). ``auto`` uses it for float32 models on the CPU whose UNet is SD-sized when the free
+  memory holds twice the copies, and not with ``compile``; ``model.prepack_reason`` says why.
 * ``offload``: ``none`` (default), ``model`` or ``sequential``: keep the weights in CPU memory
   and move each network (``model``) or each layer (``sequential``) to the GPU when it runs,
   for models larger than the GPU's memory; see :mod:`aipaint_plugins.torch_runtime.offload`.
@@ -162,36 +162,42 @@ PREPACK_COMPONENTS = ("unet", "transformer", "vae")
 
 def apply_prepack(model: Any, value: Any, precision: str, *, compiling: bool) -> int:
     """Install :mod:`~aipaint_plugins.torch_runtime.prepack` on the model's denoiser and VAE as the
-    ``prepack`` option asks; returns how many layers got it (0: not used)."""
+    ``prepack`` option asks; returns how many layers got it (0: not used) and says why in
+    ``model.prepack_reason``."""
     import torch
     from aipaint_plugins.torch_runtime import prepack
     from aipaint_plugins.torch_runtime.precision import AUTO_MIN_UNET_PARAMETERS, unet_parameters
 
     if value not in ("auto", True, False):
         raise InvalidParameter("prepack", value, "auto, true or false")
-    if value is False:
-        return 0
     device = torch.device(getattr(model, "device", "cpu")).type
     dtype = getattr(model, "dtype", torch.float32)
-    problem = None
-    if device != "cpu":
-        problem = f"the model computes on {device}; prepacking lays weights out for the CPU's oneDNN kernels"
+    reason = None
+    if value is False:
+        reason = "turned off (prepack=false)"
+    elif device != "cpu":
+        reason = f"the model computes on {device}; prepacking lays weights out for the CPU's oneDNN kernels"
     elif precision != "fp32" or dtype != torch.float32:
-        problem = f"the model runs in {precision}; prepacking is for float32 weights"
+        reason = f"the model runs in {precision}; prepacking is for float32 weights"
     elif compiling:
-        problem = "compile is on: the compiled graph has its own kernels"
+        reason = "compile is on: the compiled graph has its own kernels"
     elif getattr(model, "offload", "none") != "none":
-        problem = "the weights are offloaded"
+        reason = "the weights are offloaded"
     elif not prepack.available():
-        problem = "this torch build has no oneDNN CPU kernels"
-    if problem is not None:
-        if value is True:
-            raise InvalidParameter("prepack", True, problem)
-        return 0
-    if value == "auto" and unet_parameters(model) < AUTO_MIN_UNET_PARAMETERS:
-        return 0  # no UNet, or a small one (measured on SD-sized UNets only)
-    modules = model.modules()
-    return sum(prepack.install_prepacked(modules[name]) for name in PREPACK_COMPONENTS if name in modules)
+        reason = "this torch build has no oneDNN CPU kernels"
+    if reason is not None and value is True:
+        raise InvalidParameter("prepack", True, reason)
+    modules = [module for name, module in model.modules().items() if name in PREPACK_COMPONENTS] if reason is None else []
+    if reason is None and value == "auto":
+        size = unet_parameters(model)
+        needed, free = sum(prepack.packed_bytes(m) for m in modules), prepack.available_memory()
+        if size < AUTO_MIN_UNET_PARAMETERS:  # measured on SD-sized UNets only
+            reason = f"auto: the UNet ({size / 1e6:.1f}M parameters) is not SD-sized"
+        elif free is None or free < 2 * needed:  # the copies, with room left for the activations
+            reason = (f"auto: the packed weights would take {needed / 1e9:.1f} GB more and "
+                      + ("the free memory is not known" if free is None else f"only {free / 1e9:.1f} GB is free"))
+    model.prepack_reason = reason or ("requested" if value is True else "auto: float32 on the CPU")  # type: ignore[attr-defined]
+    return 0 if reason else sum(prepack.install_prepacked(module) for module in modules)
 
 
 @hookimpl

@@ -26,6 +26,7 @@ What keeps it correct:
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +113,24 @@ def _packable(module: torch.nn.Module) -> type[_Packed] | None:
         return PackedConv2d
     if type(module) is torch.nn.Linear:
         return PackedLinear
+    return None
+
+
+def packed_bytes(module: torch.nn.Module) -> int:
+    """About how much memory :func:`install_prepacked` adds to ``module``: one float32 copy of each
+    packable layer's weight."""
+    return sum(layer.weight.numel() * 4 for layer in module.modules() if _packable(layer) is not None)
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The memory the kernel says new allocations can take without swapping (``MemAvailable``), in
+    bytes, or ``None`` where that is not known (no ``/proc/meminfo``)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
     return None
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 from aipaint_plugins.lora.formats import kohya_key
-from aipaint_plugins.torch_runtime import apply_prepack
-from aipaint_plugins.torch_runtime import prepack
+from aipaint_plugins.torch_runtime import apply_prepack, prepack
 from aipaint_plugins.torch_runtime.prepack import available, install_prepacked, is_prepacked, remove_prepacked
 from safetensors.torch import save_file
 

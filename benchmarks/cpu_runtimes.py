@@ -93,6 +93,18 @@ def in_turns(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, lis
     return times
 
 
+def first_round(report: Report, calls: dict[str, Callable[[], Any]], score: Callable[[Any], float],
+                what: str) -> dict[str, float]:
+    """Every call once, scored; its time (compilation, packing or export included) reported."""
+    scores, first = {}, {}
+    for name, call in calls.items():
+        started = time.perf_counter()
+        scores[name] = score(call())
+        first[name] = time.perf_counter() - started
+    report(f"(first {what}, with any compilation: {', '.join(f'{k} {v:.1f} s' for k, v in first.items())})")
+    return scores
+
+
 SAVE_AS = ""
 
 
@@ -223,12 +235,7 @@ def unet_section(report: Report, sides: list[str], work: Path, latent: int, repe
             else:
                 models[side] = model
         calls = {"torch-fp32": anchor, **{side: caller(model) for side, model in models.items()}}
-        errors, first = {}, {}
-        for side, call in calls.items():
-            started = time.perf_counter()
-            errors[side] = relative_error(expected, call())
-            first[side] = time.perf_counter() - started
-        report(f"(first call, with any compilation: {', '.join(f'{k} {v:.1f} s' for k, v in first.items())})")
+        errors = first_round(report, calls, lambda out: relative_error(expected, out), "call")
         times = in_turns(calls, repeats)
         load = load_average()
         for side in calls:
@@ -346,12 +353,7 @@ def image_section(report: Report, sides: list[str], work: Path, size: int, steps
             model = prepare_side(side, reference, exports, threads)
             if model is not None:
                 calls[side] = aipaint_side(Pipeline(model, host))
-        quality, first = {}, {}
-        for side, call in calls.items():
-            started = time.perf_counter()
-            quality[side] = psnr(expected, call())
-            first[side] = time.perf_counter() - started
-        report(f"(first image, with any compilation: {', '.join(f'{k} {v:.1f} s' for k, v in first.items())})")
+        quality = first_round(report, calls, lambda out: psnr(expected, out), "image")
         times = in_turns(calls, repeats)
         for side in calls:
             rows.append((f"group {index // group_size + 1}", side, times[side], quality[side], load_average()))

@@ -21,7 +21,7 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
   AMX Xeon: benchmarks/results/cpu_bf16_unet.txt). fp32 models are left as they are.
 * ``prepack``: ``auto`` (default), ``true`` or ``false``: run a float32 model's UNet and VAE
   convolutions and linear layers on the CPU with their weights laid out once for oneDNN instead of
-  at every call (:mod:`aipaint_plugins.torch_runtime.prepack`; eager, nothing compiled; 1.2x
+  at every call (:mod:`aipaint_plugins.torch_runtime.prepack`; eager, nothing compiled; 1.2-1.4x
   per full-size SD1.5 UNet call on a 2-core AVX2 EPYC, at the cost of a second copy of those
   weights). ``auto`` uses it for float32 models on the CPU whose UNet is SD-sized when the free
   memory holds twice the copies, and not with ``compile``; ``model.prepack_reason`` says why.
@@ -31,8 +31,8 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
 
 Compilation happens lazily at the first generation and takes a minute or more for SD-sized
 UNets (45-80 s at one thread on a 2-core CPU, again in every new process), and on that CPU the
-compiled full-size SD1.5 UNet was slower than eager (0.74x per call,
-benchmarks/results/cpu_runtimes_prepack.txt): it is meant for GPUs, where it removes Python
+compiled full-size SD1.5 UNet was slower than eager (0.74-0.85x per call,
+benchmarks/results/cpu_runtimes_prepack_unet.txt): it is meant for GPUs, where it removes Python
 and kernel-launch overhead. On the CPU, ``prepack`` (on by default for SD-sized models) is
 the faster route.
 """
@@ -187,13 +187,12 @@ def apply_prepack(model: Any, value: Any, precision: str, *, compiling: bool) ->
         reason = "this torch build has no oneDNN CPU kernels"
     if reason is not None and value is True:
         raise InvalidParameter("prepack", True, reason)
-    modules = [module for name, module in model.modules().items() if name in PREPACK_COMPONENTS] if reason is None else []
+    if reason is None and value == "auto" and unet_parameters(model) < AUTO_MIN_UNET_PARAMETERS:
+        reason = f"auto: the UNet ({unet_parameters(model) / 1e6:.1f}M parameters) is not SD-sized"  # measured there only
+    modules = [] if reason else [m for name, m in model.modules().items() if name in PREPACK_COMPONENTS]
     if reason is None and value == "auto":
-        size = unet_parameters(model)
         needed, free = sum(prepack.packed_bytes(m) for m in modules), prepack.available_memory()
-        if size < AUTO_MIN_UNET_PARAMETERS:  # measured on SD-sized UNets only
-            reason = f"auto: the UNet ({size / 1e6:.1f}M parameters) is not SD-sized"
-        elif free is None or free < 2 * needed:  # the copies, with room left for the activations
+        if free is None or free < 2 * needed:  # the copies, with room left for the activations
             reason = (f"auto: the packed weights would take {needed / 1e9:.1f} GB more and "
                       + ("the free memory is not known" if free is None else f"only {free / 1e9:.1f} GB is free"))
     model.prepack_reason = reason or ("requested" if value is True else "auto: float32 on the CPU")  # type: ignore[attr-defined]

@@ -444,3 +444,20 @@ def test_controlnet_option_parsing(tmp_path):
     for bad in ("cn", ":img.png", "cn:img.png:canny:heavy", "cn:img.png:canny:1:extra"):
         with pytest.raises(AipaintError):
             parse_controlnet_option(bad)
+
+
+def test_the_layout_controlnets_training_maps_are_the_canny_preprocessors():
+    """The layout ControlNet is trained on what the ``canny`` preprocessor (default thresholds)
+    makes of a render, which is what a user hands it at generation time."""
+    from aipaint_plugins.shapes_world.controlnet_layout import PREPROCESSOR, layout_map
+    from aipaint_plugins.shapes_world.render import render
+    from aipaint_plugins.shapes_world.scene import random_scene
+
+    from aipaint.plugin.host import default_host
+
+    canny = default_host().registry.preprocessors.get(PREPROCESSOR)
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        scene = random_scene(rng, "train")
+        ours = np.asarray(layout_map(scene))
+        assert ours.any() and np.array_equal(ours, np.asarray(canny.apply(render(scene))))

@@ -290,15 +290,28 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
     import aipaint
     from aipaint.models.zoo import zoo_root
 
+    from safetensors.torch import load_file, save_file
+
     source = tmp_path / "source"
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)
+    # The shipped latent is normalized already: spread its channels apart (channel c scaled by 4^(c/(C-1)),
+    # undone before the decoder, so the pictures stay the same) to have something to normalize.
+    weights_file = source / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(weights_file))
+    channels = weights["post_quant_conv.weight"].shape[1]
+    k = 4.0 ** (torch.arange(channels, dtype=torch.float32) / (channels - 1))
+    weights["quant_conv.weight"][:channels] *= k[:, None, None, None]
+    weights["quant_conv.bias"][:channels] *= k
+    weights["quant_conv.bias"][channels:] += 2 * torch.log(k)  # the log-variance follows the mean's scale
+    weights["post_quant_conv.weight"] /= k[None, :, None, None]
+    save_file(weights, str(weights_file))
     out = tmp_path / "normalized"
     assert train(["--resume", str(source), "--out", str(out), "--pool", "64", "--steps", "1", "--batch", "4",
                   "--threads", "1", "--seed", "6", "--normalize-channels"]) == 0
     run = json.loads((out / "training.json").read_text())["unet_finetunes"][-1]
     norm = run["latents"]["channel_normalization"]
-    assert run["latents"]["scaling_factor"] == 1.0 and len(norm["channel_std_raw"]) == 4
     old, new = aipaint.load(source).model, aipaint.load(out).model
+    assert run["latents"]["scaling_factor"] == 1.0 and len(norm["channel_std_raw"]) == old.latent_channels
     assert new.scaling_factor == 1.0
     rng = np.random.default_rng(0)
     x = torch.from_numpy(np.stack([render_array(random_scene(rng, "train")) for _ in range(32)])).float()
@@ -307,7 +320,7 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
         z_old, z_new = old.vae.encode(x).latent_dist.mean, new.vae.encode(x).latent_dist.mean
         assert torch.allclose(old.vae.decode(z_old).sample, new.vae.decode(z_new).sample, atol=1e-4)
     s_old = (z_old * old.scaling_factor).std((0, 2, 3))
-    assert s_old.max() / s_old.min() > 3  # the shipped latent's channels are far apart ...
+    assert s_old.max() / s_old.min() > 3  # the spread latent's channels are far apart ...
     s_new = z_new.std((0, 2, 3))
     assert s_new.max() / s_new.min() < 2  # ... the normalized ones are not (32 images, not the pool)
 
@@ -507,6 +520,35 @@ def test_emphasis_augmentation_weights_one_whole_word():
     assert torch.equal(emphasis_multipliers(ids, words, np.random.default_rng(0), 0.0), torch.ones(ids.shape))
 
 
+def test_resuming_keeps_the_models_own_schedule_unless_told(tmp_path):
+    """``--resume`` without ``--schedule`` continues on the schedule the model's UNet learned
+    (its scheduler config), not the from-scratch default; ``--schedule`` still switches it."""
+    import json
+
+    from aipaint_plugins.shapes_world.train import SCHEDULES, resumed_schedule
+    from aipaint_plugins.shapes_world.train import main as train
+
+    from aipaint.models.zoo import zoo_root
+
+    shipped = zoo_root() / "models" / "shapes-tiny"
+    small = ["--pool", "64", "--batch", "4", "--threads", "1", "--steps", "1"]
+
+    def schedule_of(folder):
+        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+
+    kept, switched, again = tmp_path / "kept", tmp_path / "switched", tmp_path / "again"
+    assert train(["--resume", str(shipped), "--out", str(kept), *small]) == 0
+    assert resumed_schedule(kept) == resumed_schedule(shipped)
+    assert schedule_of(kept)["beta_end"] == schedule_of(shipped)["beta_end"]
+    other = next(name for name in SCHEDULES if name != resumed_schedule(shipped))
+    assert train(["--resume", str(kept), "--out", str(switched), "--schedule", other, *small]) == 0
+    assert resumed_schedule(switched) == other
+    assert train(["--resume", str(switched), "--out", str(again), *small]) == 0
+    assert resumed_schedule(again) == other
+    record = json.loads((again / "training.json").read_text())
+    assert record["unet_finetunes"][-1]["schedule"] == SCHEDULES[other]
+
+
 def test_training_with_phrasings_emphasis_and_moderate_schedule_continues_from_its_state(tmp_path):
     """The second generation's options train, save the schedule they trained on, and ``--state``
     lets a rerun continue the step count where the last checkpoint left it."""
@@ -529,3 +571,26 @@ def test_training_with_phrasings_emphasis_and_moderate_schedule_continues_from_i
     run = json.loads((out / "training.json").read_text())["unet_finetunes"][-1]
     assert run["unet_text"]["steps"] == 3 and run["free_phrasings"] == 0.8 and run["emphasis_augmentation"] == 0.5
     assert run["schedule"] == MODERATE_SCHEDULE
+
+
+def test_the_layout_controlnet_trainer_runs_and_saves_a_loadable_controlnet(tmp_path):
+    """A two-step run of the recipe behind ``shapes-tiny-controlnet-layout`` on the shipped model:
+    it builds its Canny/latent pool, trains, saves a diffusers ControlNet with its record, and
+    measures placement on held-out scenes."""
+    import json
+
+    from aipaint_plugins.shapes_world.controlnet_train import main as train_controlnet
+    from diffusers import ControlNetModel
+
+    from aipaint.models.zoo import zoo_root
+
+    base = zoo_root() / "models" / "shapes-tiny"
+    out, card = tmp_path / "cn", tmp_path / "card.json"
+    assert train_controlnet(["--base", str(base), "--out", str(out), "--card", str(card), "--steps", "2",
+                             "--pool", "48", "--batch", "4", "--eval-cases", "2"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["status"] == "finished" and record["evaluation"]["cases"] == 2
+    controlnet = ControlNetModel.from_pretrained(out)
+    unet_config = json.loads((base / "unet" / "config.json").read_text())
+    assert controlnet.config.in_channels == unet_config["in_channels"]  # the base model's latent
+    assert json.loads(card.read_text())["id"] == "shapes-tiny-controlnet-layout"

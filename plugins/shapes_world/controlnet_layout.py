@@ -24,11 +24,12 @@ PREPROCESSOR = "canny"
 
 
 def layout_map(scene: Scene) -> Image.Image:
-    """What the ControlNet sees: Canny edges (white on black) of the scene's 32×32 render."""
-    from .preprocessors import builtin_preprocessors
+    """What the ControlNet sees: Canny edges (white on black) of the scene's 32×32 render, as the
+    ``canny`` preprocessor draws them at its default thresholds (100/200, on the colour image)."""
+    import cv2
 
-    canny = next(s for s in builtin_preprocessors() if s.name == PREPROCESSOR)
-    return canny.apply(render(scene))
+    edges = cv2.Canny(np.asarray(render(scene).convert("RGB"), dtype=np.uint8), 100, 200)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), "RGB")
 
 
 def prompt_without_position(scene: Scene) -> str:

@@ -45,7 +45,7 @@ def build_pool(n: int, seed: int) -> dict[str, Any]:
     from aipaint_plugins.shapes_world.render import render_array
     from aipaint_plugins.shapes_world.scene import random_scene
 
-    from .layout import layout_map, prompt_without_position
+    from .controlnet_layout import layout_map, prompt_without_position
 
     rng = np.random.default_rng(seed)
     images = np.empty((n, 32, 32, 3), np.uint8)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         from aipaint.models import zoo
         from aipaint.plugin.host import create_plugin_host
 
-        from .layout import layout_cases, position_accuracy
+        from .controlnet_layout import layout_cases, position_accuracy
 
         # The embedded model's settings (its zoo card), whatever folder the base was read from.
         card = zoo.find("shapes-tiny")

@@ -153,6 +153,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def resumed_schedule(model: Path) -> str:
+    """The name of the schedule a trained model's UNet learned (its scheduler config's betas)."""
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    keys = ("beta_start", "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr")
+    for name, schedule in SCHEDULES.items():
+        if all(config.get(k) == schedule[k] for k in keys):
+            return name
+    raise SystemExit(f"{model}: its scheduler ({', '.join(f'{k}={config.get(k)}' for k in keys)}) is none of "
+                     f"{', '.join(sorted(SCHEDULES))}; pass --schedule to choose the one to continue with")
+
+
 # --------------------------------------------------------------------------- data
 def _render_chunk(args):
     seed, split, n = args
@@ -326,8 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--emphasis", type=float, default=0.0,
                     help="scale the encoder output at one colour or shape word of a caption by a weight in "
                          f"{list(EMPHASIS_WEIGHTS)} with this probability, as (word:w) does")
-    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="zero-snr",
-                    help="noise schedule: the shipped zero-terminal-SNR one or 'moderate' (max sigma 37.6)")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES),
+                    help="noise schedule: 'zero-snr' (zero terminal SNR; the default from scratch) or 'moderate' "
+                         "(max sigma 37.6); with --resume the default is the resumed model's own")
     ap.add_argument("--latent-channels", type=int, default=4,
                     help="latent channels of a VAE trained from scratch (the shipped model: 4)")
     ap.add_argument("--state", help="keep the full training state here at each checkpoint and continue from it")
@@ -351,6 +363,8 @@ def main(argv=None) -> int:
     if a.latent_channels != 4:  # the configs are recorded in training.json and saved with the model
         VAE_CONFIG["latent_channels"] = a.latent_channels
         UNET_CONFIG["in_channels"] = UNET_CONFIG["out_channels"] = a.latent_channels
+    if a.schedule is None:
+        a.schedule = resumed_schedule(Path(a.resume)) if a.resume else "zero-snr"
     out_given = a.out != ap.get_default("out")
     if a.resume and not out_given:
         a.out = a.resume
@@ -633,8 +647,8 @@ def _train_unet(a, record, stage, vae, tokenizer, caps, imgs, ids, empty_ids, ou
 
     def snapshot_pipeline():
         # EMA weights into fresh copies of the modules
-        te2 = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-        un2 = UNet2DConditionModel(**UNET_CONFIG)
+        te2 = CLIPTextModel(text_encoder.config)  # the trained modules' configs: a resumed model's
+        un2 = UNet2DConditionModel.from_config(unet.config)  # latent may have other channels than UNET_CONFIG's
         with torch.no_grad():
             for p, e in zip(list(un2.parameters()) + list(te2.parameters()), ema):
                 p.copy_(e)

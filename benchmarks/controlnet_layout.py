@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             **summary,
             "seconds_per_image": {"with_controlnet": round(with_s, 3), "without": round(without_s, 3)},
             "date": time.strftime("%Y-%m-%d"),
+            **({"previous": card["evaluation"]["previous"]} if isinstance(card.get("evaluation"), dict)
+               and "previous" in card["evaluation"] else {}),
         }
         tmp = card_path.with_name(f".{card_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")

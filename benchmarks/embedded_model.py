@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the numbers (and the table) here")
     ap.add_argument("--model", help="score another trained copy of the embedded model under its card's defaults "
                                     "(see embedded_pipe)")
+    ap.add_argument("--card", help="also record the table in this zoo card's evaluation.targets "
+                                   "(zoo/cards/shapes-tiny.json for the shipped model)")
     ap.add_argument("--quality-only", action="store_true", help="adherence and sweeps only, no timings")
     ap.add_argument("--feature-n", type=int, help=f"pairs per feature row (default {FULL['feature_n']}; "
                                                    "0: no feature rows)")
@@ -169,7 +171,20 @@ def main(argv: list[str] | None = None) -> int:
                                                 "brackets)"))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    if a.card:
+        record_in_card(Path(a.card), out, "python benchmarks/embedded_model.py " + " ".join(argv or sys.argv[1:]))
     return 0
+
+
+def record_in_card(card: Path, out: dict, command: str) -> None:
+    """Write the table into the card's ``evaluation.targets``: each row's measurement, target and verdict."""
+    data = json.loads(card.read_text())
+    rows = [{key: row[key] for key in ("behaviour", "measured", "target", "pass", "note") if row.get(key) not in ("", None)}
+            for row in out["table"]]
+    data.setdefault("evaluation", {})["targets"] = {
+        "command": command, "model": out["model"], "measured": time.strftime("%Y-%m-%d"),
+        "met": sum(row["pass"] is True for row in out["table"]), "rows": rows}
+    card.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def canonical_rows(pipe, n: int, out: dict) -> None:

@@ -24,7 +24,7 @@ Evaluation (``--eval``):
     encoder+decoder round trip vs the render; the evaluator's adherence of each picture to the scene caption;
   * real generations: ``--n`` canonical training captions (benchmarks/embedded_model.py's ``captions``,
     seed 1000; image i with seed 1000 + i) at the model's defaults, once with the full VAE and once through
-    the taesd plugin (``options={"vae_decoder": {"kind": "taesd", "path": OUT}}``): PSNR / mean abs
+    the taesd plugin (``options={"vae_decoder": {"kind": "custom", "path": OUT}}``): PSNR / mean abs
     difference between the two pictures and ``aipaint_plugins.shapes_world.evaluate.adherence`` of each;
   * decode time per 32x32 picture (batch 1, latents of the generations): the full VAE decoder and the tiny
     one taken in turns (``timed_in_turns``), median.
@@ -249,7 +249,7 @@ def evaluate(pipe, a) -> dict:
     from PIL import Image
 
     model = pipe.model
-    tiny = load_tiny_autoencoder(a.out, "taesd")
+    tiny = load_tiny_autoencoder(a.out, "custom")
     res: dict = {}
 
     # held-out renders
@@ -279,7 +279,7 @@ def evaluate(pipe, a) -> dict:
 
     # real generations, full VAE vs the taesd plugin's option path
     gcaps = canonical_captions(a.n, "train", seed=1000)
-    option = {"vae_decoder": {"kind": "taesd", "path": str(a.out)}}
+    option = {"vae_decoder": {"kind": "custom", "path": str(a.out)}}
     pipe.txt2img(gcaps[0], seed=1)  # warm-up
     fulls, tinys, latents, direct_gap = [], [], [], 0.0
     for i, cap in enumerate(gcaps):

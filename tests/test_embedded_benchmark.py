@@ -186,6 +186,23 @@ def test_the_table_judges_every_target(bench):
     assert all(len(line.split("  ")[0]) <= 62 for line in text.splitlines()[3:])
 
 
+def test_the_table_is_recorded_in_a_zoo_card_without_touching_the_rest(bench, tmp_path):
+    import json
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"id": "x", "defaults": {"steps": 20}, "evaluation": {"older": 1}}))
+    out = _out(model="x (abc)")
+    out["table"] = bench.build_table(out)
+    bench.record_in_card(card, out, "python benchmarks/embedded_model.py --card card.json")
+    data = json.loads(card.read_text())
+    assert data["defaults"] == {"steps": 20} and data["evaluation"]["older"] == 1
+    targets = data["evaluation"]["targets"]
+    assert targets["command"].endswith("--card card.json") and targets["model"] == "x (abc)"
+    assert len(targets["rows"]) == 19 and targets["met"] == sum(r["pass"] is True for r in out["table"])
+    one = next(r for r in targets["rows"] if r["behaviour"].startswith("canonical captions, one object"))
+    assert one["pass"] is True and one["target"] == "≥ 97%" and one["measured"].endswith("]")
+
+
 def test_rows_left_out_say_not_run(bench):
     out = _out(features={}, warm_timing={"threads": 1, "images": 3, "median": 0.1},
                lora={"found": False, "note": "missing"})

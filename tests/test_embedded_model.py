@@ -51,7 +51,7 @@ def test_follows_prompts(default_adherence):
 
 def test_guidance_raises_adherence_over_unconditional(pipe, captions, default_adherence):
     """An empty prompt, scored against the same captions, is the chance level."""
-    assert pipe.model.defaults.cfg_scale == 7  # the shared images are CFG 7 ones
+    assert pipe.model.defaults.cfg_scale == 3  # the card's: the shared images are CFG 3 ones
     conditioned = default_adherence
     # one batch: image i has seed 100 + i, as one call per seed would (to within 1 of 255 in a pixel), ~5x faster
     empty = pipe.txt2img("", seed=100, batch_size=len(captions))
@@ -61,18 +61,22 @@ def test_guidance_raises_adherence_over_unconditional(pipe, captions, default_ad
 
 
 def test_cfg_raises_adherence(pipe):
-    """Guidance helps: CFG 3 beats no guidance (CFG 1) at the default 20 steps.
+    """Guidance helps: at the card's CFG 3 more images draw every attribute asked for (score 1) than
+    with no guidance (CFG 1), at the default 20 steps.
 
-    Measured on 100 pairs (benchmarks/results/embedded_model.txt): 93.6% at CFG 1, 96.5% at
-    CFG 3, 94.9% at CFG 7, 86.6% at CFG 12, so adherence peaks at 3; CFG 7 against CFG 1 is
-    within the noise of a test-sized sample (0.921 vs 0.940 on the 16 captions above), so
-    this test compares 1 and 3, on 32 captions.
+    On these 96 captions (benchmarks/results/embedded_gen4_2026-12-05.txt, the CFG sweep): every
+    attribute drawn in 69 at CFG 1 (71.9%), 83 at CFG 3 (86.5%) and 75 at CFG 7 (78.1%): the peak is
+    at 3, so the card makes 3 the default. The gain differs from one caption set to another (3 of 48
+    on caption seed 7's), so the test takes the measured set and asks for a gain of 5.
     """
-    rng = np.random.default_rng(7)
-    captions = [random_scene(rng, "train").caption for _ in range(32)]
-    low = mean_adherence(pipe, captions, cfg_scale=1)
-    high = mean_adherence(pipe, captions, cfg_scale=3)
-    assert high >= low + 0.01
+    rng = np.random.default_rng(2024)
+    captions = [random_scene(rng, "train").caption for _ in range(96)]
+
+    def all_right(cfg_scale: float) -> int:
+        images = [pipe.txt2img(c, seed=100 + i, cfg_scale=cfg_scale).image for i, c in enumerate(captions)]
+        return sum(adherence(image, c).score == 1 for image, c in zip(images, captions, strict=True))
+
+    assert all_right(3) >= all_right(1) + 5
 
 
 def test_same_seed_reproduces_and_seeds_differ(pipe):
@@ -86,9 +90,10 @@ def test_same_seed_reproduces_and_seeds_differ(pipe):
 
 def test_every_sampler_draws_the_prompt(pipe):
     prompt = "a big yellow square on the left, on a black background"
-    # LCM is for latent-consistency-distilled models. LMS and PLMS are linear multistep methods
-    # that do not cope with a zero-terminal-SNR schedule (first sigma ~4096); see docs/parameters.md.
-    skipped = {"LCM", "LMS", "PLMS"}
+    # LCM is for latent-consistency-distilled models. (LMS and PLMS, linear multistep methods, were left
+    # out on the first-generation model, whose zero-terminal-SNR schedule they do not cope with; the
+    # current model's moderate schedule suits them: docs/parameters.md.)
+    skipped = {"LCM"}
     for sampler in pipe.host.registry.samplers.names():
         if sampler in skipped:
             continue

@@ -45,11 +45,13 @@ def test_the_forward_strip_is_the_schedulers_add_noise(pipe, square):
     pixels_in = torch.from_numpy(pixels(square).astype(np.float32) / 255).permute(2, 0, 1)[None]
     np.testing.assert_allclose(data["clean_latents"], pipe.model.encode(pixels_in).detach().numpy(), atol=1e-5)
     np.testing.assert_array_equal(data["noise"], torch.randn(clean.shape, generator=torch.Generator().manual_seed(3)))
-    # zero terminal SNR: the last timestep is pure noise; the SNR falls with t
-    assert data["snr"][-1] == 0 and np.array_equal(data["latents"][-1], data["noise"][0])
+    # the SNR is the schedule's and falls with t; the last timestep is (almost) pure noise
     assert np.all(np.diff(data["snr"]) < 0)
-    alpha = scheduler.alphas_cumprod[250].item()
-    assert data["snr"][1] == pytest.approx(alpha / (1 - alpha))
+    for i, t in enumerate(timesteps[1:], start=1):
+        alpha = scheduler.alphas_cumprod[t].item()
+        assert data["snr"][i] == pytest.approx(alpha / (1 - alpha))
+    assert data["snr"][-1] < 1e-3
+    np.testing.assert_allclose(data["latents"][-1], data["noise"][0], atol=0.05 * np.abs(data["clean_latents"]).max())
     # the t = 0 frame is the image again (through the VAE); the last is not
     assert np.abs(pixels(result.images["noised"][0]) - pixels(square)).mean() < 12
     assert np.abs(pixels(result.images["noised"][-1]) - pixels(square)).mean() > 30
@@ -70,7 +72,7 @@ def test_the_denoise_strips_last_column_is_the_generated_image(pipe, tmp_path):
     assert np.array_equal(pixels(result.images["latents"][-1]), pixels(plain))
     assert np.array_equal(pixels(result.images["result"][0]), pixels(plain))
     data = result.data
-    assert data["latents"].shape == data["x0"].shape == (6, 4, 8, 8)
+    assert data["latents"].shape == data["x0"].shape == (6, pipe.model.latent_channels, 8, 8)
     assert list(data["shown"]) == [1, 3, 6] and result.columns == ["step 1/6", "step 3/6", "step 6/6"]
     sigmas, schedule = data["sigmas"], data["schedule"]
     assert len(schedule) == 7 and schedule[-1] == 0 and sigmas[-1] == 0
@@ -163,18 +165,18 @@ def colour_word_readings(pipe, layers: str, combine: str = "auto") -> tuple[list
 
 
 def test_the_colour_words_map_peaks_on_the_object_the_evaluator_finds(pipe):
-    """With the defaults (the embedded model's card: the decoder's 4×4 layers, each standardised)
-    the peak lands in the object's box in 14 of these 16 images at 10 steps (the box covers about
-    18% of the image); on 100 prompts of every colour, shape and position at 20 steps, 94%, and 90%
-    on 100 held-out ones (benchmarks/explain_attention_peaks.py). All the decoder's layers averaged
-    as probabilities: 15 of these 16, but 61% of the 100. The test asks for 13 of 16."""
+    """With the defaults (the embedded model's card: all of the decoder's layers, each standardised)
+    the peak lands in the object's box in 16 of these 16 images at 10 steps (the box covers about
+    18% of the image); on 100 prompts of every colour, shape and position at 20 steps, 82%, and 80%
+    on 100 held-out ones (benchmarks/explain_attention_peaks.py: the yellow and purple prompts,
+    which these 16 do not have, are the hard ones). The test asks for 13 of 16."""
     peaks, _ = colour_word_readings(pipe, "auto")
     assert sum(peaks) >= 13, peaks
 
 
 def test_the_colour_words_map_is_higher_on_the_object(pipe):
     """The embedded model paints colour in its finest decoder layers: there the colour word's
-    map is higher on the object than off it in 16 of these 16 images (96% of the 100 above)."""
+    map is higher on the object than off it in 16 of these 16 images."""
     _, higher = colour_word_readings(pipe, "finest", "probability")
     assert np.mean(higher) >= 0.9, higher
 
@@ -186,11 +188,14 @@ def test_auto_takes_the_cards_layers_and_standardises_each_layers_map(pipe):
 
     run = explain.attention(pipe, PROMPT, seed=4, steps=4).data["runs"][0]
     assert run["combine"] == "standardised" == pipe.model.card["explain"]["attention"]["combine"]
-    assert run["layers"] and all(name.startswith("up_blocks.1.") for name in run["layers"])
+    assert pipe.model.card["explain"]["attention"]["layers"] == "up"  # the decoder's layers, of every size
+    assert run["layers"] and all(name.startswith("up_blocks.") for name in run["layers"])
+    assert {name.split(".")[1] for name in run["layers"]} == {"0", "1", "2"}
     (phase,) = run["phases"]
-    # each layer's map is rescaled to mean 0 and spread 1 before the layers are averaged
+    # each layer's map is rescaled to mean 0 and spread 1 before the layers are averaged (where the
+    # layers disagree, as the 2×2 and 8×8 ones do, the average spreads less)
     for word_map in phase["word_maps"]:
-        assert abs(float(word_map.mean())) < 1e-4 and 0.5 < float(word_map.std()) <= 1.0 + 1e-4
+        assert abs(float(word_map.mean())) < 1e-4 and 0.2 < float(word_map.std()) <= 1.0 + 1e-4
     np.testing.assert_allclose(phase["token_maps"].sum(0), 1.0, atol=1e-4)  # the token maps stay probabilities
     flat = int(np.argmax(phase["word_maps"][2]))
     assert phase["peaks"][2] == (flat % 32, flat // 32)

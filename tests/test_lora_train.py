@@ -230,6 +230,11 @@ def test_train_lora_command_takes_unset_settings_from_the_model_card(monkeypatch
                               lr_scheduler=None, lr_warmup_steps=None)
     assert training_settings(args, {}) == (TRAINING_DEFAULTS, [])
     assert training_settings(args, None) == (TRAINING_DEFAULTS, [])
+    # a caller with only some of the options (the benchmarks) leaves the rest to the card or the defaults
+    some = argparse.Namespace(steps=9, learning_rate=None)
+    settings, from_card = training_settings(some, {"lora_training": {"batch_size": 16, "learning_rate": 0.003}})
+    assert settings == {**TRAINING_DEFAULTS, "steps": 9, "batch_size": 16, "learning_rate": 0.003}
+    assert from_card == ["learning_rate", "batch_size"]
 
 
 # --- behaviour on the embedded model: the held-out colour ------------------------------------------
@@ -265,15 +270,15 @@ def test_short_training_teaches_the_held_out_colour(tmp_path):
     pipe = aipaint.load()
     data = write_dataset(tmp_path / "orange", 48, colour="orange", seed=1)
     started = time.perf_counter()
-    train_lora(pipe, data, tmp_path / "loras" / "orange.safetensors", rank=4, steps=int(os.environ.get("AIPAINT_TEST_LORA_STEPS", 60)),
-               learning_rate=3e-3, batch_size=16, seed=0)
+    train_lora(pipe, data, tmp_path / "loras" / "orange.safetensors", rank=4, steps=int(os.environ.get("AIPAINT_TEST_LORA_STEPS", 150)),
+               learning_rate=3e-3, batch_size=16, seed=0, train_text_encoder=True)
     trained_in = time.perf_counter() - started
     without = orange_adherence(pipe, "", images_per_prompt=4, lora_dir=tmp_path / "loras")
     with_lora = orange_adherence(pipe, " <lora:orange:1>", images_per_prompt=4, lora_dir=tmp_path / "loras")
     print(f"trained in {trained_in:.0f} s; orange adherence {without:.2f} -> {with_lora:.2f}")
-    # Measured here, at the model's 20 sampling steps: 0.38 -> 0.94 (at 12 steps 0.00 -> 0.75, the black triangle
-    # coming out red or yellow with the LoRA). The base rate is not near 0 on these four big objects: for the colour
-    # word it never learnt, the model often paints a red-yellow mix that reads as orange, on black most of all; the
-    # benchmark's 48 images (benchmarks/lora_concept.py) measure it at 19% (50% on black, 0% on white).
-    assert with_lora >= 0.8
+    # Measured here (one thread, the model's defaults): 0.00 -> 0.88 at 150 steps with the text encoder (0.88 at 200
+    # too); UNet only, 60 steps: 0.00 -> 0.19. The first-generation model (before the 2026-12-05
+    # swap) learnt it UNet-only in 60 steps (0.38 -> 0.94): its base rate was not near 0, since for the colour word it
+    # never learnt it often painted a red-yellow mix that read as orange; the current model paints no orange unasked.
+    assert with_lora >= 0.75
     assert with_lora >= without + 0.3

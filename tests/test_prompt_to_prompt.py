@@ -146,7 +146,9 @@ def shapes():
 
 
 def test_null_text_reconstructs_a_real_image_better_than_ddim_inversion(shapes):
-    """One rendered image, 5 steps (the averages over more images and steps: the benchmark)."""
+    """One rendered image, 5 steps (the averages over more images and steps: the benchmark). Measured
+    on the current embedded model at its defaults: 30.2 dB from DDIM inversion alone, 32.0 dB with the
+    null-text optimisation (the first-generation model: a wider gap, from a worse start)."""
     from aipaint_plugins.shapes_world.render import render
     from aipaint_plugins.shapes_world.scene import random_scene
 
@@ -158,7 +160,7 @@ def test_null_text_reconstructs_a_real_image_better_than_ddim_inversion(shapes):
         reconstruction = edit(shapes, inversion=inv)  # the caption as the target: the source row, twice
         assert np.abs(pixels(reconstruction.images[0]) - pixels(reconstruction.images[1])).max() <= 1
         scores[null_text] = psnr(reconstruction.images[1], image)
-    assert scores[True] > scores[False] + 3.0, scores
+    assert scores[True] > scores[False] + 1.0, scores
 
 
 def test_colour_swap_keeps_the_layout(shapes):

@@ -148,11 +148,13 @@ def test_old_photo_colourises_and_keeps_the_photo_tones(pipe, inputs):
 
 
 def test_retouch_leaves_the_unmasked_part_alone(pipe, inputs):
-    result = recipes.retouch(pipe, image=str(inputs["picture"]), mask=str(inputs["mask"]), prompt="a blue square",
-                             **FAST)
+    # The mask covers the picture's right third: the prompt puts its square there (the embedded model draws
+    # an unplaced object in the centre, and keeps the white it is given); 4 steps, as 2 barely denoise.
+    result = recipes.retouch(pipe, image=str(inputs["picture"]), mask=str(inputs["mask"]),
+                             prompt="a big blue square on the right, on a white background", **{**FAST, "steps": 4})
     before, after = pixels(Image.open(inputs["picture"]).convert("RGB")), pixels(result.image)
     assert np.array_equal(before[:, :8], after[:, :8])  # outside the mask and its blur (sigma 4 reaches ~10 px)
-    assert np.abs(before[:, 22:] - after[:, 22:]).mean() > 3  # the masked part was repainted
+    assert np.abs(before[:, 22:] - after[:, 22:]).mean() > 20  # the masked part was repainted (measured: 69.5)
 
 
 def test_sticker_is_transparent_around_an_opaque_subject(pipe):

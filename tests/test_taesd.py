@@ -65,6 +65,11 @@ def test_the_model_is_restored_after_the_job_and_after_an_error(tiny_pipe, tiny_
         tiny_pipe.txt2img("a red circle", **GEN, options={"vae_decoder": {"kind": "taesd3", "path": str(wide)}})
     with pytest.raises(ModelLoadError, match="a taesd has 4"):
         tiny_pipe.txt2img("a red circle", **GEN, options={"vae_decoder": {"kind": "taesd", "path": str(wide)}})
+    # "custom" takes any channel count the model's latent has, and no other
+    with pytest.raises(InvalidParameter, match="16-channel"):
+        tiny_pipe.txt2img("a red circle", **GEN, options={"vae_decoder": {"kind": "custom", "path": str(wide)}})
+    custom = tiny_pipe.txt2img("a red circle", **GEN, options={"vae_decoder": {"kind": "custom", "path": str(tiny_folder)}})
+    assert "Tiny VAE decoder: custom (" in custom.parameters
     assert model.vae_decode_call == call and getattr(model, "preview_decoder", None) is None
 
 

@@ -286,11 +286,10 @@ def test_training_resume_can_normalize_latent_channels(tmp_path):
     from aipaint_plugins.shapes_world.render import render_array
     from aipaint_plugins.shapes_world.scene import random_scene
     from aipaint_plugins.shapes_world.train import main as train
+    from safetensors.torch import load_file, save_file
 
     import aipaint
     from aipaint.models.zoo import zoo_root
-
-    from safetensors.torch import load_file, save_file
 
     source = tmp_path / "source"
     shutil.copytree(zoo_root() / "models" / "shapes-tiny", source)

@@ -93,7 +93,7 @@ def training_settings(args: argparse.Namespace, card: dict[str, Any] | None) -> 
     section = (card or {}).get("lora_training") or {}
     settings, from_card = {}, []
     for name, default in TRAINING_DEFAULTS.items():
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # a caller that has no such option leaves it to the card or default
         if value is None and name in section:
             value = type(default)(section[name])
             from_card.append(name)

@@ -12,7 +12,8 @@ inpainting). Recorded in the PNG as ``Tiny VAE decoder: taesd (<folder name>)``.
 Only diffusers-format folders (``config.json`` + ``diffusion_pytorch_model.safetensors``, as
 ``madebyollin/taesd`` and ``madebyollin/taesdxl`` publish them) are read, and only as
 safetensors. The folder's latent channels must match the model's (4 for SD and SDXL, 16 for
-SD3 and FLUX).
+SD3 and FLUX) and the kind's; kind ``custom`` is for one distilled for another latent (the
+embedded model's is ``custom:benchmarks/results/taesd-embedded``, 8 channels).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from aipaint.plugin.adapters import AdapterActivation, AdapterSpec
 if TYPE_CHECKING:
     from aipaint.plugin.adapters import AdapterContext
 
-KINDS = {"taesd": 4, "taesdxl": 4, "taesd3": 16, "taef1": 16}
-"""The tiny autoencoder formats (madebyollin's names) and their latent channels."""
+KINDS: dict[str, int | None] = {"taesd": 4, "taesdxl": 4, "taesd3": 16, "taef1": 16, "custom": None}
+"""The tiny autoencoder formats (madebyollin's names) and their latent channels; ``custom`` is one
+distilled for another latent (e.g. ``benchmarks/taesd_embedded.py``'s, 8 channels for the embedded
+model), checked only against the model it decodes for."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def load_tiny_autoencoder(path: str | Path, kind: str = "taesd") -> Any:
         _cache.clear()  # one at a time
         _cache[key] = tiny.eval()
     tiny = _cache[key]
-    if int(tiny.config.latent_channels) != KINDS[kind]:
+    if KINDS[kind] is not None and int(tiny.config.latent_channels) != KINDS[kind]:
         raise ModelLoadError(f"{folder} has {tiny.config.latent_channels} latent channels; a {kind} has {KINDS[kind]}")
     return tiny
 

@@ -22,8 +22,8 @@ The LoRA is saved with kohya keys (as ``aipaint train lora`` writes), so ``<lora
 ``options={"lora": {"folder": ...}}`` or ``apply_loras`` load it.
 
 ``--eval`` scores (prompt, seed) pairs of canonical training captions (benchmarks/embedded_model.py's
-``captions`` and ``score_list``; seeds 1000 + i): the base model at its defaults (DPM++ 2M, 20 steps, CFG 7),
-the base model with the LCM sampler at 1/2/4/8 steps (its default CFG 7), and the LCM-LoRA with the LCM
+``captions`` and ``score_list``; seeds 1000 + i): the base model at its defaults (the card's: DPM++ 2M, 20 steps, CFG 3),
+the base model with the LCM sampler at 1/2/4/8 steps (its default CFG), and the LCM-LoRA with the LCM
 sampler at 1/2/4/8 steps at CFG 1 and 1.5, each with its warm wall time per image.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/lcm_lora.py --minutes 20 --out lcm.safetensors --eval --n 100
@@ -232,9 +232,10 @@ def evaluate(a, lora: Path) -> list[dict]:
         rows.append({"label": label, "score": s["score"], "all": s["all_correct"], "sec": per, "n": s["n"]})
         log(f"{label:<44} adherence {s['score']:.1%}  all correct {s['all_correct']:.1%}  {per:.3f} s/image")
 
-    run("base, DPM++ 2M, 20 steps, CFG 7 (defaults)")
+    d = pipe.model.defaults
+    run(f"base, {d.sampler}, {d.steps} steps, CFG {d.cfg_scale:g} (defaults)")
     for steps in (1, 2, 4, 8):
-        run(f"base, LCM, {steps} steps, CFG 7", sampler="LCM", steps=steps)
+        run(f"base, LCM, {steps} steps, CFG {d.cfg_scale:g}", sampler="LCM", steps=steps)
     with apply_loras(pipe, [(lora.stem, 1.0)], folder=str(lora.parent)):
         for cfg in a.lora_cfgs:
             for steps in (1, 2, 4, 8):

@@ -184,7 +184,9 @@ def record_in_card(card: Path, out: dict, command: str) -> None:
     data.setdefault("evaluation", {})["targets"] = {
         "command": command, "model": out["model"], "measured": time.strftime("%Y-%m-%d"),
         "met": sum(row["pass"] is True for row in out["table"]), "rows": rows}
-    card.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp = card.with_name(f".{card.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(card)  # a reader never sees half a card
 
 
 def canonical_rows(pipe, n: int, out: dict) -> None:

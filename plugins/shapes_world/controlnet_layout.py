@@ -24,12 +24,11 @@ PREPROCESSOR = "canny"
 
 
 def layout_map(scene: Scene) -> Image.Image:
-    """What the ControlNet sees: Canny edges (white on black) of the scene's 32×32 render, as the
-    ``canny`` preprocessor draws them at its default thresholds (100/200, on the colour image)."""
-    import cv2
+    """What the ControlNet sees: the registered ``canny`` preprocessor's map (white edges on black, its
+    default thresholds) of the scene's 32×32 render, as a user's ControlNet unit makes it."""
+    from aipaint.plugin.host import default_host
 
-    edges = cv2.Canny(np.asarray(render(scene).convert("RGB"), dtype=np.uint8), 100, 200)
-    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), "RGB")
+    return default_host().registry.preprocessors.get(PREPROCESSOR).apply(render(scene))
 
 
 def prompt_without_position(scene: Scene) -> str:

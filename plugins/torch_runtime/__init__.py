@@ -187,8 +187,8 @@ def apply_prepack(model: Any, value: Any, precision: str, *, compiling: bool) ->
         reason = "this torch build has no oneDNN CPU kernels"
     if reason is not None and value is True:
         raise InvalidParameter("prepack", True, reason)
-    if reason is None and value == "auto" and unet_parameters(model) < AUTO_MIN_UNET_PARAMETERS:
-        reason = f"auto: the UNet ({unet_parameters(model) / 1e6:.1f}M parameters) is not SD-sized"  # measured there only
+    if reason is None and value == "auto" and (size := unet_parameters(model)) < AUTO_MIN_UNET_PARAMETERS:
+        reason = f"auto: the UNet ({size / 1e6:.1f}M parameters) is not SD-sized"  # measured there only
     modules = [] if reason else [m for name, m in model.modules().items() if name in PREPACK_COMPONENTS]
     if reason is None and value == "auto":
         needed, free = sum(prepack.packed_bytes(m) for m in modules), prepack.available_memory()

@@ -168,11 +168,41 @@ def job_scope(*models: LatentDiffusionModel | None) -> Iterator[ExitStack]:
     """
     unique = {id(m): m for m in models if m is not None}
     locks: list[threading.RLock] = [job_lock(unique[key]) for key in sorted(unique)]
+    asked = [n for m in unique.values() if (n := getattr(m, "intra_op_threads", None))]
     with ExitStack() as outer:
         for lock in locks:
             outer.enter_context(lock)
+        outer.enter_context(intra_op_threads(max(asked) if asked else None))
         with ExitStack() as stack:
             yield stack
+
+
+_threads_guard = threading.Lock()
+_threads_asked: list[int] = []
+_threads_before: list[int] = []
+
+
+@contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads (``None``: leave them as they are), then
+    put back the count from before. A runtime asks for a count through ``model.intra_op_threads``
+    (the torch runtime's ``threads`` option: one thread for tiny models, whose operations are too
+    small to share between cores). Jobs that overlap in other threads get the largest count any
+    of them asked for, and the count from before the first of them comes back after the last."""
+    if not count:
+        yield
+        return
+    with _threads_guard:
+        if not _threads_asked:
+            _threads_before[:] = [torch.get_num_threads()]
+        _threads_asked.append(count)
+        torch.set_num_threads(max(_threads_asked))
+    try:
+        yield
+    finally:
+        with _threads_guard:
+            _threads_asked.remove(count)
+            torch.set_num_threads(max(_threads_asked) if _threads_asked else _threads_before[0])
 
 
 _locks_guard = threading.Lock()

@@ -27,9 +27,10 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
   memory holds twice the copies, and not with ``compile``; ``model.prepack_reason`` says why.
 * ``threads``: ``auto`` (default) or a number: the torch intra-op threads the model's jobs run
   with (put back afterwards). ``auto`` runs tiny models (UNet under 10 M parameters, such as the
-  embedded one) on one thread, whose operations are too small to share between cores: the
-  embedded model's warm image took 0.36 s on one thread and 0.48 s on two on an idle 2-core EPYC,
-  and far longer on two when another process held a core. Larger models keep torch's count
+  embedded one) on one thread, whose operations are too small to share between cores: with two
+  threads available on an idle 2-core EPYC the embedded model's warm image took 0.386 s this way
+  and 0.476 s on both threads (benchmarks/results/embedded_model.txt), and far longer on two when
+  another process held a core. Larger models keep torch's count
   (``torch.set_num_threads`` / ``OMP_NUM_THREADS``). ``model.threads_reason`` says what was decided.
 * ``offload``: ``none`` (default), ``model`` or ``sequential``: keep the weights in CPU memory
   and move each network (``model``) or each layer (``sequential``) to the GPU when it runs,

@@ -170,3 +170,127 @@ def test_packed_bytes_and_available_memory(tmp_path):
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   16000000 kB\n")
     assert prepack.available_memory(meminfo) == 16000000 * 1024
     assert prepack.available_memory(tmp_path / "missing") is None
+
+
+# -- the per-layer kernel choice: NNPACK for large 3x3 convolutions, MKL for linear layers with many rows,
+# -- and diffusers' ResNet blocks with their element-wise steps in place
+
+needs_nnpack = pytest.mark.skipif(not prepack.nnpack_available(), reason="NNPACK does not run on this CPU")
+
+
+@needs_nnpack
+def test_large_3x3_convolutions_run_on_nnpack_one_image_at_a_time(monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    calls = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    install_prepacked(conv)
+    with torch.inference_mode():
+        big, small = torch.randn(2, 64, 64, 64), torch.randn(2, 64, 32, 32)
+        torch.testing.assert_close(conv(big), type(conv).forward(conv, big), rtol=1e-4, atol=1e-4)
+        assert calls == [(1, 64, 64, 64), (1, 64, 64, 64)]  # Winograd, image by image
+        assert vars(conv)["forward"].packed is None  # oneDNN's packed copy is not even made
+        torch.testing.assert_close(conv(small), type(conv).forward(conv, small), rtol=1e-4, atol=1e-5)
+        assert len(calls) == 2 and vars(conv)["forward"].packed is not None  # 32x32: oneDNN
+        with torch.no_grad():
+            conv.weight.mul_(-1)  # NNPACK reads the weight at every call: a patch is seen at once
+        torch.testing.assert_close(conv(big), type(conv).forward(conv, big), rtol=1e-4, atol=1e-4)
+
+
+@needs_nnpack
+def test_a_convolution_nnpack_refuses_falls_back_to_onednn_for_good(monkeypatch):
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    tries = []
+
+    def refuse(*args):
+        tries.append(1)
+        raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed")
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", refuse)
+    install_prepacked(conv)
+    x = torch.randn(1, 64, 64, 64)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(conv(x), type(conv).forward(conv, x), rtol=1e-4, atol=1e-4)
+    assert tries == [1] and vars(conv)["forward"].nnpack_failed
+
+
+@pytest.mark.parametrize("kernel, stride, channels", [(1, 1, 64), (3, 2, 64), (3, 1, 32)])
+def test_other_convolutions_stay_on_onednn(monkeypatch, kernel, stride, channels):
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: pytest.fail("NNPACK was called"))
+    conv = torch.nn.Conv2d(channels, 64, kernel, stride=stride, padding=kernel // 2).eval()
+    install_prepacked(conv)
+    x = torch.randn(1, channels, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), type(conv).forward(conv, x), rtol=1e-4, atol=1e-4)
+    assert vars(conv)["forward"].packed is not None
+
+
+def test_linear_layers_take_mkl_from_512_rows_or_on_one_thread_and_onednn_below():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    layer = torch.nn.Linear(16, 8).eval()
+    install_prepacked(layer)
+    packer = vars(layer)["forward"]
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            few = torch.randn(2, 8, 16)
+            torch.testing.assert_close(layer(few), torch.nn.functional.linear(few, layer.weight, layer.bias))
+            assert packer.packed is None  # one thread: MKL's sgemm for every row count
+            torch.set_num_threads(2)
+            many = torch.randn(2, 256, 16)  # 512 rows
+            torch.testing.assert_close(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
+            assert packer.packed is None
+            torch.testing.assert_close(layer(few), torch.nn.functional.linear(few, layer.weight, layer.bias),
+                                       rtol=1e-4, atol=1e-5)
+            assert packer.packed is not None  # 16 rows on two threads: oneDNN's packed kernel
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resnet_block(**kwargs):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(**{"in_channels": 32, "out_channels": 64, "temb_channels": 16, "groups": 8, **kwargs})
+    for p in block.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    return block.eval()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"output_scale_factor": 2.0}, {"temb_channels": None}])
+def test_resnet_blocks_run_in_place_with_the_same_outputs_and_leave_their_input_alone(kwargs):
+    block = resnet_block(**kwargs)
+    x, temb = torch.randn(2, 32, 16, 16), None if kwargs.get("temb_channels", 16) is None else torch.randn(2, 16)
+    with torch.inference_mode():
+        expected = block(x, temb)
+        install_prepacked(block)
+        assert type(vars(block)["forward"]).__name__ == "InPlaceResnet"
+        remove_prepacked(block.conv1), remove_prepacked(block.conv2), remove_prepacked(block.conv_shortcut)
+        kept = x.clone()
+        assert torch.equal(block(x, temb), expected)  # the same kernels: the very same numbers
+        assert torch.equal(x, kept)
+
+
+def test_resnet_blocks_use_their_own_forward_for_autograd_hooks_and_sampling():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = resnet_block()
+    install_prepacked(block)
+    x, temb = torch.randn(1, 32, 8, 8, requires_grad=True), torch.randn(1, 16)
+    block(x, temb).sum().backward()  # training: no in-place step on a tensor autograd needs
+    assert x.grad is not None
+    seen = []
+    handle = block.conv2.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.inference_mode():
+        out = block(x.detach(), temb)
+    handle.remove()
+    # the hook kept conv2's output, which the in-place path would have overwritten with the sum
+    assert seen[0] is not out and not torch.equal(seen[0], out)
+    down = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8, down=True)
+    install_prepacked(down)
+    assert type(vars(down).get("forward")).__name__ != "InPlaceResnet"  # sampling blocks keep theirs
+    assert is_prepacked(down.conv1)

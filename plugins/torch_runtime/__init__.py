@@ -23,7 +23,10 @@ Runtime options (``aipaint.load(..., runtime_options={...})``):
   convolutions and linear layers on the CPU with their weights laid out once for oneDNN instead of
   at every call (:mod:`aipaint_plugins.torch_runtime.prepack`; eager, nothing compiled; 1.2-1.4x
   per full-size SD1.5 UNet call on a 2-core AVX2 EPYC, at the cost of a second copy of those
-  weights). ``auto`` uses it for float32 models on the CPU whose UNet is SD-sized when the free
+  weights). Each call then takes the kernel that was fastest for its shape there: NNPACK's
+  Winograd convolution for large 3x3 convolutions, MKL's sgemm for linear layers with many rows,
+  and diffusers' ResNet blocks run their element-wise steps in place.
+  ``auto`` uses it for float32 models on the CPU whose UNet is SD-sized when the free
   memory holds twice the copies, and not with ``compile``; ``model.prepack_reason`` says why.
 * ``threads``: ``auto`` (default) or a number: the torch intra-op threads the model's jobs run
   with (put back afterwards). ``auto`` runs tiny models (UNet under 10 M parameters, such as the

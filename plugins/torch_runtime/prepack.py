@@ -1,4 +1,5 @@
-"""oneDNN weight prepacking for float32 convolutions and linear layers on the CPU, in eager mode.
+"""oneDNN weight prepacking and a per-layer kernel choice for float32 convolutions and linear
+layers on the CPU, in eager mode.
 
 torch's eager ``Conv2d`` and ``Linear`` hand their weights to oneDNN / MKL in torch's own layout,
 and the library reorders them into its blocked layout at every call. Here each layer's weight is
@@ -10,17 +11,33 @@ whole 20-step image 99 s instead of 129 s, with a relative error around 1e-5
 (benchmarks/results/cpu_runtimes_prepack_unet.txt, cpu_runtimes_prepack.txt). The first call
 packs (about 4 s for that UNet).
 
+Each call then takes the kernel that was fastest for its shape on that CPU
+(``benchmarks/cpu_kernels.py`` times every layer shape of the SD1.5 UNet and VAE;
+benchmarks/results/cpu_kernels_*.txt):
+
+* **3x3 convolutions over at least 64x64 positions** (the VAE decoder's upper blocks; the UNet's
+  first blocks from 512 px up) run on NNPACK's Winograd kernels, one image at a time
+  (``torch._nnpack_spatial_convolution``, the batch-1 inference path): 2.2-2.9x faster than
+  oneDNN there, relative error about 1e-5. Below that size, and for other kernels, strides or
+  groups, oneDNN is faster and keeps them.
+* **Linear layers with at least 512 rows** (batch x tokens), and every linear layer when torch
+  runs on one thread, run through the layer's own forward (MKL's sgemm on torch's x86 builds),
+  which beat oneDNN's packed kernel by 4-40% there; fewer rows on several threads keep oneDNN's.
+
 What it costs: a second copy of every packed weight (about the UNet's size again in memory).
 
 What keeps it correct:
 
 * The packed copy is rebuilt when the weight changes: an in-place write (LoRA patches, restoring
-  them) bumps the tensor's version counter, which each layer checks at every call.
+  them) bumps the tensor's version counter, which each layer checks at every call. The NNPACK
+  and MKL paths read the weight itself at every call.
 * The original ``forward`` runs whenever the packed kernels would be wrong or unwelcome: autograd
   on (training), tracing or ONNX export, ``torch.compile`` tracing, other devices or dtypes,
   inputs that are not plain float32 CPU tensors, padding modes other than zeros, and weights
   created under ``torch.inference_mode`` (they have no version counter).
 * ``copy.deepcopy`` and pickling drop the packed copy (it is rebuilt on the next call).
+* An NNPACK call that fails (a CPU or shape it does not support) falls back to oneDNN for that
+  layer from then on.
 """
 
 from __future__ import annotations
@@ -32,6 +49,29 @@ from typing import Any
 import torch
 
 _mkldnn = torch.ops.mkldnn
+
+#: Linear layers called with at least this many rows run MKL's sgemm (the layer's own forward).
+LINEAR_MKL_MIN_ROWS = 512
+#: 3x3 stride-1 convolutions whose output has at least this many positions (and both channel
+#: counts at least NNPACK_MIN_CHANNELS) run on NNPACK, one image at a time.
+NNPACK_MIN_POSITIONS = 64 * 64
+NNPACK_MIN_CHANNELS = 64
+#: False keeps every layer on oneDNN's packed kernels (the kernel choice off; for measuring it).
+CHOOSE_KERNELS = True
+
+_nnpack_ready: bool | None = None
+
+
+def nnpack_available() -> bool:
+    """True when torch's NNPACK works on this CPU (the check also initialises it, which its
+    kernels need before their first call)."""
+    global _nnpack_ready
+    if _nnpack_ready is None:
+        try:
+            _nnpack_ready = bool(torch.backends.nnpack.is_available())
+        except Exception:  # noqa: BLE001 - a build without it, or a CPU it refuses
+            _nnpack_ready = False
+    return _nnpack_ready
 
 
 def available() -> bool:
@@ -77,10 +117,31 @@ class _Packed:
 
 
 class PackedConv2d(_Packed):
+    nnpack_failed = False
+
+    def wants_nnpack(self, x: torch.Tensor) -> bool:
+        m = self.module
+        return (CHOOSE_KERNELS and not self.nnpack_failed and m.kernel_size == (3, 3) and m.stride == (1, 1)
+                and m.dilation == (1, 1) and m.groups == 1
+                and min(m.in_channels, m.out_channels) >= NNPACK_MIN_CHANNELS
+                and x.shape[-1] * x.shape[-2] >= NNPACK_MIN_POSITIONS and nnpack_available())
+
+    def nnpack(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.module
+        try:
+            outs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), m.weight, m.bias, list(m.padding))
+                    for i in range(x.shape[0])]
+        except RuntimeError:  # not supported here: oneDNN for this layer from now on
+            self.nnpack_failed = True
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if _plain_path(m, x) or x.dim() != 4:
             return self.original(x)
+        if self.wants_nnpack(x) and (out := self.nnpack(x)) is not None:
+            return out
         key = self._weight_key((tuple(x.shape[1:]),))
         if self.packed is None or self.key != key:
             self.packed = _mkldnn._reorder_convolution_weight(m.weight, list(m.padding), list(m.stride),
@@ -91,13 +152,16 @@ class PackedConv2d(_Packed):
 
 
 class PackedLinear(_Packed):
-    """oneDNN's packed linear kernel, for any row count. (MKL's packed sgemm, which inductor uses for
-    static shapes, was 3% faster per SD1.5 UNet call here, but it packs for one row count, so a layer
-    called with changing batch sizes would repack at every call.)"""
+    """oneDNN's packed linear kernel for calls with few rows on several threads; MKL's sgemm (the
+    layer's own forward, on torch's unpacked weight) for the rest, where it was faster. (MKL's packed
+    sgemm, which inductor uses for static shapes, packs for one row count, so a layer called with
+    changing batch sizes would repack at every call; unpacked it was within 3% of it.)"""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if _plain_path(m, x) or x.dim() < 2:
+            return self.original(x)
+        if CHOOSE_KERNELS and (x.numel() // x.shape[-1] >= LINEAR_MKL_MIN_ROWS or torch.get_num_threads() == 1):
             return self.original(x)
         key = self._weight_key()
         if self.packed is None or self.key != key:
@@ -108,7 +172,57 @@ class PackedLinear(_Packed):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+class InPlaceResnet(_Packed):
+    """diffusers' ``ResnetBlock2D.forward`` for inference with its element-wise steps in place: SiLU
+    on the normalised activations, the time embedding and the skip connection added into the
+    convolutions' fresh outputs, no division by an ``output_scale_factor`` of 1. The same values
+    (``x + h`` and ``h + x`` are equal in floating point) without allocating a new image-sized tensor
+    at each step, which at the VAE decoder's sizes cost more than the arithmetic (0.3 s of a 2.5 s
+    256 px decode on the 2-core EPYC). Blocks it does not cover (up/down-sampling, other time
+    embedding norms or activations) are not given it; hooks, autograd and training use the block's
+    own forward."""
+
+    def original(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        m = self.module
+        if (args or kwargs or m.training or torch.is_grad_enabled() or _hooked(m)
+                or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+            return self.original(input_tensor, temb, *args, **kwargs)
+        silu = torch.nn.functional.silu
+        h = silu(m.norm1(input_tensor), inplace=True)
+        h = m.conv1(h)
+        if m.time_emb_proj is not None and temb is not None:
+            t = m.time_emb_proj(temb if m.skip_time_act else silu(temb))[:, :, None, None]
+            h = h.add_(t) if torch.broadcast_shapes(h.shape, t.shape) == h.shape else h + t
+        h = silu(m.norm2(h), inplace=True)
+        h = m.conv2(m.dropout(h))
+        skip = m.conv_shortcut(input_tensor) if m.conv_shortcut is not None else input_tensor
+        h = h.add_(skip) if h.shape == skip.shape else skip + h
+        return h if m.output_scale_factor == 1 else h.div_(m.output_scale_factor)
+
+
+def _hooked(block: torch.nn.Module) -> bool:
+    """True when a hook could see (and keep) an activation the in-place forward would overwrite."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()) or bool(
+        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _in_place_resnet(module: torch.nn.Module) -> bool:
+    try:
+        from diffusers.models.resnet import ResnetBlock2D
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return (type(module) is ResnetBlock2D and module.upsample is None and module.downsample is None
+            and module.time_embedding_norm == "default" and isinstance(module.nonlinearity, torch.nn.SiLU)
+            and "forward" not in vars(module.norm1) and "forward" not in vars(module.norm2))
+
+
 def _packable(module: torch.nn.Module) -> type[_Packed] | None:
+    if CHOOSE_KERNELS and _in_place_resnet(module):
+        return InPlaceResnet
     if type(module) is torch.nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
         return PackedConv2d
     if type(module) is torch.nn.Linear:
@@ -119,7 +233,8 @@ def _packable(module: torch.nn.Module) -> type[_Packed] | None:
 def packed_bytes(module: torch.nn.Module) -> int:
     """About how much memory :func:`install_prepacked` adds to ``module``: one float32 copy of each
     packable layer's weight."""
-    return sum(layer.weight.numel() * 4 for layer in module.modules() if _packable(layer) is not None)
+    return sum(layer.weight.numel() * 4 for layer in module.modules()
+               if _packable(layer) in (PackedConv2d, PackedLinear))
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -135,8 +250,9 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 
 
 def install_prepacked(module: torch.nn.Module) -> int:
-    """Give every plain ``Conv2d`` (zero padding) and ``Linear`` inside ``module`` the packed forward;
-    returns how many layers got it. Layers of subclasses (peft's LoRA layers, quantised layers) and
+    """Give every plain ``Conv2d`` (zero padding) and ``Linear`` inside ``module`` the packed forward,
+    and diffusers' ``ResnetBlock2D`` blocks the in-place one (:class:`InPlaceResnet`); returns how
+    many layers and blocks got one. Layers of subclasses (peft's LoRA layers, quantised layers) and
     layers that already have a forward of their own are left alone."""
     count = 0
     for layer in module.modules():

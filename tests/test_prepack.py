@@ -261,10 +261,13 @@ def resnet_block(**kwargs):
     return block.eval()
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"output_scale_factor": 2.0}, {"temb_channels": None}])
-def test_resnet_blocks_run_in_place_with_the_same_outputs_and_leave_their_input_alone(kwargs):
+@pytest.mark.parametrize("kwargs, temb_shape", [
+    ({}, (2, 16)), ({"output_scale_factor": 2.0}, (2, 16)), ({"temb_channels": None}, None),
+    ({"temb_channels": None}, (2, 64, 1, 1)),  # no projection: diffusers adds the embedding as given
+])
+def test_resnet_blocks_run_in_place_with_the_same_outputs_and_leave_their_input_alone(kwargs, temb_shape):
     block = resnet_block(**kwargs)
-    x, temb = torch.randn(2, 32, 16, 16), None if kwargs.get("temb_channels", 16) is None else torch.randn(2, 16)
+    x, temb = torch.randn(2, 32, 16, 16), None if temb_shape is None else torch.randn(temb_shape)
     with torch.inference_mode():
         expected = block(x, temb)
         install_prepacked(block)

@@ -195,8 +195,9 @@ class InPlaceResnet(_Packed):
         h = silu(m.norm1(input_tensor), inplace=True)
         h = m.conv1(h)
         if m.time_emb_proj is not None and temb is not None:
-            t = m.time_emb_proj(temb if m.skip_time_act else silu(temb))[:, :, None, None]
-            h = h.add_(t) if torch.broadcast_shapes(h.shape, t.shape) == h.shape else h + t
+            temb = m.time_emb_proj(temb if m.skip_time_act else silu(temb))[:, :, None, None]
+        if temb is not None:  # as diffusers does: added as given when the block has no projection
+            h = h.add_(temb) if torch.broadcast_shapes(h.shape, temb.shape) == h.shape else h + temb
         h = silu(m.norm2(h), inplace=True)
         h = m.conv2(m.dropout(h))
         skip = m.conv_shortcut(input_tensor) if m.conv_shortcut is not None else input_tensor
@@ -206,8 +207,9 @@ class InPlaceResnet(_Packed):
 
 def _hooked(block: torch.nn.Module) -> bool:
     """True when a hook could see (and keep) an activation the in-place forward would overwrite."""
+    module_py = torch.nn.modules.module
     return any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()) or bool(
-        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+        getattr(module_py, "_global_forward_hooks", None) or getattr(module_py, "_global_forward_pre_hooks", None))
 
 
 def _in_place_resnet(module: torch.nn.Module) -> bool:
@@ -217,6 +219,8 @@ def _in_place_resnet(module: torch.nn.Module) -> bool:
         return False
     return (type(module) is ResnetBlock2D and module.upsample is None and module.downsample is None
             and module.time_embedding_norm == "default" and isinstance(module.nonlinearity, torch.nn.SiLU)
+            # GroupNorm always returns a new tensor, which the in-place SiLU then overwrites
+            and type(module.norm1) is torch.nn.GroupNorm and type(module.norm2) is torch.nn.GroupNorm
             and "forward" not in vars(module.norm1) and "forward" not in vars(module.norm2))
 
 

@@ -217,12 +217,27 @@ def test_a_convolution_nnpack_refuses_falls_back_to_onednn_for_good(monkeypatch)
     assert tries == [1] and vars(conv)["forward"].nnpack_failed
 
 
-@pytest.mark.parametrize("kernel, stride, channels", [(1, 1, 64), (3, 2, 64), (3, 1, 32)])
-def test_other_convolutions_stay_on_onednn(monkeypatch, kernel, stride, channels):
+@needs_nnpack
+def test_32x32_convolutions_take_nnpack_from_512_input_channels(monkeypatch):
+    calls = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda x, *a: calls.append(x.shape[1]) or real(x, *a))
+    for channels in (512, 320):
+        conv = torch.nn.Conv2d(channels, 64, 3, padding=1).eval()
+        install_prepacked(conv)
+        x = torch.randn(1, channels, 32, 32)
+        with torch.inference_mode():
+            torch.testing.assert_close(conv(x), type(conv).forward(conv, x), rtol=1e-4, atol=1e-4)
+    assert calls == [512]
+
+
+@pytest.mark.parametrize("kernel, stride, channels, side", [(1, 1, 64, 64), (3, 2, 64, 64), (3, 1, 32, 64),
+                                                           (3, 1, 320, 32), (3, 1, 640, 16)])
+def test_other_convolutions_stay_on_onednn(monkeypatch, kernel, stride, channels, side):
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: pytest.fail("NNPACK was called"))
     conv = torch.nn.Conv2d(channels, 64, kernel, stride=stride, padding=kernel // 2).eval()
     install_prepacked(conv)
-    x = torch.randn(1, channels, 64, 64)
+    x = torch.randn(1, channels, side, side)
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), type(conv).forward(conv, x), rtol=1e-4, atol=1e-4)
     assert vars(conv)["forward"].packed is not None

@@ -15,11 +15,12 @@ Each call then takes the kernel that was fastest for its shape on that CPU
 (``benchmarks/cpu_kernels.py`` times every layer shape of the SD1.5 UNet and VAE;
 benchmarks/results/cpu_kernels_*.txt):
 
-* **3x3 convolutions over at least 64x64 positions** (the VAE decoder's upper blocks; the UNet's
-  first blocks from 512 px up) run on NNPACK's Winograd kernels, one image at a time
-  (``torch._nnpack_spatial_convolution``, the batch-1 inference path): 2.2-2.9x faster than
-  oneDNN there, relative error about 1e-5. Below that size, and for other kernels, strides or
-  groups, oneDNN is faster and keeps them.
+* **3x3 convolutions over at least 64x64 positions**, or 32x32 with 512+ input channels (the VAE
+  decoder; the UNet's 320-channel blocks from 512 px up and its 640-channel ones at 32x32) run on
+  NNPACK's Winograd kernels, one image at a time (``torch._nnpack_spatial_convolution``, the
+  batch-1 inference path): 2.2-3.3x faster than oneDNN at 64x64 and above, 1.2x at those 32x32
+  ones, relative error about 1e-5. Below that, and for other kernels, strides or groups, oneDNN is
+  as fast or faster and keeps them.
 * **Linear layers with at least 512 rows** (batch x tokens), and every linear layer when torch
   runs on one thread, run through the layer's own forward (MKL's sgemm on torch's x86 builds),
   which beat oneDNN's packed kernel by 4-40% there; fewer rows on several threads keep oneDNN's.
@@ -53,9 +54,12 @@ _mkldnn = torch.ops.mkldnn
 #: Linear layers called with at least this many rows run MKL's sgemm (the layer's own forward).
 LINEAR_MKL_MIN_ROWS = 512
 #: 3x3 stride-1 convolutions whose output has at least this many positions (and both channel
-#: counts at least NNPACK_MIN_CHANNELS) run on NNPACK, one image at a time.
+#: counts at least NNPACK_MIN_CHANNELS) run on NNPACK, one image at a time; so do those with at
+#: least NNPACK_WIDE_POSITIONS positions and NNPACK_WIDE_CHANNELS input channels.
 NNPACK_MIN_POSITIONS = 64 * 64
 NNPACK_MIN_CHANNELS = 64
+NNPACK_WIDE_POSITIONS = 32 * 32
+NNPACK_WIDE_CHANNELS = 512
 #: False keeps every layer on oneDNN's packed kernels (the kernel choice off; for measuring it).
 CHOOSE_KERNELS = True
 
@@ -124,7 +128,9 @@ class PackedConv2d(_Packed):
         return (CHOOSE_KERNELS and not self.nnpack_failed and m.kernel_size == (3, 3) and m.stride == (1, 1)
                 and m.dilation == (1, 1) and m.groups == 1
                 and min(m.in_channels, m.out_channels) >= NNPACK_MIN_CHANNELS
-                and x.shape[-1] * x.shape[-2] >= NNPACK_MIN_POSITIONS and nnpack_available())
+                and (x.shape[-1] * x.shape[-2] >= NNPACK_MIN_POSITIONS
+                     or (x.shape[-1] * x.shape[-2] >= NNPACK_WIDE_POSITIONS and m.in_channels >= NNPACK_WIDE_CHANNELS))
+                and nnpack_available())
 
     def nnpack(self, x: torch.Tensor) -> torch.Tensor | None:
         m = self.module

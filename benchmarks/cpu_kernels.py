@@ -23,11 +23,10 @@ import argparse
 import functools
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from _runtime_bench import ROOT, Report, build, environment, random_sd15_unet, relative_error
+from _runtime_bench import ROOT, Report, build, environment, median_time, random_sd15_unet, relative_error
 from aipaint_plugins.torch_runtime import prepack
 
 _mkldnn = torch.ops.mkldnn
@@ -41,16 +40,6 @@ def vae() -> torch.nn.Module:
 
 def nnpack_images(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int) -> list[torch.Tensor]:
     return [torch._nnpack_spatial_convolution(x[i:i + 1], weight, bias, [pad] * 2) for i in range(x.shape[0])]
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def shapes(unet: torch.nn.Module, decoder: Any, latent: int) -> tuple[dict, dict]:
@@ -85,11 +74,11 @@ def kernel_table(report: Report, convs: dict, linears: dict, repeats: int) -> No
         x = torch.randn(shape)
         with torch.inference_mode():
             packed = _mkldnn._reorder_convolution_weight(conv.weight, [pad] * 2, [stride] * 2, [1, 1], 1, list(shape))
-            onednn = timed(functools.partial(_mkldnn._convolution_pointwise, x, packed, conv.bias, [pad] * 2,
+            onednn = median_time(functools.partial(_mkldnn._convolution_pointwise, x, packed, conv.bias, [pad] * 2,
                                              [stride] * 2, [1, 1], 1, "none", [], ""), repeats)
             other, name = None, "—"
             if k == 3 and stride == 1 and prepack.nnpack_available():
-                other, name = timed(functools.partial(nnpack_images, x, conv.weight, conv.bias, pad), repeats), "NNPACK"
+                other, name = median_time(functools.partial(nnpack_images, x, conv.weight, conv.bias, pad), repeats), "NNPACK"
             rule = prepack.PackedConv2d(conv).wants_nnpack(x)
         totals["onednn"] += onednn * count
         totals["best"] += min(onednn, other or onednn) * count
@@ -102,8 +91,8 @@ def kernel_table(report: Report, convs: dict, linears: dict, repeats: int) -> No
         x = torch.randn(rows, din)
         with torch.inference_mode():
             packed = _mkldnn._reorder_linear_weight(layer.weight, None)
-            onednn = timed(functools.partial(_mkldnn._linear_pointwise, x, packed, layer.bias, "none", [], ""), repeats)
-            mkl = timed(functools.partial(torch.nn.functional.linear, x, layer.weight, layer.bias), repeats)
+            onednn = median_time(functools.partial(_mkldnn._linear_pointwise, x, packed, layer.bias, "none", [], ""), repeats)
+            mkl = median_time(functools.partial(torch.nn.functional.linear, x, layer.weight, layer.bias), repeats)
         rule = rows >= prepack.LINEAR_MKL_MIN_ROWS or torch.get_num_threads() == 1
         totals["onednn"] += onednn * count
         totals["best"] += min(onednn, mkl) * count

@@ -1,7 +1,8 @@
 """The torch runtime's oneDNN weight prepacking (``prepack``): same outputs as eager, the packed copy
 rebuilt when a weight changes (LoRA patches and their restore), the layers' own forward for
-autograd, tracing and other dtypes, copies and pickles, and the runtime option's policy.
-benchmarks/cpu_runtimes.py (side ``torch-prepack``) measures the speed."""
+autograd, tracing and other dtypes, copies and pickles, and the runtime option's policy; then the
+per-layer kernel choice (NNPACK, MKL, in-place ResNet blocks). benchmarks/cpu_runtimes.py (side
+``torch-prepack``) and benchmarks/cpu_kernels.py measure the speed."""
 
 from __future__ import annotations
 
